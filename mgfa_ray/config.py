@@ -1,0 +1,347 @@
+"""Typed, frozen configuration for every stage, validated at construction.
+
+Unknown keys are rejected (``extra="forbid"``), every field has a type and range, and a YAML file
+that fails validation raises :class:`ConfigError` naming the file and the dotted field path.
+
+Two top-level documents exist:
+
+* :class:`JobConfig` — a job file under ``jobs/`` (``mgfa-ray run``): dataset, region labels,
+  detector, masks, trial defaults and search settings.
+* :class:`TrainConfig` — one trial (``mgfa-ray train --config``): the hyperparameters of
+  :class:`TrainParams` plus the manifest and mask set it trains on. The search exports the best
+  trial as this document, so the exported file is accepted by ``mgfa-ray train`` as is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATA_ROOT_ENV = "MGFA_DATA_ROOT"
+DEFAULT_DATA_ROOT = "../shared/data"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Frozen):
+    """Where the images are and how the manifest splits them.
+
+    Attributes:
+        layout: ``class_folders`` (``<class>/<name>.jpg``) or ``ufg`` (``<class>_<index>.jpg``,
+            paper split: odd index train, even index test).
+        images: Image directory, relative to the data root unless absolute.
+        val_fraction: class_folders only: fraction of each class's groups held out for
+            validation (the search metric), in [0, 1).
+        test_fraction: class_folders only: fraction of each class's groups held out for test.
+        classes: Optional subset of class names (in this order the labels are 0..N-1).
+        max_classes: Optional cap on the number of classes (the first in sorted order).
+        max_per_class: Optional cap on images per class (first images in sorted order).
+        seed: Seed of the group shuffle.
+    """
+
+    layout: Literal["class_folders", "ufg"]
+    images: str
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    classes: list[str] | None = None
+    max_classes: int | None = Field(None, ge=2)
+    max_per_class: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DatasetConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class RegionsConfig(_Frozen):
+    """Hand-drawn region boxes (YOLO txt) for the few annotated images.
+
+    Attributes:
+        labels: Label directory, relative to the data root unless absolute; a label file's path
+            relative to it, without ``.txt``, is the image_id it belongs to.
+        classes: Region class names; line class id ``i`` means ``classes[i]``.
+        unknown_class: What a line with a class id outside ``classes`` does: ``error`` raises,
+            ``skip`` drops the line with a warning naming file:line.
+    """
+
+    labels: str
+    classes: list[str] = ["vein", "contour"]
+    unknown_class: Literal["error", "skip"] = "error"
+
+
+class DetectorConfig(_Frozen):
+    """Ultralytics YOLO region detector (paper Sec. III-A).
+
+    Attributes:
+        model: Model YAML (``yolo11n.yaml``: built without weights) or a local ``.pt`` file.
+        imgsz: Train/inference input size in pixels (paper: 480).
+        epochs: Training epochs.
+        batch: Training batch size.
+        holdout_fraction: Fraction of annotated images held out for mAP@0.5, in (0, 1).
+        conf: Confidence threshold for boxes that become masks, in [0, 1].
+        seed: Training seed.
+    """
+
+    model: str = "yolo11n.yaml"
+    imgsz: int = Field(480, ge=32)
+    epochs: int = Field(100, ge=1)
+    batch: int = Field(8, ge=1)
+    holdout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    conf: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class MasksConfig(_Frozen):
+    """Ray Data mask precompute.
+
+    Attributes:
+        resolution: Side of the stored square mask in pixels; finer than any feature grid so that
+            training can crop and flip masks with the image before pooling.
+        batch_size: Images per ``map_batches`` call (an integer, as Ray requires with GPUs).
+        num_actors: Detector actors in the pool.
+        rows_per_shard: Maximum rows per Parquet shard.
+        gpus_per_actor: GPUs per actor (0 on CPU machines).
+    """
+
+    resolution: int = Field(64, ge=8)
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(2, ge=1)
+    rows_per_shard: int = Field(256, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+
+
+class TrainParams(_Frozen):
+    """Hyperparameters of one trial: model, augmentation, optimisation and the paper's weights.
+
+    Paper defaults (Pan et al., DICTA 2021, Sec. IV-B and Eq. 5-8) are the field defaults.
+
+    Attributes:
+        backbone: torchvision backbone name.
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision download, online only) or a
+            path to a local ``state_dict`` file.
+        resize: Side in pixels images are resized to before the random crop (paper: 512).
+        crop: Side of the random training crop and of the test resize (paper: 448).
+        epochs: Training epochs.
+        batch_size: Images per step.
+        lr: Initial SGD learning rate (paper: 0.003).
+        momentum: SGD momentum (paper prints 0.938).
+        weight_decay: SGD weight decay.
+        lr_step: Epochs between learning-rate divisions by 10 (paper: 100).
+        alpha, beta, gamma: Eq. 5-6 feature weights, non-negative, alpha + beta + gamma = 1.
+        delta, lam, mu: Eq. 8 loss weights for L_vein, L_con and L_ce, non-negative; 0 removes a term.
+        activation: Eq. 4 attention activation: ``softmax`` over H*W (paper) or ``sigmoid``
+            (released code). The ground-truth normalisation follows it.
+        shared_conv: One 1x1 conv for every region kind (released code) instead of one per kind.
+        eval_split: Manifest split evaluated each epoch (the search metric).
+        threads: torch CPU threads (``None``: torch default).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        seed: Seed of initialisation, shuffling and augmentation.
+    """
+
+    backbone: Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    weights: str | None = None
+    resize: int = Field(512, ge=16)
+    crop: int = Field(448, ge=16)
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.003, gt=0.0)
+    momentum: float = Field(0.938, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    lr_step: int = Field(100, ge=1)
+    alpha: float = Field(0.3, ge=0.0, le=1.0)
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    gamma: float = Field(0.2, ge=0.0, le=1.0)
+    delta: float = Field(0.1, ge=0.0)
+    lam: float = Field(0.1, ge=0.0)
+    mu: float = Field(1.0, ge=0.0)
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    shared_conv: bool = False
+    eval_split: Literal["val", "test"] = "val"
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainParams":
+        total = self.alpha + self.beta + self.gamma
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"alpha + beta + gamma must equal 1 (paper Eq. 6), got "
+                f"{self.alpha} + {self.beta} + {self.gamma} = {total}"
+            )
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must be <= resize ({self.resize})")
+        return self
+
+
+class TrainConfig(TrainParams):
+    """One trial: :class:`TrainParams` plus the data it trains on.
+
+    Attributes:
+        manifest: Manifest Parquet file (see :mod:`mgfa_ray.manifest`).
+        masks: Mask set directory (see :mod:`mgfa_ray.masks`).
+        region_classes: Region kinds the model attends to, in mask-channel order; must equal the
+            mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam).
+    """
+
+    manifest: str
+    masks: str
+    region_classes: list[str] = ["vein", "contour"]
+
+    @model_validator(mode="after")
+    def _regions(self) -> "TrainConfig":
+        if not 1 <= len(self.region_classes) <= 2:
+            raise ValueError(
+                f"region_classes must name 1 or 2 region kinds (vein, contour), got {self.region_classes}"
+            )
+        if len(self.region_classes) == 1 and (self.gamma != 0 or self.lam != 0):
+            raise ValueError(
+                f"with one region kind gamma and lam must be 0, got gamma={self.gamma}, lam={self.lam}"
+            )
+        return self
+
+
+class SearchConfig(_Frozen):
+    """Ray Tune + Optuna search settings of a job.
+
+    Attributes:
+        space: Search-space YAML (see :mod:`mgfa_ray.search_space`), relative to the working
+            directory unless absolute.
+        num_samples: Number of trials.
+        max_concurrent: Trials running at once.
+        cpus_per_trial: CPUs reserved per trial (also the trial's torch threads).
+        gpus_per_trial: GPUs per trial; fractions share a GPU.
+        seed: Seed of the TPE sampler.
+        metric: Metric the search maximises: top-1 accuracy on the trial's ``eval_split``,
+            reported every epoch.
+    """
+
+    space: str
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    metric: Literal["eval_top1"] = "eval_top1"
+
+
+class JobConfig(_Frozen):
+    """A whole job: manifest → detector → masks → search → export (``mgfa-ray run``).
+
+    Attributes:
+        name: Job name; names the search experiment.
+        data_root: Root that dataset and label paths are relative to; ``None`` takes the
+            environment variable ``MGFA_DATA_ROOT``, else ``../shared/data``.
+        output_dir: Where every stage writes (relative to the working directory unless absolute).
+        dataset, regions, detector, masks, search: Stage settings.
+        train: Trial defaults; the search space overrides the parameters it samples.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data_root: str | None = None
+    output_dir: str
+    dataset: DatasetConfig
+    regions: RegionsConfig
+    detector: DetectorConfig = DetectorConfig()
+    masks: MasksConfig = MasksConfig()
+    train: TrainParams = TrainParams()
+    search: SearchConfig
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate(cls: type[M], data: Any, *, source: str = "<config>") -> M:
+    """Build ``cls`` from a mapping, turning validation errors into :class:`ConfigError`.
+
+    Raises:
+        ConfigError: Naming ``source`` and each bad field as a dotted path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file.
+
+    Raises:
+        ConfigError: The file is missing or is not valid YAML (with its line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_config(cls: type[M], path: str | os.PathLike) -> M:
+    """Load and validate a YAML config file as ``cls`` (e.g. :class:`JobConfig`)."""
+    return validate(cls, load_yaml(path), source=str(path))
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain-dict form of a config, the exact document :func:`load_config` accepts back."""
+    return cfg.model_dump(mode="json")
+
+
+def resolve_data_root(configured: str | None) -> Path:
+    """The data root: ``configured``, else ``$MGFA_DATA_ROOT``, else ``../shared/data``.
+
+    Raises:
+        ConfigError: The directory does not exist (the message says where it came from and how
+            to set it).
+    """
+    if configured is not None:
+        root, origin = configured, "data_root in the job file"
+    elif os.environ.get(DATA_ROOT_ENV):
+        root, origin = os.environ[DATA_ROOT_ENV], f"${DATA_ROOT_ENV}"
+    else:
+        root, origin = DEFAULT_DATA_ROOT, "the default"
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(
+            f"data root {str(path)!r} (from {origin}) does not exist; set {DATA_ROOT_ENV} or "
+            f"data_root in the job file to the directory holding the datasets"
+        )
+    return path
+
+
+def under(root: Path, path: str) -> Path:
+    """``path`` if absolute, else ``root / path``."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p

@@ -1,0 +1,496 @@
+"""Stage 3 — the region detector (Pan et al., DICTA 2021, Sec. III-A).
+
+A few images carry hand-drawn region boxes (YOLO txt, see :mod:`mgfa_ray.regions`). An Ultralytics
+YOLO detector learns the region kinds (vein, contour) from them and later finds the regions in
+every image (stage 4, :mod:`mgfa_ray.masks`). The paper trains YOLOv5 at 480 × 480 and reports
+mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
+
+:func:`train_detector` does, in order:
+
+1. Select the manifest images that have a label file and parse every label file with
+   :func:`mgfa_ray.regions.parse_yolo_file` (a bad line raises :class:`~mgfa_ray.regions.LabelError`
+   naming ``file:line`` before Ultralytics sees anything).
+2. Hold out a seeded fraction of them (``cfg.holdout_fraction``; at least one image held out, at
+   least one left for training). The split is made over the manifest's ``group`` column, so near-
+   duplicate photos of one leaf never straddle train and held-out (leafsnap20 groups hold four
+   photos of one sheet; UFG groups are single images).
+3. Build a YOLO dataset under ``out_dir/dataset`` — ``images/{train,val}/<safe name>`` symlinks to
+   the real images, ``labels/{train,val}/<safe name>.txt`` holding the *cleaned* labels, and
+   ``data.yaml`` — and train YOLO from ``cfg.model`` (a model YAML such as ``yolo11n.yaml``, built
+   without weights, or a local ``.pt`` file). Ultralytics' run directory is ``out_dir/runs``.
+   Training runs with ``val=False``: no epoch is selected on the held-out images, so the held-out
+   mAP below is not biased by model selection (the published weights are the last epoch's).
+4. Evaluate the published weights on the held-out images with ``model.val`` and write
+   ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (both atomically; the metrics file is
+   written last and marks the stage complete).
+
+A rerun whose :func:`detector_key` and held-out split equal those recorded in ``metrics.json`` and
+whose ``weights.pt`` still has the recorded SHA-256 skips training and returns the stored metrics.
+
+``metrics.json`` keys:
+
+================== ===========================================================================
+key                meaning
+================== ===========================================================================
+detector_key       :func:`detector_key` of the training inputs (16 hex digits)
+model              ``cfg.model`` as configured
+imgsz, epochs,     training settings (``cfg``)
+seed
+region_classes     region class names, index = class id
+train_ids,         sorted image_ids of the training / held-out images
+holdout_ids
+n_train, n_holdout their counts
+map50, map50_95    box mAP@0.5 and mAP@0.5:0.95 on the held-out images, in [0, 1]: the mean over
+                   the region classes that have at least one held-out instance (Ultralytics'
+                   convention); 0.0 when no held-out image has any box
+per_class          ``{class_name: {map50, map50_95, n_holdout_instances, n_train_instances}}`` for
+                   every region class; ``map50``/``map50_95`` are ``null`` (and ``note`` says
+                   why) for a class without a held-out instance: its AP is undefined, not 0
+weights_sha256     SHA-256 of ``weights.pt``
+train_seconds      wall-clock seconds of ``model.train``
+ultralytics_version  the Ultralytics version that trained it
+device             ``cpu`` or ``cuda`` (training device)
+created            ISO 8601 UTC time the file was written
+================== ===========================================================================
+
+Offline operation. Importing this module sets, unless already set, ``YOLO_OFFLINE=1`` (no
+connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false`` (no ``pip install`` of
+missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory (Ultralytics' settings
+file and font cache stay out of the repository and out of ``~/.config``). Ultralytics reads these
+when it is first imported, so import this module before ``ultralytics``. Training passes
+``plots=False`` and ``amp=False`` (the AMP check downloads weights), absolute ``project=`` paths
+(otherwise Ultralytics writes ``runs/`` under the working directory or the git root), and, in
+offline mode, Ultralytics' dataset-check font lookup is limited to local fonts (it would otherwise
+issue an HTTP request for ``Arial.ttf``). Nothing is written to the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .config import DetectorConfig
+from .io import atomic_write_json, atomic_write_yaml, sha256_file, sha256_json
+from .regions import Box, parse_yolo_file
+
+log = logging.getLogger(__name__)
+
+#: Bump when the training recipe changes in a way that changes the weights for equal inputs.
+RECIPE_VERSION = 1
+
+METRICS = "metrics.json"
+WEIGHTS = "weights.pt"
+
+# Ultralytics reads these once, at its first import (``ultralytics.utils``).
+_ENV_DEFAULTS = {
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "false",
+    "YOLO_CONFIG_DIR": str(Path(tempfile.gettempdir()) / f"mgfa-ray-ultralytics-{os.getuid()}"),
+}
+for _k, _v in _ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).lower() in {"1", "true", "yes", "on"}
+
+
+def _ultralytics():
+    """Import Ultralytics with offline-safe settings; returns the ``ultralytics`` module."""
+    import ultralytics
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+    if Path(USER_CONFIG_DIR).parent != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
+        log.warning(
+            "ultralytics was imported before mgfa_ray.detector; its settings live in %s "
+            "(import mgfa_ray.detector first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
+        )
+    elif SETTINGS.get("sync", True):
+        SETTINGS.update(sync=False)  # no telemetry / crash reports from our private settings dir
+    return ultralytics
+
+
+@contextlib.contextmanager
+def _offline_fonts():
+    """Within the block, Ultralytics' dataset check looks up fonts locally only (offline mode).
+
+    ``ultralytics.data.utils.check_dataset`` calls ``check_font("Arial.ttf")``, which, when the font
+    is not in the config dir or matplotlib's font list, sends an HTTP HEAD request (3 s timeout)
+    and downloads the font. Offline that request can only fail (or hang until the timeout).
+    """
+    import ultralytics.data.utils as data_utils
+
+    if not _truthy(os.environ.get("YOLO_OFFLINE")):
+        yield
+        return
+    original = data_utils.check_font
+
+    def local_font_only(font: str = "Arial.ttf"):
+        from matplotlib import font_manager
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        file = Path(USER_CONFIG_DIR) / Path(font).name
+        if file.exists():
+            return file
+        matches = [f.fname for f in font_manager.fontManager.ttflist if font in f.fname]
+        return matches[0] if matches else None
+
+    data_utils.check_font = local_font_only
+    try:
+        yield
+    finally:
+        data_utils.check_font = original
+
+
+def _model_identity(model: str) -> Any:
+    """``cfg.model`` as key material: a file is identified by name and content, not its path."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        return {"name": p.name, "sha256": sha256_file(p)}
+    return model
+
+
+def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files: dict[str, Path]) -> str:
+    """Identify a detector by everything its weights depend on.
+
+    The key hashes: the training fields of ``cfg`` (``model``, ``imgsz``, ``epochs``, ``batch``,
+    ``holdout_fraction``, ``seed``; ``conf`` is left out because it only filters predictions —
+    the mask set id includes it), the region class names, the ``(image_id, sha256 of the label
+    file's bytes)`` pairs and :data:`RECIPE_VERSION`. A ``cfg.model`` naming an existing file
+    enters as its file name and content hash. No absolute path enters, so two machines with the
+    data under different roots get the same key. Image pixels are identified by image_id only.
+
+    Args:
+        cfg: Detector settings.
+        region_classes: Region class names; index = class id.
+        label_files: image_id → YOLO label file. :func:`train_detector` passes only the label files
+            of manifest images (the ones it trains and evaluates on).
+
+    Returns:
+        The first 16 hex digits of a SHA-256.
+
+    Raises:
+        FileNotFoundError: A label file does not exist.
+    """
+    fields = cfg.model_dump(mode="json")
+    fields.pop("conf", None)
+    fields["model"] = _model_identity(cfg.model)
+    return sha256_json({
+        "recipe": RECIPE_VERSION,
+        "cfg": fields,
+        "region_classes": list(region_classes),
+        "labels": sorted((str(i), sha256_file(p)) for i, p in label_files.items()),
+    })[:16]
+
+
+def _safe_name(image_id: str) -> str:
+    """Flat, unique file stem for an image_id that may contain ``/`` or other characters."""
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+    return f"{flat[:80]}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+
+
+def _holdout_split(ids: list[str], groups: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded group-wise split of ``ids`` into (train, holdout), both sorted and non-empty."""
+    by_group: dict[str, list[str]] = {}
+    for i in sorted(ids):
+        by_group.setdefault(groups[i], []).append(i)
+    if len(by_group) < 2:
+        raise ValueError(
+            f"{len(ids)} annotated image(s) in {len(by_group)} photo group(s): need at least 2 groups "
+            f"to hold out at least one image and train on at least one"
+        )
+    order = sorted(by_group)
+    random.Random(seed).shuffle(order)
+    target = max(1, round(fraction * len(ids)))
+    holdout: list[str] = []
+    for g in order[:-1]:  # the last group always trains
+        if len(holdout) >= target:
+            break
+        holdout.extend(by_group[g])
+    train = sorted(set(ids) - set(holdout))
+    return train, sorted(holdout)
+
+
+def _write_labels(path: Path, boxes: list[Box]) -> None:
+    path.write_text("".join(f"{b.cls} {b.cx:.6f} {b.cy:.6f} {b.w:.6f} {b.h:.6f}\n" for b in boxes))
+
+
+def _build_dataset(root: Path, *, splits: dict[str, list[str]], image_of: dict[str, Path],
+                   boxes_of: dict[str, list[Box]], region_classes: list[str]) -> Path:
+    """Write a fresh YOLO dataset under ``root`` and return its ``data.yaml``."""
+    if root.exists():
+        shutil.rmtree(root)
+    for split, ids in splits.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in ids:
+            src = image_of[i]
+            name = _safe_name(i)
+            os.symlink(src, root / "images" / split / f"{name}{src.suffix.lower()}")
+            _write_labels(root / "labels" / split / f"{name}.txt", boxes_of[i])
+    data = {
+        "path": str(root),
+        "train": "images/train",
+        "val": "images/val",
+        "nc": len(region_classes),
+        "names": {i: n for i, n in enumerate(region_classes)},
+    }
+    return atomic_write_yaml(root / "data.yaml", data)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stored_metrics(out_dir: Path, key: str, train_ids: list[str], holdout_ids: list[str]) -> dict | None:
+    metrics_path, weights_path = out_dir / METRICS, out_dir / WEIGHTS
+    if not (metrics_path.is_file() and weights_path.is_file()):
+        return None
+    try:
+        stored = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (
+        stored.get("detector_key") != key
+        or stored.get("train_ids") != train_ids
+        or stored.get("holdout_ids") != holdout_ids
+        or stored.get("weights_sha256") != sha256_file(weights_path)
+    ):
+        return None
+    return stored
+
+
+def _evaluate(weights: Path, *, data_yaml: Path, cfg: DetectorConfig, device: str, project: Path,
+              region_classes: list[str], n_holdout: dict[int, int], n_train: dict[int, int]) -> dict:
+    """Held-out box mAP of ``weights``: overall and per region class."""
+    yolo = _ultralytics()
+    model = yolo.YOLO(str(weights))
+    with _offline_fonts():
+        m = model.val(data=str(data_yaml), split="val", imgsz=cfg.imgsz, batch=cfg.batch, device=device,
+                      workers=0, plots=False, save_json=False, project=str(project), name="holdout",
+                      exist_ok=True, verbose=False)
+    ap50 = {int(c): float(v) for c, v in zip(m.box.ap_class_index, m.box.ap50)}
+    ap = {int(c): float(v) for c, v in zip(m.box.ap_class_index, m.box.ap)}
+    per_class = {}
+    for c, name in enumerate(region_classes):
+        entry: dict[str, Any] = {"n_holdout_instances": n_holdout.get(c, 0), "n_train_instances": n_train.get(c, 0)}
+        if n_holdout.get(c, 0) > 0:
+            entry.update(map50=ap50.get(c, 0.0), map50_95=ap.get(c, 0.0))
+        else:
+            entry.update(map50=None, map50_95=None, note="no held-out instance of this class: AP undefined")
+        per_class[name] = entry
+    return {"map50": float(m.box.map50), "map50_95": float(m.box.map), "per_class": per_class}
+
+
+def train_detector(
+    *,
+    manifest: pd.DataFrame,
+    label_files: dict[str, Path],
+    region_classes: list[str],
+    cfg: DetectorConfig,
+    out_dir: Path,
+    unknown_class: Literal["error", "skip"] = "error",
+) -> dict:
+    """Train the region detector on the annotated manifest images and evaluate it on a held-out part.
+
+    Args:
+        manifest: Manifest table (:mod:`mgfa_ray.manifest` columns; uses ``image_id``, ``path``
+            and, when present, ``group``). Images without a label file are ignored.
+        label_files: image_id → YOLO txt label file (e.g. :func:`mgfa_ray.regions.index_labels`).
+            Label files of images not in the manifest are ignored.
+        region_classes: Region class names; a label line's class id ``i`` means
+            ``region_classes[i]``.
+        cfg: Detector settings (model, imgsz, epochs, batch, holdout_fraction, seed).
+        out_dir: Stage directory: ``weights.pt``, ``metrics.json``, ``dataset/`` and ``runs/``
+            (Ultralytics' run directory) are written here.
+        unknown_class: Policy for label lines whose class id is outside ``region_classes``:
+            ``error`` raises, ``skip`` drops the line with a warning naming file:line.
+
+    Returns:
+        The metrics dict, as written to ``out_dir/metrics.json`` (keys in the module docstring).
+
+    Raises:
+        ValueError: ``region_classes`` is empty; no manifest image has a label file; the annotated
+            images fall in fewer than 2 photo groups (nothing to hold out); an annotated image's
+            file is missing; ``cfg.model`` names a ``.pt`` file that does not exist.
+        LabelError: A label file has a bad line (message names ``file:line``).
+    """
+    if not region_classes:
+        raise ValueError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
+    out_dir = Path(out_dir).resolve()
+    ids = sorted(set(manifest["image_id"].astype(str)) & set(label_files))
+    if not ids:
+        raise ValueError(
+            f"no manifest image has a label file ({len(manifest)} manifest images, "
+            f"{len(label_files)} label files); check that label ids match manifest image_ids "
+            f"(e.g. manifest {manifest['image_id'].iloc[0] if len(manifest) else None!r}, "
+            f"labels {next(iter(sorted(label_files)), None)!r})"
+        )
+    if str(cfg.model).endswith(".pt") and not Path(cfg.model).expanduser().is_file():
+        raise ValueError(
+            f"detector model {cfg.model!r} is not a local file; offline, Ultralytics would try to "
+            f"download it. Use a model YAML (e.g. 'yolo11n.yaml') or a path to an existing .pt file"
+        )
+    used = {i: Path(label_files[i]) for i in ids}
+    boxes_of = {
+        i: parse_yolo_file(p, num_classes=len(region_classes), unknown_class=unknown_class) for i, p in used.items()
+    }
+    rows = manifest.assign(image_id=manifest["image_id"].astype(str)).set_index("image_id")
+    groups = {i: str(rows.at[i, "group"]) if "group" in rows.columns else i for i in ids}
+    image_of = {i: Path(rows.at[i, "path"]).resolve() for i in ids}
+    missing = [str(p) for p in image_of.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
+    train_ids, holdout_ids = _holdout_split(ids, groups, cfg.holdout_fraction, cfg.seed)
+
+    key = detector_key(cfg, region_classes=region_classes, label_files=used)
+    stored = _stored_metrics(out_dir, key, train_ids, holdout_ids)
+    if stored is not None:
+        log.info("detector %s already trained in %s; skipping", key, out_dir)
+        return stored
+
+    def count(split_ids: list[str]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for i in split_ids:
+            for b in boxes_of[i]:
+                out[b.cls] = out.get(b.cls, 0) + 1
+        return out
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_yaml = _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids},
+                               image_of=image_of, boxes_of=boxes_of, region_classes=region_classes)
+    runs = out_dir / "runs"
+    if runs.exists():
+        shutil.rmtree(runs)
+    device = _device()
+    yolo = _ultralytics()
+    model_src = str(Path(cfg.model).expanduser()) if Path(cfg.model).expanduser().is_file() else cfg.model
+    model = yolo.YOLO(model_src)
+    log.info("training detector %s on %d images (%d held out), device %s", key, len(train_ids),
+             len(holdout_ids), device)
+    t0 = time.perf_counter()
+    with _offline_fonts():
+        model.train(
+            data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, seed=cfg.seed,
+            deterministic=True, device=device, workers=0 if device == "cpu" else 4,
+            project=str(runs), name="train", exist_ok=True, plots=False, amp=False, val=False,
+            cache=False,
+        )
+    train_seconds = time.perf_counter() - t0
+    best = Path(model.trainer.best)
+    if not best.is_file():
+        best = Path(model.trainer.last)
+    tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
+    shutil.copyfile(best, tmp)
+    os.replace(tmp, out_dir / WEIGHTS)
+
+    evaluation = _evaluate(out_dir / WEIGHTS, data_yaml=data_yaml, cfg=cfg, device=device, project=runs,
+                           region_classes=region_classes, n_holdout=count(holdout_ids), n_train=count(train_ids))
+    metrics = {
+        "detector_key": key,
+        "model": cfg.model,
+        "imgsz": cfg.imgsz,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "region_classes": list(region_classes),
+        "train_ids": train_ids,
+        "holdout_ids": holdout_ids,
+        "n_train": len(train_ids),
+        "n_holdout": len(holdout_ids),
+        **evaluation,
+        "weights_sha256": sha256_file(out_dir / WEIGHTS),
+        "train_seconds": round(train_seconds, 3),
+        "ultralytics_version": yolo.__version__,
+        "device": device,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out_dir / METRICS, metrics)
+    return metrics
+
+
+def load_detector(weights: Path, *, device: str = "cpu"):
+    """Load trained detector weights for :func:`predict_boxes`.
+
+    Args:
+        weights: ``weights.pt`` written by :func:`train_detector` (any Ultralytics detection ``.pt``).
+        device: ``cpu`` or ``cuda`` (``cuda`` falls back to ``cpu`` with a warning when CUDA is
+            not available). Every prediction of the returned model runs there.
+
+    Returns:
+        An ``ultralytics.YOLO`` model.
+
+    Raises:
+        ValueError: ``weights`` is not an existing file, or ``device`` is not ``cpu``/``cuda``.
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ValueError(f"detector weights {weights} do not exist; run the detector stage first")
+    if device not in {"cpu", "cuda"}:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and _device() != "cuda":
+        log.warning("CUDA requested for the detector but not available; using CPU")
+        device = "cpu"
+    yolo = _ultralytics()
+    model = yolo.YOLO(str(weights.resolve()), task="detect")
+    model.to(device)
+    # Sticky predict arguments: device, and an absolute (never created) save directory so that
+    # Ultralytics does not resolve a relative ``runs/`` path.
+    model.overrides.update(device=device, project=str(Path(tempfile.gettempdir()) / "mgfa-ray-predict"),
+                           save=False, verbose=False)
+    return model
+
+
+def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -> list[list[Box]]:
+    """Detect region boxes in a batch of images with one model call.
+
+    Args:
+        model: Detector from :func:`load_detector`.
+        images: RGB images, each an (H, W, 3) uint8 array; sizes may differ.
+        imgsz: Inference input size in pixels (letterboxed; use the training ``imgsz``).
+        conf: Confidence threshold in [0, 1].
+
+    Returns:
+        Per image, its boxes (``regions.Box``): ``cx``, ``cy``, ``w``, ``h`` normalised to [0, 1]
+        by that image's width / height, ``cls`` the predicted class index in [0, nc), ``conf`` the
+        score in [0, 1]. Boxes are sorted by descending confidence (Ultralytics' NMS order).
+
+    Raises:
+        ValueError: An image is not an (H, W, 3) uint8 array, or ``conf`` is outside [0, 1].
+    """
+    if not 0.0 <= conf <= 1.0:
+        raise ValueError(f"conf must be in [0, 1], got {conf}")
+    if not images:
+        return []
+    bgr = []
+    for n, im in enumerate(images):
+        im = np.asarray(im)
+        if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+            raise ValueError(f"images[{n}]: expected an (H, W, 3) uint8 RGB array, got shape {im.shape} {im.dtype}")
+        bgr.append(np.ascontiguousarray(im[:, :, ::-1]))  # Ultralytics treats numpy arrays as BGR
+    results = model.predict(bgr, imgsz=imgsz, conf=conf, verbose=False, save=False)
+    out = []
+    for r in results:
+        xywhn = r.boxes.xywhn.cpu().numpy().astype(float)
+        cls = r.boxes.cls.cpu().numpy().astype(int)
+        score = r.boxes.conf.cpu().numpy().astype(float)
+        out.append([
+            Box(int(c), *(float(np.clip(v, 0.0, 1.0)) for v in xywh), conf=float(s))
+            for c, xywh, s in zip(cls, xywhn, score)
+        ])
+    return out

@@ -1,0 +1,182 @@
+"""Stage 1 — the manifest: one table describing any dataset.
+
+Columns (one row per image, sorted by ``image_id``):
+
+============  ========  ==============================================================
+column        dtype     meaning
+============  ========  ==============================================================
+image_id      string    stable id: ``<class>/<stem>`` (class_folders) or ``<stem>`` (ufg)
+path          string    absolute image path
+label         int64     class index in [0, num_classes)
+class_name    string    class name (folder name, or the UFG class number as text)
+group         string    photos that must stay in one split (leafsnap20:
+                        ``<class>/<collection>-<leaf>``; ufg: the image itself)
+split         string    ``train`` | ``val`` | ``test``
+============  ========  ==============================================================
+
+Layouts:
+
+* ``class_folders`` — ``<images>/<class>/<name>.jpg``. Photos are grouped by the name up to its
+  last ``-`` (leafsnap20's ``<collection>-<leaf>-<photo>``); whole groups go to one split, chosen
+  per class by a seeded shuffle, so near-duplicate photos never straddle train and test.
+* ``ufg`` — ``<images>/<class>_<index>.jpg`` (Cotton80, SoyLocal of Yu et al. 2021): the paper's 1:1
+  split, odd index train, even index test (Pan et al. 2021, Sec. IV-A).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import ConfigError, DatasetConfig
+from .io import atomic_write_bytes, sha256_json
+
+COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_UFG_NAME = re.compile(r"^(?P<cls>\d+)_(?P<index>\d+)$")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _select_classes(found: list[str], wanted: list[str] | None, max_classes: int | None, images: Path) -> list[str]:
+    missing = [c for c in wanted or [] if c not in found]
+    if missing:
+        raise ConfigError(f"dataset.classes: {missing} not found under {images}; available: {found}")
+    return list(wanted if wanted is not None else found)[:max_classes]
+
+
+def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, where: str) -> dict[str, str]:
+    groups = sorted(groups)
+    rng.shuffle(groups)
+    n = len(groups)
+    n_test = round(cfg.test_fraction * n)
+    n_val = round(cfg.val_fraction * n)
+    # A requested split gets at least one group while train keeps at least one.
+    if cfg.test_fraction > 0 and n_test == 0 and n - n_val > 1:
+        n_test = 1
+    if cfg.val_fraction > 0 and n_val == 0 and n - n_test > 1:
+        n_val = 1
+    if n - n_test - n_val < 1:
+        raise ConfigError(
+            f"{where}: {n} photo group(s) cannot be split into train/val/test with "
+            f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}"
+        )
+    out = {g: "test" for g in groups[:n_test]}
+    out.update({g: "val" for g in groups[n_test : n_test + n_val]})
+    out.update({g: "train" for g in groups[n_test + n_val :]})
+    return out
+
+
+def _class_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+    found = sorted(p.name for p in images.iterdir() if p.is_dir() and _images_in(p))
+    if not found:
+        raise ConfigError(f"dataset.images: no class folders with images under {images}")
+    classes = _select_classes(found, cfg.classes, cfg.max_classes, images)
+    rows = []
+    for label, cls in enumerate(classes):
+        files = _images_in(images / cls)
+        group_of = {f: f"{cls}/{f.stem.rsplit('-', 1)[0]}" for f in files}
+        if cfg.max_per_class is not None:
+            # Take photos round-robin over groups so a small cap still spans several groups.
+            rank: dict[str, int] = {}
+            order = []
+            for f in files:
+                g = group_of[f]
+                order.append((rank.get(g, 0), g, f))
+                rank[g] = rank.get(g, 0) + 1
+            files = [f for _, _, f in sorted(order)[: cfg.max_per_class]]
+        rng = random.Random(f"{cfg.seed}:{cls}")
+        split_of = _split_groups(sorted({group_of[f] for f in files}), cfg, rng, f"class {cls!r}")
+        for f in files:
+            g = group_of[f]
+            rows.append((f"{cls}/{f.stem}", str(f.resolve()), label, cls, g, split_of[g]))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _ufg(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+    parsed = []
+    for f in _images_in(images):
+        m = _UFG_NAME.match(f.stem)
+        if m is None:
+            raise ConfigError(f"{f}: not a UFG image name; expected <class>_<index>{f.suffix}")
+        parsed.append((m["cls"], int(m["index"]), f))
+    if not parsed:
+        raise ConfigError(f"dataset.images: no images under {images}")
+    found = sorted({c for c, _, _ in parsed}, key=int)
+    classes = _select_classes(found, cfg.classes, cfg.max_classes, images)
+    label_of = {c: i for i, c in enumerate(classes)}
+    rows = []
+    for cls, index, f in sorted(parsed, key=lambda t: (int(t[0]), t[1])):
+        if cls not in label_of:
+            continue
+        split = "train" if index % 2 == 1 else "test"
+        rows.append((f.stem, str(f.resolve()), label_of[cls], cls, f.stem, split))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if cfg.max_per_class is not None:
+        df = df.groupby("label", sort=False).head(cfg.max_per_class)
+    return df
+
+
+def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+    """Build the manifest table for ``images`` according to ``cfg.layout``.
+
+    Args:
+        images: Resolved image directory.
+        cfg: Dataset settings (layout, split fractions, class subset, cap, seed).
+
+    Returns:
+        DataFrame with :data:`COLUMNS`, sorted by image_id, deterministic for a given ``cfg``.
+
+    Raises:
+        ConfigError: The directory is missing or empty, a requested class is absent, a UFG file
+            name does not parse, or the groups cannot be split as asked.
+    """
+    if not images.is_dir():
+        raise ConfigError(f"dataset.images: directory {images} does not exist")
+    df = _class_folders(images, cfg) if cfg.layout == "class_folders" else _ufg(images, cfg)
+    df = df.sort_values("image_id", ignore_index=True)
+    df["label"] = df["label"].astype("int64")
+    return df
+
+
+def manifest_hash(df: pd.DataFrame) -> str:
+    """SHA-256 of the manifest's identity columns (image_id, label, group, split), path-free.
+
+    Two machines with the data under different roots get the same hash.
+    """
+    cols = ["image_id", "label", "group", "split"]
+    return sha256_json(df[cols].astype(str).values.tolist())
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> Path:
+    """Write the manifest as Parquet, atomically."""
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df[COLUMNS], preserve_index=False), buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and check a manifest Parquet file.
+
+    Raises:
+        ValueError: The file is missing, lacks a column, or repeats an image_id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"manifest {path} does not exist; run the job's manifest stage first")
+    df = pq.read_table(path).to_pandas()
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest {path}: missing columns {missing}")
+    dup = df["image_id"][df["image_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"manifest {path}: duplicated image_id {dup.iloc[0]!r}")
+    return df

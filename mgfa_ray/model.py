@@ -1,0 +1,262 @@
+"""The mask-guided classifier of Pan et al., DICTA 2021 (Eq. 2-8), in plain PyTorch.
+
+* :func:`build_backbone` — torchvision backbone cut before global pooling: images
+  (B, 3, H_in, W_in) → feature map F = M_img (B, C, H, W).
+* :class:`MaskAttention` — Eq. 2-4: channel max and mean, a 1x1 conv per region kind, and a
+  spatial softmax (paper) or sigmoid (released code) → attention maps (B, K, H, W).
+* :class:`MGFAClassifier` — Eq. 5-6 feature mix F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, then
+  global average pooling and a linear head; ``forward_features`` / ``forward_head`` as in timm.
+* :func:`gt_attention` — ground-truth maps M_gt: binary masks average-pooled to the feature grid
+  and normalised to match the activation (sum to 1 for softmax, peak 1 for sigmoid).
+* :func:`mgfa_loss` — Eq. 7-8: L = δ·L_vein + λ·L_con + μ·L_ce, every term reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+Activation = Literal["softmax", "sigmoid"]
+
+
+def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
+    if not path.is_file():
+        raise ValueError(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path}: expected a state_dict, got {type(state).__name__}")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise ValueError(f"weights file {path} does not fit this backbone: {err}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"weights file {path} does not fit this backbone: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]} (only '{head_prefix}*' may be absent)"
+        )
+
+
+def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
+    """A torchvision backbone without its pooling and classifier.
+
+    Args:
+        name: ``mobilenet_v2``, ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision's ``DEFAULT`` weights,
+            downloaded; needs internet) or a path to a local ``state_dict`` keyed like the full
+            torchvision model (the classifier keys may be absent).
+
+    Returns:
+        ``(module, C)``: module maps (B, 3, H_in, W_in) float images to (B, C, H_in/32, W_in/32).
+
+    Raises:
+        ValueError: Unknown backbone; a weights file that is missing or does not fit; an
+            ImageNet download that fails (the message names the local-file option).
+    """
+    builders = {
+        "mobilenet_v2": (torchvision.models.mobilenet_v2, "MobileNet_V2_Weights", "classifier."),
+        "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", "fc."),
+        "resnet34": (torchvision.models.resnet34, "ResNet34_Weights", "fc."),
+        "resnet50": (torchvision.models.resnet50, "ResNet50_Weights", "fc."),
+        "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", "fc."),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown backbone {name!r}; supported: {sorted(builders)}")
+    build, enum_name, head = builders[name]
+    if weights == "imagenet":
+        try:
+            model = build(weights=getattr(torchvision.models, enum_name).DEFAULT)
+        except Exception as err:  # URLError, HTTPError, RuntimeError from the hub download
+            raise ValueError(
+                f"could not download ImageNet weights for {name} ({err.__class__.__name__}: {err}); "
+                f"offline, set 'weights' to a local state_dict file instead"
+            ) from None
+    else:
+        model = build(weights=None)
+        if weights is not None:
+            _load_local_weights(model, Path(weights), head)
+    if name == "mobilenet_v2":
+        return model.features, model.last_channel
+    body = nn.Sequential(
+        model.conv1, model.bn1, model.relu, model.maxpool,
+        model.layer1, model.layer2, model.layer3, model.layer4,
+    )
+    return body, model.fc.in_features
+
+
+class MaskAttention(nn.Module):
+    """Eq. 2-4: attention maps from channel statistics of the feature map.
+
+    M_max = max_c F, M_mean = mean_c F (Eq. 2-3), each (B, 1, H, W);
+    M_k = act(conv1x1_k([M_max | M_mean])) (Eq. 4) for each region kind k.
+
+    Args:
+        num_regions: K, the number of region kinds (1 or more).
+        activation: ``softmax`` over the H*W positions of each map (paper Eq. 4: each map sums
+            to 1) or ``sigmoid`` per position (released code: values in (0, 1)).
+        shared_conv: One 1x1 conv shared by all K maps (released code) instead of one each.
+    """
+
+    def __init__(self, num_regions: int, *, activation: Activation = "softmax", shared_conv: bool = False):
+        super().__init__()
+        if num_regions < 1:
+            raise ValueError(f"num_regions must be >= 1, got {num_regions}")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        self.num_regions = num_regions
+        self.activation = activation
+        self.shared_conv = shared_conv
+        self.conv = nn.Conv2d(2, 1 if shared_conv else num_regions, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Map features (B, C, H, W) to attention maps (B, K, H, W), same dtype."""
+        m_max = features.amax(dim=1, keepdim=True)  # Eq. 3
+        m_mean = features.mean(dim=1, keepdim=True)  # Eq. 2
+        logits = self.conv(torch.cat([m_max, m_mean], dim=1))  # Eq. 4, (B, K or 1, H, W)
+        if self.shared_conv:
+            logits = logits.expand(-1, self.num_regions, -1, -1)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        b, k, h, w = logits.shape
+        return logits.reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
+
+
+def fuse_features(
+    features: torch.Tensor, attention: torch.Tensor, *, alpha: float, region_weights: tuple[float, ...]
+) -> torch.Tensor:
+    """Eq. 5-6: F_final = α·F + Σ_k w_k·(M_k ⊙ F), with (w_0, w_1) = (β, γ).
+
+    Args:
+        features: F, (B, C, H, W).
+        attention: M, (B, K, H, W); each map broadcasts over the C channels.
+        alpha: Weight of the plain features.
+        region_weights: One weight per region kind (length K).
+
+    Returns:
+        F_final, (B, C, H, W).
+    """
+    assert attention.shape[1] == len(region_weights), (attention.shape, region_weights)
+    out = alpha * features
+    for k, w in enumerate(region_weights):
+        out = out + w * attention[:, k : k + 1] * features
+    return out
+
+
+class MGFAClassifier(nn.Module):
+    """Backbone + mask attention + linear head (paper Fig. 2).
+
+    Args:
+        backbone: Module mapping (B, 3, H_in, W_in) → (B, C, H, W).
+        num_features: C.
+        num_classes: Number of categories.
+        num_regions: K region kinds.
+        alpha, region_weights: Eq. 5-6 weights (α, (β, γ)[:K]); non-negative, summing to 1.
+        activation, shared_conv: See :class:`MaskAttention`.
+
+    Raises:
+        ValueError: A negative weight, weights that do not sum to 1, or a region-weight count
+            different from ``num_regions``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_features: int,
+        num_classes: int,
+        num_regions: int,
+        alpha: float,
+        region_weights: tuple[float, ...],
+        activation: Activation = "softmax",
+        shared_conv: bool = False,
+    ):
+        super().__init__()
+        weights = (alpha, *region_weights)
+        if len(region_weights) != num_regions:
+            raise ValueError(f"need {num_regions} region weights, got {region_weights}")
+        if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"feature weights must be >= 0 and sum to 1 (Eq. 6), got {weights}")
+        self.backbone = backbone
+        self.attention = MaskAttention(num_regions, activation=activation, shared_conv=shared_conv)
+        self.head = nn.Linear(num_features, num_classes)
+        self.alpha = alpha
+        self.region_weights = tuple(region_weights)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H_in, W_in), normalised float → backbone features F (B, C, H, W)."""
+        return self.backbone(images)
+
+    def forward_head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features F (B, C, H, W) → (logits (B, num_classes), attention maps (B, K, H, W))."""
+        attention = self.attention(features)
+        fused = fuse_features(features, attention, alpha=self.alpha, region_weights=self.region_weights)
+        logits = self.head(fused.mean(dim=(2, 3)))
+        return logits, attention
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H_in, W_in) → (logits (B, num_classes), attention (B, K, H, W))."""
+        return self.forward_head(self.forward_features(images))
+
+
+def gt_attention(masks: torch.Tensor, *, grid: tuple[int, int], activation: Activation) -> torch.Tensor:
+    """Ground-truth attention maps M_gt from (augmented) region masks.
+
+    The masks are average-pooled to the feature grid (the fraction of each cell covered by the
+    region), then normalised to the scale the activation produces: each map divided by its sum
+    over H*W for ``softmax`` (so it is a distribution like Eq. 4's output), by its maximum for
+    ``sigmoid`` (peak 1, as the released code). An all-zero map (no region found) stays zero.
+
+    Args:
+        masks: (B, K, H_m, W_m) float in [0, 1], H_m and W_m multiples of the grid or larger.
+        grid: (H, W) of the feature map.
+        activation: The attention activation the maps are compared with.
+
+    Returns:
+        (B, K, H, W) float, same dtype as ``masks``.
+    """
+    pooled = F.adaptive_avg_pool2d(masks, grid)
+    flat = pooled.flatten(2)
+    scale = flat.sum(-1, keepdim=True) if activation == "softmax" else flat.amax(-1, keepdim=True)
+    return (flat / scale.clamp_min(1e-12)).reshape_as(pooled)
+
+
+def mgfa_loss(
+    *,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention: torch.Tensor,
+    target: torch.Tensor,
+    region_weights: tuple[float, ...],
+    mu: float,
+) -> dict[str, torch.Tensor]:
+    """Eq. 7-8: L = Σ_k w_k·L_k + μ·L_ce, with L_k = mean over H*W of (M_gt,k − M_k)².
+
+    Args:
+        logits: (B, num_classes) float.
+        labels: (B,) int64 class indices.
+        attention: Predicted maps (B, K, H, W).
+        target: Ground-truth maps (B, K, H, W) from :func:`gt_attention`.
+        region_weights: (δ, λ)[:K]; a weight of 0 removes that term from the total.
+        mu: Weight of the cross-entropy term.
+
+    Returns:
+        ``{"loss": total, "loss_ce": L_ce, "loss_region<k>": L_k ...}``, scalar tensors; the
+        per-term values are unweighted and always computed so they can be reported.
+    """
+    if attention.shape != target.shape:
+        raise ValueError(f"attention {tuple(attention.shape)} and target {tuple(target.shape)} differ in shape")
+    ce = F.cross_entropy(logits, labels)
+    per_region = ((target.float() - attention.float()) ** 2).mean(dim=(0, 2, 3))  # Eq. 7, (K,)
+    out = {"loss_ce": ce}
+    total = mu * ce if mu else torch.zeros((), device=logits.device)
+    for k, w in enumerate(region_weights):
+        out[f"loss_region{k}"] = per_region[k]
+        if w:
+            total = total + w * per_region[k]
+    out["loss"] = total
+    return out

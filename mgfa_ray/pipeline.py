@@ -1,0 +1,128 @@
+"""The chained job: manifest → detector → masks → search → export (``mgfa-ray run JOB``).
+
+Everything goes under the job's ``output_dir``::
+
+    job.yaml                 resolved job config (data root and smoke flag included)
+    manifest.parquet         stage 1 (mgfa_ray.manifest)
+    detector/                stage 3: weights.pt, metrics.json (mAP@0.5 per region class)
+    masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks)
+    cache/                   decoded images shared by trials
+    search/<name>/           Ray Tune experiment: trial folders, checkpoints, searcher state
+    export/                  best_config.yaml, trials.{parquet,csv}, trial_epochs.{parquet,csv},
+                             summary.json
+
+A rerun skips finished stages: the detector when its metrics file matches its key, the mask set
+when its id exists. The search reruns from scratch (resume is a later stage of work).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import JobConfig, TrainConfig, resolve_data_root, to_dict, under, validate
+from .detector import detector_key, train_detector
+from .io import atomic_write_json, atomic_write_yaml
+from .manifest import build_manifest, manifest_hash, write_manifest
+from .masks import build_mask_set, read_metadata
+from .regions import index_labels
+from .search import export_results, run_search
+from .search_space import load_search_space
+
+
+def smoke_config(cfg: JobConfig) -> JobConfig:
+    """The job shrunk to a CI-sized run: 3 classes x 8 photos, 1 detector epoch, 64 px, 2 trials
+    of 1 epoch, written to ``<output_dir>-smoke``."""
+    d = to_dict(cfg)
+    d["output_dir"] = cfg.output_dir.rstrip("/") + "-smoke"
+    d["dataset"].update(max_classes=3, max_per_class=8)
+    d["detector"].update(epochs=1, imgsz=64, batch=4)
+    d["masks"].update(num_actors=1, batch_size=8)
+    d["train"].update(resize=72, crop=64, batch_size=8)
+    d["search"].update(num_samples=2)
+    return validate(JobConfig, d, source="smoke config")
+
+
+def _banner(stage: str) -> float:
+    print(f"\n=== mgfa-ray: {stage} ===", flush=True)
+    return time.perf_counter()
+
+
+def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
+    """Run every stage of ``cfg`` on the local (or connected) Ray cluster.
+
+    Args:
+        cfg: Validated job config.
+        smoke: Shrink the job with :func:`smoke_config` (CI).
+
+    Returns:
+        Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths.
+
+    Raises:
+        ConfigError: Missing data root, image or label directory, or search-space file.
+        LabelError: A malformed label line (file:line).
+    """
+    import ray
+
+    if smoke:
+        cfg = smoke_config(cfg)
+    data_root = resolve_data_root(cfg.data_root)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_search_space(cfg.search.space, base=cfg.train)
+    atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root), "smoke": smoke})
+    timings: dict[str, float] = {}
+
+    t = _banner("manifest")
+    manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset)
+    write_manifest(manifest, out / "manifest.parquet")
+    counts = manifest["split"].value_counts().to_dict()
+    print(f"{len(manifest)} images, {manifest['label'].nunique()} classes, splits {counts}", flush=True)
+    timings["manifest"] = time.perf_counter() - t
+
+    t = _banner("detector")
+    labels = index_labels(under(data_root, cfg.regions.labels))
+    labels = {k: v for k, v in labels.items() if k in set(manifest["image_id"])}
+    det = train_detector(manifest=manifest, label_files=labels, region_classes=cfg.regions.classes,
+                         cfg=cfg.detector, out_dir=out / "detector", unknown_class=cfg.regions.unknown_class)
+    print(f"detector {det['detector_key']}: held-out mAP@0.5 = {det['map50']:.3f} "
+          f"({det['n_train']} train / {det['n_holdout']} held-out images)", flush=True)
+    timings["detector"] = time.perf_counter() - t
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+
+    t = _banner("masks")
+    set_dir = build_mask_set(
+        manifest=manifest, manifest_hash=manifest_hash(manifest), weights=out / "detector" / "weights.pt",
+        detector_key=det["detector_key"], region_classes=cfg.regions.classes, detector=cfg.detector,
+        cfg=cfg.masks, out_root=out / "masks",
+    )
+    meta = read_metadata(set_dir)
+    print(f"mask set {set_dir} ({meta['rows']} rows): {meta['summary']}", flush=True)
+    timings["masks"] = time.perf_counter() - t
+
+    t = _banner("search")
+    cwd = Path.cwd()
+    rel = lambda p: os.path.relpath(p, cwd) if p.is_relative_to(cwd) else str(p)  # noqa: E731
+    base = TrainConfig(**cfg.train.model_dump(), manifest=rel(out / "manifest.parquet"), masks=rel(set_dir),
+                       region_classes=cfg.regions.classes)
+    max_epochs = 1 if smoke else space.scheduler.max_epochs
+    results = run_search(name=cfg.name, space=space, search=cfg.search, base=base, storage_path=out / "search",
+                         cache_dir=out / "cache", max_epochs=max_epochs)
+    summary = export_results(results, search=cfg.search, base=base, max_epochs=max_epochs, out_dir=out / "export")
+    timings["search"] = time.perf_counter() - t
+
+    report = {
+        "job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
+        "detector": {k: det[k] for k in ("detector_key", "map50", "map50_95", "per_class")},
+        "mask_set": {"path": str(set_dir), "rows": meta["rows"], "summary": meta["summary"]},
+        "search": summary,
+    }
+    atomic_write_json(out / "report.json", report)
+    print(f"\n=== mgfa-ray: done in {sum(timings.values()):.0f} s — best {cfg.search.metric} "
+          f"{summary['best_' + cfg.search.metric]:.3f}; best config {out / 'export' / 'best_config.yaml'}",
+          flush=True)
+    return report

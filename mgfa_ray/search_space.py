@@ -1,0 +1,231 @@
+"""Search spaces: YAML documents turned into Optuna calls by one validating function.
+
+Schema (every key checked; unknown keys rejected)::
+
+    scheduler:              # ASHA (Li et al., MLSys 2020), epochs as the time unit
+      max_epochs: 6         # epochs of a trial that is never stopped
+      grace_period: 1       # epochs before a trial can be stopped
+      reduction_factor: 2
+    simplex: [alpha, beta, gamma]   # sampled uniformly on alpha + beta + gamma = 1 (optional)
+    parameters:             # TrainParams fields
+      lr: {type: log_uniform, low: 1.0e-3, high: 0.1}
+      momentum: {type: uniform, low: 0.8, high: 0.95}
+      batch_size: {type: categorical, choices: [16, 32]}
+      lr_step: {type: int, low: 2, high: 6}
+      activation: softmax   # a plain value is fixed, not searched
+    points_to_evaluate:     # tried first, in order (e.g. the paper's values)
+      - {alpha: 0.3, beta: 0.5, gamma: 0.2, lr: 0.003}
+
+The simplex is sampled with n - 1 uniform cuts of [0, 1]: the sorted cuts' spacings are the n
+weights, so they are >= 0 and sum to 1 up to float rounding (the last weight is 1 minus the others).
+The cuts are Optuna parameters ``simplex/u<i>``; Ray nests them under the config key ``simplex``,
+which :func:`trial_params` removes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import ConfigError, TrainParams, load_yaml, validate
+
+SIMPLEX_KEY = "simplex"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Uniform(_Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class LogUniform(Uniform):
+    type: Literal["log_uniform"]
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.low <= 0:
+            raise ValueError(f"log_uniform needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log int range needs low > 0, got {self.low}")
+        return self
+
+
+class Categorical(_Strict):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Categorical], Field(discriminator="type")]
+Fixed = Union[bool, int, float, str, None]
+
+
+class SchedulerSpec(_Strict):
+    max_epochs: int = Field(ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+    @model_validator(mode="after")
+    def _grace(self):
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_epochs ({self.max_epochs})")
+        return self
+
+
+class SearchSpace(_Strict):
+    """A validated search space (see the module docstring for the YAML schema)."""
+
+    scheduler: SchedulerSpec
+    simplex: list[str] = []
+    parameters: dict[str, Union[Distribution, Fixed]] = {}
+    points_to_evaluate: list[dict[str, Any]] = []
+
+    @model_validator(mode="after")
+    def _names(self):
+        known = set(TrainParams.model_fields)
+        for name in [*self.simplex, *self.parameters]:
+            if name not in known:
+                raise ValueError(f"parameter {name!r} is not a trial parameter; known: {sorted(known)}")
+        if self.simplex and len(self.simplex) < 2:
+            raise ValueError(f"simplex needs at least 2 parameters, got {self.simplex}")
+        both = set(self.simplex) & set(self.parameters)
+        if both:
+            raise ValueError(f"{sorted(both)} appear in both simplex and parameters")
+        if "epochs" in self.parameters:
+            raise ValueError("'epochs' is set by scheduler.max_epochs, not a parameter")
+        searched = set(self.simplex) | {k for k, v in self.parameters.items() if isinstance(v, BaseModel)}
+        for i, point in enumerate(self.points_to_evaluate):
+            extra = set(point) - searched
+            if extra:
+                raise ValueError(f"points_to_evaluate[{i}]: {sorted(extra)} are not searched parameters")
+            if self.simplex and set(point) & set(self.simplex) and not set(self.simplex) <= set(point):
+                raise ValueError(f"points_to_evaluate[{i}]: give all of the simplex {self.simplex} or none")
+            if self.simplex and set(self.simplex) <= set(point):
+                total = sum(point[k] for k in self.simplex)
+                if not math.isclose(total, 1.0, abs_tol=1e-9):
+                    raise ValueError(f"points_to_evaluate[{i}]: simplex values sum to {total}, not 1")
+        return self
+
+    def fixed(self) -> dict[str, Any]:
+        """Parameters given a plain value."""
+        return {k: v for k, v in self.parameters.items() if not isinstance(v, BaseModel)}
+
+    def optuna_points(self) -> list[dict[str, Any]]:
+        """``points_to_evaluate`` in Optuna's parameter names (simplex as its cuts)."""
+        out = []
+        for point in self.points_to_evaluate:
+            p = {k: v for k, v in point.items() if k not in self.simplex}
+            if self.simplex and self.simplex[0] in point:
+                acc = 0.0
+                for i, name in enumerate(self.simplex[:-1]):
+                    acc += point[name]
+                    p[f"{SIMPLEX_KEY}/u{i}"] = min(1.0, acc)
+            out.append(p)
+        return out
+
+
+def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> SearchSpace:
+    """Load, validate and check a search-space YAML against the trial's parameters.
+
+    Args:
+        path: The YAML file.
+        base: Trial defaults; every distribution's bounds and every point are checked to form a
+            valid :class:`TrainParams` with them (defaults: ``TrainParams()``).
+
+    Raises:
+        ConfigError: Naming the file and the key: unknown keys, low >= high, log ranges with
+            low <= 0, parameters the trial does not know, points outside the space, or values
+            the trial would reject.
+    """
+    space = validate(SearchSpace, load_yaml(path), source=str(path))
+    base_dict = (base or TrainParams()).model_dump()
+    simplex_mid = {k: 1.0 / len(space.simplex) for k in space.simplex}
+    probes: list[tuple[str, dict]] = []
+    for name, dist in space.parameters.items():
+        if isinstance(dist, (Uniform, IntRange)):
+            probes += [(f"parameters.{name}.low", {name: dist.low}), (f"parameters.{name}.high", {name: dist.high})]
+        elif isinstance(dist, Categorical):
+            probes += [(f"parameters.{name}.choices", {name: c}) for c in dist.choices]
+        else:
+            probes.append((f"parameters.{name}", {name: dist}))
+    probes += [(f"points_to_evaluate[{i}]", p) for i, p in enumerate(space.points_to_evaluate)]
+    for where, values in probes:
+        trial = {**base_dict, **simplex_mid, **space.fixed(), **values}
+        try:
+            validate(TrainParams, trial, source=f"{path}: {where}")
+        except ConfigError as err:
+            raise ConfigError(str(err)) from None
+    return space
+
+
+def define_by_run(trial, *, space: SearchSpace) -> dict[str, Any]:
+    """Optuna define-by-run function: suggest every searched parameter of ``space``.
+
+    Used through ``functools.partial`` by Ray's ``OptunaSearch``; it lives in this importable
+    module so the searcher can be pickled and restored (DESIGN.md §4.3).
+
+    Returns:
+        Constants to add to the config: the simplex weights and the fixed parameters.
+    """
+    for name, dist in space.parameters.items():
+        if isinstance(dist, LogUniform):
+            trial.suggest_float(name, dist.low, dist.high, log=True)
+        elif isinstance(dist, Uniform):
+            trial.suggest_float(name, dist.low, dist.high)
+        elif isinstance(dist, IntRange):
+            trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+        elif isinstance(dist, Categorical):
+            trial.suggest_categorical(name, dist.choices)
+    out = space.fixed()
+    if space.simplex:
+        cuts = sorted(trial.suggest_float(f"{SIMPLEX_KEY}/u{i}", 0.0, 1.0) for i in range(len(space.simplex) - 1))
+        weights = simplex_from_cuts(cuts)
+        out.update(zip(space.simplex, weights))
+    return out
+
+
+def simplex_from_cuts(cuts: list[float]) -> list[float]:
+    """Spacings of sorted cuts of [0, 1]: n - 1 cuts → n weights >= 0 summing to 1.
+
+    The last weight is ``1 - sum(others)`` so the float sum is 1 up to one rounding.
+    """
+    points = [0.0, *sorted(cuts)]
+    weights = [points[i + 1] - points[i] for i in range(len(points) - 1)]
+    weights.append(1.0 - sum(weights))
+    return [max(0.0, w) for w in weights]
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A Ray trial config without the simplex cut variables: only TrainParams fields remain."""
+    return {k: v for k, v in config.items() if k != SIMPLEX_KEY}
+
+
+def optuna_space(space: SearchSpace):
+    """The define-by-run callable for ``OptunaSearch(space=...)``."""
+    return functools.partial(define_by_run, space=space)
