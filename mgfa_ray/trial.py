@@ -210,7 +210,7 @@ def run_trial(
         data[name] = (
             load_images(df["path"].tolist(), size=cfg.resize, cache_dir=cache_dir),
             torch.from_numpy(masks),
-            torch.as_tensor(df["label"].to_numpy(), dtype=torch.int64),
+            torch.tensor(df["label"].to_numpy(dtype="int64")),
         )
 
     model = build_model(cfg, num_classes).to(device)

@@ -1,0 +1,106 @@
+"""Paper Eq. 2-8 on small hand-built tensors, and gradients through the whole classifier."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgfa_ray.model import MGFAClassifier, MaskAttention, build_backbone, fuse_features, gt_attention, mgfa_loss
+
+
+def test_attention_softmax_maps_sum_to_one_and_use_max_and_mean():
+    att = MaskAttention(2, activation="softmax")
+    with torch.no_grad():
+        att.conv.weight.zero_()
+        att.conv.bias.zero_()
+        att.conv.weight[0, 0] = 1.0  # map 0 reads the channel max (Eq. 3)
+        att.conv.weight[1, 1] = 1.0  # map 1 reads the channel mean (Eq. 2)
+    f = torch.zeros(1, 4, 3, 3)
+    f[0, 0, 1, 2] = 10.0  # a single hot channel: max is 10 there, mean is 2.5
+    m = att(f)
+    assert m.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(m.sum(dim=(2, 3)), torch.ones(1, 2))
+    assert m[0, 0].argmax() == 1 * 3 + 2 and m[0, 1].argmax() == 1 * 3 + 2
+    expected0 = torch.softmax(f.amax(1).flatten(), 0).view(3, 3)
+    torch.testing.assert_close(m[0, 0], expected0)
+    expected1 = torch.softmax(f.mean(1).flatten(), 0).view(3, 3)
+    torch.testing.assert_close(m[0, 1], expected1)
+
+
+def test_attention_sigmoid_and_shared_conv():
+    att = MaskAttention(2, activation="sigmoid", shared_conv=True)
+    f = torch.randn(2, 5, 4, 4)
+    m = att(f)
+    assert att.conv.out_channels == 1
+    assert ((m > 0) & (m < 1)).all()
+    torch.testing.assert_close(m[:, 0], m[:, 1])
+
+
+def test_fuse_alpha_one_is_identity_and_beta_selects_attended_location():
+    f = torch.randn(2, 3, 4, 4)
+    att = torch.rand(2, 2, 4, 4)
+    torch.testing.assert_close(fuse_features(f, att, alpha=1.0, region_weights=(0.0, 0.0)), f)
+    one_hot = torch.zeros(2, 2, 4, 4)
+    one_hot[:, 0, 1, 3] = 1.0
+    out = fuse_features(f, one_hot, alpha=0.0, region_weights=(1.0, 0.0))
+    assert torch.equal(out[:, :, 1, 3], f[:, :, 1, 3])
+    out[:, :, 1, 3] = 0
+    assert torch.count_nonzero(out) == 0
+
+
+def test_loss_with_zero_region_weights_is_cross_entropy_and_terms_reported():
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+    att, tgt = torch.rand(4, 2, 3, 3), torch.rand(4, 2, 3, 3)
+    out = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt, region_weights=(0.0, 0.0), mu=1.0)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(logits, labels))
+    expected = ((tgt - att) ** 2).mean(dim=(0, 2, 3))  # Eq. 7
+    torch.testing.assert_close(out["loss_region0"], expected[0])
+    torch.testing.assert_close(out["loss_region1"], expected[1])
+    weighted = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt, region_weights=(0.1, 0.2), mu=0.5)
+    torch.testing.assert_close(weighted["loss"], 0.5 * out["loss_ce"] + 0.1 * expected[0] + 0.2 * expected[1])  # Eq. 8
+
+
+def test_gt_attention_normalisation_matches_activation():
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, :4, :4] = 1.0  # top-left quarter
+    soft = gt_attention(masks, grid=(2, 2), activation="softmax")
+    torch.testing.assert_close(soft[0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(soft.sum(dim=(2, 3))[0, 0], torch.tensor(1.0))
+    assert torch.count_nonzero(soft[0, 1]) == 0  # no region → all-zero target
+    masks[0, 0, :2, 4:] = 1.0  # half of the top-right cell
+    sig = gt_attention(masks, grid=(2, 2), activation="sigmoid")
+    torch.testing.assert_close(sig[0, 0], torch.tensor([[1.0, 0.5], [0.0, 0.0]]))
+    soft = gt_attention(masks, grid=(2, 2), activation="softmax")
+    torch.testing.assert_close(soft[0, 0], torch.tensor([[2 / 3, 1 / 3], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_every_parameter_gets_a_gradient(name):
+    backbone, c = build_backbone(name, None)
+    model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=2, alpha=0.3, region_weights=(0.5, 0.2))
+    x = torch.randn(2, 3, 64, 64)
+    logits, att = model(x)
+    assert logits.shape == (2, 3) and att.shape == (2, 2, 2, 2)
+    tgt = gt_attention(torch.rand(2, 2, 16, 16), grid=(2, 2), activation="softmax")
+    loss = mgfa_loss(logits=logits, labels=torch.tensor([0, 2]), attention=att, target=tgt, region_weights=(0.1, 0.1), mu=1.0)
+    loss["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_classifier_rejects_weights_off_the_simplex():
+    with pytest.raises(ValueError, match="sum to 1"):
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, region_weights=(0.5, 0.2))
+
+
+def test_local_weights_file_loads_and_bad_file_is_rejected(tmp_path, mobilenet_weights):
+    repo_weights = mobilenet_weights
+    backbone, c = build_backbone("mobilenet_v2", str(repo_weights))
+    ref = torch.load(repo_weights, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(backbone[0][0].weight, ref["features.0.0.weight"])
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.0.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_backbone("mobilenet_v2", str(bad))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vit_h", None)
