@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job: manifest → detector → masks → search → export")
     run.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20.yaml")
     run.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch, 2 trials)")
+    run.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
     train = sub.add_parser("train", help="train one config (e.g. export/best_config.yaml)")
     train.add_argument("--config", type=Path, required=True, help="TrainConfig YAML")
     train.add_argument("--output-dir", type=Path, default=None,
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .pipeline import run_job
 
-            run_job(load_config(JobConfig, args.job), smoke=args.smoke)
+            job = load_config(JobConfig, args.job)
+            if args.output_dir is not None:
+                job = job.model_copy(update={"output_dir": str(args.output_dir)})
+            run_job(job, smoke=args.smoke)
         else:
             from .trial import train_to_dir
 

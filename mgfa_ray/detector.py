@@ -29,39 +29,37 @@ whose ``weights.pt`` still has the recorded SHA-256 skips training and returns t
 
 ``metrics.json`` keys:
 
-================== ===========================================================================
-key                meaning
-================== ===========================================================================
-detector_key       :func:`detector_key` of the training inputs (16 hex digits)
-model              ``cfg.model`` as configured
-imgsz, epochs,     training settings (``cfg``)
-seed
-region_classes     region class names, index = class id
-train_ids,         sorted image_ids of the training / held-out images
-holdout_ids
-n_train, n_holdout their counts
-map50, map50_95    box mAP@0.5 and mAP@0.5:0.95 on the held-out images, in [0, 1]: the mean over
-                   the region classes that have at least one held-out instance (Ultralytics'
-                   convention); 0.0 when no held-out image has any box
-per_class          ``{class_name: {map50, map50_95, n_holdout_instances, n_train_instances}}`` for
-                   every region class; ``map50``/``map50_95`` are ``null`` (and ``note`` says
-                   why) for a class without a held-out instance: its AP is undefined, not 0
-weights_sha256     SHA-256 of ``weights.pt``
-train_seconds      wall-clock seconds of ``model.train``
-ultralytics_version  the Ultralytics version that trained it
-device             ``cpu`` or ``cuda`` (training device)
-created            ISO 8601 UTC time the file was written
-================== ===========================================================================
+* ``detector_key`` — :func:`detector_key` of the training inputs (16 hex digits).
+* ``model``, ``imgsz``, ``epochs``, ``seed`` — training settings (``cfg.model`` as configured).
+* ``region_classes`` — region class names; index = class id.
+* ``train_ids``, ``holdout_ids`` — sorted image_ids of the training / held-out images;
+  ``n_train``, ``n_holdout`` their counts.
+* ``map50``, ``map50_95`` — box mAP@0.5 and mAP@0.5:0.95 on the held-out images, in [0, 1]: the
+  mean over the region classes with at least one held-out instance (Ultralytics' convention);
+  0.0 when no held-out image has any box.
+* ``per_class`` — ``{class_name: {map50, map50_95, n_holdout_instances, n_train_instances}}`` for
+  every region class. For a class without a held-out instance ``map50`` and ``map50_95`` are
+  ``null`` and ``note`` says why: its AP is undefined, not 0 (Ultralytics leaves such a class out
+  of ``ap_class_index``; its ``maps`` would report the overall mean instead).
+* ``weights_sha256`` — SHA-256 of ``weights.pt``.
+* ``train_seconds`` — wall-clock seconds of ``model.train``.
+* ``ultralytics_version`` — the Ultralytics version that trained it; ``device`` — ``cpu`` or
+  ``cuda``.
+* ``created`` — ISO 8601 UTC time the file was written.
 
 Offline operation. Importing this module sets, unless already set, ``YOLO_OFFLINE=1`` (no
 connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false`` (no ``pip install`` of
 missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory (Ultralytics' settings
 file and font cache stay out of the repository and out of ``~/.config``). Ultralytics reads these
-when it is first imported, so import this module before ``ultralytics``. Training passes
-``plots=False`` and ``amp=False`` (the AMP check downloads weights), absolute ``project=`` paths
-(otherwise Ultralytics writes ``runs/`` under the working directory or the git root), and, in
-offline mode, Ultralytics' dataset-check font lookup is limited to local fonts (it would otherwise
-issue an HTTP request for ``Arial.ttf``). Nothing is written to the working directory.
+when it is first imported, so import this module before ``ultralytics``. In that private settings
+file telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) are switched off
+and ``runs_dir``/``weights_dir``/``datasets_dir`` point into it (Ultralytics' defaults derive from
+the git root of its own install — this repository when the virtualenv lives inside it).
+Training and evaluation pass ``plots=False`` and absolute ``project=`` paths (a relative one
+resolves under ``runs_dir``, or under pytest under ``site-packages/tests/tmp/runs``); training
+passes ``amp=False`` (on a GPU the AMP check downloads ``yolo26n.pt`` into ``weights_dir``);
+offline, Ultralytics' dataset-check font lookup is limited to local fonts (it would otherwise send
+an HTTP request for ``Arial.ttf``). Nothing is written to the working directory.
 """
 
 from __future__ import annotations
@@ -103,10 +101,12 @@ _ENV_DEFAULTS = {
 }
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+_OFF_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 
 
 def _truthy(value: str | None) -> bool:
-    return str(value).lower() in {"1", "true", "yes", "on"}
+    """Ultralytics' own reading of a boolean environment variable (``utils.env_bool``)."""
+    return value is not None and value.strip().lower() in {"1", "true", "yes", "on", "y", "t"}
 
 
 def _ultralytics():
@@ -114,13 +114,21 @@ def _ultralytics():
     import ultralytics
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
-    if Path(USER_CONFIG_DIR).parent != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
+    config_dir = Path(USER_CONFIG_DIR).parent
+    if config_dir != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
         log.warning(
             "ultralytics was imported before mgfa_ray.detector; its settings live in %s "
             "(import mgfa_ray.detector first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
         )
-    elif SETTINGS.get("sync", True):
-        SETTINGS.update(sync=False)  # no telemetry / crash reports from our private settings dir
+    elif config_dir == Path(_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
+        # Our private settings: no telemetry, and no integration callbacks (the Ray Tune one warns
+        # outside a Tune trial; the others would log to external services).
+        # Default directories point into our private dir too: Ultralytics derives them from the git
+        # root of its own install, which is this repository when the virtualenv lives in it.
+        wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
+        wanted.update({k: str(config_dir / k.removesuffix("_dir")) for k in ("runs_dir", "weights_dir", "datasets_dir")})
+        if any(SETTINGS.get(k) != v for k, v in wanted.items()):
+            SETTINGS.update(wanted)
     return ultralytics
 
 
@@ -128,9 +136,11 @@ def _ultralytics():
 def _offline_fonts():
     """Within the block, Ultralytics' dataset check looks up fonts locally only (offline mode).
 
-    ``ultralytics.data.utils.check_dataset`` calls ``check_font("Arial.ttf")``, which, when the font
-    is not in the config dir or matplotlib's font list, sends an HTTP HEAD request (3 s timeout)
-    and downloads the font. Offline that request can only fail (or hang until the timeout).
+    ``ultralytics.data.utils.check_det_dataset`` (run by ``train`` and ``val``) calls
+    ``check_font("Arial.ttf")``, which, when the font is not in the config dir or matplotlib's font
+    list, sends an HTTP HEAD request to github.com (3 s timeout) and downloads the font. Offline
+    that request can only fail, or hang until the timeout where DNS resolves but traffic is
+    dropped. Ultralytics' ``YOLO_OFFLINE`` does not cover this call.
     """
     import ultralytics.data.utils as data_utils
 
@@ -373,6 +383,8 @@ def train_detector(
         return out
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale metrics file must not outlive the weights it describes if this run dies midway.
+    (out_dir / METRICS).unlink(missing_ok=True)
     data_yaml = _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids},
                                image_of=image_of, boxes_of=boxes_of, region_classes=region_classes)
     runs = out_dir / "runs"
@@ -390,7 +402,7 @@ def train_detector(
             data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, seed=cfg.seed,
             deterministic=True, device=device, workers=0 if device == "cpu" else 4,
             project=str(runs), name="train", exist_ok=True, plots=False, amp=False, val=False,
-            cache=False,
+            cache=False,  # measured: RAM cache gave no speed-up here and Ultralytics warns it is non-deterministic
         )
     train_seconds = time.perf_counter() - t0
     best = Path(model.trainer.best)

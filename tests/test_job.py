@@ -1,0 +1,47 @@
+"""The chained main job in smoke mode, started the way users start it (the console script)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mgfa_ray.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(__import__("sys").executable).parent
+
+
+@pytest.mark.slow
+def test_main_job_smoke_end_to_end_then_train_best_config(tmp_path):
+    out = tmp_path / "job"
+    run = subprocess.run([BIN / "mgfa-ray", "run", "jobs/leafsnap20.yaml", "--smoke", "--output-dir", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    smoke = Path(str(out) + "-smoke")
+    for stage in ("manifest", "detector", "masks", "search"):
+        assert f"=== mgfa-ray: {stage} ===" in run.stdout  # progress is visible
+
+    report = json.loads((smoke / "report.json").read_text())
+    assert 0.0 <= report["detector"]["map50"] <= 1.0
+    assert set(report["detector"]["per_class"]) == {"vein", "contour"}
+    assert report["mask_set"]["rows"] == 24  # 3 classes x 8 photos, one row each
+    trials = pd.read_csv(smoke / "export" / "trials.csv")
+    assert len(trials) == 2 and (trials["state"] == "TERMINATED").all() and (trials["epochs_run"] == 1).all()
+
+    best = smoke / "export" / "best_config.yaml"
+    assert load_config(TrainConfig, best).epochs == 1
+    train = subprocess.run([BIN / "mgfa-ray", "train", "--config", str(best), "--output-dir", str(tmp_path / "train")],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    final = json.loads((tmp_path / "train" / "final.json").read_text())
+    assert final["epoch"] == 1 and 0.0 <= final["eval_top1"] <= 1.0
+
+
+def test_missing_data_root_fails_clearly(tmp_path):
+    run = subprocess.run([BIN / "mgfa-ray", "run", "jobs/leafsnap20.yaml", "--output-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "MGFA_DATA_ROOT": str(tmp_path / "absent")})
+    assert run.returncode == 2
+    assert "absent" in run.stderr and "MGFA_DATA_ROOT" in run.stderr
