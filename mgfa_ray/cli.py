@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a stage ran but produced nothing usable (e.g. every trial failed)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

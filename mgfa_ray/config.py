@@ -204,6 +204,14 @@ class TrainConfig(TrainParams):
     masks: str
     region_classes: list[str] = ["vein", "contour"]
 
+    def with_paths(self, convert) -> "TrainConfig":
+        """A copy with ``convert(path) -> str`` applied to the manifest, masks and a weights file
+        (``weights`` other than a file path, i.e. ``None`` or ``"imagenet"``, is kept)."""
+        update = {"manifest": convert(self.manifest), "masks": convert(self.masks)}
+        if self.weights not in (None, "imagenet"):
+            update["weights"] = convert(self.weights)
+        return self.model_copy(update=update)
+
     @model_validator(mode="after")
     def _regions(self) -> "TrainConfig":
         if not 1 <= len(self.region_classes) <= 2:
@@ -339,6 +347,18 @@ def resolve_data_root(configured: str | None) -> Path:
             f"data_root in the job file to the directory holding the datasets"
         )
     return path
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute against the working directory (Ray runs trials elsewhere)."""
+    return str(Path(path).expanduser().resolve())
+
+
+def relative_to_cwd(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else unchanged; keeps
+    exported configs portable between clones."""
+    p, cwd = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path
 
 
 def under(root: Path, path: str) -> Path:

@@ -17,12 +17,12 @@ when its id exists. The search reruns from scratch (resume is a later stage of w
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import JobConfig, TrainConfig, resolve_data_root, to_dict, under, validate
+from .config import (ConfigError, JobConfig, TrainConfig, absolute, relative_to_cwd, resolve_data_root, to_dict,
+                     under, validate)
 from .detector import detector_key, train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .manifest import build_manifest, manifest_hash, write_manifest
@@ -72,6 +72,9 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     space = load_search_space(cfg.search.space, base=cfg.train)
+    if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
+        raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
+                          f"the working directory {Path.cwd()})")
     atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root), "smoke": smoke})
     timings: dict[str, float] = {}
 
@@ -91,8 +94,8 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
           f"({det['n_train']} train / {det['n_holdout']} held-out images)", flush=True)
     timings["detector"] = time.perf_counter() - t
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+    if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
+        ray.init(include_dashboard=False, configure_logging=False)
 
     t = _banner("masks")
     set_dir = build_mask_set(
@@ -105,13 +108,13 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     timings["masks"] = time.perf_counter() - t
 
     t = _banner("search")
-    cwd = Path.cwd()
-    rel = lambda p: os.path.relpath(p, cwd) if p.is_relative_to(cwd) else str(p)  # noqa: E731
-    base = TrainConfig(**cfg.train.model_dump(), manifest=rel(out / "manifest.parquet"), masks=rel(set_dir),
-                       region_classes=cfg.regions.classes)
+    # Ray runs each trial in its own directory: it gets absolute paths; the export keeps them as
+    # given (relative to the working directory), so the best config works from any clone.
+    base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
+                       masks=relative_to_cwd(str(set_dir)), region_classes=cfg.regions.classes)
     max_epochs = 1 if smoke else space.scheduler.max_epochs
-    results = run_search(name=cfg.name, space=space, search=cfg.search, base=base, storage_path=out / "search",
-                         cache_dir=out / "cache", max_epochs=max_epochs)
+    results = run_search(name=cfg.name, space=space, search=cfg.search, base=base.with_paths(absolute),
+                         storage_path=out / "search", cache_dir=out / "cache", max_epochs=max_epochs)
     summary = export_results(results, search=cfg.search, base=base, max_epochs=max_epochs, out_dir=out / "export")
     timings["search"] = time.perf_counter() - t
 

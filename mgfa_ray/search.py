@@ -132,7 +132,7 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
     Args:
         results: ``ResultGrid`` from :func:`run_search`.
         search: The search settings (metric).
-        base: The trial defaults the search ran with.
+        base: The trial defaults the search ran with, paths as the exported config should hold them.
         max_epochs: Epochs of a trial never stopped early.
         out_dir: Export directory.
 
@@ -147,8 +147,8 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
     rows, epochs = [], []
     for result in results:
         cfg = trial_params(result.config or {})
-        trial_id = Path(result.path).name if result.path else None
         last = result.metrics or {}
+        trial_id = last.get("trial_id") or (Path(result.path).name if result.path else None)
         history = result.metrics_dataframe
         row = {
             "trial": trial_id,
@@ -160,7 +160,7 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
             "test_top1": last.get("test_top1"),
             "wall_seconds": last.get("time_total_s"),
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "error": str(result.error).splitlines()[0] if result.error else None,
+            "error": str(result.error).strip().splitlines()[-1] if result.error else None,
         }
         row.update({k: v for k, v in cfg.items() if k in param_names})
         rows.append(row)
@@ -173,17 +173,20 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
     if epochs:
         _write_table(pd.concat(epochs, ignore_index=True), out_dir / "trial_epochs")
 
+    reported = [r for r in results if r.metrics and metric in r.metrics]
+    if not reported:
+        errors = sorted({row["error"] for row in rows if row["error"]})
+        raise RuntimeError(f"no trial reported {metric!r} (errors: {errors}); see {out_dir / 'trials.csv'}")
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
-    if best is None or best.metrics is None or metric not in best.metrics:
-        raise RuntimeError(f"no trial reported {metric!r}; see {results.experiment_path}")
-    best_cfg = validate(TrainConfig, {**to_dict(base), "epochs": max_epochs, **trial_params(best.config)}, source="best trial")
+    best_cfg = validate(TrainConfig, {**to_dict(base), "epochs": max_epochs, **trial_params(best.config)},
+                        source="best trial")
     atomic_write_yaml(out_dir / "best_config.yaml", to_dict(best_cfg))
     summary = {
         "experiment_path": results.experiment_path,
         "num_trials": len(table),
         "num_errored": int((table["state"] == "ERROR").sum()),
         "num_stopped_early": int(table["stopped_early"].sum()),
-        "best_trial": Path(best.path).name,
+        "best_trial": best.metrics.get("trial_id"),
         f"best_{metric}": best.metrics[metric],
         "best_test_top1": best.metrics.get("test_top1"),
         "best_epochs_run": best.metrics.get("training_iteration"),
