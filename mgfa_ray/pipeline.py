@@ -2,7 +2,7 @@
 
 Everything goes under the job's ``output_dir``::
 
-    job.yaml                 resolved job config (data root and smoke flag included)
+    job.yaml                 resolved job config (data root included; a valid job file itself)
     manifest.parquet         stage 1 (mgfa_ray.manifest)
     detector/                stage 3: weights.pt, metrics.json (mAP@0.5 per region class)
     masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks)
@@ -75,7 +75,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
         raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
                           f"the working directory {Path.cwd()})")
-    atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root), "smoke": smoke})
+    atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root)})
     timings: dict[str, float] = {}
 
     t = _banner("manifest")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mgfa_ray.cli import main
-from mgfa_ray.config import ConfigError, JobConfig, TrainParams, load_config, resolve_data_root, to_dict
+from mgfa_ray.config import ConfigError, JobConfig, TrainConfig, TrainParams, load_config, resolve_data_root, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_job_loads(job):
     cfg = load_config(JobConfig, job)
     assert load_config(JobConfig, job) == cfg  # deterministic, frozen
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "results").glob("*/best_config.yaml")), ids=lambda p: p.parent.name)
+def test_published_best_configs_are_valid_train_configs(path):
+    cfg = load_config(TrainConfig, path)
+    assert abs(cfg.alpha + cfg.beta + cfg.gamma - 1.0) <= 1e-9
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "results").glob("*/job.yaml")), ids=lambda p: p.parent.name)
+def test_published_job_configs_are_valid_job_files(path):
+    load_config(JobConfig, path)
 
 
 def test_unknown_key_names_file_and_field(tmp_path):
