@@ -244,7 +244,7 @@ def build_mask_set(
         num_cpus=1,
         num_gpus=cfg.gpus_per_actor or None,
     )
-    ds.write_parquet(str(tmp), max_rows_per_file=cfg.rows_per_shard)
+    ds.write_parquet(str(tmp), min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard)
     return _publish(tmp, final, expected_ids=rows["image_id"], metadata={
         "set_id": set_id,
         "detector_key": detector_key,
