@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import (ConfigError, JobConfig, TrainConfig, absolute, relative_to_cwd, resolve_data_root, to_dict,
                      under, validate)
-from .detector import detector_key, train_detector
+from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .manifest import build_manifest, manifest_hash, write_manifest
 from .masks import build_mask_set, read_metadata

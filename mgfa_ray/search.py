@@ -53,6 +53,13 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     run_trial(cfg, on_epoch=report, resume=resume, cache_dir=Path(cache_dir) if cache_dir else None)
 
 
+def trial_base(base: TrainConfig, *, search: SearchConfig, epochs: int) -> dict[str, Any]:
+    """What every trial of a search runs with before its sampled parameters: ``base`` with the
+    scheduler's epochs and one torch thread per reserved CPU. The export uses the same so the best
+    config reruns exactly as its trial ran."""
+    return {**to_dict(base), "epochs": epochs, "threads": max(1, int(search.cpus_per_trial))}
+
+
 def run_search(
     *,
     name: str,
@@ -84,7 +91,7 @@ def run_search(
     from ray.tune.search.optuna import OptunaSearch
 
     epochs = max_epochs or space.scheduler.max_epochs
-    base_dict = {**to_dict(base), "epochs": epochs, "threads": max(1, int(search.cpus_per_trial))}
+    base_dict = trial_base(base, search=search, epochs=epochs)
     searcher = OptunaSearch(
         space=optuna_space(space),
         metric=search.metric,
@@ -131,7 +138,7 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
 
     Args:
         results: ``ResultGrid`` from :func:`run_search`.
-        search: The search settings (metric).
+        search: The search settings (metric, CPUs per trial).
         base: The trial defaults the search ran with, paths as the exported config should hold them.
         max_epochs: Epochs of a trial never stopped early.
         out_dir: Export directory.
@@ -178,7 +185,7 @@ def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epoc
         errors = sorted({row["error"] for row in rows if row["error"]})
         raise RuntimeError(f"no trial reported {metric!r} (errors: {errors}); see {out_dir / 'trials.csv'}")
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
-    best_cfg = validate(TrainConfig, {**to_dict(base), "epochs": max_epochs, **trial_params(best.config)},
+    best_cfg = validate(TrainConfig, {**trial_base(base, search=search, epochs=max_epochs), **trial_params(best.config)},
                         source="best trial")
     atomic_write_yaml(out_dir / "best_config.yaml", to_dict(best_cfg))
     summary = {

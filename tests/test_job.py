@@ -37,6 +37,11 @@ def test_main_job_smoke_end_to_end_then_train_best_config(tmp_path):
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     final = json.loads((tmp_path / "train" / "final.json").read_text())
     assert final["epoch"] == 1 and 0.0 <= final["eval_top1"] <= 1.0
+    # The exported config is exactly what the best trial ran: on CPU the rerun repeats it bit for bit.
+    summary = json.loads((smoke / "export" / "summary.json").read_text())
+    epochs = pd.read_csv(smoke / "export" / "trial_epochs.csv")
+    trial = epochs[epochs["trial"] == summary["best_trial"]].iloc[-1]
+    assert final["train_loss"] == trial["train_loss"] and final["eval_top1"] == trial["eval_top1"]
 
 
 def test_missing_data_root_fails_clearly(tmp_path):

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mgfa_ray.config import SearchConfig, TrainConfig, load_config, to_dict
+from mgfa_ray.config import SearchConfig, TrainConfig, load_config
 from mgfa_ray.search import export_results, run_search
 from mgfa_ray.search_space import load_search_space
 from mgfa_ray.trial import run_trial
