@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -31,7 +32,7 @@ from PIL import Image
 from .config import TrainConfig, to_dict
 from .io import atomic_write_bytes, sha256_json
 from .manifest import read_manifest
-from .masks import read_masks
+from .masks import decode_rgb, read_masks
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,13 +62,8 @@ def load_images(paths: list[str], *, size: int, cache_dir: Path | None = None) -
             return torch.from_numpy(np.load(cache))
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                img.draft("RGB", (size, size))
-                arr = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
-        except (OSError, SyntaxError) as err:
-            raise ValueError(f"cannot decode image {path}: {err}") from None
-        out[i] = arr.transpose(2, 0, 1)
+        rgb = Image.fromarray(decode_rgb(path, max_side=size))
+        out[i] = np.asarray(rgb.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
     if cache is not None:
         buf = io.BytesIO()
         np.save(buf, out)
@@ -204,14 +200,14 @@ def run_trial(
         if parts[name].empty:
             split = "train" if name == "train" else cfg.eval_split
             raise ValueError(f"manifest {cfg.manifest}: split {split!r} is empty")
+    used = pd.concat(list(parts.values()), ignore_index=True)  # disjoint splits: each image once
+    masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes)
+    images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir)
+    row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}
     data = {}
     for name, df in parts.items():
-        masks, _ = read_masks(cfg.masks, image_ids=df["image_id"].tolist(), region_classes=cfg.region_classes)
-        data[name] = (
-            load_images(df["path"].tolist(), size=cfg.resize, cache_dir=cache_dir),
-            torch.from_numpy(masks),
-            torch.tensor(df["label"].to_numpy(dtype="int64")),
-        )
+        rows = torch.tensor([row_of[i] for i in df["image_id"]], dtype=torch.int64)
+        data[name] = (images[rows], torch.from_numpy(masks[rows.numpy()]), torch.tensor(df["label"].to_numpy(dtype="int64")))
 
     model = build_model(cfg, num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -291,7 +287,6 @@ def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache
     Returns:
         The last epoch's metrics.
     """
-    import pandas as pd
 
     from .io import atomic_write_json, atomic_write_yaml
 
