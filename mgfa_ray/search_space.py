@@ -41,6 +41,8 @@ class _Strict(BaseModel):
 
 
 class Uniform(_Strict):
+    """``{type: uniform, low, high}``: a float drawn uniformly from [low, high), low < high."""
+
     type: Literal["uniform"]
     low: float
     high: float
@@ -53,6 +55,8 @@ class Uniform(_Strict):
 
 
 class LogUniform(Uniform):
+    """``{type: log_uniform, low, high}``: a float uniform in log space, 0 < low < high."""
+
     type: Literal["log_uniform"]
 
     @model_validator(mode="after")
@@ -63,6 +67,8 @@ class LogUniform(Uniform):
 
 
 class IntRange(_Strict):
+    """``{type: int, low, high, log}``: an integer in [low, high], optionally log-spaced (low > 0)."""
+
     type: Literal["int"]
     low: int
     high: int
@@ -78,6 +84,8 @@ class IntRange(_Strict):
 
 
 class Categorical(_Strict):
+    """``{type: categorical, choices: [...]}``: one of at least one listed value."""
+
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
 
@@ -87,6 +95,9 @@ Fixed = Union[bool, int, float, str, None]
 
 
 class SchedulerSpec(_Strict):
+    """ASHA settings in epochs: ``max_epochs`` >= 1, 1 <= ``grace_period`` <= ``max_epochs``,
+    ``reduction_factor`` > 1 (Li et al., MLSys 2020)."""
+
     max_epochs: int = Field(ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)

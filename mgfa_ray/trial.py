@@ -104,12 +104,27 @@ def augment(
             xs.append(xi)
             ms.append(mi)
         x, m = torch.stack(xs), torch.stack(ms)
-    elif r != crop:
-        x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False, antialias=True)
-        m = F.interpolate(m, size=(crop, crop), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        x, m = _resize(x, crop), _resize(m, crop)
+    return _normalise(x), m.clamp_(0.0, 1.0)
+
+
+def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    if x.shape[-1] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std, m.clamp_(0.0, 1.0)
+    return (x - mean) / std
+
+
+def eval_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
+    """Test-time input: uint8 (B, 3, R, R) resized to (B, 3, crop, crop) float32, ImageNet-normalised
+    (paper Sec. IV-B: test resize); the same images :func:`augment` gives with ``train=False``."""
+    return _normalise(_resize(images.float().div_(255.0), crop))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
@@ -146,11 +161,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _evaluate(model, images, masks, labels, *, crop, device, batch_size=64) -> tuple[float, float]:
+def _evaluate(model, images, labels, *, crop, device, batch_size=64) -> tuple[float, float]:
     model.eval()
     correct, loss_sum = 0, 0.0
     for s in range(0, len(labels), batch_size):
-        x, _ = augment(images[s : s + batch_size], masks[s : s + batch_size], crop=crop, train=False)
+        x = eval_images(images[s : s + batch_size], crop=crop)
         y = labels[s : s + batch_size].to(device)
         logits, _ = model(x.to(device))
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -257,9 +272,11 @@ def run_trial(
                                    "train_loss_ce": sums["loss_ce"] / seen}
         for i, region in enumerate(cfg.region_classes):
             metrics[f"train_loss_{region}"] = sums[f"loss_region{i}"] / seen
-        metrics["eval_top1"], metrics["eval_loss_ce"] = _evaluate(model, *data["eval"], crop=cfg.crop, device=device)
+        eval_images_u8, _, eval_labels = data["eval"]
+        metrics["eval_top1"], metrics["eval_loss_ce"] = _evaluate(model, eval_images_u8, eval_labels, crop=cfg.crop, device=device)
         if "test" in data:
-            metrics["test_top1"], _ = _evaluate(model, *data["test"], crop=cfg.crop, device=device)
+            test_images_u8, _, test_labels = data["test"]
+            metrics["test_top1"], _ = _evaluate(model, test_images_u8, test_labels, crop=cfg.crop, device=device)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         history.append(metrics)
         if on_epoch is not None:
