@@ -78,11 +78,17 @@ class RegionsConfig(_Frozen):
         classes: Region class names; line class id ``i`` means ``classes[i]``.
         unknown_class: What a line with a class id outside ``classes`` does: ``error`` raises,
             ``skip`` drops the line with a warning naming file:line.
+        max_images: Train the detector on at most this many annotated images, drawn (seeded)
+            from the manifest's train split — the paper annotates 30 Cotton80 and 70 SoyLocal
+            images. ``None`` uses every labelled image of the manifest.
+        seed: Seed of that draw.
     """
 
     labels: str
-    classes: list[str] = ["vein", "contour"]
+    classes: list[str] = Field(["vein", "contour"], min_length=1)
     unknown_class: Literal["error", "skip"] = "error"
+    max_images: int | None = Field(None, ge=2)
+    seed: int = 0
 
 
 class DetectorConfig(_Frozen):
@@ -126,6 +132,18 @@ class MasksConfig(_Frozen):
     gpus_per_actor: float = Field(0.0, ge=0.0)
 
 
+class RegionWeights(_Frozen):
+    """Weights of one region kind beyond the paper's two (``TrainParams.extra_regions``).
+
+    Attributes:
+        feature: Its Eq. 5 feature weight (like beta), >= 0; counts towards the simplex sum.
+        mask_loss: Its Eq. 8 loss weight (like delta), >= 0; 0 removes its term.
+    """
+
+    feature: float = Field(ge=0.0, le=1.0)
+    mask_loss: float = Field(ge=0.0)
+
+
 class TrainParams(_Frozen):
     """Hyperparameters of one trial: model, augmentation, optimisation and the paper's weights.
 
@@ -142,13 +160,22 @@ class TrainParams(_Frozen):
         lr: Initial SGD learning rate (paper: 0.003).
         momentum: SGD momentum (paper prints 0.938).
         weight_decay: SGD weight decay.
-        lr_step: Epochs between learning-rate divisions by 10 (paper: 100).
-        alpha, beta, gamma: Eq. 5-6 feature weights, non-negative, alpha + beta + gamma = 1.
-        delta, lam, mu: Eq. 8 loss weights for L_vein, L_con and L_ce, non-negative; 0 removes a term.
+        lr_step: ``step`` schedule: epochs between learning-rate divisions by 10 (paper: 100).
+        lr_schedule: ``step`` (paper: ÷10 every ``lr_step`` epochs) or ``cosine`` (annealed to 0
+            over ``epochs``).
+        alpha, beta, gamma: Eq. 5-6 feature weights, non-negative, alpha + beta + gamma (+ the
+            ``extra_regions`` feature weights) = 1. beta is region kind 0 (paper: vein), gamma
+            kind 1 (paper: contour).
+        delta, lam, mu: Eq. 8 loss weights for L_vein (kind 0), L_con (kind 1) and L_ce,
+            non-negative; 0 removes a term (it is still reported).
+        extra_regions: Weights of region kinds 2, 3, ... when a dataset has more than two.
         activation: Eq. 4 attention activation: ``softmax`` over H*W (paper) or ``sigmoid``
             (released code). The ground-truth normalisation follows it.
         shared_conv: One 1x1 conv for every region kind (released code) instead of one per kind.
         eval_split: Manifest split evaluated each epoch (the search metric).
+        precision: CUDA autocast dtype: ``bf16`` (default), ``fp16`` (with a gradient scaler,
+            saved in checkpoints) or ``fp32``. CPU always runs fp32.
+        channels_last: Use the channels-last memory format on CUDA (faster convolutions).
         threads: torch CPU threads (``None``: torch default).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         seed: Seed of initialisation, shuffling and augmentation.
@@ -164,26 +191,31 @@ class TrainParams(_Frozen):
     momentum: float = Field(0.938, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     lr_step: int = Field(100, ge=1)
+    lr_schedule: Literal["step", "cosine"] = "step"
     alpha: float = Field(0.3, ge=0.0, le=1.0)
     beta: float = Field(0.5, ge=0.0, le=1.0)
     gamma: float = Field(0.2, ge=0.0, le=1.0)
     delta: float = Field(0.1, ge=0.0)
     lam: float = Field(0.1, ge=0.0)
     mu: float = Field(1.0, ge=0.0)
+    extra_regions: list[RegionWeights] = []
     activation: Literal["softmax", "sigmoid"] = "softmax"
     shared_conv: bool = False
     eval_split: Literal["val", "test"] = "val"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    channels_last: bool = True
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
-        total = self.alpha + self.beta + self.gamma
+        weights = [self.alpha, self.beta, self.gamma, *(r.feature for r in self.extra_regions)]
+        total = sum(weights)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
+            names = "alpha + beta + gamma" + " + extra_regions[].feature" * bool(self.extra_regions)
             raise ValueError(
-                f"alpha + beta + gamma must equal 1 (paper Eq. 6), got "
-                f"{self.alpha} + {self.beta} + {self.gamma} = {total}"
+                f"{names} must equal 1 (paper Eq. 6), got {' + '.join(map(str, weights))} = {total}"
             )
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) must be <= resize ({self.resize})")
@@ -197,7 +229,8 @@ class TrainConfig(TrainParams):
         manifest: Manifest Parquet file (see :mod:`mgfa_ray.manifest`).
         masks: Mask set directory (see :mod:`mgfa_ray.masks`).
         region_classes: Region kinds the model attends to, in mask-channel order; must equal the
-            mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam).
+            mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam), kind i >= 2
+            with ``extra_regions[i - 2]``. Weights of kinds the list does not have must be 0.
     """
 
     manifest: str
@@ -212,16 +245,32 @@ class TrainConfig(TrainParams):
             update["weights"] = convert(self.weights)
         return self.model_copy(update=update)
 
+    def feature_weights(self) -> tuple[float, ...]:
+        """Eq. 5 weights of the region kinds, one per ``region_classes`` entry: (beta, gamma, ...)."""
+        all_w = (self.beta, self.gamma, *(r.feature for r in self.extra_regions))
+        return all_w[: len(self.region_classes)]
+
+    def mask_loss_weights(self) -> tuple[float, ...]:
+        """Eq. 8 weights of the region terms, one per ``region_classes`` entry: (delta, lam, ...)."""
+        all_w = (self.delta, self.lam, *(r.mask_loss for r in self.extra_regions))
+        return all_w[: len(self.region_classes)]
+
     @model_validator(mode="after")
     def _regions(self) -> "TrainConfig":
-        if not 1 <= len(self.region_classes) <= 2:
-            raise ValueError(
-                f"region_classes must name 1 or 2 region kinds (vein, contour), got {self.region_classes}"
-            )
-        if len(self.region_classes) == 1 and (self.gamma != 0 or self.lam != 0):
+        k = len(self.region_classes)
+        if k < 1 or len(set(self.region_classes)) != k:
+            raise ValueError(f"region_classes must name at least one region kind, each once, got {self.region_classes}")
+        if k == 1 and (self.gamma != 0 or self.lam != 0):
             raise ValueError(
                 f"with one region kind gamma and lam must be 0, got gamma={self.gamma}, lam={self.lam}"
             )
+        if len(self.extra_regions) != max(0, k - 2):
+            raise ValueError(
+                f"{k} region kinds {self.region_classes} need {max(0, k - 2)} extra_regions entries (kinds 2 and "
+                f"up), got {len(self.extra_regions)}"
+            )
+        if self.mu + sum(self.mask_loss_weights()) <= 0:
+            raise ValueError("mu and the mask loss weights are all 0: the loss (Eq. 8) would be empty")
         return self
 
 

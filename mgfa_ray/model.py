@@ -129,21 +129,27 @@ class MaskAttention(nn.Module):
 def fuse_features(
     features: torch.Tensor, attention: torch.Tensor, *, alpha: float, region_weights: tuple[float, ...]
 ) -> torch.Tensor:
-    """Eq. 5-6: F_final = α·F + Σ_k w_k·(M_k ⊙ F), with (w_0, w_1) = (β, γ).
+    """Eq. 5-6: F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, generalised to K region kinds as
+    F_final = α·F + Σ_k w_k·(M_k ⊙ F) with (w_0, w_1, ...) = (β, γ, ...).
+
+    A weight of 0 drops its term (no computation); α = 1 with all w_k = 0 returns F unchanged
+    (the backbone-only ablation of Table III).
 
     Args:
-        features: F, (B, C, H, W).
-        attention: M, (B, K, H, W); each map broadcasts over the C channels.
-        alpha: Weight of the plain features.
-        region_weights: One weight per region kind (length K).
+        features: F, (B, C, H, W) float.
+        attention: M, (B, K, H, W), same dtype; each map broadcasts over the C channels.
+        alpha: Weight of the plain features, >= 0.
+        region_weights: One weight per region kind (length K), >= 0; with ``alpha`` they sum to 1
+            (checked by :class:`MGFAClassifier`).
 
     Returns:
-        F_final, (B, C, H, W).
+        F_final, (B, C, H, W), same dtype as ``features``.
     """
     assert attention.shape[1] == len(region_weights), (attention.shape, region_weights)
-    out = alpha * features
+    out = features if alpha == 1 else alpha * features
     for k, w in enumerate(region_weights):
-        out = out + w * attention[:, k : k + 1] * features
+        if w:
+            out = out + w * attention[:, k : k + 1] * features
     return out
 
 
@@ -155,7 +161,8 @@ class MGFAClassifier(nn.Module):
         num_features: C.
         num_classes: Number of categories.
         num_regions: K region kinds.
-        alpha, region_weights: Eq. 5-6 weights (α, (β, γ)[:K]); non-negative, summing to 1.
+        alpha, region_weights: Eq. 5-6 weights α and (β, γ, ...), one per region kind;
+            non-negative, summing to 1.
         activation, shared_conv: See :class:`MaskAttention`.
 
     Raises:
@@ -211,14 +218,27 @@ def gt_attention(masks: torch.Tensor, *, grid: tuple[int, int], activation: Acti
     over H*W for ``softmax`` (so it is a distribution like Eq. 4's output), by its maximum for
     ``sigmoid`` (peak 1, as the released code). An all-zero map (no region found) stays zero.
 
+    This is the M_gt of Eq. 7 (paper Sec. III-A: masks reduced to the feature grid by average
+    pooling and normalised).
+
     Args:
-        masks: (B, K, H_m, W_m) float in [0, 1], H_m and W_m multiples of the grid or larger.
+        masks: (B, K, H_m, W_m) float in [0, 1], at least as fine as the grid (H_m >= H, W_m >= W).
         grid: (H, W) of the feature map.
         activation: The attention activation the maps are compared with.
 
     Returns:
         (B, K, H, W) float, same dtype as ``masks``.
+
+    Raises:
+        ValueError: ``masks`` is not 4-D or is coarser than ``grid``.
     """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must be (B, K, H_m, W_m), got shape {tuple(masks.shape)}")
+    if masks.shape[-2] < grid[0] or masks.shape[-1] < grid[1]:
+        raise ValueError(
+            f"masks of {tuple(masks.shape[-2:])} px are coarser than the feature grid {tuple(grid)}; "
+            f"store or resize masks at least as fine as the grid"
+        )
     pooled = F.adaptive_avg_pool2d(masks, grid)
     flat = pooled.flatten(2)
     scale = flat.sum(-1, keepdim=True) if activation == "softmax" else flat.amax(-1, keepdim=True)
@@ -241,15 +261,25 @@ def mgfa_loss(
         labels: (B,) int64 class indices.
         attention: Predicted maps (B, K, H, W).
         target: Ground-truth maps (B, K, H, W) from :func:`gt_attention`.
-        region_weights: (δ, λ)[:K]; a weight of 0 removes that term from the total.
-        mu: Weight of the cross-entropy term.
+        region_weights: (δ, λ, ...) one per region kind; a weight of 0 removes that term from
+            the total.
+        mu: Weight of the cross-entropy term, >= 0; 0 removes it.
 
     Returns:
-        ``{"loss": total, "loss_ce": L_ce, "loss_region<k>": L_k ...}``, scalar tensors; the
-        per-term values are unweighted and always computed so they can be reported.
+        ``{"loss": total, "loss_ce": L_ce, "loss_region<k>": L_k ...}``, scalar float32 tensors;
+        the per-term values are unweighted and always computed so they can be reported.
+
+    Raises:
+        ValueError: ``attention`` and ``target`` differ in shape (region kinds or grid), or the
+            number of weights is not K.
     """
     if attention.shape != target.shape:
-        raise ValueError(f"attention {tuple(attention.shape)} and target {tuple(target.shape)} differ in shape")
+        raise ValueError(
+            f"attention maps {tuple(attention.shape)} and ground-truth maps {tuple(target.shape)} differ (B, K, H, W): "
+            f"the masks' region kinds or grid do not match the model"
+        )
+    if len(region_weights) != attention.shape[1]:
+        raise ValueError(f"need one loss weight per region kind ({attention.shape[1]}), got {region_weights}")
     ce = F.cross_entropy(logits, labels)
     per_region = ((target.float() - attention.float()) ** 2).mean(dim=(0, 2, 3))  # Eq. 7, (K,)
     out = {"loss_ce": ce}

@@ -167,7 +167,8 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
     Args:
         path: The YAML file.
         base: Trial defaults; every distribution's bounds and every point are checked to form a
-            valid :class:`TrainParams` with them (defaults: ``TrainParams()``).
+            valid config of ``type(base)`` with them (defaults: ``TrainParams()``). Pass a
+            :class:`~mgfa_ray.config.TrainConfig` to check the region-kind rules too.
 
     Raises:
         ConfigError: Naming the file and the key: unknown keys, low >= high, log ranges with
@@ -175,7 +176,8 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
             the trial would reject.
     """
     space = validate(SearchSpace, load_yaml(path), source=str(path))
-    base_dict = (base or TrainParams()).model_dump()
+    base = base or TrainParams()
+    base_dict = base.model_dump()
     simplex_mid = {k: 1.0 / len(space.simplex) for k in space.simplex}
     probes: list[tuple[str, dict]] = []
     for name, dist in space.parameters.items():
@@ -189,7 +191,7 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
     for where, values in probes:
         trial = {**base_dict, **simplex_mid, **space.fixed(), **values}
         try:
-            validate(TrainParams, trial, source=f"{path}: {where}")
+            validate(type(base), trial, source=f"{path}: {where}")
         except ConfigError as err:
             raise ConfigError(str(err)) from None
     return space

@@ -5,15 +5,20 @@ checkpoint states; it knows nothing of Ray (the search wraps it in :mod:`mgfa_ra
 
 Data path: images are decoded once, resized to ``resize`` x ``resize`` and kept as uint8 (cached
 on disk when a cache directory is given); masks come from the mask set at their stored resolution.
-Each training batch gets a random ``crop`` x ``crop`` window and a horizontal flip with p = 0.5
-(paper Sec. IV-B), and the masks get exactly the same window and flip (after being resized to the
-image's size) before :func:`~mgfa_ray.model.gt_attention` pools them to the feature grid.
-Evaluation resizes image and masks to ``crop`` (paper: test resize 448).
+Both go to the trial's device once. Each training batch gets a random ``crop`` x ``crop`` window
+and a horizontal flip with p = 0.5 (paper Sec. IV-B), and the masks get exactly the same window and
+flip (after being resized to the image's size) before :func:`~mgfa_ray.model.gt_attention` pools
+them to the feature grid. Evaluation resizes the images to ``crop`` (paper: test resize 448).
+
+Optimisation: SGD with momentum and weight decay, step (÷10 every ``lr_step`` epochs) or cosine
+schedule; on CUDA bf16 (or fp16 with a gradient scaler) autocast and channels-last; on CPU fp32,
+deterministic for a seed, and a resumed run is bit-identical to an uninterrupted one.
 
 Metrics reported every epoch: ``epoch``, ``lr``, ``train_loss`` and its terms ``train_loss_ce``,
-``train_loss_<region>`` (unweighted, every term even when its weight is 0), ``eval_top1`` and
-``eval_loss_ce`` on ``eval_split``, ``test_top1`` when the eval split is not the test split,
-``epoch_seconds``.
+``train_loss_<region>`` (unweighted, every term even when its weight is 0), ``eval_top1``,
+``eval_top5``, ``eval_mean_class_top1`` and ``eval_loss_ce`` on ``eval_split``, ``test_top1`` and
+``test_top5`` when the eval split is not the test split, ``train_images_per_second`` and
+``epoch_seconds``. Per-class accuracy of the eval split is in the checkpoint state.
 """
 
 from __future__ import annotations
@@ -76,10 +81,15 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the same geometric transform to images and their masks, then normalise the images.
 
+    Runs on the tensors' device (the GPU in CUDA trials); the random windows and flips are drawn
+    from ``generator`` on the CPU, so a seed gives the same augmentation on every device. The
+    crop and flip are one indexing operation over the batch (an exact copy of the pixels).
+
     Args:
         images: uint8 (B, 3, R, R).
-        masks: uint8 or float (B, K, M, M), values in [0, 1], covering the same full image.
-        crop: Output side in pixels.
+        masks: uint8 or float (B, K, M, M), values in [0, 1], covering the same full image; they
+            are resized to R x R (bilinear) before the window is cut.
+        crop: Output side in pixels, <= R.
         train: Random ``crop`` window + horizontal flip (p = 0.5) if True, else a resize to
             ``crop`` (paper Sec. IV-B).
         generator: RNG for the window and flip (CPU generator).
@@ -87,26 +97,35 @@ def augment(
     Returns:
         ``(x, m)``: float32 images (B, 3, crop, crop) normalised with ImageNet mean/std, and
         float32 masks (B, K, crop, crop) in [0, 1], geometrically aligned with ``x``.
+
+    Raises:
+        ValueError: ``crop`` is larger than the images.
     """
     b, _, r, _ = images.shape
+    if crop > r:
+        raise ValueError(f"crop {crop} is larger than the {r} px images")
     x = images.float().div_(255.0)
     m = F.interpolate(masks.float(), size=(r, r), mode="bilinear", align_corners=False)
     if train:
-        tops = torch.randint(0, r - crop + 1, (b,), generator=generator).tolist()
-        lefts = torch.randint(0, r - crop + 1, (b,), generator=generator).tolist()
-        flips = (torch.rand(b, generator=generator) < 0.5).tolist()
-        xs, ms = [], []
-        for i in range(b):
-            xi = x[i, :, tops[i] : tops[i] + crop, lefts[i] : lefts[i] + crop]
-            mi = m[i, :, tops[i] : tops[i] + crop, lefts[i] : lefts[i] + crop]
-            if flips[i]:
-                xi, mi = xi.flip(-1), mi.flip(-1)
-            xs.append(xi)
-            ms.append(mi)
-        x, m = torch.stack(xs), torch.stack(ms)
+        tops = torch.randint(0, r - crop + 1, (b,), generator=generator)
+        lefts = torch.randint(0, r - crop + 1, (b,), generator=generator)
+        flips = torch.rand(b, generator=generator) < 0.5
+        offsets = torch.arange(crop)
+        rows = tops[:, None] + offsets  # (B, crop)
+        cols = lefts[:, None] + torch.where(flips[:, None], crop - 1 - offsets, offsets)  # flipped windows read right to left
+        x, m = _window(x, rows, cols), _window(m, rows, cols)
     else:
         x, m = _resize(x, crop), _resize(m, crop)
     return _normalise(x), m.clamp_(0.0, 1.0)
+
+
+def _window(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t[b, :, rows[b]][:, :, :, cols[b]] for every b at once: (B, C, R, R) → (B, C, h, w)."""
+    rows, cols = rows.to(t.device), cols.to(t.device)
+    b, c = t.shape[:2]
+    bi = torch.arange(b, device=t.device)[:, None, None, None]
+    ci = torch.arange(c, device=t.device)[None, :, None, None]
+    return t[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -128,14 +147,101 @@ def eval_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
-    """The classifier of ``cfg``: backbone, mask attention per region kind, linear head."""
+    """The classifier of ``cfg``: backbone, mask attention per region kind, linear head.
+
+    Raises:
+        ValueError: Unknown backbone or a weights file that does not fit (see
+            :func:`~mgfa_ray.model.build_backbone`).
+    """
     backbone, channels = build_backbone(cfg.backbone, cfg.weights)
-    k = len(cfg.region_classes)
     return MGFAClassifier(
-        backbone, num_features=channels, num_classes=num_classes, num_regions=k,
-        alpha=cfg.alpha, region_weights=(cfg.beta, cfg.gamma)[:k],
+        backbone, num_features=channels, num_classes=num_classes, num_regions=len(cfg.region_classes),
+        alpha=cfg.alpha, region_weights=cfg.feature_weights(),
         activation=cfg.activation, shared_conv=cfg.shared_conv,
     )
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    """SGD with momentum and weight decay, and the learning-rate schedule of ``cfg``.
+
+    ``step``: lr ÷ 10 every ``lr_step`` epochs (paper Sec. IV-B); ``cosine``: annealed from ``lr``
+    to 0 over ``epochs``. The scheduler is stepped once per epoch.
+
+    Returns:
+        ``(optimizer, scheduler)``.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=0.1)
+    return optimizer, scheduler
+
+
+class StepContext:
+    """What one training step needs besides the batch: device, autocast dtype, memory format,
+    gradient scaler and the loss weights of ``cfg``.
+
+    Args:
+        cfg: The trial configuration (precision, channels_last, activation, loss weights).
+        device: The device the model lives on. bf16/fp16 autocast and channels_last apply on CUDA
+            only; CPU runs fp32 (deterministic).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        cuda = device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if cuda else None
+        self.memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.region_w = cfg.mask_loss_weights()
+
+    def autocast(self):
+        """The autocast context of the forward pass (disabled on CPU and for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model's memory format."""
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def train_step(
+    model: MGFAClassifier,
+    optimizer: torch.optim.Optimizer,
+    ctx: StepContext,
+    *,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """One SGD step on a batch: augment image and masks alike, forward, Eq. 7-8 loss, backward.
+
+    Args:
+        model: The classifier, in train mode, on ``ctx.device``.
+        optimizer: Its optimizer.
+        ctx: Device, precision and loss weights.
+        images: uint8 (B, 3, R, R) on ``ctx.device``.
+        masks: (B, K, M, M) in [0, 1] on ``ctx.device``.
+        labels: int64 (B,) on ``ctx.device``.
+        generator: CPU RNG for crops and flips.
+
+    Returns:
+        The detached loss terms of :func:`~mgfa_ray.model.mgfa_loss` (scalar tensors on the device;
+        no host synchronisation).
+    """
+    x, m = augment(images, masks, crop=ctx.cfg.crop, train=True, generator=generator)
+    with ctx.autocast():
+        logits, attention = model(ctx.inputs(x))
+    target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
+    losses = mgfa_loss(logits=logits.float(), labels=labels, attention=attention.float(), target=target,
+                       region_weights=ctx.region_w, mu=ctx.cfg.mu)
+    optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(losses["loss"]).backward()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    return {k: v.detach() for k, v in losses.items()}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -147,6 +253,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
+
+    The state holds ``epoch``, ``model``, ``optimizer``, ``scheduler``, ``scaler`` (gradient
+    scaler), ``generator`` and ``torch_rng`` (plus ``cuda_rng`` on CUDA), ``history`` (metrics of
+    every epoch so far), ``eval_per_class`` and ``config`` (the resolved TrainConfig).
 
     Raises:
         ValueError: The file is missing or is not a trial checkpoint.
@@ -161,17 +271,57 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _evaluate(model, images, labels, *, crop, device, batch_size=64) -> tuple[float, float]:
+def evaluate(
+    model: MGFAClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    crop: int,
+    num_classes: int,
+    ctx: StepContext,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy at the test resize (paper Sec. IV-B).
+
+    Args:
+        model: The classifier on ``ctx.device`` (put in eval mode here).
+        images: uint8 (N, 3, R, R) on ``ctx.device``.
+        labels: int64 (N,) in [0, num_classes).
+        crop: Test resize side in pixels.
+        num_classes: Number of classes (top-5 becomes top-``num_classes`` when there are fewer).
+        ctx: Device and precision.
+        batch_size: Images per forward pass.
+
+    Returns:
+        ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
+        (top-1 averaged over the classes present) and ``per_class``: ``{"correct": [...],
+        "total": [...]}``, one entry per class.
+    """
     model.eval()
-    correct, loss_sum = 0, 0.0
+    correct = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
+    total = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
+    top5 = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    k = min(5, num_classes)
     for s in range(0, len(labels), batch_size):
         x = eval_images(images[s : s + batch_size], crop=crop)
-        y = labels[s : s + batch_size].to(device)
-        logits, _ = model(x.to(device))
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        y = labels[s : s + batch_size]
+        with ctx.autocast():
+            logits, _ = model(ctx.inputs(x))
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        hit = logits.argmax(1) == y
+        correct += torch.bincount(y[hit], minlength=num_classes)
+        total += torch.bincount(y, minlength=num_classes)
+        top5 += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum()
     n = max(1, len(labels))
-    return correct / n, loss_sum / n
+    correct_l, total_l = correct.tolist(), total.tolist()
+    present = [c / t for c, t in zip(correct_l, total_l) if t]
+    return {
+        "top1": sum(correct_l) / n, "top5": top5.item() / n, "loss_ce": loss_sum.item() / n,
+        "mean_class_top1": sum(present) / max(1, len(present)),
+        "per_class": {"correct": correct_l, "total": total_l},
+    }
 
 
 def run_trial(
@@ -183,20 +333,23 @@ def run_trial(
 ) -> list[dict[str, Any]]:
     """Train and evaluate the classifier of ``cfg`` for ``cfg.epochs`` epochs.
 
+    The decoded images and masks are moved to the device once; augmentation runs there.
+
     Args:
         cfg: The trial configuration.
         on_epoch: Called after every epoch with ``(metrics, checkpoint_state)``; save the state
             with :func:`save_checkpoint` to be able to resume.
         resume: A checkpoint state; training continues at the epoch after it, with the model,
-            optimizer, scheduler and RNG states restored (same result as never stopping, on CPU).
+            optimizer, scheduler, gradient scaler and RNG states restored (same result as never
+            stopping, bit for bit on CPU).
         cache_dir: Decoded-image cache directory shared between trials (optional).
 
     Returns:
         The metrics of every epoch, including those before ``resume``.
 
     Raises:
-        ValueError: The manifest or mask set is missing, does not fit the config, or the train
-            or evaluation split is empty.
+        ValueError: The manifest or mask set is missing or does not fit the config (region kinds,
+            image ids), the train or evaluation split is empty, or CUDA is requested but absent.
     """
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -208,6 +361,7 @@ def run_trial(
 
     manifest = read_manifest(cfg.manifest)
     num_classes = int(manifest["label"].max()) + 1
+    class_names = manifest.drop_duplicates("label").set_index("label")["class_name"].reindex(range(num_classes))
     parts = {"train": manifest[manifest["split"] == "train"], "eval": manifest[manifest["split"] == cfg.eval_split]}
     if cfg.eval_split != "test" and (manifest["split"] == "test").any():
         parts["test"] = manifest[manifest["split"] == "test"]
@@ -222,11 +376,13 @@ def run_trial(
     data = {}
     for name, df in parts.items():
         rows = torch.tensor([row_of[i] for i in df["image_id"]], dtype=torch.int64)
-        data[name] = (images[rows], torch.from_numpy(masks[rows.numpy()]), torch.tensor(df["label"].to_numpy(dtype="int64")))
+        data[name] = (images[rows].to(device), torch.from_numpy(masks[rows.numpy()]).to(device),
+                      torch.tensor(df["label"].to_numpy(dtype="int64"), device=device))
 
     model = build_model(cfg, num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=0.1)
+    ctx = StepContext(cfg, device)
+    model = model.to(memory_format=ctx.memory_format)
+    optimizer, scheduler = make_optimizer(cfg, model)
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     start = 1
@@ -234,56 +390,56 @@ def run_trial(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        ctx.scaler.load_state_dict(resume.get("scaler") or {})
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        if use_cuda and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
         history = list(resume["history"])
         start = int(resume["epoch"]) + 1
 
-    k = len(cfg.region_classes)
-    region_w = (cfg.delta, cfg.lam)[:k]
-    images, masks, labels = data["train"]
-    n = len(labels)
+    train_images, train_masks, train_labels = data["train"]
+    n = len(train_labels)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         perm = torch.randperm(n, generator=generator)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         seen = 0
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             if len(idx) < 2 and seen:  # BatchNorm cannot train on a single image
                 continue
-            x, m = augment(images[idx], masks[idx], crop=cfg.crop, train=True, generator=generator)
-            x, m, y = x.to(device, non_blocking=True), m.to(device, non_blocking=True), labels[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                logits, attention = model(x)
-            target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=cfg.activation)
-            losses = mgfa_loss(logits=logits.float(), labels=y, attention=attention.float(), target=target,
-                               region_weights=region_w, mu=cfg.mu)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            idx_d = idx.to(device)
+            losses = train_step(model, optimizer, ctx, images=train_images[idx_d], masks=train_masks[idx_d],
+                                labels=train_labels[idx_d], generator=generator)
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.item() * len(idx)
+                sums[key] = sums.get(key, 0.0) + value.double() * len(idx)
             seen += len(idx)
         scheduler.step()
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen,
-                                   "train_loss_ce": sums["loss_ce"] / seen}
+        train_seconds = time.perf_counter() - t0
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"].item() / seen,
+                                   "train_loss_ce": sums["loss_ce"].item() / seen}
         for i, region in enumerate(cfg.region_classes):
-            metrics[f"train_loss_{region}"] = sums[f"loss_region{i}"] / seen
-        eval_images_u8, _, eval_labels = data["eval"]
-        metrics["eval_top1"], metrics["eval_loss_ce"] = _evaluate(model, eval_images_u8, eval_labels, crop=cfg.crop, device=device)
+            metrics[f"train_loss_{region}"] = sums[f"loss_region{i}"].item() / seen
+        ev = evaluate(model, data["eval"][0], data["eval"][2], crop=cfg.crop, num_classes=num_classes, ctx=ctx)
+        metrics.update(eval_top1=ev["top1"], eval_top5=ev["top5"], eval_mean_class_top1=ev["mean_class_top1"],
+                       eval_loss_ce=ev["loss_ce"])
         if "test" in data:
-            test_images_u8, _, test_labels = data["test"]
-            metrics["test_top1"], _ = _evaluate(model, test_images_u8, test_labels, crop=cfg.crop, device=device)
+            te = evaluate(model, data["test"][0], data["test"][2], crop=cfg.crop, num_classes=num_classes, ctx=ctx)
+            metrics.update(test_top1=te["top1"], test_top5=te["top5"])
+        metrics["train_images_per_second"] = seen / train_seconds
         metrics["epoch_seconds"] = time.perf_counter() - t0
         history.append(metrics)
         if on_epoch is not None:
             state = {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "config": to_dict(cfg),
+                "scheduler": scheduler.state_dict(), "scaler": ctx.scaler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if use_cuda else None,
+                "history": history, "config": to_dict(cfg),
+                "eval_per_class": {"class_name": class_names.tolist(), **ev["per_class"]},
             }
             on_epoch(metrics, state)
     return history
@@ -292,7 +448,8 @@ def run_trial(
 def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache_dir: Path | None = None) -> dict[str, Any]:
     """``mgfa-ray train``: run one config, saving its config, metrics and checkpoint in ``out_dir``.
 
-    Writes ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch) and
+    Writes ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
+    ``per_class_accuracy.csv`` (the latest epoch's top-1 per class on ``eval_split``) and
     ``checkpoint.pt`` (the latest epoch) atomically after every epoch, and ``final.json``.
 
     Args:
@@ -315,6 +472,9 @@ def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         save_checkpoint(state, ckpt)
         atomic_write_bytes(out_dir / "metrics.csv", pd.DataFrame(state["history"]).to_csv(index=False).encode())
+        per_class = pd.DataFrame(state["eval_per_class"])
+        per_class["top1"] = per_class["correct"] / per_class["total"].where(per_class["total"] > 0)
+        atomic_write_bytes(out_dir / "per_class_accuracy.csv", per_class.to_csv(index_label="label").encode())
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
 
     history = run_trial(cfg, on_epoch=on_epoch, resume=state, cache_dir=cache_dir)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgfa_ray.model import MGFAClassifier, MaskAttention, build_backbone, fuse_features, gt_attention, mgfa_loss
+from mgfa_ray.model import MaskAttention, MGFAClassifier, build_backbone, fuse_features, gt_attention, mgfa_loss
 
 
 def test_attention_softmax_maps_sum_to_one_and_use_max_and_mean():
@@ -74,28 +74,70 @@ def test_gt_attention_normalisation_matches_activation():
     torch.testing.assert_close(soft[0, 0], torch.tensor([[2 / 3, 1 / 3], [0.0, 0.0]]))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
-def test_every_parameter_gets_a_gradient(name):
+@pytest.mark.parametrize(
+    ("name", "weights", "activation", "shared"),
+    [
+        ("mobilenet_v2", (0.3, 0.5, 0.2), "softmax", False),  # the paper: two region kinds
+        ("resnet18", (0.3, 0.5, 0.2), "sigmoid", True),  # the released code's variant
+        ("resnet18", (0.3, 0.7), "softmax", False),  # one region kind (the Cotton boxes)
+        ("mobilenet_v2", (0.1, 0.4, 0.3, 0.2), "softmax", False),  # three region kinds
+    ],
+)
+def test_every_parameter_gets_a_gradient(name, weights, activation, shared):
+    k = len(weights) - 1
     backbone, c = build_backbone(name, None)
-    model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=2, alpha=0.3, region_weights=(0.5, 0.2))
+    model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=k, alpha=weights[0],
+                           region_weights=weights[1:], activation=activation, shared_conv=shared)
     x = torch.randn(2, 3, 64, 64)
     logits, att = model(x)
-    assert logits.shape == (2, 3) and att.shape == (2, 2, 2, 2)
-    tgt = gt_attention(torch.rand(2, 2, 16, 16), grid=(2, 2), activation="softmax")
-    loss = mgfa_loss(logits=logits, labels=torch.tensor([0, 2]), attention=att, target=tgt, region_weights=(0.1, 0.1), mu=1.0)
+    assert logits.shape == (2, 3) and att.shape == (2, k, 2, 2)
+    tgt = gt_attention(torch.rand(2, k, 16, 16), grid=(2, 2), activation=activation)
+    loss = mgfa_loss(logits=logits, labels=torch.tensor([0, 2]), attention=att, target=tgt,
+                     region_weights=(0.1,) * k, mu=1.0)
     loss["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
 
+def test_backbone_only_weights_give_the_plain_classifier():
+    """Table III 'backbone': alpha = 1 and no mask loss is exactly backbone → pool → linear with CE."""
+    backbone, c = build_backbone("resnet18", None)
+    model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=2, alpha=1.0,
+                           region_weights=(0.0, 0.0)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, att = model(x)
+    plain = model.head(model.backbone(x).mean(dim=(2, 3)))
+    assert torch.equal(logits, plain)
+    labels = torch.tensor([1, 2])
+    out = mgfa_loss(logits=logits, labels=labels, attention=att, target=torch.zeros_like(att),
+                    region_weights=(0.0, 0.0), mu=1.0)
+    assert torch.equal(out["loss"], F.cross_entropy(plain, labels))
+
+
+def test_mismatched_masks_are_rejected():
+    att = torch.rand(2, 2, 4, 4)
+    with pytest.raises(ValueError, match="region kinds or grid"):
+        mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
+                  target=torch.rand(2, 1, 4, 4), region_weights=(0.1, 0.1), mu=1.0)
+    with pytest.raises(ValueError, match="region kinds or grid"):
+        mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
+                  target=torch.rand(2, 2, 7, 7), region_weights=(0.1, 0.1), mu=1.0)
+    with pytest.raises(ValueError, match="coarser than the feature grid"):
+        gt_attention(torch.rand(2, 2, 4, 4), grid=(7, 7), activation="softmax")
+
+
 def test_classifier_rejects_weights_off_the_simplex():
     with pytest.raises(ValueError, match="sum to 1"):
         MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, region_weights=(0.5, 0.2))
+    with pytest.raises(ValueError, match="sum to 1"):
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=1.2, region_weights=(-0.2, 0.0))
+    with pytest.raises(ValueError, match="need 2 region weights"):
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, region_weights=(0.5,))
 
 
 def test_local_weights_file_loads_and_bad_file_is_rejected(tmp_path, mobilenet_weights):
     repo_weights = mobilenet_weights
-    backbone, c = build_backbone("mobilenet_v2", str(repo_weights))
+    backbone, _ = build_backbone("mobilenet_v2", str(repo_weights))
     ref = torch.load(repo_weights, map_location="cpu", weights_only=True)
     torch.testing.assert_close(backbone[0][0].weight, ref["features.0.0.weight"])
     bad = tmp_path / "bad.pth"
@@ -104,3 +146,28 @@ def test_local_weights_file_loads_and_bad_file_is_rejected(tmp_path, mobilenet_w
         build_backbone("mobilenet_v2", str(bad))
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("vit_h", None)
+    with pytest.raises(ValueError, match="does not fit"):  # right file, wrong architecture
+        build_backbone("resnet18", str(repo_weights))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"])
+def test_backbones_give_stride_32_feature_maps(name):
+    backbone, c = build_backbone(name, None)
+    model = MGFAClassifier(backbone, num_features=c, num_classes=2, num_regions=2, alpha=0.3,
+                           region_weights=(0.5, 0.2)).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, 64, 96))
+        logits, att = model.forward_head(features)
+    assert features.shape == (1, c, 2, 3) and att.shape == (1, 2, 2, 3) and logits.shape == (1, 2)
+
+
+def test_imagenet_download_failure_names_the_local_file_option(monkeypatch, tmp_path):
+    """The real torchvision download, into an empty cache: offline (CI, these machines) it fails and
+    the error must name the local-file option."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        build_backbone("resnet18", "imagenet")
+    except ValueError as err:
+        assert "local state_dict file" in str(err) and "resnet18" in str(err)
+    else:
+        pytest.skip("this machine reached download.pytorch.org: the offline error path cannot run here")

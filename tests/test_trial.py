@@ -1,11 +1,15 @@
 """The trial function without Ray: metrics, checkpoints, bit-exact resume, mask geometry."""
 
+import pandas as pd
 import pytest
 import torch
 
 from mgfa_ray.config import TrainConfig, to_dict
-from mgfa_ray.masks import read_masks
+from mgfa_ray.masks import mask_rows, read_masks, write_mask_set
+from mgfa_ray.regions import index_labels, parse_yolo_file
 from mgfa_ray.trial import augment, load_checkpoint, run_trial, save_checkpoint, train_to_dir
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_augment_moves_masks_exactly_with_the_image():
@@ -23,6 +27,25 @@ def test_augment_moves_masks_exactly_with_the_image():
     assert x.shape == (4, 3, 9, 9) and m.shape == (4, 1, 9, 9)
 
 
+def test_batched_crop_and_flip_equal_per_image_slicing():
+    """The one-shot indexing in augment is exactly slicing each image's window and flipping it."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8, generator=g)
+    masks = torch.rand(6, 2, 12, 12, generator=g)
+    x, m = augment(images, masks, crop=7, train=True, generator=torch.Generator().manual_seed(1))
+    draw = torch.Generator().manual_seed(1)  # the same draws, in augment's order
+    tops, lefts = torch.randint(0, 6, (6,), generator=draw), torch.randint(0, 6, (6,), generator=draw)
+    flips = torch.rand(6, generator=draw) < 0.5
+    assert 0 < flips.sum() < 6  # both cases are exercised
+    ref_x, _ = augment(images, masks, crop=12, train=False)  # normalised, uncropped
+    for i in range(6):
+        win = ref_x[i, :, tops[i] : tops[i] + 7, lefts[i] : lefts[i] + 7]
+        mwin = masks[i, :, tops[i] : tops[i] + 7, lefts[i] : lefts[i] + 7]
+        if flips[i]:
+            win, mwin = win.flip(-1), mwin.flip(-1)
+        assert torch.equal(x[i], win) and torch.equal(m[i], mwin)
+
+
 def test_augment_flip_and_crop_of_a_box_mask():
     images = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
     images[:, 0, 2:4, 1:3] = 255  # a box in the red channel...
@@ -37,12 +60,45 @@ def test_augment_flip_and_crop_of_a_box_mask():
 def test_trial_reports_every_term_and_learns_on_real_photos(tiny_train_config):
     history = run_trial(tiny_train_config)
     assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.001])  # step schedule, lr_step 1: ÷10 per epoch
     for h in history:
         for key in ("train_loss", "train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1", "test_top1"):
             assert key in h
         assert 0.0 <= h["eval_top1"] <= 1.0
         assert h["train_loss"] == pytest.approx(
             h["train_loss_ce"] + 0.1 * h["train_loss_vein"] + 0.1 * h["train_loss_contour"], rel=1e-5)
+
+
+def test_top5_and_per_class_accuracy_are_consistent(tiny_train_config, tmp_path):
+    final = train_to_dir(tiny_train_config.model_copy(update={"epochs": 1}), tmp_path)
+    assert final["eval_top5"] == 1.0  # 3 classes: the true class is always among the top 5
+    per_class = pd.read_csv(tmp_path / "per_class_accuracy.csv")
+    assert list(per_class["label"]) == [0, 1, 2] and per_class["class_name"].str.len().min() > 0
+    assert per_class["correct"].sum() / per_class["total"].sum() == pytest.approx(final["eval_top1"])
+    assert per_class["top1"].mean() == pytest.approx(final["eval_mean_class_top1"])
+
+
+def test_cosine_schedule_anneals_to_zero(tiny_train_config):
+    cfg = tiny_train_config.model_copy(update={"lr_schedule": "cosine", "epochs": 3, "lr": 0.02})
+    history = run_trial(cfg)
+    assert [h["lr"] for h in history] == pytest.approx([0.02, 0.015, 0.005])
+
+
+def test_one_region_kind_trains_end_to_end(tiny_manifest, data_root, tmp_path, tiny_train_config):
+    """The Cotton case: a single region kind, its own mask set, beta/delta only."""
+    df, _ = tiny_manifest
+    labels = index_labels(data_root / "leafsnap20-regions" / "labels")
+    boxes = [[b for b in parse_yolo_file(labels[i], num_classes=2) if b.cls == 0] if i in labels else []
+             for i in df["image_id"]]
+    rows = mask_rows(df, boxes, detector_key="labels", num_classes=1, resolution=32)
+    meta = {"set_id": "vein32", "detector_key": "labels", "mask_resolution": 32, "region_classes": ["vein"]}
+    mask_dir = write_mask_set(rows, out_root=tmp_path, metadata=meta)
+    cfg = tiny_train_config.model_copy(update={
+        "masks": str(mask_dir), "region_classes": ["vein"], "alpha": 0.3, "beta": 0.7, "gamma": 0.0, "lam": 0.0,
+        "epochs": 1})
+    (h,) = run_trial(TrainConfig(**to_dict(cfg)))
+    assert "train_loss_vein" in h and "train_loss_contour" not in h
+    assert h["train_loss"] == pytest.approx(h["train_loss_ce"] + 0.1 * h["train_loss_vein"], rel=1e-5)
 
 
 def test_zero_weight_removes_term_but_it_is_still_reported(tiny_train_config):
@@ -52,14 +108,27 @@ def test_zero_weight_removes_term_but_it_is_still_reported(tiny_train_config):
     assert h["train_loss_vein"] > 0
 
 
-def test_resume_from_checkpoint_is_bit_exact_on_cpu(tiny_train_config, tmp_path):
-    full = run_trial(tiny_train_config)
-    run_trial(tiny_train_config.model_copy(update={"epochs": 1}),
-              on_epoch=lambda m, s: save_checkpoint(s, tmp_path / f"e{m['epoch']}.pt"))
-    resumed = run_trial(tiny_train_config, resume=load_checkpoint(tmp_path / "e1.pt"))
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_resume_from_checkpoint_is_bit_exact_on_cpu(tiny_train_config, tmp_path, schedule):
+    cfg = tiny_train_config.model_copy(update={"lr_schedule": schedule})
+    full = run_trial(cfg)
+
+    def save_then_die(metrics, state):  # the run is killed right after its first checkpoint
+        save_checkpoint(state, tmp_path / "e1.pt")
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_trial(cfg, on_epoch=save_then_die)
+    state = load_checkpoint(tmp_path / "e1.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "generator", "torch_rng", "epoch", "config"} <= set(state)
+    resumed = run_trial(cfg, resume=state)
     assert len(resumed) == 2 and resumed[0]["train_loss"] == full[0]["train_loss"]  # history restored
     assert resumed[1]["train_loss"] == full[1]["train_loss"]
-    assert resumed[1]["eval_top1"] == full[1]["eval_top1"]
+    assert resumed[1]["eval_top1"] == full[1]["eval_top1"] and resumed[1]["lr"] == full[1]["lr"]
 
 
 def test_mask_set_must_match_the_model(tiny_train_config):
@@ -74,3 +143,23 @@ def test_train_to_dir_writes_config_metrics_checkpoint(tiny_train_config, tmp_pa
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.csv").is_file()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
     assert final["epoch"] == 1
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_trial_with_autocast_channels_last_and_resume(tiny_train_config, tmp_path, precision):
+    cfg = tiny_train_config.model_copy(update={"device": "cuda", "precision": precision, "channels_last": True})
+    full = run_trial(cfg)
+    assert all(h["train_loss"] == h["train_loss"] for h in full)  # finite, not NaN
+    def save_then_die(metrics, state):
+        save_checkpoint(state, tmp_path / "e1.pt")
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_trial(cfg, on_epoch=save_then_die)
+    state = load_checkpoint(tmp_path / "e1.pt")
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0  # the gradient scaler's state is checkpointed
+    resumed = run_trial(cfg, resume=state)
+    assert resumed[1]["train_loss"] == pytest.approx(full[1]["train_loss"], rel=1e-3)  # cuDNN is not bit-exact
