@@ -21,15 +21,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import (ConfigError, JobConfig, TrainConfig, absolute, relative_to_cwd, resolve_data_root, to_dict,
-                     under, validate)
+from .config import (
+    ConfigError,
+    JobConfig,
+    TrainConfig,
+    absolute,
+    relative_to_cwd,
+    resolve_data_root,
+    to_dict,
+    under,
+    validate,
+)
 from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .manifest import build_manifest, manifest_hash, write_manifest
 from .masks import build_mask_set, read_metadata
-from .regions import index_labels
+from .regions import index_labels, select_annotated
 from .search import export_results, run_search
-from .search_space import load_search_space
+from .search_space import SearchSpace, load_search_space
 
 
 def smoke_config(cfg: JobConfig) -> JobConfig:
@@ -43,6 +52,27 @@ def smoke_config(cfg: JobConfig) -> JobConfig:
     d["train"].update(resize=72, crop=64, batch_size=8)
     d["search"].update(num_samples=2)
     return validate(JobConfig, d, source="smoke config")
+
+
+def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, TrainConfig]:
+    """Check that the job's trial defaults, region classes and search space fit together, before
+    any stage runs.
+
+    Returns:
+        The loaded search space and the trial template (manifest and masks paths are filled in by
+        :func:`run_job`).
+
+    Raises:
+        ConfigError: ``train`` does not fit ``regions.classes`` (e.g. a second region kind's weights
+            with one kind), the search-space file is invalid, or one of its values would give an
+            invalid trial (the message names the file and key).
+    """
+    template = validate(
+        TrainConfig, {**to_dict(cfg.train), "manifest": "<manifest>", "masks": "<masks>",
+                      "region_classes": list(cfg.regions.classes)},
+        source=f"{source}: train (with regions.classes {cfg.regions.classes})",
+    )
+    return load_search_space(cfg.search.space, base=template), template
 
 
 def _banner(stage: str) -> float:
@@ -71,7 +101,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     data_root = resolve_data_root(cfg.data_root)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    space = load_search_space(cfg.search.space, base=cfg.train)
+    space, _ = check_job(cfg)
     if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
         raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
                           f"the working directory {Path.cwd()})")
@@ -87,7 +117,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
 
     t = _banner("detector")
     labels = index_labels(under(data_root, cfg.regions.labels))
-    labels = {k: v for k, v in labels.items() if k in set(manifest["image_id"])}
+    labels = select_annotated(labels, manifest, max_images=cfg.regions.max_images, seed=cfg.regions.seed)
     det = train_detector(manifest=manifest, label_files=labels, region_classes=cfg.regions.classes,
                          cfg=cfg.detector, out_dir=out / "detector", unknown_class=cfg.regions.unknown_class)
     print(f"detector {det['detector_key']}: held-out mAP@0.5 = {det['map50']:.3f} "

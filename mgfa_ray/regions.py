@@ -9,11 +9,14 @@ three lines of class 16).
 
 from __future__ import annotations
 
+import random
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import pandas as pd
 
 
 class LabelError(ValueError):
@@ -117,3 +120,36 @@ def index_labels(label_dir: str | Path) -> dict[str, Path]:
     if not out:
         raise LabelError(f"{label_dir}: no .txt label files")
     return out
+
+
+def select_annotated(
+    label_files: dict[str, Path], manifest: pd.DataFrame, *, max_images: int | None, seed: int
+) -> dict[str, Path]:
+    """The label files the detector trains on: those of manifest images, optionally capped.
+
+    With ``max_images`` (paper: 30 annotated Cotton80 images, 70 SoyLocal), a seeded draw of at
+    most that many from the manifest's train split, so no test image is annotated; without it,
+    every label file whose image is in the manifest.
+
+    Args:
+        label_files: image_id → label file, from :func:`index_labels`.
+        manifest: The manifest (columns image_id, split).
+        max_images: Cap on annotated images, or ``None``.
+        seed: Seed of the draw.
+
+    Returns:
+        image_id → label file, sorted by image_id.
+
+    Raises:
+        LabelError: ``max_images`` is set and no train-split image has a label file.
+    """
+    in_manifest = {k: v for k, v in sorted(label_files.items()) if k in set(manifest["image_id"])}
+    if max_images is None:
+        return in_manifest
+    train = set(manifest.loc[manifest["split"] == "train", "image_id"])
+    pool = [k for k in in_manifest if k in train]
+    if not pool:
+        raise LabelError("regions.max_images is set but no train-split image of the manifest has a label file")
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(pool, min(max_images, len(pool))))
+    return {k: in_manifest[k] for k in chosen}

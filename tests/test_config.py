@@ -7,15 +7,48 @@ import pytest
 import yaml
 
 from mgfa_ray.cli import main
-from mgfa_ray.config import ConfigError, JobConfig, TrainConfig, TrainParams, load_config, resolve_data_root, to_dict
+from mgfa_ray.config import (
+    ConfigError,
+    JobConfig,
+    RegionWeights,
+    TrainConfig,
+    TrainParams,
+    load_config,
+    resolve_data_root,
+    to_dict,
+)
+from mgfa_ray.pipeline import check_job
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_job_loads(job):
+def test_every_shipped_job_loads(job, monkeypatch):
+    monkeypatch.chdir(REPO)  # search.space paths are relative to the repository root
     cfg = load_config(JobConfig, job)
     assert load_config(JobConfig, job) == cfg  # deterministic, frozen
+    space, template = check_job(cfg, source=str(job))  # trial defaults, region kinds and space agree
+    assert template.region_classes == cfg.regions.classes and space.scheduler.max_epochs >= 1
+
+
+def test_paper_jobs_use_the_papers_settings():
+    for name, kinds in (("cotton80_paper", 1), ("soylocal_paper", 2)):
+        cfg = load_config(JobConfig, REPO / "jobs" / f"{name}.yaml")
+        t = cfg.train
+        assert (t.backbone, t.resize, t.crop, t.lr, t.momentum, t.lr_step) == ("resnet50", 512, 448, 0.003, 0.938, 100)
+        assert cfg.detector.imgsz == 480 and cfg.dataset.layout == "ufg" and len(cfg.regions.classes) == kinds
+        assert cfg.regions.max_images == {1: 30, 2: 70}[kinds]
+
+
+def test_job_whose_space_does_not_fit_its_region_kinds_is_rejected(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(JobConfig, REPO / "jobs" / "cotton80_paper.yaml")
+    two_kind_space = cfg.model_copy(update={"search": cfg.search.model_copy(update={"space": "search_spaces/paper.yaml"})})
+    with pytest.raises(ConfigError, match=r"(?s)paper.yaml.*gamma and lam must be 0"):
+        check_job(two_kind_space)
+    bad_train = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gamma": 0.2, "beta": 0.5})})
+    with pytest.raises(ConfigError, match=r"(?s)train \(with regions.classes \['region'\]\)"):
+        check_job(bad_train)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "results").glob("*/best_config.yaml")), ids=lambda p: p.parent.name)
@@ -46,6 +79,30 @@ def test_simplex_and_ranges_are_checked():
         TrainParams(alpha=1.2, beta=-0.2, gamma=0.0)
     with pytest.raises(ValueError, match="crop"):
         TrainParams(resize=64, crop=96)
+
+
+def test_region_kinds_and_their_weights():
+    paths = {"manifest": "m.parquet", "masks": "masks"}
+    two = TrainConfig(**paths)
+    assert two.feature_weights() == (0.5, 0.2) and two.mask_loss_weights() == (0.1, 0.1)
+    one = TrainConfig(**paths, region_classes=["region"], alpha=0.3, beta=0.7, gamma=0.0, lam=0.0)
+    assert one.feature_weights() == (0.7,) and one.mask_loss_weights() == (0.1,)
+    three = TrainConfig(**paths, region_classes=["vein", "contour", "tip"], alpha=0.3, beta=0.4, gamma=0.2,
+                        extra_regions=[RegionWeights(feature=0.1, mask_loss=0.05)])
+    assert three.feature_weights() == (0.4, 0.2, 0.1) and three.mask_loss_weights() == (0.1, 0.1, 0.05)
+    assert TrainConfig(**to_dict(three)) == three  # the exported document loads back
+    with pytest.raises(ValueError, match="need 1 extra_regions entries"):
+        TrainConfig(**paths, region_classes=["vein", "contour", "tip"])
+    with pytest.raises(ValueError, match=r"extra_regions\[\].feature must equal 1"):
+        TrainConfig(**paths, region_classes=["vein", "contour", "tip"], extra_regions=[{"feature": 0.1, "mask_loss": 0}])
+    with pytest.raises(ValueError, match="gamma and lam must be 0"):
+        TrainConfig(**paths, region_classes=["region"])
+    with pytest.raises(ValueError, match="each once"):
+        TrainConfig(**paths, region_classes=["vein", "vein"])
+    with pytest.raises(ValueError, match=r"loss \(Eq. 8\) would be empty"):
+        TrainConfig(**paths, mu=0.0, delta=0.0, lam=0.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainParams(lr_schedule="linear")
 
 
 def test_config_is_frozen_and_round_trips():
