@@ -3,6 +3,9 @@
 Subcommands:
   * ``mgfa-ray run JOB.yaml [--smoke]`` — the chained job (:func:`mgfa_ray.pipeline.run_job`).
   * ``mgfa-ray train --config FILE`` — one trial config, e.g. a search's ``best_config.yaml``.
+  * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
+    activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
+    :func:`mgfa_ray.cam.render_cams`).
 
 Bad input (config, data root, labels, masks) prints ``error: ...`` naming the file and field and
 exits with status 2.
@@ -29,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", type=Path, default=None,
                        help="where config, metrics and checkpoint go (default outputs/train/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
+    cam = sub.add_parser("cam", help="class activation maps of a trained run, one PNG per image (paper Fig. 4)")
+    cam.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt (or its directory)")
+    cam.add_argument("--images", nargs="+", default=None, metavar="ID", help="manifest image ids (default: --split)")
+    cam.add_argument("--split", default="test", help="split to take images from when --images is not given")
+    cam.add_argument("--count", type=int, default=8, help="number of images taken from --split")
+    cam.add_argument("--output-dir", type=Path, default=None, help="default: <checkpoint dir>/cam")
+    cam.add_argument("--manifest", type=Path, default=None, help="manifest overriding the checkpoint config's")
+    cam.add_argument("--cam-class", choices=["predicted", "true"], default="predicted",
+                     help="explain the predicted class (default) or the true label")
+    cam.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p
 
 
@@ -43,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.output_dir is not None:
                 job = job.model_copy(update={"output_dir": str(args.output_dir)})
             run_job(job, smoke=args.smoke)
+        elif args.command == "cam":
+            from .cam import render_cams
+
+            paths = render_cams(args.checkpoint, out_dir=args.output_dir, image_ids=args.images, split=args.split,
+                                count=args.count, manifest=args.manifest, cam_class=args.cam_class,
+                                device=args.device)
+            print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
         else:
             from .trial import train_to_dir
 
