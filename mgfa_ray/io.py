@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory, then rename).
@@ -26,7 +29,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         data: The full file content.
 
     Returns:
-        The destination as a ``Path``.
+        The destination as a ``Path``; its mode is what ``open()`` would give (0o666 less the
+        umask), not ``mkstemp``'s owner-only 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

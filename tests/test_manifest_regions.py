@@ -6,7 +6,7 @@ from PIL import Image
 
 from mgfa_ray.config import ConfigError, DatasetConfig
 from mgfa_ray.manifest import COLUMNS, build_manifest, manifest_hash, read_manifest, write_manifest
-from mgfa_ray.regions import LabelError, index_labels, parse_yolo_file
+from mgfa_ray.regions import LabelError, index_labels, parse_yolo_file, select_annotated
 
 
 def test_leafsnap20_manifest_is_group_aware_and_deterministic(data_root, tmp_path):
@@ -77,3 +77,18 @@ def test_paper_cotton_labels_class_16_error_or_skip(data_root):
 def test_empty_label_file_means_no_regions(tmp_path):
     (tmp_path / "e.txt").write_text("")
     assert parse_yolo_file(tmp_path / "e.txt", num_classes=2) == []
+
+
+def test_paper_cap_on_annotated_images_draws_from_the_train_split(data_root):
+    """The paper annotates 30 of the 480 Cotton80 images: a seeded draw of train images only."""
+    labels = index_labels(data_root / "ufg-regions" / "cotton")
+    ids = sorted(labels)
+    manifest = pd.DataFrame({"image_id": ids, "split": ["train" if int(i.split("_")[1]) % 2 else "test" for i in ids]})
+    chosen = select_annotated(labels, manifest, max_images=30, seed=0)
+    train = set(manifest.loc[manifest["split"] == "train", "image_id"])
+    assert len(chosen) == 30 and set(chosen) <= train and list(chosen) == sorted(chosen)
+    assert select_annotated(labels, manifest, max_images=30, seed=0) == chosen  # seeded
+    assert select_annotated(labels, manifest, max_images=30, seed=1) != chosen
+    assert len(select_annotated(labels, manifest, max_images=None, seed=0)) == 480  # no cap: every labelled image
+    with pytest.raises(LabelError, match="no train-split image"):
+        select_annotated(labels, manifest.assign(split="test"), max_images=30, seed=0)
