@@ -16,7 +16,8 @@ deterministic for a seed, and a resumed run is bit-identical to an uninterrupted
 
 Metrics reported every epoch: ``epoch``, ``lr``, ``train_loss`` and its terms ``train_loss_ce``,
 ``train_loss_<region>`` (unweighted, every term even when its weight is 0), ``eval_top1``,
-``eval_top5``, ``eval_mean_class_top1`` and ``eval_loss_ce`` on ``eval_split``, ``test_top1`` and
+``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce`` and ``eval_loss_<region>`` (Eq. 7 error
+of the attention maps against the ground-truth maps) on ``eval_split``, ``test_top1`` and
 ``test_top5`` when the eval split is not the test split, ``train_images_per_second`` and
 ``epoch_seconds``. Per-class accuracy of the eval split is in the checkpoint state.
 """
@@ -279,9 +280,11 @@ def evaluate(
     crop: int,
     num_classes: int,
     ctx: StepContext,
+    masks: torch.Tensor | None = None,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy at the test resize (paper Sec. IV-B).
+    """Top-1, top-5 and per-class accuracy at the test resize (paper Sec. IV-B), and how well the
+    attention maps match the ground-truth maps.
 
     Args:
         model: The classifier on ``ctx.device`` (put in eval mode here).
@@ -289,25 +292,36 @@ def evaluate(
         labels: int64 (N,) in [0, num_classes).
         crop: Test resize side in pixels.
         num_classes: Number of classes (top-5 becomes top-``num_classes`` when there are fewer).
-        ctx: Device and precision.
+        ctx: Device, precision and activation.
+        masks: Optional (N, K, M, M) region masks in [0, 1] of the same images; they get the
+            images' resize and :func:`~mgfa_ray.model.gt_attention`.
         batch_size: Images per forward pass.
 
     Returns:
         ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
-        (top-1 averaged over the classes present) and ``per_class``: ``{"correct": [...],
-        "total": [...]}``, one entry per class.
+        (top-1 averaged over the classes present), ``per_class``: ``{"correct": [...],
+        "total": [...]}``, one entry per class, and with ``masks`` ``loss_region``: the Eq. 7 error
+        per region kind (list of K floats) — lower than a uniform map's when the attention
+        follows the masks.
     """
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
     total = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
     top5 = torch.zeros((), dtype=torch.int64, device=ctx.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    region_sum = torch.zeros(model.attention.num_regions, dtype=torch.float64, device=ctx.device)
     k = min(5, num_classes)
     for s in range(0, len(labels), batch_size):
-        x = eval_images(images[s : s + batch_size], crop=crop)
         y = labels[s : s + batch_size]
+        if masks is None:
+            x = eval_images(images[s : s + batch_size], crop=crop)
+        else:  # the same images as eval_images, and the masks resized alike
+            x, m = augment(images[s : s + batch_size], masks[s : s + batch_size], crop=crop, train=False)
         with ctx.autocast():
-            logits, _ = model(ctx.inputs(x))
+            logits, attention = model(ctx.inputs(x))
+        if masks is not None:
+            target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
+            region_sum += ((target - attention.float()) ** 2).mean(dim=(2, 3)).sum(0).double()  # Eq. 7
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         hit = logits.argmax(1) == y
@@ -317,11 +331,14 @@ def evaluate(
     n = max(1, len(labels))
     correct_l, total_l = correct.tolist(), total.tolist()
     present = [c / t for c, t in zip(correct_l, total_l) if t]
-    return {
+    out = {
         "top1": sum(correct_l) / n, "top5": top5.item() / n, "loss_ce": loss_sum.item() / n,
         "mean_class_top1": sum(present) / max(1, len(present)),
         "per_class": {"correct": correct_l, "total": total_l},
     }
+    if masks is not None:
+        out["loss_region"] = (region_sum / n).tolist()
+    return out
 
 
 def run_trial(
@@ -427,9 +444,12 @@ def run_trial(
                                    "train_loss_ce": sums["loss_ce"].item() / seen}
         for i, region in enumerate(cfg.region_classes):
             metrics[f"train_loss_{region}"] = sums[f"loss_region{i}"].item() / seen
-        ev = evaluate(model, data["eval"][0], data["eval"][2], crop=cfg.crop, num_classes=num_classes, ctx=ctx)
+        ev = evaluate(model, data["eval"][0], data["eval"][2], masks=data["eval"][1], crop=cfg.crop,
+                      num_classes=num_classes, ctx=ctx)
         metrics.update(eval_top1=ev["top1"], eval_top5=ev["top5"], eval_mean_class_top1=ev["mean_class_top1"],
                        eval_loss_ce=ev["loss_ce"])
+        for i, region in enumerate(cfg.region_classes):
+            metrics[f"eval_loss_{region}"] = ev["loss_region"][i]
         if "test" in data:
             te = evaluate(model, data["test"][0], data["test"][2], crop=cfg.crop, num_classes=num_classes, ctx=ctx)
             metrics.update(test_top1=te["top1"], test_top5=te["top5"])

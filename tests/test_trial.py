@@ -62,7 +62,8 @@ def test_trial_reports_every_term_and_learns_on_real_photos(tiny_train_config):
     assert [h["epoch"] for h in history] == [1, 2]
     assert [h["lr"] for h in history] == pytest.approx([0.01, 0.001])  # step schedule, lr_step 1: ÷10 per epoch
     for h in history:
-        for key in ("train_loss", "train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1", "test_top1"):
+        for key in ("train_loss", "train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1", "eval_top5",
+                    "eval_loss_vein", "eval_loss_contour", "test_top1", "test_top5"):
             assert key in h
         assert 0.0 <= h["eval_top1"] <= 1.0
         assert h["train_loss"] == pytest.approx(
@@ -76,6 +77,26 @@ def test_top5_and_per_class_accuracy_are_consistent(tiny_train_config, tmp_path)
     assert list(per_class["label"]) == [0, 1, 2] and per_class["class_name"].str.len().min() > 0
     assert per_class["correct"].sum() / per_class["total"].sum() == pytest.approx(final["eval_top1"])
     assert per_class["top1"].mean() == pytest.approx(final["eval_mean_class_top1"])
+
+
+def test_eval_attention_error_is_eq7_on_the_eval_split(tiny_train_config, tmp_path):
+    from mgfa_ray.cam import load_trained_model
+    from mgfa_ray.manifest import read_manifest
+    from mgfa_ray.model import gt_attention
+    from mgfa_ray.trial import load_images
+
+    final = train_to_dir(tiny_train_config.model_copy(update={"epochs": 1}), tmp_path)
+    model, cfg, _ = load_trained_model(tmp_path)
+    val = read_manifest(cfg.manifest).query("split == 'val'")
+    masks, _ = read_masks(cfg.masks, image_ids=val["image_id"].tolist(), region_classes=cfg.region_classes)
+    x, m = augment(load_images(val["path"].tolist(), size=cfg.resize), torch.from_numpy(masks), crop=cfg.crop,
+                   train=False)
+    with torch.no_grad():
+        _, att = model(x)
+    err = ((gt_attention(m, grid=att.shape[-2:], activation=cfg.activation) - att) ** 2).mean(dim=(0, 2, 3))
+    assert final["eval_loss_vein"] == pytest.approx(err[0].item(), rel=1e-5)
+    assert final["eval_loss_contour"] == pytest.approx(err[1].item(), rel=1e-5)
+    assert abs(err[0] - err[1]) > 1e-4 * err[0]  # the kinds differ by more than the tolerance: order is checked
 
 
 def test_cosine_schedule_anneals_to_zero(tiny_train_config):
