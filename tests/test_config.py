@@ -51,8 +51,9 @@ def test_job_whose_space_does_not_fit_its_region_kinds_is_rejected(monkeypatch):
         check_job(bad_train)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "results").glob("*/best_config.yaml")), ids=lambda p: p.parent.name)
-def test_published_best_configs_are_valid_train_configs(path):
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "results").glob("*/*.yaml") if p.name != "job.yaml"),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_published_train_configs_are_valid(path):
     cfg = load_config(TrainConfig, path)
     assert abs(cfg.alpha + cfg.beta + cfg.gamma - 1.0) <= 1e-9
 
