@@ -6,8 +6,8 @@ One run measures, per backbone and on the same machine:
    :func:`mgfa_ray.model.build_backbone` + global average pooling + ``nn.Linear``, cross-entropy
    only. The input is a random uint8 batch (B, 3, resize, resize) already on the device; each step
    cuts a random ``crop`` window with a horizontal flip (p = 0.5) and normalises with the ImageNet
-   statistics, exactly the image half of :func:`mgfa_ray.trial.augment` (re-implemented here
-   because ``augment`` always transforms masks too: the baseline does no mask work at all).
+   statistics, exactly the image half of :func:`mgfa_ray.trial.augment`, built from its parts
+   (``augment`` always transforms masks too: the baseline does no mask work at all).
    Precision, memory format and gradient scaler come from :class:`mgfa_ray.trial.StepContext`,
    the optimizer from :func:`mgfa_ray.trial.make_optimizer`.
 2. ``mgfa`` — :func:`mgfa_ray.trial.train_step` on :func:`mgfa_ray.trial.build_model`: random
@@ -58,12 +58,13 @@ from mgfa_ray.masks import mask_rows, write_mask_set
 from mgfa_ray.model import build_backbone
 from mgfa_ray.regions import index_labels, parse_yolo_file
 from mgfa_ray.trial import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     StepContext,
     build_model,
+    cut_windows,
     load_images,
     make_optimizer,
+    normalise,
+    random_windows,
     run_trial,
     train_step,
 )
@@ -96,7 +97,7 @@ MEASURED = {
     "backbone_only": (
         "SGD step of backbone + global average pool + Linear, cross-entropy only; input: random uint8 "
         "(B,3,resize,resize) already on the device; random crop+flip and ImageNet normalisation = the image half "
-        "of mgfa_ray.trial.augment (re-implemented, no mask work); autocast, memory format and grad scaler of "
+        "of mgfa_ray.trial.augment (its random_windows, cut_windows, normalise; no mask work); autocast, memory format and grad scaler of "
         "StepContext; SGD of make_optimizer. images/s = steps*B / wall time of a repeat (synchronised), median "
         "over repeats."
     ),
@@ -221,22 +222,11 @@ class BackboneClassifier(nn.Module):
 
 
 def crop_flip(images: torch.Tensor, *, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """The image half of :func:`mgfa_ray.trial.augment` (train mode): uint8 (B, 3, R, R) → a random
-    ``crop`` window, flipped with p = 0.5, as normalised float32 (B, 3, crop, crop); same RNG draws
-    (CPU generator) and the same single gather over the batch."""
-    b, c, r, _ = images.shape
-    tops = torch.randint(0, r - crop + 1, (b,), generator=generator)
-    lefts = torch.randint(0, r - crop + 1, (b,), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5
-    offsets = torch.arange(crop)
-    rows = (tops[:, None] + offsets).to(images.device)
-    cols = (lefts[:, None] + torch.where(flips[:, None], crop - 1 - offsets, offsets)).to(images.device)
-    bi = torch.arange(b, device=images.device)[:, None, None, None]
-    ci = torch.arange(c, device=images.device)[None, :, None, None]
-    x = images.float().div_(255.0)[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """The image half of :func:`mgfa_ray.trial.augment` (train mode), from its own parts: uint8
+    (B, 3, R, R) → a random ``crop`` window, flipped with p = 0.5, as normalised float32
+    (B, 3, crop, crop); the same RNG draws and the same single gather over the batch."""
+    rows, cols = random_windows(len(images), side=images.shape[-1], crop=crop, generator=generator)
+    return normalise(cut_windows(images.float().div_(255.0), rows, cols))
 
 
 def time_interleaved(steps_of: dict[str, Callable[[], Any]], *, device: torch.device, batch_size: int, warmup: int,

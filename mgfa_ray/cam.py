@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -32,17 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, validate
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, safe_stem
 from .manifest import read_manifest
-from .model import MGFAClassifier, fuse_features
-from .trial import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
-    eval_images,
-    load_checkpoint,
-    load_images,
-)
+from .model import MGFAClassifier
+from .trial import build_model, eval_images, load_checkpoint, load_images, resize_images
 
 CamClass = Literal["predicted", "true"]
 
@@ -87,9 +79,7 @@ def raw_class_activation_maps(
     """
     model.eval()
     device = next(model.parameters()).device
-    features = model.forward_features(images.to(device)).float()
-    attention = model.attention(features)
-    fused = fuse_features(features, attention, alpha=model.alpha, region_weights=model.region_weights)
+    fused, attention = model.fuse(model.forward_features(images.to(device)).float())
     weight = model.head.weight.float()  # (num_classes, C)
     cams = torch.einsum("nc,bchw->bnhw", weight, fused)
     logits = model.head(fused.mean(dim=(2, 3)))
@@ -160,11 +150,8 @@ def class_activation_maps(
 
 def display_images(images_u8: torch.Tensor, *, crop: int) -> torch.Tensor:
     """The photos as the model sees them: uint8 (B, 3, R, R) → uint8 (B, crop, crop, 3) (HWC),
-    the :func:`~mgfa_ray.trial.eval_images` resize without the normalisation."""
-    x = eval_images(images_u8, crop=crop)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    rgb = (x.cpu() * std + mean).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    the :func:`~mgfa_ray.trial.resize_images` test-time resize without the normalisation."""
+    rgb = resize_images(images_u8, crop=crop).cpu().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     return rgb.permute(0, 2, 3, 1).contiguous()
 
 
@@ -235,12 +222,6 @@ def render_cam_png(
     return buf.getvalue()
 
 
-def safe_name(image_id: str) -> str:
-    """A file-name stem for an image id: runs of characters other than ``[A-Za-z0-9._-]``
-    become ``_`` (``"acer_rubrum/ny1079-01-1"`` → ``"acer_rubrum_ny1079-01-1"``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
-
-
 def _checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     return path / "checkpoint.pt" if path.is_dir() else path
@@ -295,7 +276,7 @@ def render_cams(
 ) -> list[Path]:
     """``mgfa-ray cam``: CAM figures (paper Fig. 4) of a trained run, one PNG per image.
 
-    Each ``<out_dir>/<safe image id>.png`` (see :func:`safe_name`) shows the photo at the model's
+    Each ``<out_dir>/<safe image id>.png`` (see :func:`~mgfa_ray.io.safe_stem`) shows the photo at the model's
     input size, its CAM and the attention maps of every region kind, titled with the true and
     predicted class and the softmax confidence. Files are written atomically.
 
@@ -359,7 +340,7 @@ def render_cams(
     written: list[Path] = []
     used: set[str] = set()
     for i, image_id in enumerate(rows["image_id"]):
-        stem = safe_name(image_id)
+        stem = safe_stem(image_id)
         if stem in used:  # two ids mapping to one name: keep both files
             stem = f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
         used.add(stem)

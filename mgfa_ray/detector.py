@@ -70,7 +70,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -82,7 +81,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DetectorConfig
-from .io import atomic_write_json, atomic_write_yaml, sha256_file, sha256_json
+from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_yolo_file
 
 log = logging.getLogger(__name__)
@@ -209,8 +208,7 @@ def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files:
 
 def _safe_name(image_id: str) -> str:
     """Flat, unique file stem for an image_id that may contain ``/`` or other characters."""
-    flat = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
-    return f"{flat[:80]}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+    return f"{safe_stem(image_id)[:80]}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
 
 
 def _holdout_split(ids: list[str], groups: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,6 +88,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safe_stem(name: str) -> str:
+    """A flat file-name stem for an id such as an image_id: runs of characters other than
+    ``[A-Za-z0-9._-]`` become ``_`` (``"acer_rubrum/ny1079-01-1"`` → ``"acer_rubrum_ny1079-01-1"``);
+    never empty. Not injective: callers that need unique names add a hash."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
 
 
 def sha256_json(obj: Any) -> str:

@@ -198,12 +198,16 @@ class MGFAClassifier(nn.Module):
         """Images (B, 3, H_in, W_in), normalised float → backbone features F (B, C, H, W)."""
         return self.backbone(images)
 
+    def fuse(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features F (B, C, H, W) → (F_final (B, C, H, W) of Eq. 5-6, attention maps (B, K, H, W)
+        of Eq. 2-4); what the head pools, and what class activation maps weight."""
+        attention = self.attention(features)
+        return fuse_features(features, attention, alpha=self.alpha, region_weights=self.region_weights), attention
+
     def forward_head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features F (B, C, H, W) → (logits (B, num_classes), attention maps (B, K, H, W))."""
-        attention = self.attention(features)
-        fused = fuse_features(features, attention, alpha=self.alpha, region_weights=self.region_weights)
-        logits = self.head(fused.mean(dim=(2, 3)))
-        return logits, attention
+        fused, attention = self.fuse(features)
+        return self.head(fused.mean(dim=(2, 3))), attention
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H_in, W_in) → (logits (B, num_classes), attention (B, K, H, W))."""

@@ -143,7 +143,8 @@ def select_annotated(
     Raises:
         LabelError: ``max_images`` is set and no train-split image has a label file.
     """
-    in_manifest = {k: v for k, v in sorted(label_files.items()) if k in set(manifest["image_id"])}
+    ids = set(manifest["image_id"])
+    in_manifest = {k: v for k, v in sorted(label_files.items()) if k in ids}
     if max_images is None:
         return in_manifest
     train = set(manifest.loc[manifest["split"] == "train", "image_id"])

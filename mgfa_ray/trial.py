@@ -108,20 +108,35 @@ def augment(
     x = images.float().div_(255.0)
     m = F.interpolate(masks.float(), size=(r, r), mode="bilinear", align_corners=False)
     if train:
-        tops = torch.randint(0, r - crop + 1, (b,), generator=generator)
-        lefts = torch.randint(0, r - crop + 1, (b,), generator=generator)
-        flips = torch.rand(b, generator=generator) < 0.5
-        offsets = torch.arange(crop)
-        rows = tops[:, None] + offsets  # (B, crop)
-        cols = lefts[:, None] + torch.where(flips[:, None], crop - 1 - offsets, offsets)  # flipped windows read right to left
-        x, m = _window(x, rows, cols), _window(m, rows, cols)
+        rows, cols = random_windows(b, side=r, crop=crop, generator=generator)
+        x, m = cut_windows(x, rows, cols), cut_windows(m, rows, cols)
     else:
         x, m = _resize(x, crop), _resize(m, crop)
-    return _normalise(x), m.clamp_(0.0, 1.0)
+    return normalise(x), m.clamp_(0.0, 1.0)
 
 
-def _window(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """t[b, :, rows[b]][:, :, :, cols[b]] for every b at once: (B, C, R, R) → (B, C, h, w)."""
+def random_windows(
+    b: int, *, side: int, crop: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``crop`` x ``crop`` windows of ``side`` x ``side`` images, each flipped horizontally
+    with p = 0.5 (paper Sec. IV-B), as pixel indices for :func:`cut_windows`.
+
+    Draws, in this order, B tops, B lefts and B flips from ``generator`` (CPU).
+
+    Returns:
+        ``(rows, cols)``: int64 (B, crop) each, on the CPU; a flipped window's columns run right
+        to left.
+    """
+    tops = torch.randint(0, side - crop + 1, (b,), generator=generator)
+    lefts = torch.randint(0, side - crop + 1, (b,), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5
+    offsets = torch.arange(crop)
+    return tops[:, None] + offsets, lefts[:, None] + torch.where(flips[:, None], crop - 1 - offsets, offsets)
+
+
+def cut_windows(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[b][:, rows[b]][:, :, cols[b]]`` for every b in one indexing op (an exact copy of the
+    values): (B, C, R, R) and int64 (B, h), (B, w) → (B, C, h, w), on ``t``'s device."""
     rows, cols = rows.to(t.device), cols.to(t.device)
     b, c = t.shape[:2]
     bi = torch.arange(b, device=t.device)[:, None, None, None]
@@ -135,16 +150,23 @@ def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Float images (B, 3, H, W) in [0, 1] → standardised with the ImageNet mean and std."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
+def resize_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
+    """The test-time resize (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, crop, crop) in
+    [0, 1] (bilinear, antialiased; unchanged when R = crop)."""
+    return _resize(images.float().div_(255.0), crop)
+
+
 def eval_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
-    """Test-time input: uint8 (B, 3, R, R) resized to (B, 3, crop, crop) float32, ImageNet-normalised
-    (paper Sec. IV-B: test resize); the same images :func:`augment` gives with ``train=False``."""
-    return _normalise(_resize(images.float().div_(255.0), crop))
+    """Test-time input: :func:`resize_images`, then :func:`normalise`; the same images
+    :func:`augment` gives with ``train=False``."""
+    return normalise(resize_images(images, crop=crop))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:

@@ -5,13 +5,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mgfa_ray.cam import (
-    class_activation_maps,
-    load_trained_model,
-    raw_class_activation_maps,
-    safe_name,
-)
+from mgfa_ray.cam import class_activation_maps, load_trained_model, raw_class_activation_maps
 from mgfa_ray.cli import main
+from mgfa_ray.io import safe_stem
 from mgfa_ray.manifest import read_manifest
 from mgfa_ray.model import MGFAClassifier
 from mgfa_ray.trial import eval_images, load_images, train_to_dir
@@ -90,7 +86,7 @@ def test_cli_writes_one_png_per_requested_image(trained_run, tmp_path, capsys):
     out = tmp_path / "figs"
     assert main(["cam", "--checkpoint", str(ckpt), "--images", *ids, "--output-dir", str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
-    assert sorted(p.name for p in pngs) == sorted(f"{safe_name(i)}.png" for i in ids)
+    assert sorted(p.name for p in pngs) == sorted(f"{safe_stem(i)}.png" for i in ids)
     for p in pngs:
         with Image.open(p) as im:
             assert im.format == "PNG" and im.mode in ("RGB", "RGBA") and im.width > 0 and im.height > 0
@@ -99,7 +95,7 @@ def test_cli_writes_one_png_per_requested_image(trained_run, tmp_path, capsys):
     # Default: the first --count images of the split, next to the checkpoint.
     assert main(["cam", "--checkpoint", str(ckpt), "--split", "val", "--count", "2"]) == 0
     first = manifest[manifest["split"] == "val"].sort_values("image_id")["image_id"].head(2)
-    assert sorted(p.name for p in (ckpt.parent / "cam").glob("*.png")) == sorted(f"{safe_name(i)}.png" for i in first)
+    assert sorted(p.name for p in (ckpt.parent / "cam").glob("*.png")) == sorted(f"{safe_stem(i)}.png" for i in first)
 
 
 def test_cli_unknown_image_id_and_empty_split_exit_2(trained_run, capsys):
