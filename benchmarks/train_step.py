@@ -51,12 +51,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mgfa_ray.config import DatasetConfig, TrainConfig, resolve_data_root
+from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
 from mgfa_ray.io import atomic_write_json
 from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import mask_rows, write_mask_set
+from mgfa_ray.masks import LabelBoxes, build_mask_set
 from mgfa_ray.model import build_backbone
-from mgfa_ray.regions import index_labels, parse_yolo_file
+from mgfa_ray.regions import index_labels
 from mgfa_ray.trial import (
     StepContext,
     build_model,
@@ -331,11 +331,9 @@ def prepare_real_data(s: dict[str, Any]) -> dict[str, Any]:
     manifest = write_manifest(df, work / f"manifest-{key}.parquet")
 
     labels = index_labels(root / "leafsnap20-regions" / "labels")
-    boxes = [parse_yolo_file(labels[i], num_classes=len(REGION_CLASSES)) if i in labels else [] for i in df["image_id"]]
-    rows = mask_rows(df, boxes, detector_key="labels", num_classes=len(REGION_CLASSES), resolution=s["mask_size"])
-    meta = {"set_id": f"labels{s['mask_size']}-{key}", "detector_key": "labels", "mask_resolution": s["mask_size"],
-            "region_classes": REGION_CLASSES}
-    masks = write_mask_set(rows, out_root=work / "masks", metadata=meta)
+    source = LabelBoxes.create(labels, classes=REGION_CLASSES, unlabelled="empty")
+    masks = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGION_CLASSES,
+                           cfg=MasksConfig(resolution=s["mask_size"]), location=work / "masks", executor="local")
 
     # The order run_trial decodes in (train, then val; no test split here), so its cache key matches.
     cache = work / "cache"

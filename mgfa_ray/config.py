@@ -70,11 +70,11 @@ class DatasetConfig(_Frozen):
 
 
 class RegionsConfig(_Frozen):
-    """Hand-drawn region boxes (YOLO txt) for the few annotated images.
+    """Hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.regions`).
 
     Attributes:
         labels: Label directory, relative to the data root unless absolute; a label file's path
-            relative to it, without ``.txt``, is the image_id it belongs to.
+            relative to it, without ``.txt`` / ``.xml``, is the image_id it belongs to.
         classes: Region class names; line class id ``i`` means ``classes[i]``.
         unknown_class: What a line with a class id outside ``classes`` does: ``error`` raises,
             ``skip`` drops the line with a warning naming file:line.
@@ -82,6 +82,12 @@ class RegionsConfig(_Frozen):
             from the manifest's train split — the paper annotates 30 Cotton80 and 70 SoyLocal
             images. ``None`` uses every labelled image of the manifest.
         seed: Seed of that draw.
+        source: Where the masks' boxes come from: ``detector`` (train the detector on the
+            annotated images, then detect regions in every image; paper Sec. III-A) or ``labels``
+            (the label files used as they are, e.g. the paper authors' boxes for every Cotton80 /
+            SoyLocal image; no detector is trained).
+        unlabelled: ``labels`` source only: a manifest image without a label file is an ``error``,
+            or gets ``empty`` masks (no region). An empty label file always means "no region".
     """
 
     labels: str
@@ -89,6 +95,8 @@ class RegionsConfig(_Frozen):
     unknown_class: Literal["error", "skip"] = "error"
     max_images: int | None = Field(None, ge=2)
     seed: int = 0
+    source: Literal["detector", "labels"] = "detector"
+    unlabelled: Literal["error", "empty"] = "error"
 
 
 class DetectorConfig(_Frozen):
@@ -114,15 +122,23 @@ class DetectorConfig(_Frozen):
 
 
 class MasksConfig(_Frozen):
-    """Ray Data mask precompute.
+    """Ray Data mask precompute (:mod:`mgfa_ray.masks`).
 
     Attributes:
         resolution: Side of the stored square mask in pixels; finer than any feature grid so that
             training can crop and flip masks with the image before pooling.
-        batch_size: Images per ``map_batches`` call (an integer, as Ray requires with GPUs).
-        num_actors: Detector actors in the pool.
-        rows_per_shard: Maximum rows per Parquet shard.
-        gpus_per_actor: GPUs per actor (0 on CPU machines).
+        batch_size: Images per detector call inside an actor.
+        num_actors: Actors in the Ray Data pool (each loads the detector once).
+        rows_per_shard: Rows (images) per Parquet shard; a shard is the unit of work and of resume.
+        gpus_per_actor: GPUs per actor (0 on CPU machines; then the detector runs on CPU).
+        cpus_per_actor: CPUs per actor; also its image-decoding threads.
+        corrupt_images: An image that cannot be decoded is an ``error`` (the stage fails listing
+            every such image; finished shards are kept) or gets a ``record``: a row whose
+            ``error`` column says why, with no boxes and empty masks. A trial that needs such an
+            image fails on read, naming it.
+        location: Where mask sets are written: a local or NFS path, or an object-store URI
+            (``s3://bucket/prefix?endpoint_override=...``) read through pyarrow filesystems.
+            ``None``: ``<output_dir>/masks``.
     """
 
     resolution: int = Field(64, ge=8)
@@ -130,6 +146,9 @@ class MasksConfig(_Frozen):
     num_actors: int = Field(2, ge=1)
     rows_per_shard: int = Field(256, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    corrupt_images: Literal["error", "record"] = "error"
+    location: str | None = None
 
 
 class RegionWeights(_Frozen):
@@ -227,7 +246,7 @@ class TrainConfig(TrainParams):
 
     Attributes:
         manifest: Manifest Parquet file (see :mod:`mgfa_ray.manifest`).
-        masks: Mask set directory (see :mod:`mgfa_ray.masks`).
+        masks: Mask set location: a directory or an object-store URI (see :mod:`mgfa_ray.masks`).
         region_classes: Region kinds the model attends to, in mask-channel order; must equal the
             mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam), kind i >= 2
             with ``extra_regions[i - 2]``. Weights of kinds the list does not have must be 0.
@@ -399,13 +418,18 @@ def resolve_data_root(configured: str | None) -> Path:
 
 
 def absolute(path: str) -> str:
-    """``path`` made absolute against the working directory (Ray runs trials elsewhere)."""
+    """``path`` made absolute against the working directory (Ray runs trials elsewhere); a URI
+    (``s3://...``) is returned unchanged."""
+    if "://" in path:
+        return path
     return str(Path(path).expanduser().resolve())
 
 
 def relative_to_cwd(path: str) -> str:
-    """``path`` relative to the working directory when it lies below it, else unchanged; keeps
-    exported configs portable between clones."""
+    """``path`` relative to the working directory when it lies below it, else unchanged (URIs
+    too); keeps exported configs portable between clones."""
+    if "://" in path:
+        return path
     p, cwd = Path(path).resolve(), Path.cwd().resolve()
     return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path
 

@@ -1,14 +1,14 @@
 """Stage 3 — the region detector (Pan et al., DICTA 2021, Sec. III-A).
 
-A few images carry hand-drawn region boxes (YOLO txt, see :mod:`mgfa_ray.regions`). An Ultralytics
-YOLO detector learns the region kinds (vein, contour) from them and later finds the regions in
+A few images carry hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.regions`).
+An Ultralytics YOLO detector learns the region kinds (vein, contour) from them and later finds the regions in
 every image (stage 4, :mod:`mgfa_ray.masks`). The paper trains YOLOv5 at 480 × 480 and reports
 mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
 
 :func:`train_detector` does, in order:
 
 1. Select the manifest images that have a label file and parse every label file with
-   :func:`mgfa_ray.regions.parse_yolo_file` (a bad line raises :class:`~mgfa_ray.regions.LabelError`
+   :func:`mgfa_ray.regions.parse_label_file` (a bad line raises :class:`~mgfa_ray.regions.LabelError`
    naming ``file:line`` before Ultralytics sees anything).
 2. Hold out a seeded fraction of them (``cfg.holdout_fraction``; at least one image held out, at
    least one left for training). The split is made over the manifest's ``group`` column, so near-
@@ -82,7 +82,7 @@ import pandas as pd
 
 from .config import DetectorConfig
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
-from .regions import Box, parse_yolo_file
+from .regions import Box, parse_label_file
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def train_detector(
     Args:
         manifest: Manifest table (:mod:`mgfa_ray.manifest` columns; uses ``image_id``, ``path``
             and, when present, ``group``). Images without a label file are ignored.
-        label_files: image_id → YOLO txt label file (e.g. :func:`mgfa_ray.regions.index_labels`).
+        label_files: image_id → label file, YOLO txt or VOC xml (e.g. :func:`mgfa_ray.regions.index_labels`).
             Label files of images not in the manifest are ignored.
         region_classes: Region class names; a label line's class id ``i`` means
             ``region_classes[i]``.
@@ -357,7 +357,7 @@ def train_detector(
         )
     used = {i: Path(label_files[i]) for i in ids}
     boxes_of = {
-        i: parse_yolo_file(p, num_classes=len(region_classes), unknown_class=unknown_class) for i, p in used.items()
+        i: parse_label_file(p, classes=list(region_classes), unknown_class=unknown_class) for i, p in used.items()
     }
     rows = manifest.assign(image_id=manifest["image_id"].astype(str)).set_index("image_id")
     groups = {i: str(rows.at[i, "group"]) if "group" in rows.columns else i for i in ids}

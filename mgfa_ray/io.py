@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashes shared by every stage.
+"""Atomic file writes, storage locations and content hashes shared by every stage.
 
 Every file a stage publishes is written to a temporary name in the same directory and then
 renamed into place (``os.replace`` is atomic on POSIX file systems), so a crash leaves either the
@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -102,3 +104,88 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(
         json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     ).hexdigest()
+
+
+# --- Locations: a local path, an NFS mount, or an object-store URI, through pyarrow filesystems ---
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is a URI (``s3://bucket/prefix``, ``gs://…``, ``file:///…``) rather than a
+    local path."""
+    return "://" in str(location)
+
+
+def location_join(location: str | os.PathLike, *names: str) -> str:
+    """``location`` with ``names`` appended as path segments; a URI keeps its query string
+    (``s3://b/masks?endpoint_override=…`` + ``set1`` → ``s3://b/masks/set1?endpoint_override=…``)."""
+    if not is_uri(location):
+        return str(Path(location).joinpath(*names))
+    parts = urlsplit(str(location))
+    path = "/".join([parts.path.rstrip("/"), *names])
+    return urlunsplit(parts._replace(path=path))
+
+
+def resolve_location(location: str | os.PathLike):
+    """The pyarrow filesystem and path of a location.
+
+    A local path (relative ones against the working directory) gives ``pyarrow.fs.LocalFileSystem``
+    and the absolute path; a URI goes through ``pyarrow.fs.FileSystem.from_uri``, so an object store
+    takes its endpoint, region and credentials from the URI's query string
+    (``?endpoint_override=…&region=…``) or from the usual environment (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, …; pyarrow docs, "Filesystem Interface"). Nothing is hard-coded.
+
+    Returns:
+        ``(filesystem, path)``: ``path`` is what the filesystem's methods take.
+
+    Raises:
+        ValueError: pyarrow does not understand the URI (the message names it).
+    """
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ValueError(f"cannot open storage location {str(location)!r}: {err}") from None
+
+
+def fs_write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` on ``fs`` so that readers never see a partial file.
+
+    Local filesystems (NFS included) use :func:`atomic_write_bytes` (fsync, then rename). Other
+    filesystems write a hidden temporary object beside ``path`` and move it into place; on an
+    object store an object only appears once its upload completes, so the final name never
+    holds a partial file either.
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        atomic_write_bytes(path, data)
+        return
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def fs_read(fs, path: str) -> bytes:
+    """The bytes of the file ``path`` on ``fs``."""
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def fs_exists(fs, path: str) -> bool:
+    """Whether ``path`` is a file on ``fs``."""
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def fs_list(fs, directory: str) -> list[str]:
+    """Base names of the files directly in ``directory`` on ``fs`` (empty when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)

@@ -1,16 +1,34 @@
 """Stage 4 — ground-truth region masks precomputed by Ray Data into Parquet shards.
 
-Pipeline: manifest rows → ``map_batches`` over an actor pool of :class:`MaskPredictor` (each actor
-loads the detector once; one GPU per actor when ``gpus_per_actor`` > 0, CPU otherwise) → decode →
-detector boxes → per-region masks → ``write_parquet`` into a temporary directory → validation →
-``metadata.json`` → one rename publishes the mask set. A crash leaves only a hidden ``.tmp-*``
-directory; a rerun finds the published set by its id and skips the work.
+The manifest, sorted by image_id, is cut into shards of ``rows_per_shard`` images. Each pending
+shard is one item of a Ray Data dataset mapped (``map_batches``, ``batch_size=1``) over an actor
+pool of :class:`ShardWriter` — one GPU per actor when ``gpus_per_actor`` > 0, CPU otherwise; each
+actor loads the detector once. For its shard an actor decodes the images (threads, one batch
+ahead), runs the detector ``batch_size`` images per call, rasterises the boxes
+(:func:`rasterize`) and writes the shard itself, atomically (:func:`mgfa_ray.io.fs_write_atomic`:
+temporary file, then rename; an object-store upload only appears once complete). The pure core,
+:class:`MaskComputer`, runs without Ray; ``executor="local"`` runs the same writer in-process.
 
-A mask set lives in ``<out_root>/<set_id>/`` where ``set_id`` hashes everything the masks depend
-on (detector key, manifest hash, resolution, confidence threshold, input size, region classes,
-schema version): another detector or manifest gives another set, never a mix.
+Why not ``Dataset.write_parquet``: its files get per-run names and are written in place, so after a
+kill a rerun can neither tell finished files from partial ones nor know which images they cover.
+Here shard *i* always holds the same images, and a finished shard is never rewritten.
 
-Shard schema (``*.parquet``, one row per manifest image; readable by plain pyarrow):
+Restart. ``<location>/<set_id>/plan.json`` fixes the sharding when a set is started. A rerun
+deletes hidden temporaries of a killed run, keeps every shard whose image_ids are exactly those
+planned for it, and computes only the others. ``metadata.json`` is written last, after a check
+that the shards hold exactly one row per manifest image; a set without it is incomplete and
+:func:`read_masks` refuses it. One writer per mask set at a time (two concurrent writers of one
+set compute identical shards, but may delete each other's temporaries).
+
+``set_id`` hashes everything the masks depend on (the box source — detector key, weights hash,
+input size and confidence threshold, or the label files' hashes —, manifest hash, region classes,
+resolution, corrupt-image policy and schema version): another detector or manifest gives another
+set, never a mix.
+
+Location: a local or NFS directory, or an object-store URI such as
+``s3://bucket/prefix?endpoint_override=http://host:9000`` (:func:`mgfa_ray.io.resolve_location`).
+
+Shard schema (``shard-NNNNN.parquet``, one row per manifest image; plain pyarrow reads it):
 
 ==============  ====================  ==========================================================
 column          Arrow type            meaning
@@ -18,29 +36,44 @@ column          Arrow type            meaning
 image_id        string                manifest image_id
 label           int64                 class index
 split           string                ``train`` | ``val`` | ``test``
-boxes           list<list<double>>    detected boxes ``[region_class, cx, cy, w, h, conf]``,
-                                      normalised to [0, 1] by image width/height
+boxes           list<list<double>>    boxes ``[region_class, cx, cy, w, h, conf]``, normalised to
+                                      [0, 1] by image width/height; conf 1.0 for label files
 masks           binary                uint8 array (K, R, R) in C order, values {0, 1}: channel k
                                       is the union of region class k's boxes; K and R are in
                                       ``metadata.json`` (``region_classes``, ``mask_resolution``)
-detector        string                detector key of the model that produced the boxes
+detector        string                id of the box source (detector key, or ``labels-<hash>``)
+error           string (nullable)     why the image could not be decoded (``corrupt_images:
+                                      record``); null for a good image
 ==============  ====================  ==========================================================
 
-A region kind with no box above the confidence threshold yields an all-zero channel; the trial's
-ground-truth map for it is then all zero (see :func:`mgfa_ray.model.gt_attention`).
+Each shard's Parquet footer carries its statistics (key ``mgfa_ray.shard_stats``: rows, boxes,
+images without any box, per region class the images with a region and the summed coverage), so
+the set summary is built from footers alone.
 
-``metadata.json``: schema_version, set_id, detector_key, detector_weights_sha256, manifest_hash,
-mask_resolution, region_classes, conf, imgsz, rows, rows_per_shard {file: rows}, summary
-(per region class: fraction of images with a box, mean mask coverage; mean boxes per image).
+No detection. A region kind with no box above the confidence threshold (or an empty label file)
+yields an all-zero channel and no boxes of that class. The trial's ground-truth map for it is then
+all zero (:func:`mgfa_ray.model.gt_attention`): Eq. 7 pulls the attention map towards zero, which
+for the softmax variant is a uniform map — no region, no preferred location.
+
+``metadata.json``: schema_version, set_id, source (``detector`` | ``labels``), detector_key (the
+box source id), detector_weights_sha256 (detector source), imgsz, conf, manifest_hash, manifest
+(informational path), mask_resolution, region_classes, corrupt_images (policy), corrupt (image_ids
+recorded as corrupt), rows, rows_per_shard {file: rows}, summary (:func:`summarize`), created.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import uuid
+import time
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -48,12 +81,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .config import DetectorConfig, MasksConfig
-from .io import atomic_write_json, publish_dir, sha256_file, sha256_json
-from .regions import Box
+from .config import MasksConfig
+from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
+from .regions import Box, parse_label_file
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 METADATA = "metadata.json"
+PLAN = "plan.json"
+STATS_KEY = b"mgfa_ray.shard_stats"
+SHARD_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("label", pa.int64()),
+    ("split", pa.string()),
+    ("boxes", pa.list_(pa.list_(pa.float64()))),
+    ("masks", pa.binary()),
+    ("detector", pa.string()),
+    ("error", pa.string()),
+])
 
 
 def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndarray:
@@ -68,7 +114,8 @@ def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndar
         resolution: R, the mask side in pixels.
 
     Returns:
-        uint8 array (K, R, R) with values {0, 1}; row index is y (top to bottom).
+        uint8 array (K, R, R) with values {0, 1}; row index is y (top to bottom). No box of a
+        class: that channel is all zero.
 
     Raises:
         ValueError: A box's class is outside [0, K).
@@ -86,7 +133,7 @@ def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndar
 
 
 def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array.
+    """Decode an image file to an (H, W, 3) uint8 RGB array (Pillow).
 
     Args:
         path: Image file.
@@ -101,89 +148,327 @@ def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
             if max_side is not None:
                 img.draft("RGB", (max_side, max_side))
             return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot decode image {path}: {err}") from None
 
 
-class MaskPredictor:
-    """Batch function for Ray Data's actor pool (or a plain call): manifest rows → mask rows.
+@dataclass(frozen=True)
+class DetectorBoxes:
+    """Box source: the trained region detector (paper Sec. III-A).
 
-    Args:
-        weights: Detector weights file (``weights.pt`` of the detector stage).
-        detector_key: Id of that detector, written to every row.
-        imgsz: Detector input size in pixels.
+    Attributes:
+        weights: Detector weights file (``weights.pt`` of :mod:`mgfa_ray.detector`).
+        detector_key: Id of that detector (:func:`mgfa_ray.detector.detector_key`).
+        imgsz: Inference input size in pixels (the training size).
         conf: Confidence threshold in [0, 1] for boxes that enter the masks.
-        num_classes: K region classes.
-        resolution: R, mask side in pixels.
+        batch_size: Images per detector call.
         device: ``cpu`` or ``cuda``.
+        decode_threads: Threads decoding the next batch while the detector runs.
     """
 
-    def __init__(self, *, weights: str, detector_key: str, imgsz: int, conf: float,
-                 num_classes: int, resolution: int, device: str = "cpu"):
-        from .detector import load_detector
+    weights: str
+    detector_key: str
+    imgsz: int
+    conf: float
+    batch_size: int = 16
+    device: str = "cpu"
+    decode_threads: int = 1
 
-        self.model = load_detector(Path(weights), device=device)
-        self.detector_key = detector_key
-        self.imgsz, self.conf = imgsz, conf
-        self.num_classes, self.resolution = num_classes, resolution
+    kind = "detector"
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """Rows with image_id, path, label, split → rows of the shard schema (module docstring)."""
-        from .detector import predict_boxes
+    @property
+    def source_id(self) -> str:
+        """The value of every row's ``detector`` column."""
+        return self.detector_key
 
-        images = [decode_rgb(p, max_side=2 * self.imgsz) for p in batch["path"]]
-        detections = predict_boxes(self.model, images, imgsz=self.imgsz, conf=self.conf)
-        return mask_rows(batch, detections, detector_key=self.detector_key,
-                         num_classes=self.num_classes, resolution=self.resolution)
+    def identity(self) -> dict:
+        """What the boxes depend on (enters the set id); hashes the weights file."""
+        return {"detector": self.detector_key, "weights_sha256": sha256_file(self.weights), "imgsz": self.imgsz,
+                "conf": self.conf}
 
 
-def mask_rows(batch: pd.DataFrame, boxes: list[list[Box]], *, detector_key: str, num_classes: int,
-              resolution: int) -> pd.DataFrame:
+@dataclass(frozen=True)
+class LabelBoxes:
+    """Box source: existing label files used as they are (YOLO txt or Pascal VOC xml).
+
+    Attributes:
+        label_files: ``(image_id, file)`` pairs, sorted (build with :meth:`create`).
+        classes: Region class names; index = class id.
+        unknown_class: Policy for label lines of other classes (:func:`mgfa_ray.regions.parse_yolo_file`).
+        unlabelled: An image without a label file is an ``error`` or gets ``empty`` masks.
+    """
+
+    label_files: tuple[tuple[str, str], ...]
+    classes: tuple[str, ...]
+    unknown_class: Literal["error", "skip"] = "error"
+    unlabelled: Literal["error", "empty"] = "error"
+
+    kind = "labels"
+
+    @classmethod
+    def create(cls, label_files: Mapping[str, str | Path], *, classes: list[str],
+               unknown_class: Literal["error", "skip"] = "error",
+               unlabelled: Literal["error", "empty"] = "error") -> "LabelBoxes":
+        """From an ``image_id → file`` mapping such as :func:`mgfa_ray.regions.index_labels`."""
+        return cls(tuple(sorted((str(k), str(v)) for k, v in label_files.items())), tuple(classes),
+                   unknown_class, unlabelled)
+
+    @property
+    def source_id(self) -> str:
+        """``labels-<16 hex digits>`` of the label files' content (every row's ``detector`` value)."""
+        return "labels-" + sha256_json(self.identity())[:16]
+
+    def identity(self) -> dict:
+        """What the boxes depend on (enters the set id): class names, policies, each file's SHA-256."""
+        return {"classes": list(self.classes), "unknown_class": self.unknown_class, "unlabelled": self.unlabelled,
+                "files": [(i, sha256_file(p)) for i, p in self.label_files]}
+
+    def boxes(self, image_ids: list[str], *, warn: bool = True) -> list[list[Box]]:
+        """The boxes of each image.
+
+        Raises:
+            ValueError: ``unlabelled="error"`` and an image has no label file (names them).
+            LabelError: A bad label line (``file:line``).
+        """
+        files = dict(self.label_files)
+        missing = [i for i in image_ids if i not in files]
+        if missing and self.unlabelled == "error":
+            raise ValueError(
+                f"{len(missing)} manifest image(s) have no label file, e.g. {missing[:3]}; with regions.source: "
+                f"labels every image needs one (or set regions.unlabelled: empty)"
+            )
+        with warnings.catch_warnings():
+            if not warn:
+                warnings.simplefilter("ignore")
+            return [parse_label_file(files[i], classes=list(self.classes), unknown_class=self.unknown_class)
+                    if i in files else [] for i in image_ids]
+
+
+BoxSource = DetectorBoxes | LabelBoxes
+
+
+def mask_rows(rows: pd.DataFrame, boxes: list[list[Box]], *, source_id: str, num_classes: int, resolution: int,
+              errors: list[str | None] | None = None) -> pd.DataFrame:
     """Shard rows (schema in the module docstring) for manifest rows and their boxes.
 
     Args:
-        batch: Manifest rows (image_id, label, split).
+        rows: Manifest rows (image_id, label, split).
         boxes: Per row, its region boxes.
-        detector_key: Id of the box source, stored in the ``detector`` column.
+        source_id: Id of the box source, stored in the ``detector`` column.
         num_classes: K region classes.
         resolution: R, mask side in pixels.
+        errors: Per row, ``None`` or why the image could not be decoded.
     """
     return pd.DataFrame({
-        "image_id": batch["image_id"].astype(str).to_numpy(),
-        "label": batch["label"].astype("int64").to_numpy(),
-        "split": batch["split"].astype(str).to_numpy(),
+        "image_id": rows["image_id"].astype(str).to_numpy(),
+        "label": rows["label"].astype("int64").to_numpy(),
+        "split": rows["split"].astype(str).to_numpy(),
         "boxes": [[[float(b.cls), b.cx, b.cy, b.w, b.h, b.conf] for b in bs] for bs in boxes],
         "masks": [rasterize(bs, num_classes=num_classes, resolution=resolution).tobytes() for bs in boxes],
-        "detector": [detector_key] * len(batch),
+        "detector": [source_id] * len(rows),
+        "error": errors if errors is not None else [None] * len(rows),
     })
 
 
-def mask_set_id(*, detector_key: str, manifest_hash: str, region_classes: list[str],
-                detector: DetectorConfig, masks: MasksConfig) -> str:
+class MaskComputer:
+    """The pure core of the stage: manifest rows → shard rows, no Ray involved.
+
+    Args:
+        source: Where boxes come from (:class:`DetectorBoxes` or :class:`LabelBoxes`).
+        num_classes: K region classes.
+        resolution: R, mask side in pixels.
+        corrupt_images: ``error`` or ``record`` (see :class:`mgfa_ray.config.MasksConfig`).
+    """
+
+    def __init__(self, source: BoxSource, *, num_classes: int, resolution: int,
+                 corrupt_images: Literal["error", "record"] = "error"):
+        self.source = source
+        self.num_classes, self.resolution, self.corrupt_images = num_classes, resolution, corrupt_images
+        self._model = None
+
+    def _detect(self, paths: list[str]) -> tuple[list[list[Box]], list[str | None]]:
+        from .detector import load_detector, predict_boxes
+
+        src = self.source
+        assert isinstance(src, DetectorBoxes)
+        if self._model is None:
+            self._model = load_detector(Path(src.weights), device=src.device)
+
+        def decode(path: str) -> np.ndarray | str:
+            try:
+                return decode_rgb(path, max_side=2 * src.imgsz)
+            except ValueError as err:
+                return str(err)
+
+        starts = range(0, len(paths), src.batch_size)
+        boxes: list[list[Box]] = []
+        errors: list[str | None] = []
+        with ThreadPoolExecutor(max_workers=src.decode_threads) as pool:
+            pending = [pool.submit(decode, p) for p in paths[: src.batch_size]]
+            for start in starts:
+                decoded = [f.result() for f in pending]
+                nxt = paths[start + src.batch_size : start + 2 * src.batch_size]
+                pending = [pool.submit(decode, p) for p in nxt]  # decode ahead while the detector runs
+                good = [im for im in decoded if not isinstance(im, str)]
+                found = iter(predict_boxes(self._model, good, imgsz=src.imgsz, conf=src.conf))
+                for im in decoded:
+                    bad = isinstance(im, str)
+                    boxes.append([] if bad else next(found))
+                    errors.append(im if bad else None)
+        return boxes, errors
+
+    def __call__(self, rows: pd.DataFrame) -> tuple[pd.DataFrame | None, list[str]]:
+        """Compute the shard rows of ``rows``.
+
+        Args:
+            rows: Manifest rows (image_id, path, label, split).
+
+        Returns:
+            ``(table, corrupt)``: the rows of the shard schema, and one message per image that
+            could not be decoded. With ``corrupt_images="error"`` and any such image, ``table`` is
+            ``None`` (the shard must not be written).
+        """
+        ids = rows["image_id"].astype(str).tolist()
+        if isinstance(self.source, LabelBoxes):
+            boxes, errors = self.source.boxes(ids, warn=False), [None] * len(ids)
+        else:
+            boxes, errors = self._detect(rows["path"].astype(str).tolist())
+        corrupt = [e for e in errors if e is not None]
+        if corrupt and self.corrupt_images == "error":
+            return None, corrupt
+        return mask_rows(rows, boxes, source_id=self.source.source_id, num_classes=self.num_classes,
+                         resolution=self.resolution, errors=errors), corrupt
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"shard-{index:05d}.parquet"
+
+
+def _shard_stats(table: pd.DataFrame, num_classes: int, resolution: int) -> dict:
+    masks = np.stack([np.frombuffer(b, np.uint8) for b in table["masks"]]).reshape(len(table), num_classes, -1)
+    coverage = masks.mean(-1)
+    n_boxes = np.array([len(b) for b in table["boxes"]])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "rows": len(table),
+        "boxes": int(n_boxes.sum()),
+        "images_without_box": int((n_boxes == 0).sum()),
+        "images_with_region": [int(v) for v in (coverage > 0).sum(0)],
+        "coverage_sum": [float(v) for v in coverage.sum(0)],
+        "corrupt": table["image_id"][table["error"].notna()].astype(str).tolist(),
+    }
+
+
+def _shard_bytes(table: pd.DataFrame, num_classes: int, resolution: int) -> bytes:
+    arrow = pa.Table.from_pandas(table, schema=SHARD_SCHEMA, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({STATS_KEY: json.dumps(_shard_stats(table, num_classes, resolution))})
+    buf = pa.BufferOutputStream()
+    pq.write_table(arrow, buf)
+    return buf.getvalue().to_pybytes()
+
+
+class ShardWriter:
+    """Ray Data actor (or a plain callable): shard work items → shards written, one summary row each.
+
+    Args:
+        source: Box source.
+        set_location: The mask set's location (directory or URI).
+        num_classes: K region classes.
+        resolution: R, mask side in pixels.
+        corrupt_images: ``error`` or ``record``.
+    """
+
+    def __init__(self, *, source: BoxSource, set_location: str, num_classes: int, resolution: int,
+                 corrupt_images: Literal["error", "record"] = "error"):
+        self.fs, self.dir = resolve_location(set_location)
+        self.compute = MaskComputer(source, num_classes=num_classes, resolution=resolution,
+                                    corrupt_images=corrupt_images)
+
+    def __call__(self, items: pd.DataFrame) -> pd.DataFrame:
+        """Items with columns shard (int) and image_id, path, label, split (one list each) → rows
+        ``{shard, rows, seconds, corrupt}`` (``corrupt``: JSON list of messages)."""
+        out = []
+        for item in items.to_dict("records"):
+            t0 = time.perf_counter()
+            rows = pd.DataFrame({c: list(item[c]) for c in ("image_id", "path", "label", "split")})
+            table, corrupt = self.compute(rows)
+            if table is not None:
+                data = _shard_bytes(table, self.compute.num_classes, self.compute.resolution)
+                fs_write_atomic(self.fs, f"{self.dir}/{shard_name(int(item['shard']))}", data)
+            out.append({"shard": int(item["shard"]), "rows": 0 if table is None else len(table),
+                        "seconds": time.perf_counter() - t0, "corrupt": json.dumps(corrupt)})
+        return pd.DataFrame(out)
+
+
+def mask_set_id(*, source_identity: dict, manifest_hash: str, region_classes: list[str], cfg: MasksConfig) -> str:
     """16-hex-digit id of a mask set from everything its content depends on."""
     return sha256_json({
-        "schema": SCHEMA_VERSION, "detector": detector_key, "manifest": manifest_hash,
-        "regions": region_classes, "resolution": masks.resolution, "conf": detector.conf,
-        "imgsz": detector.imgsz,
+        "schema": SCHEMA_VERSION, "source": source_identity, "manifest": manifest_hash,
+        "regions": list(region_classes), "resolution": cfg.resolution, "corrupt_images": cfg.corrupt_images,
     })[:16]
 
 
-def _shards(set_dir: Path) -> list[Path]:
-    return sorted(set_dir.glob("*.parquet"))
+def _read_json(fs, path: str) -> dict | None:
+    if not fs_exists(fs, path):
+        return None
+    return json.loads(fs_read(fs, path))
 
 
-def _summary(table: pd.DataFrame, region_classes: list[str], resolution: int) -> dict:
-    k = len(region_classes)
-    masks = np.stack([np.frombuffer(b, np.uint8) for b in table["masks"]]).reshape(-1, k, resolution, resolution)
-    coverage = masks.reshape(len(masks), k, -1).mean(-1)
+def _plan(fs, set_dir: str, *, set_id: str, n_rows: int, rows_per_shard: int) -> dict:
+    """The set's sharding: the stored plan when the set was started before, else a new one."""
+    plan = _read_json(fs, f"{set_dir}/{PLAN}")
+    if plan is not None and plan.get("n_rows") == n_rows and plan.get("schema_version") == SCHEMA_VERSION:
+        if plan["rows_per_shard"] != rows_per_shard:
+            log.warning("mask set %s was started with rows_per_shard=%d; keeping it (configured %d)",
+                        set_id, plan["rows_per_shard"], rows_per_shard)
+        return plan
+    plan = {"schema_version": SCHEMA_VERSION, "set_id": set_id, "n_rows": n_rows, "rows_per_shard": rows_per_shard,
+            "n_shards": max(1, math.ceil(n_rows / rows_per_shard))}
+    fs_write_atomic(fs, f"{set_dir}/{PLAN}", json.dumps(plan, indent=2).encode())
+    return plan
+
+
+def _finished(fs, path: str, expected: list[str]) -> bool:
+    """Whether the shard file at ``path`` exists and holds exactly the ``expected`` image_ids."""
+    if not fs_exists(fs, path):
+        return False
+    try:
+        with fs.open_input_file(path) as f:
+            ids = pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
+    except (OSError, ValueError) as err:  # unreadable: rewrite it
+        log.warning("shard %s unreadable (%s); recomputing it", path, err)
+        return False
+    return ids == expected
+
+
+def _footer(fs, path: str) -> tuple[int, dict]:
+    with fs.open_input_file(path) as f:
+        md = pq.ParquetFile(f).metadata
+        stats = json.loads(md.metadata[STATS_KEY])
+        return md.num_rows, stats
+
+
+def summarize(stats: list[dict], region_classes: list[str]) -> dict:
+    """The set summary from shard statistics.
+
+    Returns:
+        ``{images, mean_boxes_per_image, images_without_box, corrupt_images, per_class: {name:
+        {images_with_region (fraction in [0, 1]), mean_coverage (mean fraction of the image
+        covered, in [0, 1])}}}``.
+    """
+    n = sum(s["rows"] for s in stats)
     return {
-        "mean_boxes_per_image": float(np.mean([len(b) for b in table["boxes"]])),
+        "images": n,
+        "mean_boxes_per_image": sum(s["boxes"] for s in stats) / max(n, 1),
+        "images_without_box": sum(s["images_without_box"] for s in stats),
+        "corrupt_images": sum(len(s["corrupt"]) for s in stats),
         "per_class": {
             name: {
-                "images_with_region": float((coverage[:, i] > 0).mean()),
-                "mean_coverage": float(coverage[:, i].mean()),
+                "images_with_region": sum(s["images_with_region"][k] for s in stats) / max(n, 1),
+                "mean_coverage": sum(s["coverage_sum"][k] for s in stats) / max(n, 1),
             }
-            for i, name in enumerate(region_classes)
+            for k, name in enumerate(region_classes)
         },
     }
 
@@ -192,174 +477,237 @@ def build_mask_set(
     *,
     manifest: pd.DataFrame,
     manifest_hash: str,
-    weights: Path,
-    detector_key: str,
+    source: BoxSource,
     region_classes: list[str],
-    detector: DetectorConfig,
     cfg: MasksConfig,
-    out_root: Path,
-) -> Path:
-    """Run the detector over every manifest image with Ray Data and publish a mask set.
-
-    Requires a running Ray (``ray.init``). Skips all work when the set already exists.
+    location: str | Path,
+    executor: Literal["ray", "local"] = "ray",
+    manifest_path: str | None = None,
+) -> str:
+    """Compute the masks of every manifest image into a mask set, resuming a partial one.
 
     Args:
         manifest: Manifest table (columns of :mod:`mgfa_ray.manifest`).
         manifest_hash: :func:`mgfa_ray.manifest.manifest_hash` of it.
-        weights: Detector weights file.
-        detector_key: Detector id (:func:`mgfa_ray.detector.detector_key`).
+        source: Box source (:class:`DetectorBoxes` or :class:`LabelBoxes`).
         region_classes: Region class names, in mask-channel order.
-        detector: Detector settings (input size, confidence threshold).
-        cfg: Mask settings (resolution, batch size, actors, shard size).
-        out_root: Directory holding mask sets.
+        cfg: Mask settings (resolution, batch size, actors, shard size, corrupt-image policy).
+        location: Directory or URI holding mask sets.
+        executor: ``ray`` (Ray Data actor pool; needs ``ray.init``) or ``local`` (the same
+            :class:`ShardWriter` in this process, shard after shard).
+        manifest_path: Recorded in the metadata for tools such as ``mgfa-ray masks``.
 
     Returns:
-        The published mask set directory ``out_root/<set_id>``.
+        The mask set location ``<location>/<set_id>`` (a finished set is returned untouched).
 
     Raises:
-        RuntimeError: The written shards do not hold exactly one row per manifest image.
+        ValueError: Images that cannot be decoded under ``corrupt_images="error"`` (all listed;
+            finished shards are kept); ``unlabelled="error"`` and an image without a label file.
+        LabelError: A bad label line (``file:line``), for the ``labels`` source.
+        RuntimeError: The shards do not hold exactly one row per manifest image, or the Ray
+            Data job failed (finished shards are kept; a rerun resumes).
     """
+    k = len(region_classes)
+    identity = source.identity()
+    set_id = mask_set_id(source_identity=identity, manifest_hash=manifest_hash, region_classes=region_classes,
+                         cfg=cfg)
+    set_location = location_join(location, set_id)
+    fs, set_dir = resolve_location(set_location)
+    if fs_exists(fs, f"{set_dir}/{METADATA}"):
+        log.info("mask set %s is complete; skipping", set_location)
+        return set_location
+    rows = manifest[["image_id", "path", "label", "split"]].astype({"image_id": str, "path": str, "split": str})
+    rows = rows.sort_values("image_id", ignore_index=True)
+    if rows["image_id"].duplicated().any():
+        raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
+    if isinstance(source, LabelBoxes):
+        source.boxes(rows["image_id"].tolist())  # bad label lines and missing files fail here, clearly
+
+    fs.create_dir(set_dir, recursive=True)
+    for name in fs_list(fs, set_dir):  # temporaries of a killed run (one writer per set)
+        if name.startswith("."):
+            fs.delete_file(f"{set_dir}/{name}")
+    plan = _plan(fs, set_dir, set_id=set_id, n_rows=len(rows), rows_per_shard=cfg.rows_per_shard)
+    step = plan["rows_per_shard"]
+    parts = {i: rows.iloc[i * step : (i + 1) * step] for i in range(plan["n_shards"])}
+    pending = [i for i, part in parts.items()
+               if not _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())]
+    log.info("mask set %s: %d of %d shards to compute", set_id, len(pending), len(parts))
+    items = [{"shard": i, **{c: parts[i][c].tolist() for c in ("image_id", "path", "label", "split")}}
+             for i in pending]
+    writer = dict(source=source, set_location=set_location, num_classes=k, resolution=cfg.resolution,
+                  corrupt_images=cfg.corrupt_images)
+    if not items:
+        results = []
+    elif executor == "local":
+        results = ShardWriter(**writer)(pd.DataFrame(items)).to_dict("records")
+    else:
+        results = _run_ray(items, writer, cfg)
+
+    corrupt = [m for r in results for m in json.loads(r["corrupt"])]
+    if corrupt and cfg.corrupt_images == "error":
+        raise ValueError(
+            f"mask set {set_location}: {len(corrupt)} image(s) cannot be decoded (masks.corrupt_images: error): "
+            f"{corrupt[:5]}; fix or remove them, or set masks.corrupt_images: record. The "
+            f"{len(parts) - sum(1 for r in results if r['rows'] == 0)} finished shards are kept; a rerun computes the rest"
+        )
+    return _publish(fs, set_dir, set_location, parts=parts, metadata={
+        "set_id": set_id,
+        "source": source.kind,
+        "detector_key": source.source_id,
+        "detector_weights_sha256": identity.get("weights_sha256"),
+        "imgsz": identity.get("imgsz"),
+        "conf": identity.get("conf"),
+        "manifest_hash": manifest_hash,
+        "manifest": manifest_path,
+        "mask_resolution": cfg.resolution,
+        "region_classes": list(region_classes),
+        "corrupt_images": cfg.corrupt_images,
+    })
+
+
+def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
+    """The pending shards through a Ray Data actor pool; one summary row per shard."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    set_id = mask_set_id(detector_key=detector_key, manifest_hash=manifest_hash,
-                         region_classes=region_classes, detector=detector, masks=cfg)
-    final = Path(out_root) / set_id
-    if (final / METADATA).is_file():
-        return final
-    tmp = Path(out_root) / f".{set_id}.tmp-{uuid.uuid4().hex[:8]}"
-    rows = manifest[["image_id", "path", "label", "split"]].reset_index(drop=True)
-    # One block per batch so the actor pool can spread the work.
-    chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-    ds = ray.data.from_pandas(chunks).map_batches(
-        MaskPredictor,
-        fn_constructor_kwargs=dict(
-            weights=str(weights), detector_key=detector_key, imgsz=detector.imgsz, conf=detector.conf,
-            num_classes=len(region_classes), resolution=cfg.resolution,
-            device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
-        ),
-        batch_size=cfg.batch_size,
+    if isinstance(writer["source"], DetectorBoxes):
+        writer = {**writer, "source": DetectorBoxes(**{
+            **writer["source"].__dict__, "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            "decode_threads": max(1, int(cfg.cpus_per_actor))})}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWriter,
+        fn_constructor_kwargs=writer,
+        batch_size=1,  # one shard per call: a shard is the unit of atomic write and resume
         batch_format="pandas",
-        compute=ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=1,
+        compute=ActorPoolStrategy(size=min(cfg.num_actors, len(items))),
+        num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
-    ds.write_parquet(str(tmp), min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard)
-    return _publish(tmp, final, expected_ids=rows["image_id"], metadata={
-        "set_id": set_id,
-        "detector_key": detector_key,
-        "detector_weights_sha256": sha256_file(weights),
-        "manifest_hash": manifest_hash,
-        "mask_resolution": cfg.resolution,
-        "region_classes": list(region_classes),
-        "conf": detector.conf,
-        "imgsz": detector.imgsz,
-    })
+    try:
+        return ds.take_all()
+    except Exception as err:  # a worker died or raised: what finished is on disk
+        raise RuntimeError(f"mask precompute failed ({type(err).__name__}: {err}); finished shards are kept, "
+                           f"a rerun computes the rest") from err
 
 
-def write_mask_set(rows: pd.DataFrame, *, out_root: Path, metadata: dict, rows_per_shard: int = 256) -> Path:
-    """Publish shard rows computed without Ray (e.g. from label files used as the box source).
-
-    Args:
-        rows: Rows of the shard schema (:func:`mask_rows`).
-        out_root: Directory holding mask sets.
-        metadata: At least ``set_id``, ``detector_key``, ``mask_resolution``, ``region_classes``.
-        rows_per_shard: Maximum rows per Parquet file.
-
-    Returns:
-        The published directory ``out_root/<set_id>`` (existing sets are left as they are).
-    """
-    final = Path(out_root) / metadata["set_id"]
-    if (final / METADATA).is_file():
-        return final
-    tmp = Path(out_root) / f".{metadata['set_id']}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    for n, start in enumerate(range(0, len(rows), rows_per_shard)):
-        table = pa.Table.from_pandas(rows.iloc[start : start + rows_per_shard], preserve_index=False)
-        pq.write_table(table, tmp / f"shard-{n:05d}.parquet")
-    return _publish(tmp, final, expected_ids=rows["image_id"], metadata=metadata)
-
-
-def _publish(tmp: Path, final: Path, *, expected_ids: pd.Series, metadata: dict) -> Path:
-    """Check the shards in ``tmp`` hold one row per expected image, add metadata, rename."""
-    shards = _shards(tmp)
-    table = pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True)
-    ids = table["image_id"]
-    if len(table) != len(expected_ids) or ids.duplicated().any() or set(ids) != set(expected_ids):
-        raise RuntimeError(
-            f"mask set {tmp}: wrote {len(table)} rows ({ids.duplicated().sum()} duplicated) "
-            f"for {len(expected_ids)} manifest images"
-        )
-    atomic_write_json(tmp / METADATA, {
+def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFrame], metadata: dict) -> str:
+    """Check every planned shard holds its images exactly once, then write ``metadata.json``."""
+    stats, rows_per_shard = [], {}
+    for i, part in parts.items():
+        path = f"{set_dir}/{shard_name(i)}"
+        if not _finished(fs, path, part["image_id"].tolist()):
+            raise RuntimeError(f"mask set {set_location}: {shard_name(i)} is missing or does not hold its "
+                               f"{len(part)} planned images")
+        n, s = _footer(fs, path)
+        rows_per_shard[shard_name(i)] = n
+        stats.append(s)
+    extra = [n for n in fs_list(fs, set_dir) if n.endswith(".parquet") and n not in rows_per_shard]
+    if extra:
+        raise RuntimeError(f"mask set {set_location}: unexpected shard files {extra[:3]}")
+    region_classes = metadata["region_classes"]
+    meta = {
         "schema_version": SCHEMA_VERSION,
         **metadata,
-        "rows": len(table),
-        "rows_per_shard": {s.name: pq.ParquetFile(s).metadata.num_rows for s in shards},
-        "summary": _summary(table, list(metadata["region_classes"]), int(metadata["mask_resolution"])),
+        "rows": sum(rows_per_shard.values()),
+        "rows_per_shard": rows_per_shard,
+        "corrupt": [i for s in stats for i in s["corrupt"]],
+        "summary": summarize(stats, region_classes),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
-    return publish_dir(tmp, final)
+    }
+    fs_write_atomic(fs, f"{set_dir}/{METADATA}", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return set_location
 
 
-def read_metadata(set_dir: str | Path) -> dict:
-    """The ``metadata.json`` of a published mask set.
+def read_metadata(location: str | Path) -> dict:
+    """The ``metadata.json`` of a complete mask set.
 
     Raises:
-        ValueError: The directory is not a complete mask set.
+        ValueError: The location holds no complete mask set, or one of another schema version.
     """
-    path = Path(set_dir) / METADATA
-    if not path.is_file():
-        raise ValueError(f"{set_dir} is not a complete mask set (no {METADATA}); run the job's mask stage")
-    return json.loads(path.read_text())
+    fs, set_dir = resolve_location(location)
+    meta = _read_json(fs, f"{set_dir}/{METADATA}")
+    if meta is None:
+        raise ValueError(f"{location} is not a complete mask set (no {METADATA}); run or rerun the job's mask stage")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"mask set {location}: schema version {meta.get('schema_version')}, this mgfa-ray reads "
+                         f"{SCHEMA_VERSION}; recompute it (rerun the job's mask stage)")
+    return meta
 
 
-def read_masks(set_dir: str | Path, *, image_ids: list[str], region_classes: list[str]) -> tuple[np.ndarray, dict]:
+def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every row of a complete mask set (plain pyarrow; shards in order).
+
+    Raises:
+        ValueError: Not a complete mask set (see :func:`read_metadata`).
+    """
+    meta = read_metadata(location)
+    fs, set_dir = resolve_location(location)
+    tables = []
+    for name in sorted(meta["rows_per_shard"]):
+        with fs.open_input_file(f"{set_dir}/{name}") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables).to_pandas()
+
+
+def read_masks(location: str | Path, *, image_ids: list[str], region_classes: list[str],
+               labels: list[int] | None = None) -> tuple[np.ndarray, dict]:
     """Load the masks of ``image_ids`` from a mask set, checking they fit the trial.
 
     Args:
-        set_dir: Mask set directory.
+        location: Mask set location (directory or URI).
         image_ids: Images needed, in the order wanted.
         region_classes: Region kinds the model expects, in channel order.
+        labels: Optionally the manifest labels of ``image_ids``; each must equal its row's.
 
     Returns:
         ``(masks, metadata)``: uint8 array (N, K, R, R) with values {0, 1} aligned with
         ``image_ids``, and the set's metadata.
 
     Raises:
-        ValueError: Not a complete set; region classes differ; an image has no row or several;
-            a mask has the wrong byte size; rows of another detector.
+        ValueError: Not a complete set or another schema version; region classes differ; the
+            shards do not hold the rows the metadata says; an image has no row or several; a row
+            of another box source; a mask of the wrong byte size; an image recorded as corrupt; a
+            label that differs from the manifest's. Each message names the set and the images.
     """
-    meta = read_metadata(set_dir)
+    meta = read_metadata(location)
     if list(meta["region_classes"]) != list(region_classes):
         raise ValueError(
-            f"mask set {set_dir}: region classes {meta['region_classes']} do not match the "
+            f"mask set {location}: region classes {meta['region_classes']} do not match the "
             f"model's {list(region_classes)}"
         )
     k, r = len(region_classes), int(meta["mask_resolution"])
-    table = pd.concat(
-        [pq.read_table(s, columns=["image_id", "masks", "detector"]).to_pandas() for s in _shards(Path(set_dir))],
-        ignore_index=True,
-    )
+    table = read_rows(location, columns=["image_id", "label", "masks", "detector", "error"])
+    if len(table) != meta["rows"]:
+        raise ValueError(f"mask set {location}: shards hold {len(table)} rows, metadata says {meta['rows']}")
     counts = table["image_id"].value_counts()
     missing = [i for i in image_ids if i not in counts.index]
     if missing:
-        raise ValueError(f"mask set {set_dir}: no mask row for {len(missing)} image(s), e.g. {missing[:3]}")
+        raise ValueError(f"mask set {location}: no mask row for {len(missing)} image(s), e.g. {missing[:3]}")
     dup = counts[counts > 1]
     if len(dup):
-        raise ValueError(f"mask set {set_dir}: several rows for image(s) {list(dup.index[:3])}")
+        raise ValueError(f"mask set {location}: several rows for image(s) {list(dup.index[:3])}")
+    table = table.set_index("image_id").loc[list(image_ids)]
     foreign = table["detector"] != meta["detector_key"]
     if foreign.any():
         raise ValueError(
-            f"mask set {set_dir}: rows from detector {table['detector'][foreign].iloc[0]!r}, "
-            f"expected {meta['detector_key']!r}"
+            f"mask set {location}: image {table.index[foreign.to_numpy()][0]!r} has rows of box source "
+            f"{table['detector'][foreign].iloc[0]!r}, the set's is {meta['detector_key']!r}"
         )
-    by_id = dict(zip(table["image_id"], table["masks"]))
-    out = np.empty((len(image_ids), k, r, r), dtype=np.uint8)
-    for n, image_id in enumerate(image_ids):
-        buf = by_id[image_id]
-        if len(buf) != k * r * r:
-            raise ValueError(
-                f"mask set {set_dir}: mask of {image_id!r} has {len(buf)} bytes, expected {k}x{r}x{r}"
-            )
-        out[n] = np.frombuffer(buf, np.uint8).reshape(k, r, r)
+    bad = table["error"].notna()
+    if bad.any():
+        raise ValueError(
+            f"mask set {location}: {int(bad.sum())} needed image(s) were recorded as corrupt, e.g. "
+            f"{table.index[bad.to_numpy()][0]!r}: {table['error'][bad].iloc[0]}; remove them from the manifest"
+        )
+    if labels is not None:
+        wrong = table["label"].to_numpy() != np.asarray(labels)
+        if wrong.any():
+            raise ValueError(f"mask set {location}: labels of {list(table.index[wrong][:3])} differ from the "
+                             f"manifest's; the set belongs to another manifest")
+    sizes = table["masks"].map(len)
+    if (sizes != k * r * r).any():
+        i = table.index[(sizes != k * r * r).to_numpy()][0]
+        raise ValueError(f"mask set {location}: mask of {i!r} has {sizes[i]} bytes, expected {k}x{r}x{r}")
+    out = np.frombuffer(bytearray(b"".join(table["masks"])), np.uint8).reshape(len(image_ids), k, r, r)
     return out, meta

@@ -4,15 +4,17 @@ Everything goes under the job's ``output_dir``::
 
     job.yaml                 resolved job config (data root included; a valid job file itself)
     manifest.parquet         stage 1 (mgfa_ray.manifest)
-    detector/                stage 3: weights.pt, metrics.json (mAP@0.5 per region class)
-    masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks)
+    detector/                stage 3: weights.pt, metrics.json (mAP@0.5 per region class); absent
+                             with ``regions.source: labels``
+    masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks); elsewhere
+                             when ``masks.location`` names a path or object-store URI
     cache/                   decoded images shared by trials
     search/<name>/           Ray Tune experiment: trial folders, checkpoints, searcher state
     export/                  best_config.yaml, trials.{parquet,csv}, trial_epochs.{parquet,csv},
                              summary.json
 
 A rerun skips finished stages: the detector when its metrics file matches its key, the mask set
-when its id exists. The search reruns from scratch (resume is a later stage of work).
+when its id is complete (a partial set resumes shard by shard). The search reruns from scratch (resume is a later stage of work).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .config import (
 from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .manifest import build_manifest, manifest_hash, write_manifest
-from .masks import build_mask_set, read_metadata
+from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata
 from .regions import index_labels, select_annotated
 from .search import export_results, run_search
 from .search_space import SearchSpace, load_search_space
@@ -115,23 +117,32 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     print(f"{len(manifest)} images, {manifest['label'].nunique()} classes, splits {counts}", flush=True)
     timings["manifest"] = time.perf_counter() - t
 
-    t = _banner("detector")
     labels = index_labels(under(data_root, cfg.regions.labels))
-    labels = select_annotated(labels, manifest, max_images=cfg.regions.max_images, seed=cfg.regions.seed)
-    det = train_detector(manifest=manifest, label_files=labels, region_classes=cfg.regions.classes,
-                         cfg=cfg.detector, out_dir=out / "detector", unknown_class=cfg.regions.unknown_class)
-    print(f"detector {det['detector_key']}: held-out mAP@0.5 = {det['map50']:.3f} "
-          f"({det['n_train']} train / {det['n_holdout']} held-out images)", flush=True)
-    timings["detector"] = time.perf_counter() - t
+    if cfg.regions.source == "detector":
+        t = _banner("detector")
+        labels = select_annotated(labels, manifest, max_images=cfg.regions.max_images, seed=cfg.regions.seed)
+        det = train_detector(manifest=manifest, label_files=labels, region_classes=cfg.regions.classes,
+                             cfg=cfg.detector, out_dir=out / "detector", unknown_class=cfg.regions.unknown_class)
+        print(f"detector {det['detector_key']}: held-out mAP@0.5 = {det['map50']:.3f} "
+              f"({det['n_train']} train / {det['n_holdout']} held-out images)", flush=True)
+        timings["detector"] = time.perf_counter() - t
+        source: DetectorBoxes | LabelBoxes = DetectorBoxes(
+            weights=str(out / "detector" / "weights.pt"), detector_key=det["detector_key"], imgsz=cfg.detector.imgsz,
+            conf=cfg.detector.conf, batch_size=cfg.masks.batch_size)
+    else:  # the label files as they are: no detector
+        det = None
+        ids = set(manifest["image_id"])
+        source = LabelBoxes.create({i: p for i, p in labels.items() if i in ids}, classes=cfg.regions.classes,
+                                   unknown_class=cfg.regions.unknown_class, unlabelled=cfg.regions.unlabelled)
 
     if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
         ray.init(include_dashboard=False, configure_logging=False)
 
     t = _banner("masks")
     set_dir = build_mask_set(
-        manifest=manifest, manifest_hash=manifest_hash(manifest), weights=out / "detector" / "weights.pt",
-        detector_key=det["detector_key"], region_classes=cfg.regions.classes, detector=cfg.detector,
-        cfg=cfg.masks, out_root=out / "masks",
+        manifest=manifest, manifest_hash=manifest_hash(manifest), source=source, region_classes=cfg.regions.classes,
+        cfg=cfg.masks, location=cfg.masks.location or str(out / "masks"),
+        manifest_path=str(out / "manifest.parquet"),
     )
     meta = read_metadata(set_dir)
     print(f"mask set {set_dir} ({meta['rows']} rows): {meta['summary']}", flush=True)
@@ -141,7 +152,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     # Ray runs each trial in its own directory: it gets absolute paths; the export keeps them as
     # given (relative to the working directory), so the best config works from any clone.
     base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
-                       masks=relative_to_cwd(str(set_dir)), region_classes=cfg.regions.classes)
+                       masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
     max_epochs = 1 if smoke else space.scheduler.max_epochs
     results = run_search(name=cfg.name, space=space, search=cfg.search, base=base.with_paths(absolute),
                          storage_path=out / "search", cache_dir=out / "cache", max_epochs=max_epochs)
@@ -150,8 +161,8 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
 
     report = {
         "job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
-        "detector": {k: det[k] for k in ("detector_key", "map50", "map50_95", "per_class")},
-        "mask_set": {"path": str(set_dir), "rows": meta["rows"], "summary": meta["summary"]},
+        "detector": det and {k: det[k] for k in ("detector_key", "map50", "map50_95", "per_class")},
+        "mask_set": {"path": set_dir, "rows": meta["rows"], "summary": meta["summary"]},
         "search": summary,
     }
     atomic_write_json(out / "report.json", report)

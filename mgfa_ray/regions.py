@@ -1,26 +1,36 @@
-"""Stage 2 — region labels: read and validate YOLO txt box files.
+"""Stage 2 — region labels: read and validate region box files (YOLO txt or Pascal VOC xml).
 
-A YOLO label file holds one box per line, ``class cx cy w h``: an integer class id and the box
-centre, width and height normalised to [0, 1] by the image width and height. Every defect is a
-:class:`LabelError` naming ``file:line``; lines whose class id is outside the configured region
-classes either raise or are skipped with a warning, by policy (the paper's Cotton labels contain
-three lines of class 16).
+Two formats are read, one file per image:
+
+* **YOLO txt** (:func:`parse_yolo_file`): one box per line, ``class cx cy w h``: an integer class
+  id and the box centre, width and height normalised to [0, 1] by the image width and height.
+* **Pascal VOC xml** (:func:`parse_voc_file`): ``<annotation>`` with the image ``<size>`` in pixels
+  and one ``<object>`` per box, its class ``<name>`` and pixel ``<bndbox>`` (xmin, ymin, xmax,
+  ymax); boxes are converted to the YOLO form as Ultralytics' VOC converter does.
+
+:func:`parse_label_file` picks the parser by suffix and :func:`index_labels` finds both kinds
+under a directory. Every defect is a :class:`LabelError` naming ``file:line``; boxes whose class
+is outside the configured region classes either raise or are skipped with a warning, by policy
+(the paper's Cotton labels contain three lines of class 16).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from xml.parsers import expat
 
 import pandas as pd
 
 
 class LabelError(ValueError):
-    """A label file or line is invalid; the message starts with ``file:line``."""
+    """A label file or line is invalid; the message starts with ``file:line`` (``file`` alone for
+    whole-file problems such as an unsupported suffix)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,11 @@ class Box:
 
 
 _SPLIT_SUFFIX = re.compile(r"_(train|test)$")
+
+LABEL_SUFFIXES = (".txt", ".xml")
+"""Label file suffixes: YOLO txt and Pascal VOC xml."""
+
+_EDGE_TOL = 1e-9  # converted VOC coordinates this far outside [0, 1] are float noise and clipped
 
 
 def parse_yolo_file(
@@ -100,25 +115,240 @@ def parse_yolo_file(
     return boxes
 
 
-def index_labels(label_dir: str | Path) -> dict[str, Path]:
-    """Map image_id → label file for every ``*.txt`` under ``label_dir``.
+def _check_classes(classes: list[str], unknown_class: str) -> None:
+    if unknown_class not in ("error", "skip"):
+        raise ValueError(f"unknown_class must be 'error' or 'skip', got {unknown_class!r}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"region class names must be unique, got {classes}")
 
-    The image_id is the file's path relative to ``label_dir`` without ``.txt``
-    (``acer_campestre/ny1079-01-1``); a trailing ``_train``/``_test`` (the UFG release's naming,
-    ``47_6_test.txt``) is dropped so ids match the manifest's ``47_6``.
+
+@dataclass
+class _Element:
+    """One element of an XML file: tag, the line of its start tag, its text and child elements."""
+
+    tag: str
+    line: int
+    text: str = ""
+    children: list[_Element] = field(default_factory=list)
+
+    def find(self, tag: str) -> _Element | None:
+        return next((c for c in self.children if c.tag == tag), None)
+
+
+def _read_xml(path: Path) -> _Element:
+    """The element tree of an XML file, each element with its line (expat; standard library only)."""
+    parser = expat.ParserCreate()
+    stack: list[_Element] = []
+    roots: list[_Element] = []
+
+    def start(tag: str, _attrs: dict) -> None:
+        el = _Element(tag, parser.CurrentLineNumber)
+        (stack[-1].children if stack else roots).append(el)
+        stack.append(el)
+
+    def end(_tag: str) -> None:
+        stack.pop()
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
+    try:
+        with path.open("rb") as fh:
+            parser.ParseFile(fh)
+    except expat.ExpatError as e:
+        where = f"{path}:{e.lineno}"
+        raise LabelError(f"{where}: malformed XML: {expat.ErrorString(e.code)} (column {e.offset + 1})") from None
+    return roots[0]
+
+
+def _need(path: Path, parent: _Element, tag: str) -> _Element:
+    el = parent.find(tag)
+    if el is None:
+        raise LabelError(f"{path}:{parent.line}: <{parent.tag}> has no <{tag}>")
+    return el
+
+
+def _number(path: Path, el: _Element, what: str) -> float:
+    raw = el.text.strip()
+    try:
+        v = float(raw)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise LabelError(f"{path}:{el.line}: {what} <{el.tag}> must be a number, got {raw!r}")
+    return v
+
+
+def _to_unit(v: float, name: str, where: str) -> float:
+    """``v`` if in [0, 1]; clipped into it if at most 1e-9 outside (float noise); else an error."""
+    if 0.0 <= v <= 1.0:
+        return v
+    if -_EDGE_TOL <= v <= 1.0 + _EDGE_TOL:
+        return min(max(v, 0.0), 1.0)
+    raise LabelError(
+        f"{where}: converted {name}={v:.6g} outside [0, 1] (the VOC converter's 1-pixel offset moves the centre "
+        "of a box this close to the image edge off the image)"
+    )
+
+
+def parse_voc_file(
+    path: str | Path,
+    *,
+    classes: list[str],
+    unknown_class: Literal["error", "skip"] = "error",
+) -> list[Box]:
+    """Parse and validate one Pascal VOC xml annotation file.
+
+    The file is ``<annotation>`` with ``<size><width/><height/></size>`` (image size in pixels) and
+    one ``<object>`` per box: ``<name>`` (the class name) and ``<bndbox>`` with ``xmin``, ``ymin``,
+    ``xmax``, ``ymax`` in pixels. Other elements (``difficult``, ``truncated``, ``pose``, ...) are
+    ignored, so every object is kept. Pixel boxes become normalised centre/size exactly as
+    Ultralytics' VOC converter does (``convert_box`` in the download script of
+    ``ultralytics/cfg/datasets/VOC.yaml``)::
+
+        cx = ((xmin + xmax) / 2 - 1) / W    cy = ((ymin + ymax) / 2 - 1) / H
+        w = (xmax - xmin) / W               h = (ymax - ymin) / H
+
+    (the ``- 1`` is VOC's 1-based pixel numbering). Results within 1e-9 outside [0, 1] are clipped;
+    anything further out is an error. Only the standard library's expat parser is used.
+
+    Args:
+        path: The ``.xml`` file. An annotation without ``<object>`` means an image with no regions.
+        classes: Region class names; a box's class is the index of its ``<name>`` in this list
+            (exact, case-sensitive match after stripping whitespace). Names must be unique.
+        unknown_class: ``error`` raises on a name not in ``classes``; ``skip`` drops the object
+            and warns (``UserWarning``) with file:line and the name.
+
+    Returns:
+        The boxes in file order, with ``cls`` in [0, len(classes)) and coordinates in [0, 1].
 
     Raises:
-        LabelError: The directory does not exist or holds no label files.
+        LabelError: Malformed XML (the parser's line); a root other than ``<annotation>``; a
+            missing ``<size>``, ``<width>`` or ``<height>``, or a non-positive or non-numeric one;
+            an object without ``<name>`` (or an empty one), ``<bndbox>`` or one of its four
+            coordinates; a non-numeric coordinate; a coordinate outside [0, W] / [0, H] (the box
+            lies outside the image); ``xmin >= xmax`` or ``ymin >= ymax`` (zero-size box); a
+            converted centre outside [0, 1]; or (policy ``error``) an unknown class name. The
+            message starts with ``path:line`` of the offending element.
+        ValueError: ``unknown_class`` is not ``error``/``skip``, or ``classes`` has duplicates.
+    """
+    path = Path(path)
+    _check_classes(classes, unknown_class)
+    root = _read_xml(path)
+    if root.tag != "annotation":
+        raise LabelError(f"{path}:{root.line}: root element must be <annotation>, got <{root.tag}>")
+    size = _need(path, root, "size")
+    dims = {}
+    for tag in ("width", "height"):
+        el = _need(path, size, tag)
+        dims[tag] = _number(path, el, "image")
+        if dims[tag] <= 0:
+            raise LabelError(f"{path}:{el.line}: image <{tag}> must be positive, got {el.text.strip()!r}")
+    img_w, img_h = dims["width"], dims["height"]
+    boxes = []
+    for obj in (c for c in root.children if c.tag == "object"):
+        name_el = _need(path, obj, "name")
+        name = name_el.text.strip()
+        if not name:
+            raise LabelError(f"{path}:{name_el.line}: <object> has an empty <name>")
+        bnd = _need(path, obj, "bndbox")
+        els = {k: _need(path, bnd, k) for k in ("xmin", "ymin", "xmax", "ymax")}
+        xy = {k: _number(path, el, "box coordinate") for k, el in els.items()}
+        if name not in classes:
+            msg = f"{path}:{name_el.line}: unknown region class {name!r}; allowed {classes}"
+            if unknown_class == "skip":
+                warnings.warn(msg + " (object skipped)", stacklevel=2)
+                continue
+            raise LabelError(msg)
+        for k, limit, dim in (("xmin", img_w, "width"), ("xmax", img_w, "width"),
+                              ("ymin", img_h, "height"), ("ymax", img_h, "height")):
+            if not 0.0 <= xy[k] <= limit:
+                raise LabelError(
+                    f"{path}:{els[k].line}: box lies outside the image: {k}={els[k].text.strip()} not in "
+                    f"[0, {dims[dim]:g}] (image {dim} in pixels)"
+                )
+        xmin, ymin, xmax, ymax = xy["xmin"], xy["ymin"], xy["xmax"], xy["ymax"]
+        if xmin >= xmax or ymin >= ymax:
+            raise LabelError(
+                f"{path}:{bnd.line}: zero-size box (xmin={xmin:g}, xmax={xmax:g}, ymin={ymin:g}, ymax={ymax:g}); "
+                "need xmin < xmax and ymin < ymax"
+            )
+        where = f"{path}:{bnd.line}"
+        cx = _to_unit(((xmin + xmax) / 2.0 - 1.0) / img_w, "cx", where)
+        cy = _to_unit(((ymin + ymax) / 2.0 - 1.0) / img_h, "cy", where)
+        w = _to_unit((xmax - xmin) / img_w, "w", where)
+        h = _to_unit((ymax - ymin) / img_h, "h", where)
+        boxes.append(Box(classes.index(name), cx, cy, w, h))
+    return boxes
+
+
+def parse_label_file(
+    path: str | Path,
+    *,
+    classes: list[str],
+    unknown_class: Literal["error", "skip"] = "error",
+) -> list[Box]:
+    """Parse one label file, YOLO txt or Pascal VOC xml, chosen by its suffix.
+
+    Args:
+        path: A ``.txt`` file (:func:`parse_yolo_file`, with ``num_classes=len(classes)``) or an
+            ``.xml`` file (:func:`parse_voc_file`). Suffixes are matched exactly (lower case).
+        classes: Region class names; YOLO ids index this list, VOC names are looked up in it.
+        unknown_class: ``error`` or ``skip`` (warn and drop), for a class outside ``classes``.
+
+    Returns:
+        The boxes in file order, in normalised coordinates.
+
+    Raises:
+        LabelError: The suffix is neither ``.txt`` nor ``.xml`` (the message names the file and
+            the allowed suffixes), or the parser rejects the file (``file:line``).
+        ValueError: ``unknown_class`` is not ``error``/``skip``, or ``classes`` has duplicates.
+    """
+    path = Path(path)
+    _check_classes(classes, unknown_class)
+    if path.suffix == ".txt":
+        return parse_yolo_file(path, num_classes=len(classes), unknown_class=unknown_class)
+    if path.suffix == ".xml":
+        return parse_voc_file(path, classes=classes, unknown_class=unknown_class)
+    raise LabelError(
+        f"{path}: unsupported label file suffix {path.suffix!r}; allowed .txt (YOLO) or .xml (Pascal VOC)"
+    )
+
+
+def index_labels(label_dir: str | Path) -> dict[str, Path]:
+    """Map image_id → label file for every ``*.txt`` (YOLO) and ``*.xml`` (VOC) under ``label_dir``.
+
+    The image_id is the file's path relative to ``label_dir`` without its suffix
+    (``acer_campestre/ny1079-01-1``); a trailing ``_train``/``_test`` (the UFG release's naming,
+    ``47_6_test.txt``) is dropped so ids match the manifest's ``47_6``. Other files (``.DS_Store``,
+    images) are ignored.
+
+    Args:
+        label_dir: Directory searched recursively.
+
+    Returns:
+        image_id → label file, in sorted file-path order.
+
+    Raises:
+        LabelError: The directory does not exist or holds no label files, or two files give one
+            image_id (``a.txt`` and ``a.xml``, or ``a.txt`` and ``a_train.txt``); the message
+            names both files.
     """
     label_dir = Path(label_dir)
     if not label_dir.is_dir():
         raise LabelError(f"{label_dir}: label directory does not exist")
-    out = {}
-    for f in sorted(label_dir.rglob("*.txt")):
+    files = sorted(f for suffix in LABEL_SUFFIXES for f in label_dir.rglob(f"*{suffix}") if f.is_file())
+    out: dict[str, Path] = {}
+    for f in files:
         rel = f.relative_to(label_dir).with_suffix("").as_posix()
-        out[_SPLIT_SUFFIX.sub("", rel)] = f
+        image_id = _SPLIT_SUFFIX.sub("", rel)
+        if image_id in out:
+            raise LabelError(f"{out[image_id]} and {f}: two label files for image {image_id!r}; keep one")
+        out[image_id] = f
     if not out:
-        raise LabelError(f"{label_dir}: no .txt label files")
+        raise LabelError(f"{label_dir}: no label files (.txt or .xml)")
     return out
 
 

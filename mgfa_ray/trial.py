@@ -411,7 +411,8 @@ def run_trial(
             split = "train" if name == "train" else cfg.eval_split
             raise ValueError(f"manifest {cfg.manifest}: split {split!r} is empty")
     used = pd.concat(list(parts.values()), ignore_index=True)  # disjoint splits: each image once
-    masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes)
+    masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes,
+                          labels=used["label"].tolist())
     images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir)
     row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}
     data = {}

@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from mgfa_ray.config import DatasetConfig, TrainConfig
-from mgfa_ray.manifest import build_manifest, write_manifest
-from mgfa_ray.masks import mask_rows, write_mask_set
-from mgfa_ray.regions import index_labels, parse_yolo_file
+from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig
+from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
+from mgfa_ray.masks import LabelBoxes, build_mask_set
+from mgfa_ray.regions import index_labels
 
 REPO = Path(__file__).resolve().parents[1]
 REGION_CLASSES = ["vein", "contour"]
+
+# Credentials for the S3 API server the object-storage tests start on loopback (moto accepts any).
+# Set before any Ray cluster starts, so Ray workers inherit them; never a real account.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "mgfa-test", "AWS_SECRET_ACCESS_KEY": "mgfa-test",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +45,13 @@ def tiny_manifest(data_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def label_mask_set(data_root, tiny_manifest, tmp_path_factory):
-    """A mask set whose boxes are the hand-drawn labels (empty for unlabelled photos)."""
+def label_mask_set(data_root, tiny_manifest, tmp_path_factory) -> str:
+    """A mask set whose boxes are the hand-drawn labels (empty for unlabelled photos), built without Ray."""
     df, _ = tiny_manifest
-    labels = index_labels(data_root / "leafsnap20-regions" / "labels")
-    boxes = [parse_yolo_file(labels[i], num_classes=2) if i in labels else [] for i in df["image_id"]]
-    rows = mask_rows(df, boxes, detector_key="labels", num_classes=2, resolution=32)
-    meta = {"set_id": "labels32", "detector_key": "labels", "mask_resolution": 32, "region_classes": REGION_CLASSES}
-    return write_mask_set(rows, out_root=tmp_path_factory.mktemp("masks"), metadata=meta)
+    source = LabelBoxes.create(index_labels(data_root / "leafsnap20-regions" / "labels"), classes=REGION_CLASSES,
+                               unlabelled="empty")
+    return build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGION_CLASSES,
+                          cfg=MasksConfig(resolution=32), location=tmp_path_factory.mktemp("masks"), executor="local")
 
 
 @pytest.fixture()
@@ -66,3 +71,24 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's server mode) on 127.0.0.1; yields ``uri(bucket, prefix)`` → an
+    ``s3://`` location that carries the endpoint in its query string, creating the bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+
+    def uri(bucket: str, prefix: str) -> str:
+        client.create_bucket(Bucket=bucket)
+        return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}"
+
+    yield uri
+    server.stop()

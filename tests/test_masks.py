@@ -1,17 +1,39 @@
-"""Mask stage: rasterisation, and the same masks whether called directly or through Ray Data."""
+"""Mask stage: rasterisation, direct = Ray Data, resume after a kill, corrupt images, validation on
+read, label files as the box source, an object-store location."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mgfa_ray.config import DetectorConfig, MasksConfig
 from mgfa_ray.detector import train_detector
 from mgfa_ray.manifest import manifest_hash
-from mgfa_ray.masks import MaskPredictor, build_mask_set, read_masks, rasterize
+from mgfa_ray.masks import (
+    DetectorBoxes,
+    LabelBoxes,
+    MaskComputer,
+    build_mask_set,
+    rasterize,
+    read_masks,
+    read_metadata,
+    read_rows,
+    shard_name,
+)
+from mgfa_ray.model import gt_attention
 from mgfa_ray.regions import Box, index_labels
+
+REGIONS = ["vein", "contour"]
 
 
 def test_rasterize_union_per_class_and_thin_boxes_keep_a_pixel():
@@ -28,7 +50,6 @@ def test_rasterize_clips_and_rejects_unknown_class():
     assert m[0].tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="class 2"):
         rasterize([Box(2, 0.5, 0.5, 0.1, 0.1)], num_classes=2, resolution=4)
-    assert rasterize([], num_classes=2, resolution=4).sum() == 0  # no detection → empty mask
 
 
 @pytest.fixture(scope="module")
@@ -37,41 +58,257 @@ def tiny_detector(data_root, tiny_manifest, tmp_path_factory):
     labels = {k: v for k, v in index_labels(data_root / "leafsnap20-regions" / "labels").items() if k in set(df["image_id"])}
     cfg = DetectorConfig(imgsz=64, epochs=1, batch=4, conf=0.001)
     out = tmp_path_factory.mktemp("detector")
-    metrics = train_detector(manifest=df, label_files=labels, region_classes=["vein", "contour"], cfg=cfg, out_dir=out)
-    return cfg, out / "weights.pt", metrics
+    metrics = train_detector(manifest=df, label_files=labels, region_classes=REGIONS, cfg=cfg, out_dir=out)
+    source = DetectorBoxes(weights=str(out / "weights.pt"), detector_key=metrics["detector_key"], imgsz=cfg.imgsz,
+                           conf=cfg.conf, batch_size=5)
+    return source
+
+
+def shard_table(set_location) -> pd.DataFrame:
+    return read_rows(set_location).set_index("image_id")
 
 
 def test_ray_data_masks_equal_direct_call_and_rerun_skips(ray_cluster, tiny_manifest, tiny_detector, tmp_path):
     df, _ = tiny_manifest
-    cfg, weights, metrics = tiny_detector
-    masks_cfg = MasksConfig(resolution=32, batch_size=5, num_actors=2, rows_per_shard=10)
-    kwargs = dict(manifest=df, manifest_hash=manifest_hash(df), weights=weights, detector_key=metrics["detector_key"],
-                  region_classes=["vein", "contour"], detector=cfg, cfg=masks_cfg, out_root=tmp_path)
-    set_dir = build_mask_set(**kwargs)
+    cfg = MasksConfig(resolution=32, batch_size=5, num_actors=2, rows_per_shard=10)
+    kwargs = dict(manifest=df, manifest_hash=manifest_hash(df), source=tiny_detector, region_classes=REGIONS,
+                  cfg=cfg, location=tmp_path)
+    set_dir = Path(build_mask_set(**kwargs))
 
-    meta = json.loads((set_dir / "metadata.json").read_text())
-    assert meta["rows"] == len(df) and sum(meta["rows_per_shard"].values()) == len(df)
-    shard_rows = list(meta["rows_per_shard"].values())
-    assert max(shard_rows) <= 10 and len(shard_rows) < 5  # 5 batches of <= 5 rows coalesced into shards of <= 10
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    meta = read_metadata(set_dir)
+    assert meta["rows"] == len(df) == 24
+    assert meta["rows_per_shard"] == {shard_name(0): 10, shard_name(1): 10, shard_name(2): 4}
+    assert meta["source"] == "detector" and meta["detector_key"] == tiny_detector.detector_key
+    assert meta["region_classes"] == REGIONS and meta["mask_resolution"] == 32
+    assert sorted(p.name for p in set_dir.iterdir()) == sorted([*meta["rows_per_shard"], "metadata.json", "plan.json"])
 
-    shards = pd.concat([pq.read_table(s).to_pandas() for s in sorted(set_dir.glob("*.parquet"))]).set_index("image_id")
-    direct = MaskPredictor(weights=str(weights), detector_key=metrics["detector_key"], imgsz=cfg.imgsz, conf=cfg.conf,
-                           num_classes=2, resolution=32)(df).set_index("image_id")
-    assert sorted(shards.index) == sorted(direct.index)
+    # The pure core, called directly on the whole manifest, gives the same rows.
+    direct, corrupt = MaskComputer(tiny_detector, num_classes=2, resolution=32)(df)
+    assert corrupt == []
+    direct = direct.set_index("image_id")
+    shards = shard_table(set_dir)
+    assert sorted(shards.index) == sorted(direct.index) == sorted(df["image_id"])
     assert sum(len(b) for b in direct["boxes"]) > 0  # the comparison is not between empty masks
     for image_id, row in direct.iterrows():
         assert shards.loc[image_id, "masks"] == row["masks"]
         np.testing.assert_allclose(np.array(list(shards.loc[image_id, "boxes"]), dtype=float).reshape(-1, 6),
-                                   np.array(row["boxes"], dtype=float).reshape(-1, 6), rtol=1e-5, atol=1e-6)
+                                   np.array(row["boxes"], dtype=float).reshape(-1, 6), rtol=1e-6)
+    # The summary is built from the shard footers and agrees with the rows.
+    n_boxes = sum(len(b) for b in direct["boxes"])
+    assert meta["summary"]["mean_boxes_per_image"] == pytest.approx(n_boxes / 24)
+    vein = np.stack([np.frombuffer(m, np.uint8).reshape(2, 32, 32)[0] for m in direct["masks"]])
+    assert meta["summary"]["per_class"]["vein"]["mean_coverage"] == pytest.approx(vein.mean())
 
-    masks, _ = read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=["vein", "contour"])
-    assert masks.shape == (len(df), 2, 32, 32) and set(np.unique(masks)) <= {0, 1}
-    with pytest.raises(ValueError, match="region classes"):
-        read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=["contour", "vein"])
+    masks, _ = read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS,
+                          labels=df["label"].tolist())
+    assert masks.shape == (24, 2, 32, 32) and set(np.unique(masks)) <= {0, 1}
 
     mtime = (set_dir / "metadata.json").stat().st_mtime_ns
-    assert build_mask_set(**kwargs) == set_dir  # rerun finds the finished set
+    assert build_mask_set(**kwargs) == str(set_dir)  # rerun finds the finished set
     assert (set_dir / "metadata.json").stat().st_mtime_ns == mtime
-    other = build_mask_set(**{**kwargs, "cfg": masks_cfg.model_copy(update={"resolution": 16})})
-    assert other != set_dir  # another resolution is another set, never a mix
+    other = build_mask_set(**{**kwargs, "cfg": cfg.model_copy(update={"resolution": 16})})
+    assert other != str(set_dir)  # another resolution is another set, never a mix
+    # Another detector (another key) is another set too.
+    assert build_mask_set(**{**kwargs, "source": DetectorBoxes(**{**tiny_detector.__dict__, "conf": 0.5}),
+                             "executor": "local"}) not in (str(set_dir), other)
+
+
+def test_no_detection_yields_empty_boxes_zero_masks_and_zero_ground_truth(tiny_manifest, tiny_detector, tmp_path):
+    df, _ = tiny_manifest
+    nothing = DetectorBoxes(**{**tiny_detector.__dict__, "conf": 1.0})  # no score reaches 1.0
+    set_dir = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=nothing, region_classes=REGIONS,
+                             cfg=MasksConfig(resolution=32), location=tmp_path, executor="local")
+    rows = shard_table(set_dir)
+    assert all(len(b) == 0 for b in rows["boxes"])
+    masks, meta = read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS)
+    assert masks.sum() == 0
+    assert meta["summary"]["images_without_box"] == 24
+    assert meta["summary"]["per_class"]["vein"] == {"images_with_region": 0.0, "mean_coverage": 0.0}
+    # The trial's ground truth for such a region is all zero, for both activations.
+    for activation in ("softmax", "sigmoid"):
+        gt = gt_attention(torch.from_numpy(masks[:2]).float(), grid=(4, 4), activation=activation)
+        assert gt.shape == (2, 2, 4, 4) and torch.count_nonzero(gt) == 0
+
+
+WORKER = """
+import json, sys
+import pandas as pd, ray
+from mgfa_ray.config import MasksConfig
+from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.masks import DetectorBoxes, build_mask_set
+a = json.load(open(sys.argv[1]))
+ray.init(address=a["address"], configure_logging=False)
+df = pd.read_parquet(a["manifest"])
+build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=DetectorBoxes(**a["source"]),
+               region_classes=a["regions"], cfg=MasksConfig(**a["cfg"]), location=a["location"])
+"""
+
+
+def test_killed_precompute_resumes_to_exactly_one_row_per_image(ray_cluster, tiny_manifest, tiny_detector, tmp_path):
+    """SIGKILL the driver while an actor waits on an image (a FIFO nobody writes), rerun, compare."""
+    df, _ = tiny_manifest
+    cfg = MasksConfig(resolution=32, batch_size=2, num_actors=1, rows_per_shard=4)  # 6 shards
+    blocked = df.copy()
+    fifo = tmp_path / "blocks-until-written.jpg"
+    os.mkfifo(fifo)
+    blocked.loc[13, "path"] = str(fifo)  # image 13 is in shard 3: shards 0-2 can finish, 3 cannot
+    blocked.to_parquet(tmp_path / "manifest.parquet")
+    location = tmp_path / "masks"
+    args = {"address": ray_cluster.get_runtime_context().gcs_address, "manifest": str(tmp_path / "manifest.parquet"),
+            "source": tiny_detector.__dict__, "regions": REGIONS, "cfg": cfg.model_dump(), "location": str(location)}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "args.json")])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(location.glob("*/shard-*.parquet")):
+            assert proc.poll() is None, "the precompute exited before it was killed"
+            assert time.monotonic() < deadline, "no shard finished within 120 s"
+            time.sleep(0.1)
+        time.sleep(1.0)  # let other shards finish too
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:  # release an actor still blocked on the FIFO (Ray kills a dead driver's workers anyway)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    (set_dir,) = location.iterdir()
+    done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in set_dir.glob("shard-*.parquet")}
+    assert done and shard_name(3) not in done and not (set_dir / "metadata.json").exists()
+    with pytest.raises(ValueError, match="not a complete mask set"):
+        read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS)
+
+    # Rerun (same manifest identity, the image readable again): only the missing shards are computed.
+    resumed = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=tiny_detector,
+                             region_classes=REGIONS, cfg=cfg, location=location)
+    assert resumed == str(set_dir)
+    assert {n: (set_dir / n).stat().st_ino for n in done} == {n: v[0] for n, v in done.items()}
+    assert {n: (set_dir / n).stat().st_mtime_ns for n in done} == {n: v[1] for n, v in done.items()}
+    assert not [p for p in set_dir.iterdir() if p.name.startswith(".")]
+    rows = read_rows(resumed)
+    assert len(rows) == 24 and sorted(rows["image_id"]) == sorted(df["image_id"])
+    reference = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=tiny_detector,
+                               region_classes=REGIONS, cfg=cfg, location=tmp_path / "reference", executor="local")
+    assert rows.set_index("image_id")["masks"].to_dict() == read_rows(reference).set_index("image_id")["masks"].to_dict()
+
+
+def test_corrupt_image_error_or_record(tiny_manifest, tiny_detector, tmp_path):
+    df, _ = tiny_manifest
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    bad = df.copy()
+    bad.loc[5, "path"] = str(broken)
+    bad_id = bad.loc[5, "image_id"]
+    cfg = MasksConfig(resolution=16, rows_per_shard=8)
+    kwargs = dict(manifest=bad, manifest_hash=manifest_hash(bad), source=tiny_detector, region_classes=REGIONS,
+                  location=tmp_path / "masks", executor="local")
+    with pytest.raises(ValueError, match=rf"1 image\(s\) cannot be decoded.*broken\.jpg"):
+        build_mask_set(cfg=cfg, **kwargs)
+    (partial,) = (tmp_path / "masks").iterdir()
+    assert sorted(p.name for p in partial.glob("*.parquet")) == [shard_name(1), shard_name(2)]  # shard 0 has it
+
+    recorded = build_mask_set(cfg=cfg.model_copy(update={"corrupt_images": "record"}), **kwargs)
+    meta = read_metadata(recorded)
+    assert meta["corrupt"] == [bad_id] and meta["summary"]["corrupt_images"] == 1 and meta["rows"] == 24
+    row = shard_table(recorded).loc[bad_id]
+    assert "broken.jpg" in row["error"] and len(row["boxes"]) == 0 and set(row["masks"]) == {0}
+    with pytest.raises(ValueError, match=rf"recorded as corrupt, e.g. '{bad_id}'"):
+        read_masks(recorded, image_ids=bad["image_id"].tolist(), region_classes=REGIONS)
+    good = [i for i in bad["image_id"] if i != bad_id]
+    assert read_masks(recorded, image_ids=good, region_classes=REGIONS)[0].shape == (23, 2, 16, 16)
+
+
+@pytest.fixture()
+def label_set(data_root, tiny_manifest, tmp_path):
+    df, _ = tiny_manifest
+    source = LabelBoxes.create(index_labels(data_root / "leafsnap20-regions" / "labels"), classes=REGIONS,
+                               unlabelled="empty")
+    location = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGIONS,
+                              cfg=MasksConfig(resolution=16, rows_per_shard=10), location=tmp_path, executor="local")
+    return df, Path(location)
+
+
+def test_mismatched_mask_set_rejected_on_read(label_set):
+    df, set_dir = label_set
+    ids = df["image_id"].tolist()
+    read_masks(set_dir, image_ids=ids, region_classes=REGIONS, labels=df["label"].tolist())  # fits
+    with pytest.raises(ValueError, match=r"region classes \['vein', 'contour'\] do not match"):
+        read_masks(set_dir, image_ids=ids, region_classes=["contour", "vein"])
+    with pytest.raises(ValueError, match="no mask row for 1 image"):
+        read_masks(set_dir, image_ids=[*ids, "acer_campestre/not-in-the-set"], region_classes=REGIONS)
+    with pytest.raises(ValueError, match="belongs to another manifest"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS, labels=[(v + 1) % 3 for v in df["label"]])
+
+    shard = set_dir / shard_name(0)
+    original = pq.read_table(shard)
+    detector = original.column("detector").to_pylist()
+    pq.write_table(original.set_column(5, "detector", pa.array(["another-detector", *detector[1:]])), shard)
+    with pytest.raises(ValueError, match="rows of box source 'another-detector'"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
+    masks = original.column("masks").to_pylist()
+    pq.write_table(original.set_column(4, "masks", pa.array([b"\x00", *masks[1:]], pa.binary())), shard)
+    with pytest.raises(ValueError, match=r"has 1 bytes, expected 2x16x16"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
+    pq.write_table(original.slice(0, 9), shard)  # a row lost
+    with pytest.raises(ValueError, match="shards hold 23 rows, metadata says 24"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
+    pq.write_table(original, shard)
+    meta = json.loads((set_dir / "metadata.json").read_text())
+    (set_dir / "metadata.json").write_text(json.dumps({**meta, "schema_version": 1}))
+    with pytest.raises(ValueError, match="schema version 1"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
+    (set_dir / "metadata.json").unlink()
+    with pytest.raises(ValueError, match="not a complete mask set"):
+        read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
+
+
+def test_label_files_as_box_source(data_root, label_set, tmp_path):
+    df, set_dir = label_set
+    labels = index_labels(data_root / "leafsnap20-regions" / "labels")
+    meta = read_metadata(set_dir)
+    assert meta["source"] == "labels" and meta["detector_key"].startswith("labels-")
+    rows = shard_table(set_dir)
+    for image_id in df["image_id"]:
+        boxes = np.array(list(rows.loc[image_id, "boxes"]), dtype=float).reshape(-1, 6)
+        if image_id in labels:  # the hand-drawn boxes as they are, confidence 1
+            lines = np.loadtxt(labels[image_id], ndmin=2)
+            np.testing.assert_allclose(boxes[:, :5], lines)
+            assert (boxes[:, 5] == 1.0).all()
+        else:
+            assert len(boxes) == 0
+    assert 0 < meta["summary"]["images_without_box"] < 24
+    # Without the "empty" policy an unlabelled image is an error naming it.
+    strict = LabelBoxes.create(labels, classes=REGIONS)
+    with pytest.raises(ValueError, match=r"have no label file, e\.g\."):
+        build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=strict, region_classes=REGIONS,
+                       cfg=MasksConfig(resolution=16), location=tmp_path / "strict", executor="local")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_plan_survives_a_changed_shard_size(label_set, data_root, tmp_path):
+    df, set_dir = label_set
+    (set_dir / "metadata.json").unlink()
+    (set_dir / shard_name(2)).unlink()
+    source = LabelBoxes.create(index_labels(data_root / "leafsnap20-regions" / "labels"), classes=REGIONS,
+                               unlabelled="empty")
+    again = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGIONS,
+                           cfg=MasksConfig(resolution=16, rows_per_shard=7), location=set_dir.parent, executor="local")
+    assert again == str(set_dir)
+    assert read_metadata(again)["rows_per_shard"] == {shard_name(0): 10, shard_name(1): 10, shard_name(2): 4}
+
+
+def test_mask_set_on_object_store_equals_local(ray_cluster, s3_server, label_set, data_root):
+    df, local = label_set
+    source = LabelBoxes.create(index_labels(data_root / "leafsnap20-regions" / "labels"), classes=REGIONS,
+                               unlabelled="empty")
+    root = s3_server("masks-bucket", "runs/masks")
+    remote = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGIONS,
+                            cfg=MasksConfig(resolution=16, rows_per_shard=10, num_actors=2), location=root)
+    assert remote.startswith("s3://masks-bucket/runs/masks/" + local.name + "?endpoint_override=")
+    ids = df["image_id"].tolist()
+    np.testing.assert_array_equal(read_masks(remote, image_ids=ids, region_classes=REGIONS)[0],
+                                  read_masks(local, image_ids=ids, region_classes=REGIONS)[0])
+    assert read_metadata(remote)["rows_per_shard"] == read_metadata(local)["rows_per_shard"]

@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mgfa_ray.config import TrainConfig, to_dict
-from mgfa_ray.masks import mask_rows, read_masks, write_mask_set
-from mgfa_ray.regions import index_labels, parse_yolo_file
+from mgfa_ray.config import MasksConfig, TrainConfig, to_dict
+from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.masks import LabelBoxes, build_mask_set, read_masks
+from mgfa_ray.regions import index_labels
 from mgfa_ray.trial import augment, load_checkpoint, run_trial, save_checkpoint, train_to_dir
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -109,11 +110,11 @@ def test_one_region_kind_trains_end_to_end(tiny_manifest, data_root, tmp_path, t
     """The Cotton case: a single region kind, its own mask set, beta/delta only."""
     df, _ = tiny_manifest
     labels = index_labels(data_root / "leafsnap20-regions" / "labels")
-    boxes = [[b for b in parse_yolo_file(labels[i], num_classes=2) if b.cls == 0] if i in labels else []
-             for i in df["image_id"]]
-    rows = mask_rows(df, boxes, detector_key="labels", num_classes=1, resolution=32)
-    meta = {"set_id": "vein32", "detector_key": "labels", "mask_resolution": 32, "region_classes": ["vein"]}
-    mask_dir = write_mask_set(rows, out_root=tmp_path, metadata=meta)
+    # Vein boxes only: the contour lines (class 1) are outside ["vein"] and skipped.
+    source = LabelBoxes.create(labels, classes=["vein"], unknown_class="skip", unlabelled="empty")
+    with pytest.warns(UserWarning, match="unknown region class 1"):
+        mask_dir = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=["vein"],
+                                  cfg=MasksConfig(resolution=32), location=tmp_path, executor="local")
     cfg = tiny_train_config.model_copy(update={
         "masks": str(mask_dir), "region_classes": ["vein"], "alpha": 0.3, "beta": 0.7, "gamma": 0.0, "lam": 0.0,
         "epochs": 1})
