@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, validate
 from .io import atomic_write_bytes, safe_stem
-from .manifest import read_manifest
+from .manifest import read_manifest, select_images
 from .model import MGFAClassifier
 from .trial import build_model, eval_images, load_checkpoint, load_images, resize_images
 
@@ -310,24 +310,8 @@ def render_cams(
     path = _checkpoint_path(checkpoint)
     model, cfg, class_names = load_trained_model(path, device=device)
     manifest_path = Path(manifest) if manifest is not None else Path(cfg.manifest)
-    df = read_manifest(manifest_path).sort_values("image_id", kind="stable")
-    if image_ids is not None:
-        image_ids = list(dict.fromkeys(image_ids))
-        if not image_ids:
-            raise ValueError("no image ids given")
-        known = set(df["image_id"])
-        unknown = [i for i in image_ids if i not in known]
-        if unknown:
-            raise ValueError(f"image id {unknown[0]!r} is not in manifest {manifest_path}"
-                             + (f" ({len(unknown)} unknown ids)" if len(unknown) > 1 else ""))
-        rows = df.set_index("image_id").loc[image_ids].reset_index()
-    else:
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
-        rows = df[df["split"] == split].head(count)
-        if rows.empty:
-            splits = sorted(df["split"].unique())
-            raise ValueError(f"split {split!r} has no images in manifest {manifest_path} (splits: {splits})")
+    rows = select_images(read_manifest(manifest_path), image_ids=image_ids, split=split, count=count,
+                         source=f"manifest {manifest_path}")
     labels = torch.tensor(rows["label"].to_numpy(dtype="int64"))
     if len(labels) and int(labels.max()) >= len(class_names):
         raise ValueError(f"manifest {manifest_path} has label {int(labels.max())} but the model has "

@@ -6,6 +6,9 @@ Subcommands:
   * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
     activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
     :func:`mgfa_ray.cam.render_cams`).
+  * ``mgfa-ray masks SET [--images ID ...] [--split S] [--count 8] [--seed 0]`` — detected regions
+    and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
+    :func:`mgfa_ray.mask_view.render_mask_figures`).
 
 Bad input (config, data root, labels, masks) prints ``error: ...`` naming the file and field and
 exits with status 2.
@@ -14,6 +17,7 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     cam.add_argument("--cam-class", choices=["predicted", "true"], default="predicted",
                      help="explain the predicted class (default) or the true label")
     cam.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    masks = sub.add_parser("masks", help="detected regions and masks over a sample of photos, and a summary (paper Fig. 3)")
+    masks.add_argument("set", help="mask set location: outputs/<job>/masks/<set_id>, or an s3:// URI")
+    masks.add_argument("--images", nargs="+", default=None, metavar="ID", help="image ids (default: a sample)")
+    masks.add_argument("--split", default=None, help="sample from this split only (default: all)")
+    masks.add_argument("--count", type=int, default=8, help="sample size (default 8)")
+    masks.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    masks.add_argument("--manifest", default=None, help="manifest with the photo paths (default: the set's)")
+    masks.add_argument("--output-dir", type=Path, default=None, help="default: outputs/mask_figures/<set_id>")
     return p
 
 
@@ -63,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                                 count=args.count, manifest=args.manifest, cam_class=args.cam_class,
                                 device=args.device)
             print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
+        elif args.command == "masks":
+            from .mask_view import render_mask_figures
+
+            paths, summary = render_mask_figures(args.set, out_dir=args.output_dir, image_ids=args.images,
+                                                 split=args.split, count=args.count, seed=args.seed,
+                                                 manifest=args.manifest)
+            print(json.dumps(summary, indent=2))
+            print(f"{len(paths)} figures and summary.json in {paths[0].parent}")
         else:
             from .trial import train_to_dir
 

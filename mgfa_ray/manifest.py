@@ -180,3 +180,43 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if len(dup):
         raise ValueError(f"manifest {path}: duplicated image_id {dup.iloc[0]!r}")
     return df
+
+
+def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split: str | None = None,
+                  count: int = 8, seed: int | None = None, source: str = "manifest") -> pd.DataFrame:
+    """Rows of a manifest chosen for a figure command (``mgfa-ray cam``, ``mgfa-ray masks``).
+
+    Args:
+        df: The manifest.
+        image_ids: Ids to take, in this order (duplicates dropped); the other arguments are then
+            ignored.
+        split: Take images of this split only; ``None`` takes every split.
+        count: How many images to take when ``image_ids`` is ``None``, >= 1.
+        seed: ``None`` takes the first ``count`` in image_id order; an integer takes a seeded
+            random sample, returned in image_id order.
+        source: Names the manifest in error messages.
+
+    Returns:
+        The chosen manifest rows.
+
+    Raises:
+        ValueError: No or unknown image ids; ``count`` < 1; no image in ``split``.
+    """
+    df = df.sort_values("image_id", kind="stable")
+    if image_ids is not None:
+        image_ids = list(dict.fromkeys(image_ids))
+        if not image_ids:
+            raise ValueError("no image ids given")
+        unknown = [i for i in image_ids if i not in set(df["image_id"])]
+        if unknown:
+            raise ValueError(f"image id {unknown[0]!r} is not in {source}"
+                             + (f" ({len(unknown)} unknown ids)" if len(unknown) > 1 else ""))
+        return df.set_index("image_id").loc[image_ids].reset_index()
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    pool = df if split is None else df[df["split"] == split]
+    if pool.empty:
+        raise ValueError(f"split {split!r} has no images in {source} (splits: {sorted(df['split'].unique())})")
+    if seed is None:
+        return pool.head(count)
+    return pool.sample(n=min(count, len(pool)), random_state=seed).sort_values("image_id", kind="stable")
