@@ -213,6 +213,11 @@ def render_cam_png(
         ax.imshow(photo)
         ax.imshow(amap / peak if peak > 0 else amap, cmap=colormap, vmin=0.0, vmax=1.0, alpha=overlay_alpha)
         ax.set_title(f"{name} attention ({low:.3g} to {peak:.3g})", fontsize=9)
+    return figure_png(fig, axes, title=title)
+
+
+def figure_png(fig, axes, *, title: str) -> bytes:
+    """Finish a figure of image panels (axes off, title, tight layout) and return it as PNG bytes."""
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)

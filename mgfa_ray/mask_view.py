@@ -13,13 +13,13 @@ photos through the manifest; matplotlib Agg canvas, no pyplot state; no Ray.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .cam import figure_png
 from .io import atomic_write_bytes, atomic_write_json, safe_stem
 from .manifest import read_manifest, select_images
 from .masks import decode_rgb, read_metadata, read_rows
@@ -76,13 +76,7 @@ def render_mask_png(photo: np.ndarray, boxes: np.ndarray, masks: np.ndarray, *, 
         axes[1 + c].imshow(photo)
         axes[1 + c].imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
         axes[1 + c].set_title(f"{name} mask ({100 * float(masks[c].mean()):.1f}% of image)", fontsize=9)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return figure_png(fig, axes, title=title)
 
 
 def mask_summary(location: str | Path) -> dict:
