@@ -350,7 +350,7 @@ def prepare_real_data(s: dict[str, Any]) -> dict[str, Any]:
             "species": int(df["label"].nunique()), "train_images": keep,
             "val_images": int((df["split"] == "val").sum()),
             "train_images_dropped_to_fill_batches": len(train) - keep,
-            "labelled_images": sum(bool(bs) for bs in boxes), "mask_resolution": s["mask_size"],
+            "labelled_images": int(df["image_id"].isin(set(labels)).sum()), "mask_resolution": s["mask_size"],
             "cache_filled_this_run": cold,
             "decode_seconds": decode_seconds if cold else None,
             "decode_images_per_second": len(paths) / decode_seconds if cold else None,

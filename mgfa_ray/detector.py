@@ -476,7 +476,8 @@ def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -
         conf: Confidence threshold in [0, 1].
 
     Returns:
-        Per image, its boxes (``regions.Box``): ``cx``, ``cy``, ``w``, ``h`` normalised to [0, 1]
+        Per image, its boxes (``regions.Box``), the same whatever the other images of the batch:
+        ``cx``, ``cy``, ``w``, ``h`` normalised to [0, 1]
         by that image's width / height, ``cls`` the predicted class index in [0, nc), ``conf`` the
         score in [0, 1]. Boxes are sorted by descending confidence (Ultralytics' NMS order).
 
@@ -493,7 +494,10 @@ def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise ValueError(f"images[{n}]: expected an (H, W, 3) uint8 RGB array, got shape {im.shape} {im.dtype}")
         bgr.append(np.ascontiguousarray(im[:, :, ::-1]))  # Ultralytics treats numpy arrays as BGR
-    results = model.predict(bgr, imgsz=imgsz, conf=conf, verbose=False, save=False)
+    # rect=False: every image is letterboxed to the full imgsz square, as in training. With
+    # Ultralytics' default (rect=True) a batch of same-shaped images is padded only to a multiple of
+    # the stride while a mixed batch is padded to the square, so boxes depended on batch company.
+    results = model.predict(bgr, imgsz=imgsz, conf=conf, rect=False, verbose=False, save=False)
     out = []
     for r in results:
         xywhn = r.boxes.xywhn.cpu().numpy().astype(float)

@@ -22,8 +22,9 @@ set compute identical shards, but may delete each other's temporaries).
 
 ``set_id`` hashes everything the masks depend on (the box source — detector key, weights hash,
 input size and confidence threshold, or the label files' hashes —, manifest hash, region classes,
-resolution, corrupt-image policy and schema version): another detector or manifest gives another
-set, never a mix.
+resolution, corrupt-image policy, schema and recipe versions): another detector or manifest gives
+another set, never a mix. The content does not depend on ``batch_size``, ``rows_per_shard`` or the
+number of actors (tested).
 
 Location: a local or NFS directory, or an object-store URI such as
 ``s3://bucket/prefix?endpoint_override=http://host:9000`` (:func:`mgfa_ray.io.resolve_location`).
@@ -88,6 +89,9 @@ from .regions import Box, parse_label_file
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+#: Bump when equal inputs give other boxes or masks (a new set id, so old sets are not reused).
+#: 2: every image letterboxed to the full square (``predict_boxes``), whatever its batch.
+RECIPE_VERSION = 2
 METADATA = "metadata.json"
 PLAN = "plan.json"
 STATS_KEY = b"mgfa_ray.shard_stats"
@@ -404,7 +408,7 @@ class ShardWriter:
 def mask_set_id(*, source_identity: dict, manifest_hash: str, region_classes: list[str], cfg: MasksConfig) -> str:
     """16-hex-digit id of a mask set from everything its content depends on."""
     return sha256_json({
-        "schema": SCHEMA_VERSION, "source": source_identity, "manifest": manifest_hash,
+        "schema": SCHEMA_VERSION, "recipe": RECIPE_VERSION, "source": source_identity, "manifest": manifest_hash,
         "regions": list(region_classes), "resolution": cfg.resolution, "corrupt_images": cfg.corrupt_images,
     })[:16]
 

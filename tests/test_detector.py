@@ -150,10 +150,18 @@ def test_predict_boxes_on_real_images(trained, tmp_path, monkeypatch):
             assert all(0.0 <= v <= 1.0 for v in (b.cx, b.cy, b.w, b.h, b.conf))
             assert b.conf >= 0.001
     # RGB arrays are handed to Ultralytics in its BGR convention: same boxes as from the file.
-    from_file = model.predict(str(paths[0]), imgsz=CFG.imgsz, conf=0.001, verbose=False)[0].boxes
+    from_file = model.predict(str(paths[0]), imgsz=CFG.imgsz, conf=0.001, rect=False, verbose=False)[0].boxes
     ours = np.array([[b.cx, b.cy, b.w, b.h] for b in detections[0]]).reshape(-1, 4)
     assert len(ours) == len(from_file)
     np.testing.assert_allclose(ours, from_file.xywhn.numpy().clip(0, 1), atol=1e-4)
+    # An image's boxes do not depend on its batch: a wide photo alone (Ultralytics' default would pad
+    # it to 64 x 32) and beside a photo of another shape (padded to the 64 x 64 square).
+    wide = np.asarray(Image.fromarray(rgb[0]).resize((400, 200)))
+    alone = predict_boxes(model, [wide], imgsz=CFG.imgsz, conf=0.001)[0]
+    mixed = predict_boxes(model, [wide, rgb[1]], imgsz=CFG.imgsz, conf=0.001)[0]
+    assert len(alone) == len(mixed) > 0
+    np.testing.assert_allclose([[b.cx, b.cy, b.w, b.h, b.conf] for b in alone],
+                               [[b.cx, b.cy, b.w, b.h, b.conf] for b in mixed], atol=1e-5)
     assert predict_boxes(model, [], imgsz=CFG.imgsz, conf=0.1) == []
     with pytest.raises(ValueError, match="uint8"):
         predict_boxes(model, [rgb[0].astype(np.float32)], imgsz=CFG.imgsz, conf=0.1)

@@ -82,8 +82,10 @@ def test_ray_data_masks_equal_direct_call_and_rerun_skips(ray_cluster, tiny_mani
     assert meta["region_classes"] == REGIONS and meta["mask_resolution"] == 32
     assert sorted(p.name for p in set_dir.iterdir()) == sorted([*meta["rows_per_shard"], "metadata.json", "plan.json"])
 
-    # The pure core, called directly on the whole manifest, gives the same rows.
-    direct, corrupt = MaskComputer(tiny_detector, num_classes=2, resolution=32)(df)
+    # The pure core, called directly on the whole manifest one image per detector call, gives the
+    # same rows: content depends neither on Ray nor on the detector batch (see test_detector too).
+    one_by_one = DetectorBoxes(**{**tiny_detector.__dict__, "batch_size": 1})
+    direct, corrupt = MaskComputer(one_by_one, num_classes=2, resolution=32)(df)
     assert corrupt == []
     direct = direct.set_index("image_id")
     shards = shard_table(set_dir)
@@ -92,7 +94,7 @@ def test_ray_data_masks_equal_direct_call_and_rerun_skips(ray_cluster, tiny_mani
     for image_id, row in direct.iterrows():
         assert shards.loc[image_id, "masks"] == row["masks"]
         np.testing.assert_allclose(np.array(list(shards.loc[image_id, "boxes"]), dtype=float).reshape(-1, 6),
-                                   np.array(row["boxes"], dtype=float).reshape(-1, 6), rtol=1e-6)
+                                   np.array(row["boxes"], dtype=float).reshape(-1, 6), atol=1e-5)
     # The summary is built from the shard footers and agrees with the rows.
     n_boxes = sum(len(b) for b in direct["boxes"])
     assert meta["summary"]["mean_boxes_per_image"] == pytest.approx(n_boxes / 24)
