@@ -9,9 +9,15 @@ photos, how many images per second go from a JPEG file to a stored mask row:
    ``pyarrow.parquet.write_table`` (the shard schema, no footer statistics, no fsync). These are the
    explicit calls, not ``MaskComputer(DetectorBoxes(batch_size=1, decode_threads=1))``: that
    already decodes the next image in a thread while the detector runs, which a hand-written loop
-   does not. torch runs with its default thread count (all cores on CPU), recorded as
-   ``torch_threads``. The clock covers model load, the loop and the Parquet write; the model-load
-   part is also recorded on its own (``load_seconds``).
+   does not. The clock covers model load, the loop and the Parquet write; the model-load part is
+   also recorded on its own (``load_seconds``). torch threads: the loop runs once per count in
+   ``--loop-threads`` (methods ``plain_loop_t<k>``); on CPU the default is torch's own default
+   (all cores) and Ultralytics' choice ``min(8, cores - 1)``, which Ultralytics' first CPU
+   prediction sets anyway (the loop sets the wanted count after its first image). Both are
+   measured because neither is reliably faster: on a core that another process also uses, every
+   OpenMP barrier of a multi-threaded torch waits for a descheduled thread (measured here: a
+   conv stack 20-30x slower with 2 threads than with 1 while one of 2 cores was busy). The
+   baseline ``plain_loop`` of every ratio is the fastest variant (by median).
 2. ``pipeline_<N>`` — :func:`mgfa_ray.masks.build_mask_set` with ``executor="ray"`` and
    ``num_actors=N`` on a local Ray cluster the script starts once
    (``ray.init(num_cpus=os.cpu_count())``): the Ray Data actor pool of ``ShardWriter``, each actor
@@ -32,15 +38,16 @@ skips it). Every measurement is repeated ``--repeats`` times in rounds that take
 turn (loop, pipeline N=1, pipeline N=2, loop, ...), so a changing background load hits all of them
 alike; medians and every value are reported, plus per-round ratios.
 
-Same work. The masks of every run are compared with the first plain-loop run's (outside the
-clock): ``masks_identical`` is true when every mask and every box is bit-identical. They need not
-be: with a batch of differently sized photos Ultralytics letterboxes each to the square
-``imgsz`` x ``imgsz``, while a batch of one is padded only to a multiple of the stride, so the
-network sees other padding and boxes may move slightly. Then the comparison records the fraction
-of identical masks, the images whose box count differs and the largest absolute box difference.
-``--batch-size 1`` makes the pipeline do exactly the loop's detector work.
+Same work. The masks and boxes of every run are compared with the first plain-loop run's (outside
+the clock): ``masks_identical`` when every mask is byte-identical, ``boxes_identical`` when every
+box is bit-identical (float rounding of other torch thread counts or batch sizes may move boxes by
+~1e-7 without changing a mask). ``predict_boxes`` letterboxes every image to the full square, so a
+photo's boxes do not depend on its batch; before that fix this check found masks that did. When
+runs differ, the comparison records the fraction of identical masks, the mean fraction of mask
+pixels that differ, the images whose box count differs and the largest absolute box difference
+(boxes sorted by class and position first).
 
-Ratios: ``pipeline_<N>_over_plain_loop`` and the scaling ``pipeline_<N>_over_pipeline_1`` with its
+Ratios: ``pipeline_<N>_over_plain_loop`` (against the fastest loop variant) and the scaling ``pipeline_<N>_over_pipeline_1`` with its
 efficiency (ratio / N). Targets (from the issue): on one CPU machine the pipeline is at least as
 fast as the plain loop; with N GPU workers it reaches at least 0.9 x N times the one-GPU plain loop.
 
@@ -107,7 +114,8 @@ MEASURED = {
         "one process, explicit calls: load_detector once, then per image decode_rgb(path, max_side=2*imgsz) -> "
         "predict_boxes(model, [img], imgsz, conf) (batch 1) -> rasterize; rows collected in lists and written to "
         "one Parquet file with pyarrow.parquet.write_table (shard schema, no footer statistics, no fsync); no "
-        "decode-ahead. torch default threads. Clock: model load + loop + Parquet write. images/s = images / seconds."
+        "decode-ahead. Method plain_loop_t<k>: k torch threads (set after the first image, whose prediction lets "
+        "Ultralytics set min(8, cores-1) on CPU). Baseline 'plain_loop' of the ratios: the fastest variant. Clock: model load + loop + Parquet write. images/s = images / seconds."
     ),
     "pipeline": (
         "mgfa_ray.masks.build_mask_set(executor='ray', num_actors=N) into a new temporary directory (nothing "
@@ -140,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--resolution", type=int, help="mask side in pixels (default 64)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per pipeline actor, also its decode threads "
                                                          "(default 1; gpu preset 4)")
+    p.add_argument("--loop-threads", type=int, nargs="+",
+                   help="torch thread counts of the plain loop, one variant each (default on CPU: torch's own\n"
+                        "default, all cores, and Ultralytics' min(8, cores - 1); on GPU torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the detector runs (preset decides by default)")
     p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
                    help="skip the untimed warm-up of each method")
@@ -150,10 +161,17 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     args = vars(p.parse_args(argv))
     preset, weights, conf, data_root, tmp_dir, out = (
         args.pop(k) for k in ("preset", "weights", "conf", "data_root", "tmp_dir", "out"))
-    if preset is None:
-        import torch
+    import torch  # before Ultralytics: its import sets OMP_NUM_THREADS=1 for torch's later start-up
 
+    if preset is None:
         preset = "gpu" if torch.cuda.is_available() else "cpu"
+    if args["loop_threads"] is None:
+        cuda = (args["device"] or PRESETS[preset]["device"]) == "cuda"
+        ultralytics_threads = min(8, max(1, (os.cpu_count() or 1) - 1))
+        args["loop_threads"] = sorted({torch.get_num_threads(), *(() if cuda else (ultralytics_threads,))},
+                                      reverse=True)
+    if min(args["loop_threads"]) < 1:
+        raise SystemExit("--loop-threads: need at least one thread")
     s = {**DEFAULTS, **PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}
     s.update(preset=preset, weights=str(weights.expanduser().resolve()), conf=conf,
              data_root=str(resolve_data_root(data_root)),
@@ -275,7 +293,8 @@ def leafsnap_manifest(s: dict[str, Any]) -> pd.DataFrame:
     return df.sort_values("image_id", ignore_index=True)
 
 
-def plain_loop(df: pd.DataFrame, det: dict[str, Any], s: dict[str, Any], out_file: Path) -> dict[str, Any]:
+def plain_loop(df: pd.DataFrame, det: dict[str, Any], s: dict[str, Any], threads: int,
+               out_file: Path) -> dict[str, Any]:
     """The hand-written baseline (module docstring, item 1); returns seconds and the written rows."""
     import torch
 
@@ -284,9 +303,11 @@ def plain_loop(df: pd.DataFrame, det: dict[str, Any], s: dict[str, Any], out_fil
     model = load_detector(Path(det["weights"]), device=s["device"])
     load_seconds = time.perf_counter() - t0
     cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    for row in df.itertuples(index=False):
+    for i, row in enumerate(df.itertuples(index=False)):
         img = decode_rgb(row.path, max_side=2 * imgsz)
         boxes = predict_boxes(model, [img], imgsz=imgsz, conf=conf)[0]
+        if i == 0:  # Ultralytics' first predict (select_device) set min(8, cores - 1) threads on CPU
+            torch.set_num_threads(threads)
         mask = rasterize(boxes, num_classes=k, resolution=r)
         cols["image_id"].append(row.image_id)
         cols["label"].append(int(row.label))
@@ -300,7 +321,7 @@ def plain_loop(df: pd.DataFrame, det: dict[str, Any], s: dict[str, Any], out_fil
     threads = torch.get_num_threads()
     del model
     gc.collect()
-    return {"seconds": seconds, "load_seconds": load_seconds, "torch_threads": threads,
+    return {"seconds": seconds, "load_seconds": load_seconds, "torch_threads_end": threads,
             "rows": pq.read_table(out_file, columns=["image_id", "boxes", "masks"]).to_pandas()}
 
 
@@ -323,29 +344,37 @@ def compare(reference: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]:
     """How far ``other``'s boxes and masks are from ``reference``'s (both: image_id, boxes, masks)."""
     a, b = reference.set_index("image_id"), other.set_index("image_id")
     if sorted(a.index) != sorted(b.index):
-        return {"same_image_ids": False, "masks_identical": False}
+        return {"same_image_ids": False, "masks_identical": False, "boxes_identical": False}
     b = b.loc[a.index]
     same_mask = [x == y for x, y in zip(a["masks"], b["masks"], strict=True)]
-    count_differs, same_boxes, max_diff = [], 0, 0.0
+    pixels = [float(np.mean(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
+              for x, y in zip(a["masks"], b["masks"], strict=True)]
+    count_differs, same_boxes, diffs = [], 0, []
     for image_id, x, y in zip(a.index, a["boxes"], b["boxes"], strict=True):
-        x = np.array([list(v) for v in x], dtype=float).reshape(-1, 6)
-        y = np.array([list(v) for v in y], dtype=float).reshape(-1, 6)
+        # Rows sorted by (class, cx, cy, w, h, conf): a small confidence change may reorder the
+        # detector's (confidence-sorted) output without moving any box.
+        x = np.array(sorted(list(v) for v in x), dtype=float).reshape(-1, 6)
+        y = np.array(sorted(list(v) for v in y), dtype=float).reshape(-1, 6)
         if x.shape != y.shape:
             count_differs.append(image_id)
             continue
         same_boxes += bool(np.array_equal(x, y))
         if x.size:
-            max_diff = max(max_diff, float(np.abs(x - y).max()))
+            diffs.append(float(np.abs(x - y).max()))
     n = len(a)
     return {
         "same_image_ids": True,
-        "masks_identical": all(same_mask) and same_boxes == n,
+        "masks_identical": all(same_mask),
+        "boxes_identical": same_boxes == n and not count_differs,
         "fraction_masks_identical": sum(same_mask) / n,
+        "mean_fraction_mask_pixels_differing": float(np.mean(pixels)),
         "fraction_boxes_identical": same_boxes / n,
         "images_with_other_box_count": len(count_differs),
         "images_with_other_box_count_examples": count_differs[:5],
-        "max_abs_box_difference": max_diff,
-        "boxes_compared": int(sum(len(v) for v in a["boxes"])),
+        "max_abs_box_difference": max(diffs, default=0.0),
+        "median_of_per_image_max_abs_box_difference": statistics.median(diffs) if diffs else 0.0,
+        "boxes_reference": int(sum(len(v) for v in a["boxes"])),
+        "boxes_other": int(sum(len(v) for v in b["boxes"])),
     }
 
 
@@ -399,7 +428,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
         n_images = len(df)
         n_shards = math.ceil(n_images / s["rows_per_shard"])
         check_workers(s, n_shards)
-        s.update(n_images=n_images, n_shards=n_shards, torch_threads_default=torch.get_num_threads(),
+        s.update(conf=det["conf"], n_images=n_images, n_shards=n_shards, torch_threads_default=torch.get_num_threads(),
                  ray_data_progress_bars=False)
         doc["settings"] = s
         doc["detector"] = {k: v for k, v in det.items() if k != "weights"}
@@ -426,21 +455,24 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
             few = df.iloc[: min(n_images, 2 * max(s["workers"]))].reset_index(drop=True)
             log(f"warm-up: plain loop and pipeline N={max(s['workers'])} on {len(few)} images (untimed)")
             t0 = time.perf_counter()
-            plain_loop(few.iloc[:2], det, s, fresh("warmup-loop") / "masks.parquet")
+            plain_loop(few.iloc[:2], det, s, s["loop_threads"][0], fresh("warmup-loop") / "masks.parquet")
             pipeline(few, det, {**s, "rows_per_shard": 2}, max(s["workers"]), fresh("warmup-pipeline"))
             doc["warmup_seconds"] = time.perf_counter() - t0
 
-        methods = ["plain_loop", *(f"pipeline_{n}" for n in s["workers"])]
+        loops = [f"plain_loop_t{k}" for k in s["loop_threads"]]
+        methods = [*loops, *(f"pipeline_{n}" for n in s["workers"])]
         seconds: dict[str, list[float]] = {m: [] for m in methods}
-        loads, threads, checks = [], [], {}
+        extra: dict[str, dict[str, list]] = {m: {"repeats_loadavg_1min": []} for m in methods}
+        checks: dict[str, dict] = {}
         reference = None
         for rep in range(s["repeats"]):
             for m in methods:
                 loc = fresh(f"{m}-r{rep}")
-                if m == "plain_loop":
-                    res = plain_loop(df, det, s, loc / "masks.parquet")
-                    loads.append(res["load_seconds"])
-                    threads.append(res["torch_threads"])
+                extra[m]["repeats_loadavg_1min"].append(os.getloadavg()[0])
+                if m in loops:
+                    res = plain_loop(df, det, s, int(m.rsplit("_t", 1)[1]), loc / "masks.parquet")
+                    extra[m].setdefault("repeats_load_seconds", []).append(res["load_seconds"])
+                    extra[m].setdefault("repeats_torch_threads", []).append(res["torch_threads_end"])
                 else:
                     res = pipeline(df, det, s, int(m.split("_")[1]), loc)
                 seconds[m].append(res["seconds"])
@@ -455,29 +487,34 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results = {m: summarise(v, n_images) for m, v in seconds.items()}
-    results["plain_loop"].update(load_seconds=loads, torch_threads=threads[0], device=s["device"])
+    results = {m: summarise(v, n_images, extra[m]) for m, v in seconds.items()}
+    for m in loops:
+        results[m].update(device=s["device"], torch_threads=int(m.rsplit("_t", 1)[1]))
     for n in s["workers"]:
         results[f"pipeline_{n}"].update(num_actors=n, cpus_per_actor=s["cpus_per_actor"],
                                         gpus_per_actor=1.0 if s["device"] == "cuda" else 0.0,
                                         batch_size=s["batch_size"])
     doc["results"] = results
 
-    loop = results["plain_loop"]
-    ratios: dict[str, Any] = {}
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(results[a]["repeats_images_per_second"], results[b]["repeats_images_per_second"],
+                                      strict=True)]
+
+    baseline = max(loops, key=lambda m: results[m]["images_per_second"])
+    loop = results[baseline]
+    ratios: dict[str, Any] = {"plain_loop": baseline}
+    for m in loops:
+        if m != baseline:
+            ratios[f"{m}_over_{baseline}"] = results[m]["images_per_second"] / loop["images_per_second"]
     for n in s["workers"]:
         p = results[f"pipeline_{n}"]
-        per_round = [x / y for x, y in zip(p["repeats_images_per_second"], loop["repeats_images_per_second"],
-                                           strict=True)]
         ratios[f"pipeline_{n}_over_plain_loop"] = p["images_per_second"] / loop["images_per_second"]
-        ratios[f"pipeline_{n}_over_plain_loop_per_round"] = per_round
+        ratios[f"pipeline_{n}_over_plain_loop_per_round"] = per_round(f"pipeline_{n}", baseline)
         if n != 1 and 1 in s["workers"]:
             scale = p["images_per_second"] / results["pipeline_1"]["images_per_second"]
             ratios[f"pipeline_{n}_over_pipeline_1"] = scale
             ratios[f"pipeline_{n}_scaling_efficiency"] = scale / n
-            ratios[f"pipeline_{n}_over_pipeline_1_per_round"] = [
-                x / y for x, y in zip(p["repeats_images_per_second"],
-                                      results["pipeline_1"]["repeats_images_per_second"], strict=True)]
+            ratios[f"pipeline_{n}_over_pipeline_1_per_round"] = per_round(f"pipeline_{n}", "pipeline_1")
     doc["ratios"] = ratios
 
     best_n = max(s["workers"])
@@ -490,7 +527,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
         }
     else:
         doc["targets"] = {
-            "rule": "on one CPU machine, the pipeline using the machine (largest N) >= the plain loop",
+            "rule": "on one CPU machine, the pipeline using the machine (largest N) >= the fastest plain loop",
             "pipeline_over_plain_loop_min": TARGET_CPU_PIPELINE_OVER_LOOP,
             "largest_n": best_n,
             "met": ratios[f"pipeline_{best_n}_over_plain_loop"] >= TARGET_CPU_PIPELINE_OVER_LOOP,
@@ -499,10 +536,13 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
         }
 
     doc["same_work"] = {
-        "reference": "plain_loop round 1",
+        "reference": f"{loops[0]} round 1",
         "masks_identical": all(c["masks_identical"] for c in checks.values()) if checks else None,
-        "note": ("pipeline batches of differently sized photos are letterboxed to imgsz x imgsz, a batch of one "
-                 "only to a stride multiple: boxes may differ slightly unless --batch-size 1"),
+        "boxes_identical": all(c["boxes_identical"] for c in checks.values()) if checks else None,
+        "max_abs_box_difference": max((c.get("max_abs_box_difference", 0.0) for c in checks.values()), default=None),
+        "note": ("masks_identical: every mask byte-equal to the reference's; boxes_identical: every box bit-equal. "
+                 "Every image is letterboxed to imgsz x imgsz whatever its batch (predict_boxes, rect=False); float "
+                 "rounding (other torch thread counts, batch sizes) moves boxes by ~1e-7 without changing masks"),
         "runs": checks,
     }
     doc["masks_identical"] = doc["same_work"]["masks_identical"]
@@ -510,7 +550,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     doc["total_seconds"] = time.perf_counter() - started
     log(", ".join(f"{m} {r['images_per_second']:.2f} img/s" for m, r in results.items()) + "; "
         + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if isinstance(v, float))
-        + f"; masks identical: {doc['masks_identical']}")
+        + f"; masks identical: {doc['masks_identical']}, boxes identical: {doc['same_work']['boxes_identical']}")
     return doc
 
 
