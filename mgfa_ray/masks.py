@@ -287,6 +287,7 @@ class MaskComputer:
     def __init__(self, source: BoxSource, *, num_classes: int, resolution: int,
                  corrupt_images: Literal["error", "record"] = "error"):
         self.source = source
+        self.source_id = source.source_id  # once: for label files it hashes every file
         self.num_classes, self.resolution, self.corrupt_images = num_classes, resolution, corrupt_images
         self._model = None
 
@@ -340,7 +341,7 @@ class MaskComputer:
         corrupt = [e for e in errors if e is not None]
         if corrupt and self.corrupt_images == "error":
             return None, corrupt
-        return mask_rows(rows, boxes, source_id=self.source.source_id, num_classes=self.num_classes,
+        return mask_rows(rows, boxes, source_id=self.source_id, num_classes=self.num_classes,
                          resolution=self.resolution, errors=errors), corrupt
 
 
