@@ -24,6 +24,7 @@ from mgfa_ray.masks import (
     LabelBoxes,
     MaskComputer,
     build_mask_set,
+    mask_set_id,
     rasterize,
     read_masks,
     read_metadata,
@@ -314,3 +315,23 @@ def test_mask_set_on_object_store_equals_local(ray_cluster, s3_server, label_set
     np.testing.assert_array_equal(read_masks(remote, image_ids=ids, region_classes=REGIONS)[0],
                                   read_masks(local, image_ids=ids, region_classes=REGIONS)[0])
     assert read_metadata(remote)["rows_per_shard"] == read_metadata(local)["rows_per_shard"]
+
+
+def test_set_id_changes_with_every_input_of_the_masks_and_nothing_else():
+    ident = {"detector": "k1", "weights_sha256": "a" * 64, "imgsz": 320, "conf": 0.1}
+    cfg = MasksConfig(resolution=64)
+    base = mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS, cfg=cfg)
+    assert len(base) == 16
+    others = [
+        mask_set_id(source_identity={**ident, "detector": "k2"}, manifest_hash="m1", region_classes=REGIONS, cfg=cfg),
+        mask_set_id(source_identity={**ident, "weights_sha256": "b" * 64}, manifest_hash="m1", region_classes=REGIONS,
+                    cfg=cfg),
+        mask_set_id(source_identity=ident, manifest_hash="m2", region_classes=REGIONS, cfg=cfg),
+        mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS[::-1], cfg=cfg),
+        mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS,
+                    cfg=cfg.model_copy(update={"corrupt_images": "record"})),
+    ]
+    assert len({base, *others}) == 6
+    # How the work is cut and run does not change the content, so not the id either.
+    same = cfg.model_copy(update={"batch_size": 3, "rows_per_shard": 7, "num_actors": 5, "location": "s3://b/x"})
+    assert mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS, cfg=same) == base
