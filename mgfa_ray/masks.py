@@ -64,6 +64,7 @@ recorded as corrupt), rows, rows_per_shard {file: rows}, summary (:func:`summari
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -576,10 +577,10 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    if isinstance(writer["source"], DetectorBoxes):
-        writer = {**writer, "source": DetectorBoxes(**{
-            **writer["source"].__dict__, "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
-            "decode_threads": max(1, int(cfg.cpus_per_actor))})}
+    if isinstance(writer["source"], DetectorBoxes):  # the actors' device and decode threads
+        writer = {**writer, "source": dataclasses.replace(
+            writer["source"], device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            decode_threads=max(1, int(cfg.cpus_per_actor)))}
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWriter,
         fn_constructor_kwargs=writer,
