@@ -69,10 +69,8 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +83,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from common import git_info, machine_info
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, resolve_data_root
 from mgfa_ray.detector import METRICS, load_detector, predict_boxes  # sets Ultralytics' offline settings
@@ -178,51 +177,6 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
              tmp_dir=str((tmp_dir or Path(tempfile.gettempdir())).resolve()),
              out=str((out or REPO / "results" / "benchmarks" / f"mask_precompute_{preset}.json").resolve()))
     return s
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, memory, GPUs and software versions of this machine."""
-    import ray
-    import torch
-    import ultralytics
-
-    cpu_model, mem_kib = platform.processor(), None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_kib = int(line.split()[1])
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "ray": ray.__version__, "ultralytics": ultralytics.__version__, "pyarrow": pa.__version__, "gpu": None,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "count": torch.cuda.device_count(),
-                       "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                       "memory_gib": round(props.total_memory / 2**30, 1)}
-    return info
-
-
-def git_info() -> dict[str, Any]:
-    """HEAD commit and the files changed against it (the measured code may be uncommitted)."""
-
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "mgfa_ray", "benchmarks")
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": status.splitlines() if status else ([] if status is not None else None)}
 
 
 def log(msg: str) -> None:

@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
+from common import git_info, machine_info
 from torch import nn
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
@@ -151,48 +149,6 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     settings.update(preset=preset, data_root=str(resolve_data_root(data_root)), work_dir=str(work_dir.resolve()),
                     out=str((out or work_dir / "train_step.json").resolve()))
     return settings
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, memory, GPU and software versions of this machine."""
-    cpu_model = platform.processor()
-    mem_kib = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_kib = int(line.split()[1])
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "torch_cuda": torch.version.cuda, "gpu": None,
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "count": torch.cuda.device_count(),
-                       "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}"}
-    return info
-
-
-def git_info() -> dict[str, Any]:
-    """HEAD commit and the files changed against it (the measured code may be uncommitted)."""
-
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "mgfa_ray", "benchmarks")
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": status.splitlines() if status else ([] if status is not None else None)}
 
 
 def sync(device: torch.device) -> None:

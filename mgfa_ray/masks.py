@@ -213,7 +213,7 @@ class LabelBoxes:
     @classmethod
     def create(cls, label_files: Mapping[str, str | Path], *, classes: list[str],
                unknown_class: Literal["error", "skip"] = "error",
-               unlabelled: Literal["error", "empty"] = "error") -> "LabelBoxes":
+               unlabelled: Literal["error", "empty"] = "error") -> LabelBoxes:
         """From an ``image_id → file`` mapping such as :func:`mgfa_ray.regions.index_labels`."""
         return cls(tuple(sorted((str(k), str(v)) for k, v in label_files.items())), tuple(classes),
                    unknown_class, unlabelled)

@@ -208,7 +208,7 @@ def test_corrupt_image_error_or_record(tiny_manifest, tiny_detector, tmp_path):
     cfg = MasksConfig(resolution=16, rows_per_shard=8)
     kwargs = dict(manifest=bad, manifest_hash=manifest_hash(bad), source=tiny_detector, region_classes=REGIONS,
                   location=tmp_path / "masks", executor="local")
-    with pytest.raises(ValueError, match=rf"1 image\(s\) cannot be decoded.*broken\.jpg"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be decoded.*broken\.jpg"):
         build_mask_set(cfg=cfg, **kwargs)
     (partial,) = (tmp_path / "masks").iterdir()
     assert sorted(p.name for p in partial.glob("*.parquet")) == [shard_name(1), shard_name(2)]  # shard 0 has it
