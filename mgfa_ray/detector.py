@@ -434,6 +434,30 @@ def train_detector(
     return metrics
 
 
+def weights_digest(weights: str | Path) -> str:
+    """SHA-256 of the network an Ultralytics checkpoint predicts with: the EMA model if saved, else
+    the model (as Ultralytics loads it), each state_dict tensor's name, dtype, shape and bytes.
+
+    Unlike the file's hash it ignores what Ultralytics stores beside the weights (date, optimizer,
+    training arguments), so two trainings that give the same tensors get the same digest.
+
+    Raises:
+        ValueError: ``weights`` is not an Ultralytics checkpoint with a model.
+    """
+    import torch
+
+    _ultralytics()  # the checkpoint pickles Ultralytics classes
+    ckpt = torch.load(Path(weights), map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if model is None:
+        raise ValueError(f"{weights} is not an Ultralytics checkpoint (no 'ema' or 'model' entry)")
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_detector(weights: Path, *, device: str = "cpu"):
     """Load trained detector weights for :func:`predict_boxes`.
 

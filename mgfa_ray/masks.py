@@ -20,8 +20,8 @@ that the shards hold exactly one row per manifest image; a set without it is inc
 :func:`read_masks` refuses it. One writer per mask set at a time (two concurrent writers of one
 set compute identical shards, but may delete each other's temporaries).
 
-``set_id`` hashes everything the masks depend on (the box source — detector key, weights hash,
-input size and confidence threshold, or the label files' hashes —, manifest hash, region classes,
+``set_id`` hashes everything the masks depend on (the box source — detector key, digest of the
+network's tensors, input size and confidence threshold, or the label files' hashes —, manifest hash, region classes,
 resolution, corrupt-image policy, schema and recipe versions): another detector or manifest gives
 another set, never a mix. The content does not depend on ``batch_size``, ``rows_per_shard`` or the
 number of actors (tested).
@@ -57,7 +57,7 @@ all zero (:func:`mgfa_ray.model.gt_attention`): Eq. 7 pulls the attention map to
 for the softmax variant is a uniform map — no region, no preferred location.
 
 ``metadata.json``: schema_version, set_id, source (``detector`` | ``labels``), detector_key (the
-box source id), detector_weights_sha256 (detector source), imgsz, conf, manifest_hash, manifest
+box source id), detector_weights_digest (detector source), imgsz, conf, manifest_hash, manifest
 (informational path), mask_resolution, region_classes, corrupt_images (policy), corrupt (image_ids
 recorded as corrupt), rows, rows_per_shard {file: rows}, summary (:func:`summarize`), created.
 """
@@ -187,8 +187,12 @@ class DetectorBoxes:
         return self.detector_key
 
     def identity(self) -> dict:
-        """What the boxes depend on (enters the set id); hashes the weights file."""
-        return {"detector": self.detector_key, "weights_sha256": sha256_file(self.weights), "imgsz": self.imgsz,
+        """What the boxes depend on (enters the set id): the detector key, the digest of the network's
+        tensors (:func:`mgfa_ray.detector.weights_digest`; not the file's bytes, which change with
+        Ultralytics' save date), input size and confidence threshold."""
+        from .detector import weights_digest
+
+        return {"detector": self.detector_key, "weights_digest": weights_digest(self.weights), "imgsz": self.imgsz,
                 "conf": self.conf}
 
 
@@ -561,7 +565,7 @@ def build_mask_set(
         "set_id": set_id,
         "source": source.kind,
         "detector_key": source.source_id,
-        "detector_weights_sha256": identity.get("weights_sha256"),
+        "detector_weights_digest": identity.get("weights_digest"),
         "imgsz": identity.get("imgsz"),
         "conf": identity.get("conf"),
         "manifest_hash": manifest_hash,

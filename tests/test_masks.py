@@ -1,6 +1,7 @@
 """Mask stage: rasterisation, direct = Ray Data, resume after a kill, corrupt images, validation on
 read, label files as the box source, an object-store location."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 from mgfa_ray.config import DetectorConfig, MasksConfig
-from mgfa_ray.detector import train_detector
+from mgfa_ray.detector import train_detector, weights_digest
+from mgfa_ray.io import sha256_file
 from mgfa_ray.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,
@@ -318,13 +320,13 @@ def test_mask_set_on_object_store_equals_local(ray_cluster, s3_server, label_set
 
 
 def test_set_id_changes_with_every_input_of_the_masks_and_nothing_else():
-    ident = {"detector": "k1", "weights_sha256": "a" * 64, "imgsz": 320, "conf": 0.1}
+    ident = {"detector": "k1", "weights_digest": "a" * 64, "imgsz": 320, "conf": 0.1}
     cfg = MasksConfig(resolution=64)
     base = mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS, cfg=cfg)
     assert len(base) == 16
     others = [
         mask_set_id(source_identity={**ident, "detector": "k2"}, manifest_hash="m1", region_classes=REGIONS, cfg=cfg),
-        mask_set_id(source_identity={**ident, "weights_sha256": "b" * 64}, manifest_hash="m1", region_classes=REGIONS,
+        mask_set_id(source_identity={**ident, "weights_digest": "b" * 64}, manifest_hash="m1", region_classes=REGIONS,
                     cfg=cfg),
         mask_set_id(source_identity=ident, manifest_hash="m2", region_classes=REGIONS, cfg=cfg),
         mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS[::-1], cfg=cfg),
@@ -335,3 +337,24 @@ def test_set_id_changes_with_every_input_of_the_masks_and_nothing_else():
     # How the work is cut and run does not change the content, so not the id either.
     same = cfg.model_copy(update={"batch_size": 3, "rows_per_shard": 7, "num_actors": 5, "location": "s3://b/x"})
     assert mask_set_id(source_identity=ident, manifest_hash="m1", region_classes=REGIONS, cfg=same) == base
+
+
+def test_detector_identity_follows_the_tensors_not_the_file_bytes(tiny_detector, tmp_path):
+    """Ultralytics stores a save date beside the weights: a retraining that gives the same tensors
+    must give the same mask set, another tensor another set."""
+    ckpt = torch.load(tiny_detector.weights, map_location="cpu", weights_only=False)
+    ckpt["date"] = "2000-01-01T00:00:00"
+    resaved = tmp_path / "resaved.pt"
+    torch.save(ckpt, resaved)
+    assert sha256_file(resaved) != sha256_file(tiny_detector.weights)
+    same = dataclasses.replace(tiny_detector, weights=str(resaved))
+    assert same.identity() == tiny_detector.identity()
+    model = ckpt.get("ema") or ckpt["model"]
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    changed = tmp_path / "changed.pt"
+    torch.save(ckpt, changed)
+    assert dataclasses.replace(tiny_detector, weights=str(changed)).identity() != tiny_detector.identity()
+    with pytest.raises(ValueError, match="not an Ultralytics checkpoint"):
+        torch.save({"state_dict": {}}, tmp_path / "plain.pt")
+        weights_digest(tmp_path / "plain.pt")
