@@ -203,7 +203,7 @@ class LabelBoxes:
     Attributes:
         label_files: ``(image_id, file)`` pairs, sorted (build with :meth:`create`).
         classes: Region class names; index = class id.
-        unknown_class: Policy for label lines of other classes (:func:`mgfa_ray.regions.parse_yolo_file`).
+        unknown_class: Policy for boxes of other classes (:func:`mgfa_ray.regions.parse_label_file`).
         unlabelled: An image without a label file is an ``error`` or gets ``empty`` masks.
     """
 
