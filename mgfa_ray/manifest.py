@@ -207,7 +207,8 @@ def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split
         image_ids = list(dict.fromkeys(image_ids))
         if not image_ids:
             raise ValueError("no image ids given")
-        unknown = [i for i in image_ids if i not in set(df["image_id"])]
+        known = set(df["image_id"])
+        unknown = [i for i in image_ids if i not in known]
         if unknown:
             raise ValueError(f"image id {unknown[0]!r} is not in {source}"
                              + (f" ({len(unknown)} unknown ids)" if len(unknown) > 1 else ""))

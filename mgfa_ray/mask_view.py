@@ -90,17 +90,20 @@ def mask_summary(location: str | Path) -> dict:
     Raises:
         ValueError: Not a complete mask set.
     """
-    meta = read_metadata(location)
-    rows = read_rows(location, columns=["boxes"])
-    counts = np.array([len(b) for b in rows["boxes"]])
-    classes = np.concatenate([np.asarray([b[0] for b in bs], dtype=int) for bs in rows["boxes"]] or [np.zeros(0, int)])
+    return _summary(read_metadata(location), read_rows(location, columns=["boxes"])["boxes"])
+
+
+def _summary(meta: dict, boxes: pd.Series) -> dict:
+    """:func:`mask_summary` from the set's metadata and its ``boxes`` column."""
+    counts = np.array([len(b) for b in boxes])
+    classes = np.concatenate([np.asarray([b[0] for b in bs], dtype=int) for bs in boxes] or [np.zeros(0, int)])
     summary = {k: meta[k] for k in ("set_id", "source", "detector_key", "mask_resolution", "rows")}
     summary.update(meta["summary"])
     summary["boxes_per_image"] = {"min": int(counts.min()), "median": float(np.median(counts)),
                                   "max": int(counts.max())}
     per_class = {name: dict(stats) for name, stats in meta["summary"]["per_class"].items()}
     for c, name in enumerate(meta["region_classes"]):
-        per_class[name]["mean_boxes_per_image"] = float((classes == c).sum() / max(len(rows), 1))
+        per_class[name]["mean_boxes_per_image"] = float((classes == c).sum() / max(len(boxes), 1))
     summary["per_class"] = per_class
     return summary
 
@@ -163,6 +166,6 @@ def render_mask_figures(
         title = f"{image_id}" + ("" if pd.isna(row["error"]) else f"\n{row['error']}")
         written.append(atomic_write_bytes(out / f"{stem}.png", render_mask_png(
             photo, boxes, masks, region_names=meta["region_classes"], title=title)))
-    summary = mask_summary(location)
+    summary = _summary(meta, rows["boxes"])  # the rows already read, not a second pass over the set
     atomic_write_json(out / "summary.json", summary)
     return written, summary

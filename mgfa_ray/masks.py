@@ -267,6 +267,12 @@ def mask_rows(rows: pd.DataFrame, boxes: list[list[Box]], *, source_id: str, num
         num_classes: K region classes.
         resolution: R, mask side in pixels.
         errors: Per row, ``None`` or why the image could not be decoded.
+
+    Returns:
+        One row per input row with the shard columns; ``masks`` holds K*R*R uint8 bytes.
+
+    Raises:
+        ValueError: A box's class is outside [0, K) (:func:`rasterize`).
     """
     return pd.DataFrame({
         "image_id": rows["image_id"].astype(str).to_numpy(),
@@ -439,24 +445,20 @@ def _plan(fs, set_dir: str, *, set_id: str, n_rows: int, rows_per_shard: int) ->
     return plan
 
 
-def _finished(fs, path: str, expected: list[str]) -> bool:
-    """Whether the shard file at ``path`` exists and holds exactly the ``expected`` image_ids."""
+def _finished(fs, path: str, expected: list[str]) -> dict | None:
+    """The footer statistics of the shard at ``path`` if it exists and holds exactly the
+    ``expected`` image_ids (one read of the file), else ``None``."""
     if not fs_exists(fs, path):
-        return False
+        return None
     try:
         with fs.open_input_file(path) as f:
-            ids = pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
-    except (OSError, ValueError) as err:  # unreadable: rewrite it
+            shard = pq.ParquetFile(f)
+            stats = json.loads(shard.metadata.metadata[STATS_KEY])
+            ids = shard.read(columns=["image_id"]).column("image_id").to_pylist()
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or without statistics: rewrite it
         log.warning("shard %s unreadable (%s); recomputing it", path, err)
-        return False
-    return ids == expected
-
-
-def _footer(fs, path: str) -> tuple[int, dict]:
-    with fs.open_input_file(path) as f:
-        md = pq.ParquetFile(f).metadata
-        stats = json.loads(md.metadata[STATS_KEY])
-        return md.num_rows, stats
+        return None
+    return stats if ids == expected else None
 
 
 def summarize(stats: list[dict], region_classes: list[str]) -> dict:
@@ -541,7 +543,7 @@ def build_mask_set(
     step = plan["rows_per_shard"]
     parts = {i: rows.iloc[i * step : (i + 1) * step] for i in range(plan["n_shards"])}
     pending = [i for i, part in parts.items()
-               if not _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())]
+               if _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist()) is None]
     log.info("mask set %s: %d of %d shards to compute", set_id, len(pending), len(parts))
     items = [{"shard": i, **{c: parts[i][c].tolist() for c in ("image_id", "path", "label", "split")}}
              for i in pending]
@@ -605,13 +607,12 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
     """Check every planned shard holds its images exactly once, then write ``metadata.json``."""
     stats, rows_per_shard = [], {}
     for i, part in parts.items():
-        path = f"{set_dir}/{shard_name(i)}"
-        if not _finished(fs, path, part["image_id"].tolist()):
+        shard_stats = _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())
+        if shard_stats is None:
             raise RuntimeError(f"mask set {set_location}: {shard_name(i)} is missing or does not hold its "
                                f"{len(part)} planned images")
-        n, s = _footer(fs, path)
-        rows_per_shard[shard_name(i)] = n
-        stats.append(s)
+        rows_per_shard[shard_name(i)] = shard_stats["rows"]
+        stats.append(shard_stats)
     extra = [n for n in fs_list(fs, set_dir) if n.endswith(".parquet") and n not in rows_per_shard]
     if extra:
         raise RuntimeError(f"mask set {set_location}: unexpected shard files {extra[:3]}")
