@@ -6,6 +6,9 @@ Subcommands:
   * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
     activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
     :func:`mgfa_ray.cam.render_cams`).
+  * ``mgfa-ray search resume DIR [--more-trials N] [--errored skip|resume|restart]`` — continue a
+    search after its driver died, extend a finished one, then export it
+    (:func:`mgfa_ray.search.run_search`); ``mgfa-ray search export DIR`` only exports.
   * ``mgfa-ray masks SET [--images ID ...] [--split S] [--count 8] [--seed 0]`` — detected regions
     and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
     :func:`mgfa_ray.mask_view.render_mask_figures`).
@@ -46,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     cam.add_argument("--cam-class", choices=["predicted", "true"], default="predicted",
                      help="explain the predicted class (default) or the true label")
     cam.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    search = sub.add_parser("search", help="resume, extend or export a search")
+    search_sub = search.add_subparsers(dest="search_command", required=True)
+    resume = search_sub.add_parser("resume", help="continue a search cut short, or extend it; then export")
+    resume.add_argument("dir", help="search directory (outputs/<job>/search/<job>) or its object-store URI")
+    resume.add_argument("--more-trials", type=int, default=0, metavar="N", help="add N trials in a new run")
+    resume.add_argument("--errored", choices=["skip", "resume", "restart"], default="skip",
+                        help="trials that errored after their retries: keep them failed (default), run them "
+                             "again from their last checkpoint, or from scratch")
+    resume.add_argument("--output-dir", type=Path, default=None, help="export directory (default: the job's export/, else <dir>/export)")
+    export = search_sub.add_parser("export", help="write best config, best checkpoint, trial tables and plots")
+    export.add_argument("dir", help="search directory or URI")
+    export.add_argument("--output-dir", type=Path, default=None, help="default <dir>/export")
     masks = sub.add_parser("masks", help="detected regions and masks over a sample of photos, and a summary (paper Fig. 3)")
     masks.add_argument("set", help="mask set location: outputs/<job>/masks/<set_id>, or an s3:// URI")
     masks.add_argument("--images", nargs="+", default=None, metavar="ID", help="image ids (default: a sample)")
@@ -55,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     masks.add_argument("--manifest", default=None, help="manifest with the photo paths (default: the set's)")
     masks.add_argument("--output-dir", type=Path, default=None, help="default: outputs/mask_figures/<set_id>")
     return p
+
+
+def _default_export_dir(search_dir: str) -> Path:
+    from .io import is_uri, safe_stem
+    from .search import read_record
+
+    record = read_record(search_dir)
+    if record.export_dir:
+        return Path(record.export_dir)
+    if is_uri(search_dir):
+        return Path("outputs") / "search_exports" / safe_stem(search_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    return Path(search_dir) / "export"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                                 count=args.count, manifest=args.manifest, cam_class=args.cam_class,
                                 device=args.device)
             print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
+        elif args.command == "search":
+            from .search import export_search, run_search
+
+            if args.search_command == "resume":
+                run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
+            out = args.output_dir or _default_export_dir(args.dir)
+            summary = export_search(args.dir, out)
+            print(json.dumps(summary, indent=2))
+            print(f"best config: {Path(out) / 'best_config.yaml'}")
         elif args.command == "masks":
             from .mask_view import render_mask_figures
 

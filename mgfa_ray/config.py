@@ -293,6 +293,19 @@ class TrainConfig(TrainParams):
         return self
 
 
+class StudySource(_Frozen):
+    """An earlier Optuna study to warm-start from.
+
+    Attributes:
+        storage: Its storage: an RDB URL (``sqlite:///…``, ``postgresql://…``) or a journal file path
+            (e.g. ``outputs/leafsnap20/search/leafsnap20/optuna.journal``).
+        study_name: The study's name in it (a search's ``search.json`` names both).
+    """
+
+    storage: str
+    study_name: str
+
+
 class SearchConfig(_Frozen):
     """Ray Tune + Optuna search settings of a job.
 
@@ -302,10 +315,20 @@ class SearchConfig(_Frozen):
         num_samples: Number of trials.
         max_concurrent: Trials running at once.
         cpus_per_trial: CPUs reserved per trial (also the trial's torch threads).
-        gpus_per_trial: GPUs per trial; fractions share a GPU.
-        seed: Seed of the TPE sampler.
+        gpus_per_trial: GPUs per trial; fractions (e.g. 0.25) share a GPU.
+        seed: Seed of the sampler.
+        sampler: ``tpe`` (multivariate TPE) or ``random`` (the benchmark's baseline).
         metric: Metric the search maximises: top-1 accuracy on the trial's ``eval_split``,
             reported every epoch.
+        storage_path: Where the search lives: a directory (local or NFS) or an object-store URI
+            (``s3://bucket/prefix?endpoint_override=…``; credentials from the environment). Default
+            ``<output_dir>/search``. The search is ``<storage_path>/<job name>/``.
+        study_storage: The Optuna study's storage: an RDB URL or a journal file path. Default: the
+            journal ``optuna.journal`` in the search directory; required when ``storage_path`` is
+            an object store (a journal needs POSIX file locks).
+        warm_start: An earlier study whose finished trials seed this search's sampler.
+        max_failures: Times Ray retries a failed trial from its last checkpoint.
+        checkpoints_to_keep: Checkpoints kept per trial (>= 2: DESIGN.md §4.7).
     """
 
     space: str
@@ -314,7 +337,19 @@ class SearchConfig(_Frozen):
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
     seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"
     metric: Literal["eval_top1"] = "eval_top1"
+    storage_path: str | None = None
+    study_storage: str | None = None
+    warm_start: StudySource | None = None
+    max_failures: int = Field(2, ge=0)
+    checkpoints_to_keep: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "SearchConfig":
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(f"gpus_per_trial above 1 must be a whole number, got {self.gpus_per_trial}")
+        return self
 
 
 class JobConfig(_Frozen):

@@ -9,12 +9,15 @@ Everything goes under the job's ``output_dir``::
     masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks); elsewhere
                              when ``masks.location`` names a path or object-store URI
     cache/                   decoded images shared by trials
-    search/<name>/           Ray Tune experiment: trial folders, checkpoints, searcher state
-    export/                  best_config.yaml, trials.{parquet,csv}, trial_epochs.{parquet,csv},
-                             summary.json
+    search/<name>/           the search (mgfa_ray.search): search.json, the Optuna study
+                             (optuna.journal), one Ray Tune experiment per run; elsewhere when
+                             ``search.storage_path`` names a path or object-store URI
+    export/                  best_config.yaml, best_checkpoint/, trials.{parquet,csv},
+                             trial_epochs.{parquet,csv}, plots (PNG), summary.json
 
 A rerun skips finished stages: the detector when its metrics file matches its key, the mask set
-when its id is complete (a partial set resumes shard by shard). The search reruns from scratch (resume is a later stage of work).
+when its id is complete (a partial set resumes shard by shard), and the search resumes where it
+stopped (a finished search only exports again).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .io import atomic_write_json, atomic_write_yaml
 from .manifest import build_manifest, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata
 from .regions import index_labels, select_annotated
-from .search import export_results, run_search
+from .search import create_search, export_search, run_search
 from .search_space import SearchSpace, load_search_space
 
 
@@ -153,10 +156,13 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     # given (relative to the working directory), so the best config works from any clone.
     base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
                        masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
-    max_epochs = 1 if smoke else space.scheduler.max_epochs
-    results = run_search(name=cfg.name, space=space, search=cfg.search, base=base.with_paths(absolute),
-                         storage_path=out / "search", cache_dir=out / "cache", max_epochs=max_epochs)
-    summary = export_results(results, search=cfg.search, base=base, max_epochs=max_epochs, out_dir=out / "export")
+    search_dir = create_search(
+        name=cfg.name, space=space, space_file=cfg.search.space, search=cfg.search, base=base.with_paths(absolute),
+        export_base=base, storage_path=cfg.search.storage_path or str(out / "search"),
+        max_epochs=1 if smoke else None, cache_dir=str(out / "cache"), export_dir=str(out / "export"))
+    print(f"search {search_dir} (resume: mgfa-ray search resume {search_dir})", flush=True)
+    run_search(search_dir)
+    summary = export_search(search_dir, out / "export")
     timings["search"] = time.perf_counter() - t
 
     report = {

@@ -1,31 +1,46 @@
-"""Stage 6 — the search: Ray Tune + Optuna TPE + ASHA over :func:`mgfa_ray.trial.run_trial`.
+"""Stage 6 — the search: Ray Tune + Optuna over :func:`mgfa_ray.trial.run_trial`, resumable.
 
-* :func:`tune_trainable` is the thin Ray wrapper: it validates the trial config, resumes from
-  Ray's checkpoint when there is one, and reports every epoch's metrics with a checkpoint.
-* :func:`run_search` builds the ``Tuner``: ``OptunaSearch`` with a seeded multivariate TPE sampler
-  and the define-by-run space of :mod:`mgfa_ray.search_space`, a ``ConcurrencyLimiter``, an
-  ``ASHAScheduler`` on epochs, two checkpoints kept per trial (DESIGN.md §4.7), one retry for a
-  failed trial, fresh actors per trial (§4.8).
-* :func:`export_results` writes what users take away: ``best_config.yaml`` (a
-  :class:`~mgfa_ray.config.TrainConfig` that ``mgfa-ray train --config`` accepts as is),
-  ``trials.parquet`` / ``trials.csv`` (one row per trial) and ``trial_epochs.parquet`` /
-  ``trial_epochs.csv`` (one row per trial and epoch).
+A search lives in one directory, ``<storage_path>/<name>/`` (a local or NFS path, or an
+object-store URI)::
+
+    search.json          what the search is: space, settings, trial template, study, runs (written
+                         first, atomically; read by resume, extend and export)
+    optuna.journal       the Optuna study (default study storage; an RDB URL can be given instead)
+    runs/run-0/          the Ray Tune experiment of the first num_samples trials: one folder per
+                         trial with its checkpoints (>= 2 kept), progress.csv, result.json and
+                         TensorBoard event files
+    runs/run-1/ …        one experiment per extension (``--more-trials N``): Ray freezes
+                         num_samples on restore (DESIGN.md §4.4), so an extension is a new Tuner
+                         on the same study
+
+* :func:`tune_trainable` is the thin Ray wrapper of one trial: it validates the config, resumes
+  from Ray's checkpoint, and reports every epoch's metrics with a checkpoint.
+* :func:`create_search` writes ``search.json``; :func:`run_search` runs (or resumes, or extends)
+  it; :func:`export_search` writes what users take away. The Optuna study is the record of every
+  trial's state and value (kept in step with Ray by :mod:`mgfa_ray.study`); Ray's trial folders
+  hold the per-epoch metrics and checkpoints.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
-from .config import SearchConfig, TrainConfig, TrainParams, to_dict, validate
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_yaml
-from .search_space import SearchSpace, optuna_space, trial_params
+from .config import ConfigError, SearchConfig, StudySource, TrainConfig, TrainParams, _Frozen, to_dict, validate
+from .io import fs_exists, fs_read, fs_write_atomic, is_uri, location_join, resolve_location
+from .search_space import SearchSpace, define_by_run, trial_params
 from .trial import load_checkpoint, run_trial, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RECORD_FILE = "search.json"
+RECORD_VERSION = 1
 
 
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None = None) -> None:
@@ -60,152 +75,423 @@ def trial_base(base: TrainConfig, *, search: SearchConfig, epochs: int) -> dict[
     return {**to_dict(base), "epochs": epochs, "threads": max(1, int(search.cpus_per_trial))}
 
 
-def run_search(
+class RunRecord(_Frozen):
+    """One Ray Tune experiment of a search: ``runs/<name>`` with ``num_samples`` trials."""
+
+    name: str
+    num_samples: int
+
+
+class SearchRecord(_Frozen):
+    """``search.json``: everything resume, extend and export need, written before any trial runs.
+
+    Attributes:
+        version: Record format version.
+        name: Search name (the directory's name).
+        space: The validated search space; ``space_file`` where it came from.
+        search: The search settings.
+        max_epochs: Epochs of a trial never stopped early.
+        trial_base: The config every trial starts from (absolute data paths).
+        export_base: The same with paths as the user gave them (what ``best_config.yaml`` holds).
+        cache_dir: Decoded-image cache of the trials.
+        export_dir: Where :func:`export_search` writes by default (``<search dir>/export`` if None).
+        study: The Optuna study.
+        runs: The Ray experiments so far, in order.
+    """
+
+    version: int = RECORD_VERSION
+    name: str
+    space_file: str
+    space: SearchSpace
+    search: SearchConfig
+    max_epochs: int
+    trial_base: dict[str, Any]
+    export_base: dict[str, Any]
+    cache_dir: str | None = None
+    export_dir: str | None = None
+    study: StudySource
+    runs: list[RunRecord]
+
+
+def read_record(search_dir: str) -> SearchRecord:
+    """The ``search.json`` of ``search_dir`` (path or URI).
+
+    Raises:
+        ConfigError: No search there, or the file is not a valid record (the message names it).
+    """
+    fs, path = resolve_location(search_dir)
+    record_path = location_join(path, RECORD_FILE)
+    if not fs_exists(fs, record_path):
+        raise ConfigError(f"{search_dir}: no search here ({RECORD_FILE} not found)")
+    try:
+        data = json.loads(fs_read(fs, record_path))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{location_join(search_dir, RECORD_FILE)}: not JSON ({err})") from None
+    return validate(SearchRecord, data, source=location_join(search_dir, RECORD_FILE))
+
+
+def _write_record(search_dir: str, record: SearchRecord) -> None:
+    fs, path = resolve_location(search_dir)
+    if not is_uri(search_dir):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    fs_write_atomic(fs, location_join(path, RECORD_FILE), json.dumps(record.model_dump(mode="json"), indent=2).encode())
+
+
+def create_search(
     *,
     name: str,
     space: SearchSpace,
+    space_file: str,
     search: SearchConfig,
     base: TrainConfig,
-    storage_path: Path,
-    cache_dir: Path | None = None,
+    export_base: TrainConfig | None = None,
+    storage_path: str,
     max_epochs: int | None = None,
-):
-    """Run a search to completion and return Ray's ``ResultGrid``.
+    cache_dir: str | None = None,
+    export_dir: str | None = None,
+) -> str:
+    """Create the search ``<storage_path>/<name>`` — or return it when it exists with the same
+    settings, so a rerun of a job resumes instead of starting over.
 
     Args:
-        name: Experiment name (a folder under ``storage_path``).
-        space: Validated search space.
-        search: Trial count, concurrency, resources, seed.
-        base: Trial defaults and data paths; ``epochs`` is replaced by the scheduler's maximum.
-        storage_path: Absolute directory for Ray's experiment state and checkpoints.
-        cache_dir: Decoded-image cache shared by trials.
+        name: Search name.
+        space: Validated search space; ``space_file`` its file (recorded).
+        search: Trial count, concurrency, resources, sampler, seed, storage.
+        base: Trial defaults with absolute data paths; ``epochs`` becomes ``max_epochs``.
+        export_base: The same with paths as the exported best config should hold them (default ``base``).
+        storage_path: Directory or object-store URI holding searches.
         max_epochs: Override of ``space.scheduler.max_epochs`` (smoke runs).
+        cache_dir: Decoded-image cache shared by trials.
+        export_dir: Default export directory (recorded; ``mgfa-ray search resume`` exports there).
 
     Returns:
-        ``ray.tune.ResultGrid`` of every trial.
-    """
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+        The search directory (path or URI).
 
+    Raises:
+        ConfigError: A search of that name exists with other settings, or an object-store
+            ``storage_path`` without ``search.study_storage``.
+    """
+    search_dir = location_join(storage_path, name) if is_uri(storage_path) else str(Path(storage_path).resolve() / name)
     epochs = max_epochs or space.scheduler.max_epochs
-    base_dict = trial_base(base, search=search, epochs=epochs)
-    searcher = OptunaSearch(
-        space=optuna_space(space),
-        metric=search.metric,
-        mode="max",
-        sampler=optuna.samplers.TPESampler(seed=search.seed, multivariate=True),
-        points_to_evaluate=space.optuna_points() or None,
+    if search.study_storage:
+        study_storage = search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
+    elif is_uri(storage_path):
+        raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
+                          "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
+    else:
+        study_storage = str(Path(search_dir) / "optuna.journal")
+    record = SearchRecord(
+        name=name, space_file=str(space_file), space=space, search=search, max_epochs=epochs,
+        trial_base=trial_base(base, search=search, epochs=epochs),
+        export_base=trial_base(export_base or base, search=search, epochs=epochs),
+        cache_dir=str(cache_dir) if cache_dir else None,
+        export_dir=str(Path(export_dir).resolve()) if export_dir else None,
+        study=StudySource(storage=study_storage, study_name=name),
+        runs=[RunRecord(name="run-0", num_samples=search.num_samples)],
     )
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=epochs,
-        grace_period=min(space.scheduler.grace_period, epochs),
-        reduction_factor=space.scheduler.reduction_factor,
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, base=base_dict, cache_dir=str(cache_dir) if cache_dir else None),
+    try:
+        existing = read_record(search_dir)
+    except ConfigError:
+        existing = None
+    if existing is not None:
+        mine = record.model_dump(mode="json", exclude={"runs"})
+        theirs = existing.model_dump(mode="json", exclude={"runs"})
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if differ:
+            raise ConfigError(f"{search_dir}: a search of this name exists with other {', '.join(differ)}; "
+                              "give the job another name, remove the directory, or extend it with "
+                              "`mgfa-ray search resume DIR --more-trials N`")
+        return search_dir
+    from .study import StudyRef, copy_trials
+
+    study = StudyRef(record.study.storage, record.study.study_name).load(create=True)
+    if search.warm_start is not None and not study.trials:
+        copied = copy_trials(StudyRef(search.warm_start.storage, search.warm_start.study_name), study)
+        print(f"warm start: {copied} trials from {search.warm_start.study_name!r} in {search.warm_start.storage}",
+              flush=True)
+    _write_record(search_dir, record)
+    return search_dir
+
+
+def run_search(
+    search_dir: str,
+    *,
+    more_trials: int = 0,
+    errored: Literal["skip", "resume", "restart"] = "skip",
+    trainable: Callable | None = None,
+) -> SearchRecord:
+    """Run a search until every run has its trials: resume the last run if it was cut short (the
+    driver killed at any moment), then add ``more_trials`` in a new run.
+
+    Args:
+        search_dir: From :func:`create_search`.
+        more_trials: Trials to add in a new run after the existing runs finish.
+        errored: What a resumed run does with trials that errored after Ray's retries: ``skip``
+            keeps them FAIL; ``resume`` runs them again from their last checkpoint; ``restart``
+            runs them again from scratch. Both give the new attempt a fresh Optuna trial.
+        trainable: Ray function trainable called as ``trainable(config, base=..., cache_dir=...)``
+            (default :func:`tune_trainable`; tests pass a fast stand-in).
+
+    Returns:
+        The search record, with the new run when ``more_trials`` > 0.
+
+    Raises:
+        ValueError: ``more_trials`` < 0.
+    """
+    import ray
+
+    if more_trials < 0:
+        raise ValueError(f"more_trials must be >= 0, got {more_trials}")
+    record = read_record(search_dir)
+    if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
+        ray.init(include_dashboard=False, configure_logging=False)
+    # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
+    # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    for i, run in enumerate(record.runs):
+        _fit_run(search_dir, record, run, trainable=trainable, errored=errored if i == len(record.runs) - 1 else "skip")
+    if more_trials:
+        run = RunRecord(name=f"run-{len(record.runs)}", num_samples=more_trials)
+        record = record.model_copy(update={"runs": [*record.runs, run]})
+        _write_record(search_dir, record)
+        _fit_run(search_dir, record, run, trainable=trainable, errored="skip")
+    return record
+
+
+def _fit_run(search_dir: str, record: SearchRecord, run: RunRecord, *, trainable: Callable | None, errored: str):
+    from ray import tune
+
+    from .study import StudyRef, StudyScheduler, StudySearch
+
+    search = record.search
+    fs, runs_path = resolve_location(location_join(search_dir, "runs"))
+    run_path = location_join(runs_path, run.name)
+    fn = tune.with_resources(
+        tune.with_parameters(trainable or tune_trainable, base=record.trial_base, cache_dir=record.cache_dir),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
     )
+    if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
+                                   resume_errored=errored == "resume", restart_errored=errored == "restart")
+        return tuner.fit()
+    study = StudyRef(record.study.storage, record.study.study_name)
+    sched = record.space.scheduler
+    searcher = StudySearch(space=record.space, study=study, metric=search.metric, sampler=search.sampler,
+                           seed=search.seed + int(run.name.rsplit("-", 1)[-1]), run=run.name)
+    scheduler = StudyScheduler(study=study, metric=search.metric, max_epochs=record.max_epochs,
+                               grace_period=min(sched.grace_period, record.max_epochs),
+                               reduction_factor=sched.reduction_factor, early_stopping=sched.early_stopping)
     tuner = tune.Tuner(
-        trainable,
+        fn,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
+            search_alg=tune.search.ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
             scheduler=scheduler,
-            num_samples=search.num_samples,
+            num_samples=run.num_samples,
             metric=search.metric,
             mode="max",
-            reuse_actors=False,
+            reuse_actors=False,  # fresh process per trial: no memory carried over (DESIGN.md §4.8)
         ),
         run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(Path(storage_path).resolve()),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=1),
+            name=run.name,
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=search.checkpoints_to_keep),
+            failure_config=tune.FailureConfig(max_failures=search.max_failures),
             verbose=1,
         ),
     )
     return tuner.fit()
 
 
-def export_results(results, *, search: SearchConfig, base: TrainConfig, max_epochs: int, out_dir: Path) -> dict[str, Any]:
-    """Write the best config and the trial tables; return a summary.
-
-    The best trial is the one with the highest ``search.metric`` at its last reported epoch
-    among the trials that finished without error (Ray's ``scope="last"``).
-
-    Args:
-        results: ``ResultGrid`` from :func:`run_search`.
-        search: The search settings (metric, CPUs per trial).
-        base: The trial defaults the search ran with, paths as the exported config should hold them.
-        max_epochs: Epochs of a trial never stopped early.
-        out_dir: Export directory.
+def ray_trials(search_dir: str) -> pd.DataFrame:
+    """Ray's view of every trial of every run, read from the experiment folders.
 
     Returns:
-        Summary dict (also written as ``summary.json``).
+        One row per Ray trial: ``trial`` (Ray id), ``run``, ``optuna_trial``, ``ray_status``
+        (TERMINATED / ERROR / …), ``epochs_run``, ``last_<metric>``, ``history`` (the trial's
+        per-epoch DataFrame), ``checkpoint`` (path of its latest checkpoint, or None) and
+        ``config``.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    record = read_record(search_dir)
+    fs, runs_path = resolve_location(location_join(search_dir, "runs"))
+    rows = []
+    for run in record.runs:
+        run_path = location_join(runs_path, run.name)
+        try:
+            analysis = ExperimentAnalysis(run_path, storage_filesystem=fs)
+        except (ValueError, FileNotFoundError):  # the run has not started yet
+            continue
+        frames = analysis.trial_dataframes
+        for trial in analysis.trials:
+            history = frames.get(trial.trial_id)
+            if history is not None and len(history):
+                history = history.sort_values("training_iteration").drop_duplicates("training_iteration", keep="last")
+            epochs = int(history["training_iteration"].max()) if history is not None and len(history) else 0
+            last = history.iloc[-1] if epochs else None
+            rows.append({
+                "trial": trial.trial_id, "run": run.name, "optuna_trial": trial.config.get("optuna_trial"),
+                "ray_status": trial.status, "epochs_run": epochs,
+                f"last_{record.search.metric}": float(last[record.search.metric]) if last is not None else None,
+                "wall_seconds": float(last["time_total_s"]) if last is not None else None,
+                "history": history, "checkpoint": trial.checkpoint.path if trial.checkpoint else None,
+                "checkpoint_fs": fs, "config": trial.config,
+            })
+    return pd.DataFrame(rows)
+
+
+def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
+    """Write what users take away from a search; return its summary.
+
+    Writes to ``out_dir``:
+
+    * ``best_config.yaml`` — the best trial's full :class:`~mgfa_ray.config.TrainConfig`, which
+      ``mgfa-ray train --config`` accepts as is;
+    * ``best_checkpoint/checkpoint.pt`` — the best trial's last checkpoint;
+    * ``trials.parquet`` / ``trials.csv`` — one row per trial: Ray id, run, Optuna number, state
+      (COMPLETE / PRUNED / FAIL, from the study), Ray status, epochs run, the metric's last and
+      best value, test top-1, wall time, checkpoint, parameters;
+    * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric;
+    * ``optimization_history.png``, ``param_importances.png``, ``parallel_coordinate.png`` —
+      Optuna's plots of the study;
+    * ``summary.json``.
+
+    The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
+    trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
 
     Raises:
-        RuntimeError: No trial reported the metric.
+        RuntimeError: No trial is COMPLETE (the message counts states and names the errors).
     """
-    metric = search.metric
+    from optuna.trial import TrialState
+
+    from .study import StudyRef, best_trial, search_trials
+
+    record = read_record(search_dir)
+    metric = record.search.metric
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    trials = {t.user_attrs["ray_trial_id"]: t for t in search_trials(study)}
+    ray = ray_trials(search_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     param_names = list(TrainParams.model_fields)
     rows, epochs = [], []
-    for result in results:
-        cfg = trial_params(result.config or {})
-        last = result.metrics or {}
-        trial_id = last.get("trial_id") or (Path(result.path).name if result.path else None)
-        history = result.metrics_dataframe
+    for r in ray.to_dict("records"):
+        t = trials.get(r["trial"])
+        history = r["history"]
+        params = trial_params(r["config"])
         row = {
-            "trial": trial_id,
-            "state": "ERROR" if result.error else "TERMINATED",
-            "epochs_run": int(last.get("training_iteration", 0) or 0),
-            "stopped_early": not result.error and int(last.get("training_iteration", 0) or 0) < max_epochs,
-            metric: last.get(metric),
-            f"best_{metric}": float(history[metric].max()) if history is not None and metric in history else None,
-            "test_top1": last.get("test_top1"),
-            "wall_seconds": last.get("time_total_s"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "error": str(result.error).strip().splitlines()[-1] if result.error else None,
+            "trial": r["trial"], "run": r["run"], "optuna_trial": t.number if t else r["optuna_trial"],
+            "state": t.state.name if t else "UNKNOWN", "ray_status": r["ray_status"], "epochs_run": r["epochs_run"],
+            metric: t.value if t and t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+            f"best_{metric}": float(history[metric].max()) if history is not None and len(history) else None,
+            "test_top1": float(history["test_top1"].iloc[-1]) if history is not None and "test_top1" in history else None,
+            "wall_seconds": r["wall_seconds"], "checkpoint": r["checkpoint"],
         }
-        row.update({k: v for k, v in cfg.items() if k in param_names})
+        row.update({k: v for k, v in params.items() if k in param_names})
         rows.append(row)
         if history is not None and len(history):
-            keep = [c for c in history.columns if c.startswith(("train_", "eval_", "test_")) or c in ("epoch", "lr", "epoch_seconds", "training_iteration")]
-            epochs.append(history[keep].assign(trial=trial_id))
-    table = pd.DataFrame(rows).sort_values("trial", ignore_index=True)
-    out_dir = Path(out_dir)
-    _write_table(table, out_dir / "trials")
+            keep = [c for c in history.columns if c.startswith(("train_", "eval_", "test_")) or c in
+                    ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s")]
+            epochs.append(history[keep].assign(trial=r["trial"]))
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(["run", "optuna_trial"], ignore_index=True)
+    _write_table(table, out / "trials")
     if epochs:
-        _write_table(pd.concat(epochs, ignore_index=True), out_dir / "trial_epochs")
+        _write_table(pd.concat(epochs, ignore_index=True), out / "trial_epochs")
 
-    reported = [r for r in results if r.metrics and metric in r.metrics]
-    if not reported:
-        errors = sorted({row["error"] for row in rows if row["error"]})
-        raise RuntimeError(f"no trial reported {metric!r} (errors: {errors}); see {out_dir / 'trials.csv'}")
-    best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
-    best_cfg = validate(TrainConfig, {**trial_base(base, search=search, epochs=max_epochs), **trial_params(best.config)},
-                        source="best trial")
-    atomic_write_yaml(out_dir / "best_config.yaml", to_dict(best_cfg))
+    best = best_trial(study)
+    if best is None:
+        counts = table["state"].value_counts().to_dict() if len(table) else {}
+        raise RuntimeError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
+                           f"(states: {counts}); see {out / 'trials.csv'}")
+    best_rid = best.user_attrs["ray_trial_id"]
+    best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None
+    space = record.space
+    params = {**{k: v for k, v in best.params.items() if "/" not in k},
+              **define_by_run(_fixed_trial(best.params), space=space)}
+    best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
+    from .io import atomic_write_json, atomic_write_yaml
+
+    atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
+    best_ckpt = None
+    if best_row is not None and best_row["checkpoint"]:
+        best_ckpt = _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
+    _plots(study, out)
+    states = table["state"].value_counts().to_dict()
     summary = {
-        "experiment_path": results.experiment_path,
+        "search_dir": search_dir,
+        "study": record.study.model_dump(),
+        "runs": [r.model_dump() for r in record.runs],
         "num_trials": len(table),
-        "num_errored": int((table["state"] == "ERROR").sum()),
-        "num_stopped_early": int(table["stopped_early"].sum()),
-        "best_trial": best.metrics.get("trial_id"),
-        f"best_{metric}": best.metrics[metric],
-        "best_test_top1": best.metrics.get("test_top1"),
-        "best_epochs_run": best.metrics.get("training_iteration"),
-        "best_checkpoint": best.checkpoint.path if best.checkpoint else None,
+        "states": {k: int(v) for k, v in states.items()},
+        "best_trial": best_rid,
+        "best_optuna_trial": best.number,
+        f"best_{metric}": best.value,
+        "best_test_top1": float(best_row["history"]["test_top1"].iloc[-1])
+        if best_row is not None and "test_top1" in best_row["history"] else None,
+        "best_checkpoint": str(best_ckpt) if best_ckpt else None,
         "total_trial_epochs": int(table["epochs_run"].sum()),
+        "tensorboard_logdir": location_join(search_dir, "runs"),
     }
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
+def _fixed_trial(params: dict[str, Any]):
+    import optuna
+
+    return optuna.trial.FixedTrial(params)
+
+
+def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
+    """Copy a trial checkpoint directory to ``dest`` (replaced atomically)."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".best_checkpoint-"))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _plots(study, out: Path) -> None:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    from .io import atomic_write_bytes
+
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "param_importances": ovm.plot_param_importances,
+             "parallel_coordinate": ovm.plot_parallel_coordinate}
+    for name, fn in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            try:
+                ax = fn(study)
+            except (ValueError, RuntimeError) as err:  # e.g. importances need >= 2 complete trials
+                print(f"plot {name} skipped: {err}", flush=True)
+                continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(10, 6)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / f"{name}.png", buf.getvalue())
+
+
 def _write_table(df: pd.DataFrame, stem: Path) -> None:
-    import io
+    from .io import atomic_write_bytes
 
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)

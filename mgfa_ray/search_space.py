@@ -5,7 +5,8 @@ Schema (every key checked; unknown keys rejected)::
     scheduler:              # ASHA (Li et al., MLSys 2020), epochs as the time unit
       max_epochs: 6         # epochs of a trial that is never stopped
       grace_period: 1       # epochs before a trial can be stopped
-      reduction_factor: 2
+      reduction_factor: 2   # integer >= 2
+      early_stopping: true  # false: every trial runs max_epochs
     simplex: [alpha, beta, gamma]   # sampled uniformly on alpha + beta + gamma = 1 (optional)
     parameters:             # TrainParams fields
       lr: {type: log_uniform, low: 1.0e-3, high: 0.1}
@@ -34,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .config import ConfigError, TrainParams, load_yaml, validate
 
 SIMPLEX_KEY = "simplex"
+OPTUNA_TRIAL_KEY = "optuna_trial"
+"""Ray config key holding the Optuna trial number of a Ray trial (:mod:`mgfa_ray.study`)."""
 
 
 class _Strict(BaseModel):
@@ -95,12 +98,15 @@ Fixed = Union[bool, int, float, str, None]
 
 
 class SchedulerSpec(_Strict):
-    """ASHA settings in epochs: ``max_epochs`` >= 1, 1 <= ``grace_period`` <= ``max_epochs``,
-    ``reduction_factor`` > 1 (Li et al., MLSys 2020)."""
+    """ASHA settings in epochs (Li et al., MLSys 2020): ``max_epochs`` >= 1,
+    1 <= ``grace_period`` <= ``max_epochs``, integer ``reduction_factor`` >= 2 (rungs at
+    grace_period x reduction_factor^k epochs; at each rung a trial continues only in the top
+    1/reduction_factor). ``early_stopping: false`` runs every trial to ``max_epochs``."""
 
     max_epochs: int = Field(ge=1)
     grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1.0)
+    reduction_factor: int = Field(2, ge=2)
+    early_stopping: bool = True
 
     @model_validator(mode="after")
     def _grace(self):
@@ -235,8 +241,9 @@ def simplex_from_cuts(cuts: list[float]) -> list[float]:
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """A Ray trial config without the simplex cut variables: only TrainParams fields remain."""
-    return {k: v for k, v in config.items() if k != SIMPLEX_KEY}
+    """A Ray trial config without the simplex cut variables and the Optuna trial number: only
+    TrainParams fields remain."""
+    return {k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)}
 
 
 def optuna_space(space: SearchSpace):

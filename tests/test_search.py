@@ -1,61 +1,123 @@
 """The search through real Ray Tune + Optuna on tiny real data, and its export."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
+from optuna.trial import TrialState
 
-from mgfa_ray.config import SearchConfig, TrainConfig, load_config
-from mgfa_ray.search import export_results, run_search
+from mgfa_ray.config import ConfigError, SearchConfig, TrainConfig, load_config
+from mgfa_ray.search import create_search, export_search, ray_trials, read_record, run_search
 from mgfa_ray.search_space import load_search_space
-from mgfa_ray.trial import run_trial
+from mgfa_ray.study import StudyRef, best_trial, search_trials
+from mgfa_ray.trial import load_checkpoint, run_trial
 
 
 def _space(tmp_path, doc):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(doc))
-    return load_search_space(path)
+    return load_search_space(path), str(path)
+
+
+def _search(tmp_path, doc, cfg, **search_kw):
+    space, space_file = _space(tmp_path, doc)
+    search = SearchConfig(space=space_file, cpus_per_trial=1, **search_kw)
+    return create_search(name="s", space=space, space_file=space_file, search=search, base=cfg,
+                         storage_path=str(tmp_path / "searches"))
 
 
 def test_trial_through_ray_equals_direct_call(ray_cluster, tiny_train_config, tmp_path):
     cfg = tiny_train_config.model_copy(update={"epochs": 1, "threads": 1})
     direct = run_trial(cfg)
-    space = _space(tmp_path, {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}})
-    results = run_search(name="direct", space=space, search=SearchConfig(space="-", num_samples=1, cpus_per_trial=1),
-                         base=cfg, storage_path=tmp_path / "search")
-    (result,) = list(results)
-    assert result.error is None
-    assert result.metrics["train_loss"] == direct[0]["train_loss"]
-    assert result.metrics["eval_top1"] == direct[0]["eval_top1"]
-    assert result.checkpoint is not None
+    search_dir = _search(tmp_path, {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}, cfg, num_samples=1)
+    run_search(search_dir)
+    (row,) = ray_trials(search_dir).to_dict("records")
+    assert row["ray_status"] == "TERMINATED" and row["checkpoint"] is not None
+    assert row["history"]["train_loss"].iloc[0] == direct[0]["train_loss"]
+    assert row["history"]["eval_top1"].iloc[0] == direct[0]["eval_top1"]
 
 
 def test_search_samples_simplex_stops_early_and_exports(ray_cluster, tiny_train_config, tmp_path):
-    space = _space(tmp_path, {
+    search_dir = _search(tmp_path, {
         "scheduler": {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
         "simplex": ["alpha", "beta", "gamma"],
         "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
         "points_to_evaluate": [{"alpha": 0.3, "beta": 0.5, "gamma": 0.2, "lr": 0.01}],
-    })
-    search = SearchConfig(space="-", num_samples=4, max_concurrent=2, cpus_per_trial=1, seed=0)
-    results = run_search(name="s", space=space, search=search, base=tiny_train_config, storage_path=tmp_path / "search")
-    summary = export_results(results, search=search, base=tiny_train_config, max_epochs=2, out_dir=tmp_path / "export")
+    }, tiny_train_config, num_samples=4, max_concurrent=2, seed=0)
+    run_search(search_dir)
+    summary = export_search(search_dir, tmp_path / "export")
+    out = tmp_path / "export"
 
-    trials = pd.read_parquet(tmp_path / "export" / "trials.parquet")
-    assert len(trials) == 4 and (trials["state"] == "TERMINATED").all()
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and (trials["ray_status"] == "TERMINATED").all()
     assert ((trials["alpha"] + trials["beta"] + trials["gamma"]) - 1.0).abs().max() <= 1e-9
     assert ((trials[["alpha", "beta", "gamma"]] >= 0).all()).all()
     assert set(trials["epochs_run"]) <= {1, 2}
-    assert trials["stopped_early"].tolist() == (trials["epochs_run"] < 2).tolist()
+    # One truth: two epochs = COMPLETE, fewer = stopped by ASHA = PRUNED (never COMPLETE)
+    assert (trials["state"] == trials["epochs_run"].map({2: "COMPLETE", 1: "PRUNED"})).all()
     assert summary["total_trial_epochs"] == trials["epochs_run"].sum()
     paper = trials[(trials["lr"] == 0.01) & ((trials["alpha"] - 0.3).abs() < 1e-12)
                    & ((trials["beta"] - 0.5).abs() < 1e-12) & ((trials["gamma"] - 0.2).abs() < 1e-12)]
     assert len(paper) == 1  # the point to evaluate ran, exactly once
-    assert pd.read_csv(tmp_path / "export" / "trials.csv").shape[0] == 4
-    epochs = pd.read_parquet(tmp_path / "export" / "trial_epochs.parquet")
+    assert pd.read_csv(out / "trials.csv").shape[0] == 4
+    epochs = pd.read_parquet(out / "trial_epochs.parquet")
     assert len(epochs) == trials["epochs_run"].sum()
+    assert {"train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1"} <= set(epochs.columns)
 
-    best = load_config(TrainConfig, tmp_path / "export" / "best_config.yaml")
+    best = load_config(TrainConfig, out / "best_config.yaml")
     assert best.epochs == 2 and best.manifest == tiny_train_config.manifest
     best_row = trials.loc[trials["trial"] == summary["best_trial"]].iloc[0]
+    assert best_row["state"] == "COMPLETE"
     assert best.lr == pytest.approx(best_row["lr"]) and best.alpha == pytest.approx(best_row["alpha"])
-    assert summary["best_eval_top1"] == best_row["eval_top1"] == trials["eval_top1"].max()
+    complete = trials[trials["state"] == "COMPLETE"]
+    assert summary["best_eval_top1"] == best_row["eval_top1"] == complete["eval_top1"].max()
+    assert load_checkpoint(out / "best_checkpoint" / "checkpoint.pt")["epoch"] == 2
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate"):
+        assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(Path(summary["tensorboard_logdir"]).rglob("events.out.tfevents.*"))
+
+    # The Optuna study holds the same states, values and best trial; PRUNED keeps its epochs.
+    record = read_record(search_dir)
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in search_trials(study)}
+    for row in trials.to_dict("records"):
+        t = by_id[row["trial"]]
+        assert t.state.name == row["state"] and len(t.intermediate_values) == row["epochs_run"]
+        assert t.value == pytest.approx(row["eval_top1"])
+    assert best_trial(study).user_attrs["ray_trial_id"] == summary["best_trial"]
+    assert all(t.state != TrialState.RUNNING for t in study.trials)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, tiny_train_config):
+    doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}
+    first = _search(tmp_path, doc, tiny_train_config, num_samples=2)
+    assert _search(tmp_path, doc, tiny_train_config, num_samples=2) == first  # same settings: the same search
+    with pytest.raises(ConfigError, match="exists with other search"):
+        _search(tmp_path, doc, tiny_train_config, num_samples=3)
+
+
+def test_object_store_search_needs_a_study_storage(tmp_path, tiny_train_config):
+    space, space_file = _space(tmp_path, {"scheduler": {"max_epochs": 1}})
+    with pytest.raises(ConfigError, match="search.study_storage: required when storage_path is an object store"):
+        create_search(name="s", space=space, space_file=space_file, search=SearchConfig(space=space_file),
+                      base=tiny_train_config, storage_path="s3://bucket/searches")
+
+
+def test_warm_start_copies_finished_trials(tmp_path, tiny_train_config):
+    import optuna
+
+    source = StudyRef(str(tmp_path / "old.journal"), "old")
+    old = source.load(create=True)
+    for lr, state in [(0.01, TrialState.COMPLETE), (0.05, TrialState.PRUNED), (0.02, TrialState.FAIL)]:
+        old.add_trial(optuna.trial.create_trial(
+            params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)},
+            value=None if state == TrialState.FAIL else 0.5, state=state,
+            intermediate_values={1: 0.5} if state == TrialState.PRUNED else None))
+    doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}}
+    search_dir = _search(tmp_path, doc, tiny_train_config, warm_start={"storage": source.storage, "study_name": "old"})
+    record = read_record(search_dir)
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    assert [(t.params["lr"], t.state) for t in study.trials] == [(0.01, TrialState.COMPLETE), (0.05, TrialState.PRUNED)]
+    assert all("warm_start_from" in t.user_attrs for t in study.trials)
+    assert search_trials(study) == [] and best_trial(study) is None  # copies are not this search's trials

@@ -59,6 +59,10 @@ BASE = {"scheduler": {"max_epochs": 4}}
     ({**BASE, "parameters": {"momentum": {"type": "uniform", "low": 0.5, "high": 1.5}}}, "parameters.momentum.high"),
     ({**BASE, "simplex": ["alpha", "beta"], "points_to_evaluate": [{"alpha": 0.5, "beta": 0.6}]}, "sum to 1.1"),
     ({"scheduler": {"max_epochs": 2, "grace_period": 3}}, "grace_period"),
+    ({"scheduler": {"max_epochs": 4, "reduction_factor": 1.5}}, "scheduler.reduction_factor"),
+    ({"scheduler": {"max_epochs": 4, "early_stoping": False}}, "scheduler.early_stoping: unknown key"),
+    ({**BASE, "parameters": {"batch_size": {"type": "categorical", "choices": [16, 0]}}}, "parameters.batch_size.choices"),
+    ({**BASE, "points_to_evaluate": [{"lr": 0.01}]}, "points_to_evaluate\\[0\\]: \\['lr'\\] are not searched"),
 ])
 def test_invalid_spaces_name_the_key(tmp_path, doc, message):
     path = _write(tmp_path, doc)

@@ -1,0 +1,386 @@
+"""The Optuna side of the search: one persistent study that Ray Tune's trials are kept in step with.
+
+Ray 2.60's ``OptunaSearch`` keeps the trial ↔ study mapping only in the driver's memory and runs
+Optuna with a no-op pruner, which breaks a search that must survive crashes (DESIGN.md §4: a
+restarted trial's new id is a ``KeyError`` (§4.1), a trial retried to success stays FAIL (§4.2),
+an early-stopped trial is told COMPLETE with its truncated score (§4.5)). Here the study itself
+holds everything needed to pick up after a crash:
+
+* every Optuna trial carries the user attributes ``ray_trial_id`` (the Ray trial running it) and
+  ``driver_session`` (the driver process that last claimed it); every Ray trial's config carries
+  its Optuna trial number under :data:`OPTUNA_TRIAL_KEY`;
+* :class:`StudySearch` (an ``OptunaSearch``) asks the study for new trials; after a driver crash it
+  first hands out *orphans* — RUNNING trials that the restored Ray experiment does not know (the
+  driver died after asking Optuna but before Ray's experiment snapshot recorded the trial), so no
+  trial is lost or run twice;
+* :class:`StudyScheduler` (a Ray ``TrialScheduler``) writes every epoch's metric as an intermediate
+  value, stops trials with Optuna's ``SuccessiveHalvingPruner`` — asynchronous successive halving
+  (ASHA, Li et al., MLSys 2020) computed from the study, so its rungs survive a driver restart,
+  whereas Ray's ``ASHAScheduler`` starts empty on ``Tuner.restore`` — and tells the final state:
+  COMPLETE (ran ``max_epochs``, with its last value), PRUNED (stopped early, value = last
+  intermediate value), FAIL (errored after Ray's retries). A trial Ray runs again after an error
+  (``resume_errored`` / ``restart_errored``) gets a fresh Optuna trial with the same parameters
+  (Optuna's own convention: system attribute ``failed_trial``), so it ends COMPLETE or PRUNED too.
+
+A trial whose outcome reached the study before the crash but not Ray's snapshot is rerun by Ray
+from its last checkpoint; the scheduler replays the recorded decision (PRUNED → stop,
+COMPLETE → run to the end) and never rewrites a finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
+
+log = logging.getLogger(__name__)
+
+RAY_TRIAL_ATTR = "ray_trial_id"
+SESSION_ATTR = "driver_session"
+RUN_ATTR = "run"
+WARM_START_ATTR = "warm_start_from"
+
+SESSION = uuid.uuid4().hex
+"""This driver process's token: trials it claimed carry it in ``driver_session``."""
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """Where a study lives: ``storage`` is an RDB URL (``sqlite:///abs/path.db``,
+    ``postgresql://…``, any SQLAlchemy URL) or the path of an Optuna journal file (on local disk or
+    NFS: it needs POSIX file locks); ``study_name`` names the study in it.
+    Both can be opened with optuna-dashboard (``optuna-dashboard <journal file or URL>``)."""
+
+    storage: str
+    study_name: str
+
+    def open_storage(self) -> optuna.storages.BaseStorage:
+        """The Optuna storage object (``RDBStorage`` or ``JournalStorage(JournalFileBackend)``)."""
+        if "://" in self.storage:
+            return optuna.storages.RDBStorage(self.storage)
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(self.storage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+    def load(self, *, sampler: optuna.samplers.BaseSampler | None = None, create: bool = False) -> optuna.Study:
+        """The study (maximising). ``create`` makes it if absent; otherwise a missing study is a
+        ``KeyError`` naming storage and study."""
+        storage = self.open_storage()
+        if create:
+            return optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
+                                       sampler=sampler, load_if_exists=True)
+        try:
+            return optuna.load_study(storage=storage, study_name=self.study_name, sampler=sampler)
+        except KeyError:
+            raise KeyError(f"no Optuna study {self.study_name!r} in {self.storage}") from None
+
+
+def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    """``tpe``: seeded multivariate TPE (Optuna ``TPESampler(multivariate=True)``; its first 10
+    trials are random); ``random``: ``RandomSampler`` (the baseline of the search benchmark)."""
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be 'tpe' or 'random', got {kind!r}")
+
+
+def _number_by_ray_id(study: optuna.Study, ray_trial_id: str) -> int | None:
+    """The newest Optuna trial run by ``ray_trial_id`` (a retried trial has several)."""
+    numbers = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id]
+    return max(numbers) if numbers else None
+
+
+class _StudyUser:
+    """Shared by searcher and scheduler: the study, opened lazily in the driver and never pickled
+    (Ray pickles both into the experiment; the storage is reconnected after a restore)."""
+
+    def _init_study(self, ref: StudyRef, sampler: optuna.samplers.BaseSampler | None) -> None:
+        self.study_ref = ref
+        self._study_sampler = sampler
+        self._study_obj: optuna.Study | None = None
+        self._trial_numbers: dict[str, int] = {}
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study_obj is None:
+            self._study_obj = self.study_ref.load(sampler=self._study_sampler, create=True)
+        return self._study_obj
+
+    def _storage_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+
+    def _frozen(self, number: int) -> FrozenTrial:
+        return self.study._storage.get_trial(self._storage_id(number))
+
+    def _set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        tid = self._storage_id(number)
+        for k, v in attrs.items():
+            self.study._storage.set_trial_user_attr(tid, k, v)
+
+    def _number_of(self, trial_id: str, config: dict[str, Any] | None) -> int | None:
+        if trial_id in self._trial_numbers:
+            return self._trial_numbers[trial_id]
+        number = _number_by_ray_id(self.study, trial_id)
+        if number is None and config is not None and OPTUNA_TRIAL_KEY in config:
+            number = int(config[OPTUNA_TRIAL_KEY])
+        if number is not None:
+            self._trial_numbers[trial_id] = number
+        return number
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_study_obj"] = None
+        return state
+
+
+class StudySearch(_StudyUser, OptunaSearch):
+    """Ray Tune searcher over a persistent Optuna study (an ``OptunaSearch`` that survives crashes).
+
+    Args:
+        space: The validated search space; its ``points_to_evaluate`` are enqueued once per study
+            (a point already in the study — from an earlier run or a warm start — is not enqueued
+            again).
+        study: Where the study lives.
+        metric: Metric maximised.
+        sampler: ``tpe`` or ``random`` (:func:`make_sampler`).
+        seed: Sampler seed.
+        run: Name of the Ray experiment using the searcher (stored on each trial as ``run``).
+
+    Returns configs holding the sampled parameters, the simplex cut variables (nested under
+    ``simplex``) and :data:`OPTUNA_TRIAL_KEY`.
+    """
+
+    def __init__(self, *, space: SearchSpace, study: StudyRef, metric: str, sampler: str, seed: int, run: str):
+        sampler_obj = make_sampler(sampler, seed)
+        self._init_study(study, sampler_obj)
+        self.space_spec = space
+        self.run = run
+        OptunaSearch.__init__(self, space=optuna_space(space), metric=metric, mode="max", sampler=sampler_obj,
+                              study_name=study.study_name, storage=None)
+
+    # Ray calls this when the Tuner starts: it would create an in-memory study and enqueue the
+    # points on every run. Our study is persistent; points go in once.
+    def _setup_study(self, mode):
+        self._ot_study = None
+        study = self.study
+        tried = [t.params for t in study.get_trials(deepcopy=False)]
+        for point in self.space_spec.optuna_points():
+            if not any(_same_params(point, p) for p in tried):
+                study.enqueue_trial(point)
+                tried.append(point)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        study = self.study
+        orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.user_attrs.get(SESSION_ATTR) != SESSION and t.user_attrs.get(RUN_ATTR, self.run) == self.run]
+        if orphans:
+            orphan = min(orphans, key=lambda t: t.number)
+            number = orphan.number
+            # Suggesting again returns the values the orphan already holds and samples any the
+            # crash left unsampled.
+            params = self._suggest_from_define_by_run_func(self._space, optuna.trial.Trial(study, orphan._trial_id))
+            log.warning("trial %s takes over Optuna trial %d (asked before a driver crash; Ray never recorded it)",
+                        trial_id, number)
+        else:
+            ot_trial = study.ask()
+            number = ot_trial.number
+            params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+        self._set_attrs(number, {RAY_TRIAL_ATTR: trial_id, SESSION_ATTR: SESSION, RUN_ATTR: self.run})
+        self._trial_numbers[trial_id] = number
+        from ray.tune.utils.util import unflatten_dict
+
+        return {**unflatten_dict(params), OPTUNA_TRIAL_KEY: number}
+
+    # The scheduler records results and final states (it sees the result that made it stop a
+    # trial, which Ray withholds from the searcher); the searcher only suggests.
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        return None
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, float) or isinstance(w, float):
+            if not (isinstance(w, (int, float)) and math.isclose(float(v), float(w), rel_tol=1e-12, abs_tol=1e-15)):
+                return False
+        elif v != w:
+            return False
+    return True
+
+
+class StudyScheduler(_StudyUser, FIFOScheduler):
+    """Ray Tune scheduler that keeps the study in step with Ray and stops trials by ASHA.
+
+    Args:
+        study: Where the study lives.
+        metric: Metric maximised (reported every epoch).
+        max_epochs: Epochs of a trial never stopped; a trial that reports it is COMPLETE.
+        grace_period: Epochs before a trial can be stopped (ASHA's minimum resource).
+        reduction_factor: ASHA's reduction factor (integer >= 2): at each rung a trial continues
+            only when in the top 1/reduction_factor of the trials that reached the rung.
+        early_stopping: ``False`` runs every trial to ``max_epochs`` (random-search baseline).
+    """
+
+    def __init__(self, *, study: StudyRef, metric: str, max_epochs: int, grace_period: int, reduction_factor: int,
+                 early_stopping: bool = True):
+        FIFOScheduler.__init__(self)
+        self._metric, self._mode = metric, "max"
+        self._init_study(study, None)
+        self.max_epochs = max_epochs
+        self.early_stopping = early_stopping
+        self.pruner = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=grace_period, reduction_factor=reduction_factor, min_early_stopping_rate=0)
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        number = self._number_of(trial.trial_id, trial.config)
+        if number is None:
+            log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
+            return
+        frozen = self._frozen(number)
+        if frozen.state == TrialState.RUNNING:
+            self._set_attrs(number, {RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION})
+        elif frozen.state == TrialState.FAIL:
+            # Ray runs an errored trial again: same id from its checkpoint (resume_errored), or a
+            # new id from scratch (restart_errored). A fresh Optuna trial records the new attempt.
+            resumed = frozen.user_attrs.get(RAY_TRIAL_ATTR) == trial.trial_id
+            storage = self.study._storage
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
+                intermediate_values=frozen.intermediate_values if resumed else None,
+                user_attrs={**frozen.user_attrs, RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION},
+                system_attrs={"failed_trial": frozen.number,
+                              **({k: v for k, v in frozen.system_attrs.items() if k.startswith("completed_rung_")}
+                                 if resumed else {})},
+            )
+            tid = storage.create_new_trial(self.study._study_id, template_trial=template)
+            new_number = storage.get_trial_number_from_id(tid)
+            self._trial_numbers[trial.trial_id] = new_number
+            log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        number = self._number_of(trial.trial_id, trial.config)
+        value, step = result.get(self._metric), result.get("training_iteration")
+        if number is None or value is None or step is None:
+            return TrialScheduler.CONTINUE
+        frozen = self._frozen(number)
+        if frozen.state == TrialState.PRUNED:  # decided before a driver crash: decide the same
+            return TrialScheduler.STOP
+        if frozen.state != TrialState.RUNNING:
+            return TrialScheduler.CONTINUE
+        tid = self._storage_id(number)
+        self.study._storage.set_trial_intermediate_value(tid, int(step), float(value))
+        if not self.early_stopping or step >= self.max_epochs or not math.isfinite(value):
+            return TrialScheduler.CONTINUE
+        if self.pruner.prune(self.study, self.study._storage.get_trial(tid)):
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        number = self._number_of(trial.trial_id, trial.config)
+        if number is None:
+            return
+        frozen = self._frozen(number)
+        if frozen.state != TrialState.RUNNING:
+            return
+        epochs = int((result or {}).get("training_iteration") or 0)
+        value = (result or {}).get(self._metric)
+        if epochs >= self.max_epochs and value is not None and math.isfinite(value):
+            self.study.tell(number, float(value))
+        elif frozen.intermediate_values:
+            self.study.tell(number, state=TrialState.PRUNED)
+        else:  # stopped before its first result (e.g. the search ended)
+            self.study.tell(number, state=TrialState.FAIL)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        # Ray also calls this when it is about to retry the trial from its checkpoint
+        # (FailureConfig.max_failures): the trial is then already stopped (ERROR) and may recover.
+        # The attempt goes on, so the Optuna trial stays RUNNING and ends as the retry ends.
+        if trial.status == "ERROR" and trial.should_recover():
+            return
+        number = self._number_of(trial.trial_id, trial.config)
+        if number is not None and self._frozen(number).state == TrialState.RUNNING:
+            self.study.tell(number, state=TrialState.FAIL)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.on_trial_error(tune_controller, trial)
+
+
+def copy_trials(source: StudyRef, target: optuna.Study) -> int:
+    """Warm start: add ``source``'s COMPLETE and PRUNED trials to ``target`` (parameters,
+    values, intermediate values and ASHA rungs), marked with user attribute ``warm_start_from``.
+    Trials whose parameters do not fit ``target``'s distributions are left out by TPE itself.
+
+    Returns:
+        The number of trials copied.
+
+    Raises:
+        KeyError: No such study in ``source``.
+    """
+    src = source.load()
+    copied = 0
+    for t in src.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        target.add_trial(optuna.trial.create_trial(
+            state=t.state, value=t.value, params=t.params, distributions=t.distributions,
+            intermediate_values=t.intermediate_values,
+            user_attrs={WARM_START_ATTR: f"{source.storage} {source.study_name} #{t.number}"},
+            system_attrs={k: v for k, v in t.system_attrs.items() if k.startswith("completed_rung_")},
+        ))
+        copied += 1
+    return copied
+
+
+def search_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials run by this search's Ray trials: the newest Optuna trial of each Ray
+    trial, without warm-start copies and without failed attempts that a later trial retried
+    (system attribute ``failed_trial``)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+    newest: dict[str, FrozenTrial] = {}
+    for t in trials:
+        rid = t.user_attrs.get(RAY_TRIAL_ATTR)
+        if rid is not None and t.number not in retried and (rid not in newest or t.number > newest[rid].number):
+            newest[rid] = t
+    return sorted(newest.values(), key=lambda t: t.number)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The search's best trial: the COMPLETE trial of :func:`search_trials` with the highest value
+    (ties: the lowest number); ``None`` when none is COMPLETE. This is the one definition the export
+    and every check use."""
+    done = [t for t in search_trials(study) if t.state == TrialState.COMPLETE and t.value is not None]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None

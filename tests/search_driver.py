@@ -1,0 +1,126 @@
+"""A search driver with a fast stand-in trainable, run as its own process so tests can SIGKILL it.
+
+    python tests/search_driver.py create DIR --num-samples 6 [--max-epochs 4] [--storage-path P] …
+    python tests/search_driver.py run DIR [--more-trials N] [--errored skip|resume|restart]
+
+``--real MANIFEST MASKS`` makes the trials the real classifier (mgfa_ray.search.tune_trainable) at
+tiny settings instead. The stand-in trains nothing: its "top-1" at epoch e is a smooth, deterministic function of the
+sampled parameters, q(params) * (1 - 0.6^e), so an early-stopped trial's value is truncated and
+the best trial is a property of the parameters. Each epoch sleeps ``MGFA_STANDIN_EPOCH_S``
+seconds, checkpoints its epoch and reports. ``MGFA_STANDIN_FAIL_DIR`` names a directory: a trial
+whose Optuna number has a file ``fail-<n>`` there raises once at epoch 2 (the file is removed).
+``MGFA_STANDIN_LOG`` names a directory where every epoch run appends ``<optuna number> <epoch>``
+to a file per trial, so tests can count what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def quality(config: dict) -> float:
+    """Deterministic final top-1 of a parameter set: best at lr = 0.01, alpha = 0.3, beta = 0.5."""
+    lr = config.get("lr", 0.01)
+    q = 0.95 - 0.1 * (math.log10(lr) + 2.0) ** 2
+    q -= 0.3 * ((config.get("alpha", 0.3) - 0.3) ** 2 + (config.get("beta", 0.5) - 0.5) ** 2)
+    return max(0.05, min(0.99, q))
+
+
+def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None) -> None:
+    """Ray function trainable: ``base['epochs']`` epochs of the stand-in curve, checkpointed."""
+    from ray import tune
+
+    number = config.get("optuna_trial")
+    start = 1
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+    fail_dir = os.environ.get("MGFA_STANDIN_FAIL_DIR")
+    log_dir = os.environ.get("MGFA_STANDIN_LOG")
+    q = quality(config)
+    for epoch in range(start, int(base["epochs"]) + 1):
+        time.sleep(float(os.environ.get("MGFA_STANDIN_EPOCH_S", "0.2")))
+        if fail_dir and epoch == 2:
+            marker = Path(fail_dir) / f"fail-{number}"
+            if marker.exists():
+                marker.unlink()
+                raise RuntimeError(f"injected failure of Optuna trial {number} at epoch {epoch}")
+        if log_dir:
+            with open(Path(log_dir) / f"trial-{number}.log", "a") as f:
+                f.write(f"{number} {epoch}\n")
+        top1 = q * (1.0 - 0.6 ** epoch)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({"eval_top1": top1, "test_top1": top1, "epoch": epoch, "train_loss": 1.0 - top1},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def space_doc(max_epochs: int, early_stopping: bool = True) -> dict:
+    return {
+        "scheduler": {"max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2,
+                      "early_stopping": early_stopping},
+        "simplex": ["alpha", "beta", "gamma"],
+        "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
+        "points_to_evaluate": [{"alpha": 0.3, "beta": 0.5, "gamma": 0.2, "lr": 0.01}],
+    }
+
+
+def main(argv=None) -> int:
+    import yaml
+
+    from mgfa_ray.config import SearchConfig, TrainConfig
+    from mgfa_ray.search import create_search, read_record, run_search
+    from mgfa_ray.search_space import load_search_space
+
+    p = argparse.ArgumentParser()
+    p.add_argument("action", choices=["create", "run"])
+    p.add_argument("dir", help="storage path (create) or search directory (run)")
+    p.add_argument("--name", default="standin")
+    p.add_argument("--num-samples", type=int, default=6)
+    p.add_argument("--max-epochs", type=int, default=4)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-failures", type=int, default=1)
+    p.add_argument("--no-early-stopping", action="store_true")
+    p.add_argument("--study-storage", default=None)
+    p.add_argument("--more-trials", type=int, default=0)
+    p.add_argument("--errored", default="skip")
+    p.add_argument("--real", nargs=2, metavar=("MANIFEST", "MASKS"), default=None,
+                   help="create: trials are the real classifier (tune_trainable) on this manifest and mask set")
+    args = p.parse_args(argv)
+    if args.action == "create":
+        space_file = Path(tempfile.mkdtemp()) / "space.yaml"
+        space_file.write_text(yaml.safe_dump(space_doc(args.max_epochs, not args.no_early_stopping)))
+        search = SearchConfig(space=str(space_file), num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                              cpus_per_trial=1, seed=0, max_failures=args.max_failures,
+                              study_storage=args.study_storage)
+        if args.real:  # tiny settings, as tests/conftest.py's tiny_train_config
+            base = TrainConfig(manifest=args.real[0], masks=args.real[1], backbone="mobilenet_v2", weights=None,
+                               resize=72, crop=64, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, device="cpu")
+        else:
+            base = TrainConfig(manifest="stand-in", masks="stand-in", weights=None)
+        print(create_search(name=args.name, space=load_search_space(space_file), space_file=str(space_file),
+                            search=search, base=base, storage_path=args.dir))
+        return 0
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False, configure_logging=False)
+    real = read_record(args.dir).trial_base["manifest"] != "stand-in"
+    run_search(args.dir, more_trials=args.more_trials, errored=args.errored,
+               trainable=None if real else standin_trainable)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

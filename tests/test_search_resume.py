@@ -1,0 +1,216 @@
+"""A search survives its driver being SIGKILLed, extends, retries, and agrees with itself.
+
+Each driver is its own process (tests/search_driver.py, fast stand-in trainable) with its own local
+Ray cluster in its own process group; "killing the driver" SIGKILLs the whole group, as a
+preempted head node would lose it. The Optuna study is read from its journal by this process.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from mgfa_ray.search import export_search, ray_trials, read_record
+from mgfa_ray.study import StudyRef, best_trial, search_trials
+
+DRIVER = Path(__file__).with_name("search_driver.py")
+MAX_EPOCHS = 4
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    log = tmp_path / "epoch-log"
+    log.mkdir(exist_ok=True)
+    return {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.3", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": "",  # each driver starts its own local cluster
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _driver(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115 — closed with the process
+    return subprocess.Popen([sys.executable, str(DRIVER), *args], env=env or _env(tmp_path), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(tmp_path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, (tmp_path / "driver.log").read_text()[-4000:]
+
+
+def _create(tmp_path: Path, *args: str, storage: str | None = None) -> str:
+    out = subprocess.run([sys.executable, str(DRIVER), "create", storage or str(tmp_path / "searches"), *args],
+                         env=_env(tmp_path), capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _study(search_dir: str):
+    record = read_record(search_dir)
+    return StudyRef(record.study.storage, record.study.study_name).load()
+
+
+def _kill_when(proc: subprocess.Popen, search_dir: str, ready, timeout: float = 180) -> None:
+    """SIGKILL the driver's process group as soon as ``ready(trials)`` holds for the study's trials."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the driver finished before the kill point"
+        try:
+            if ready(_study(search_dir).get_trials(deepcopy=False)):
+                break
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("kill point not reached")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _finished(trials) -> int:
+    return sum(t.state.is_finished() for t in trials)
+
+
+def _check_one_truth(search_dir: str, *, total: int, log_dir: Path | None = None, kills: int = 0,
+                     max_epochs: int = MAX_EPOCHS) -> None:
+    """Ray and Optuna agree: ``total`` trials, each Optuna trial in exactly one Ray trial, every
+    state and value the same, the same best trial; no epoch run more than once per kill."""
+    study = _study(search_dir)
+    trials = {t.user_attrs["ray_trial_id"]: t for t in search_trials(study)}
+    ray = ray_trials(search_dir)
+    assert len(ray) == total and len(trials) == total
+    assert set(ray["trial"]) == set(trials)
+    assert sorted(t.number for t in trials.values()) == sorted(set(t.number for t in trials.values()))
+    for r in ray.to_dict("records"):
+        t = trials[r["trial"]]
+        assert r["ray_status"] == "TERMINATED"
+        history = r["history"]
+        if r["epochs_run"] == max_epochs:
+            assert t.state == TrialState.COMPLETE and t.value == pytest.approx(r["last_eval_top1"])
+        else:  # stopped early by ASHA: PRUNED with its intermediate values, never COMPLETE
+            assert t.state == TrialState.PRUNED
+        ray_curve = dict(zip(history["training_iteration"].astype(int), history["eval_top1"]))
+        assert set(t.intermediate_values) <= set(ray_curve)
+        assert len(t.intermediate_values) >= len(ray_curve) - kills
+        for step, value in t.intermediate_values.items():
+            assert value == pytest.approx(ray_curve[step])
+    complete = ray[ray["epochs_run"] == max_epochs]
+    ray_best = complete.loc[complete["last_eval_top1"].idxmax()]
+    best = best_trial(study)
+    assert best.user_attrs["ray_trial_id"] == ray_best["trial"] and best.value == pytest.approx(ray_best["last_eval_top1"])
+    if log_dir is not None:  # what really ran: every (trial, epoch) at most once plus one replay per kill
+        runs = collections.Counter()
+        for f in log_dir.glob("trial-*.log"):
+            runs.update(tuple(line.split()) for line in f.read_text().splitlines())
+        assert max(runs.values()) <= 1 + kills, runs.most_common(3)
+        numbers = {int(n) for n, _ in runs}
+        assert numbers == {t.number for t in trials.values()}
+
+
+@pytest.mark.parametrize("kill_point", ["first_trial_running", "two_trials_finished", "five_trials_finished"])
+def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_point):
+    search_dir = _create(tmp_path, "--num-samples", "7", "--max-epochs", str(MAX_EPOCHS))
+    ready = {
+        "first_trial_running": lambda ts: any(t.intermediate_values for t in ts),
+        "two_trials_finished": lambda ts: _finished(ts) >= 2,
+        "five_trials_finished": lambda ts: _finished(ts) >= 5,
+    }[kill_point]
+    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, ready)
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    _check_one_truth(search_dir, total=7, log_dir=tmp_path / "epoch-log", kills=1)
+    states = collections.Counter(t.state for t in search_trials(_study(search_dir)))
+    assert states[TrialState.PRUNED] >= 1 and states[TrialState.COMPLETE] >= 1  # ASHA stopped some
+
+    # The export tells the same story.
+    summary = export_search(search_dir, tmp_path / "export")
+    assert summary["num_trials"] == 7 and summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
+
+
+def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_path):
+    search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    epochs_before = sum(len(f.read_text().splitlines()) for f in (tmp_path / "epoch-log").glob("*.log"))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir))  # resume of a finished search
+    assert sum(len(f.read_text().splitlines()) for f in (tmp_path / "epoch-log").glob("*.log")) == epochs_before
+    _check_one_truth(search_dir, total=4)
+
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--more-trials", "3"))
+    record = read_record(search_dir)
+    assert [(r.name, r.num_samples) for r in record.runs] == [("run-0", 4), ("run-1", 3)]
+    assert collections.Counter(ray_trials(search_dir)["run"]) == {"run-0": 4, "run-1": 3}
+    _check_one_truth(search_dir, total=7, log_dir=tmp_path / "epoch-log")
+    # The paper's point was enqueued once for the whole study, not once per run.
+    lrs = [t.params["lr"] for t in search_trials(_study(search_dir))]
+    assert sum(math.isclose(lr, 0.01) for lr in lrs) == 1
+
+
+def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path):
+    fail = tmp_path / "fail"
+    fail.mkdir()
+    (fail / "fail-1").touch()  # Optuna trial 1 raises once at epoch 2; Ray retries it from its checkpoint
+    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
+                         "--max-failures", "1")
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_FAIL_DIR=str(fail))))
+    assert not (fail / "fail-1").exists()  # the failure happened
+    study = _study(search_dir)
+    assert [t.state for t in search_trials(study)] == [TrialState.COMPLETE] * 3
+    assert [t.number for t in study.trials] == [0, 1, 2]  # no extra Optuna trial for the retry
+    _check_one_truth(search_dir, total=3)
+
+
+@pytest.mark.parametrize("errored", ["resume", "restart"])
+def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, errored):
+    fail = tmp_path / "fail"
+    fail.mkdir()
+    (fail / "fail-1").touch()
+    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
+                         "--max-failures", "0")
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_FAIL_DIR=str(fail))))
+    ray = ray_trials(search_dir)
+    assert sorted(ray["ray_status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
+    assert collections.Counter(t.state for t in search_trials(_study(search_dir)))[TrialState.FAIL] == 1
+
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--errored", errored))
+    study = _study(search_dir)
+    trials = search_trials(study)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    retried = [t for t in trials if "failed_trial" in t.system_attrs]
+    assert len(retried) == 1 and study.trials[retried[0].system_attrs["failed_trial"]].state == TrialState.FAIL
+    _check_one_truth(search_dir, total=3)
+    if errored == "resume":  # continued from its checkpoint: epoch 1 ran once
+        assert (tmp_path / "epoch-log" / "trial-1.log").read_text().splitlines().count("1 1") == 1
+
+
+def test_search_on_object_store_with_rdb_study_survives_a_kill(tmp_path, s3_server):
+    search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
+                         "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
+                         storage=s3_server("searches", "team-a"))
+    assert search_dir.startswith("s3://searches/team-a/standin?")
+    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1)
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    _check_one_truth(search_dir, total=4, log_dir=tmp_path / "epoch-log", kills=1)
+    summary = export_search(search_dir, tmp_path / "export")
+    assert (tmp_path / "export" / "best_checkpoint" / "state.json").is_file()
+    assert summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
+
+
+def test_real_trial_driver_killed_then_resumed(tmp_path, tiny_manifest, label_mask_set):
+    """The same guarantees with the real classifier (tiny data) instead of the stand-in."""
+    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", "2",
+                         "--real", str(tiny_manifest[1]), str(label_mask_set))
+    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1, timeout=300)
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir), timeout=400)
+    _check_one_truth(search_dir, total=3, kills=1, max_epochs=2)
+    summary = export_search(search_dir, tmp_path / "export")
+    from mgfa_ray.config import TrainConfig, load_config
+    from mgfa_ray.trial import load_checkpoint
+
+    best = load_config(TrainConfig, tmp_path / "export" / "best_config.yaml")
+    assert best.epochs == 2 and abs(best.alpha + best.beta + best.gamma - 1) <= 1e-12
+    assert load_checkpoint(tmp_path / "export" / "best_checkpoint" / "checkpoint.pt")["epoch"] == 2
+    assert summary["states"].get("COMPLETE", 0) >= 1
