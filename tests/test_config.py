@@ -125,3 +125,16 @@ def test_cli_reports_bad_job_file_with_exit_2(tmp_path, capsys):
     path.write_text(path.read_text().replace("imgsz: 320", "imgsz: 320\n  colour: red"))
     assert main(["run", str(path)]) == 2
     assert "detector.colour: unknown key" in capsys.readouterr().err
+
+
+def test_search_config_resources_and_checkpoints():
+    from mgfa_ray.config import SearchConfig
+
+    assert SearchConfig(space="s.yaml", gpus_per_trial=0.25).gpus_per_trial == 0.25  # four trials share a GPU
+    assert SearchConfig(space="s.yaml", gpus_per_trial=2).gpus_per_trial == 2
+    with pytest.raises(ValueError, match="gpus_per_trial above 1 must be a whole number, got 1.5"):
+        SearchConfig(space="s.yaml", gpus_per_trial=1.5)
+    with pytest.raises(ValueError, match="checkpoints_to_keep"):
+        SearchConfig(space="s.yaml", checkpoints_to_keep=1)  # DESIGN.md §4.7
+    with pytest.raises(ValueError, match="sampler"):
+        SearchConfig(space="s.yaml", sampler="grid")

@@ -29,7 +29,16 @@ def test_main_job_smoke_end_to_end_then_train_best_config(tmp_path):
     assert set(report["detector"]["per_class"]) == {"vein", "contour"}
     assert report["mask_set"]["rows"] == 24  # 3 classes x 8 photos, one row each
     trials = pd.read_csv(smoke / "export" / "trials.csv")
-    assert len(trials) == 2 and (trials["state"] == "TERMINATED").all() and (trials["epochs_run"] == 1).all()
+    assert len(trials) == 2 and (trials["state"] == "COMPLETE").all() and (trials["epochs_run"] == 1).all()
+
+    # The CLI extends the finished search by exactly one trial and exports it again (to the job's export/).
+    search_dir = smoke / "search" / "leafsnap20"
+    more = subprocess.run([BIN / "mgfa-ray", "search", "resume", str(search_dir), "--more-trials", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    trials = pd.read_csv(smoke / "export" / "trials.csv")
+    assert list(trials["run"]) == ["run-0", "run-0", "run-1"] and (trials["state"] == "COMPLETE").all()
+    assert trials["optuna_trial"].tolist() == [0, 1, 2]
 
     best = smoke / "export" / "best_config.yaml"
     assert load_config(TrainConfig, best).epochs == 1
@@ -75,4 +84,4 @@ def test_smoke_job_with_label_boxes_and_masks_on_object_store(tmp_path, s3_serve
     best = load_config(TrainConfig, smoke / "export" / "best_config.yaml")
     assert best.masks == report["mask_set"]["path"]
     trials = pd.read_csv(smoke / "export" / "trials.csv")
-    assert len(trials) == 2 and (trials["state"] == "TERMINATED").all()
+    assert len(trials) == 2 and (trials["state"] == "COMPLETE").all()

@@ -121,3 +121,28 @@ def test_warm_start_copies_finished_trials(tmp_path, tiny_train_config):
     assert [(t.params["lr"], t.state) for t in study.trials] == [(0.01, TrialState.COMPLETE), (0.05, TrialState.PRUNED)]
     assert all("warm_start_from" in t.user_attrs for t in study.trials)
     assert search_trials(study) == [] and best_trial(study) is None  # copies are not this search's trials
+
+
+def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
+    """A driver killed between Optuna's ask (and part of the sampling) and Ray's snapshot leaves a
+    RUNNING trial no Ray trial knows: the next suggestion takes it over, completing its parameters,
+    so no trial is lost or added."""
+    from mgfa_ray.study import SESSION, StudySearch
+
+    space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2}, "simplex": ["alpha", "beta", "gamma"],
+                                 "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}})
+    ref = StudyRef(str(tmp_path / "study.journal"), "s")
+    crashed = ref.load(create=True).ask()  # the dead driver sampled lr and one simplex cut, then died
+    crashed.suggest_float("lr", 1e-3, 0.1, log=True)
+    crashed.suggest_float("simplex/u0", 0.0, 1.0)
+    crashed.set_user_attr("driver_session", "dead-driver")
+
+    searcher = StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=0, run="run-0")
+    first, second = searcher.suggest("ray-a"), searcher.suggest("ray-b")
+    assert first["optuna_trial"] == 0 and first["lr"] == crashed.params["lr"]
+    assert first["simplex"]["u0"] == crashed.params["simplex/u0"] and "u1" in first["simplex"]
+    assert abs(first["alpha"] + first["beta"] + first["gamma"] - 1) <= 1e-12
+    assert second["optuna_trial"] == 1
+    trials = ref.load().trials
+    assert [t.user_attrs["ray_trial_id"] for t in trials] == ["ray-a", "ray-b"]
+    assert {t.user_attrs["driver_session"] for t in trials} == {SESSION}
