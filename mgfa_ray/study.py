@@ -272,6 +272,13 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
             log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
             return
         frozen = self._frozen(number)
+        if trial.status in ("TERMINATED", "ERROR"):  # restored as finished: Ray will not run it
+            if frozen.state == TrialState.RUNNING:  # its end reached Ray's snapshot but not the study
+                if trial.status == "ERROR":
+                    self.study.tell(number, state=TrialState.FAIL)
+                else:
+                    self.on_trial_complete(tune_controller, trial, trial.last_result)
+            return
         if frozen.state == TrialState.RUNNING:
             self._set_attrs(number, {RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION})
         elif frozen.state == TrialState.FAIL:

@@ -177,6 +177,10 @@ def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_
     assert sorted(ray["ray_status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
     assert collections.Counter(t.state for t in search_trials(_study(search_dir)))[TrialState.FAIL] == 1
 
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir))  # a plain resume leaves the failed trial failed
+    study = _study(search_dir)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+
     _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--errored", errored))
     study = _study(search_dir)
     trials = search_trials(study)
