@@ -55,7 +55,7 @@ def git_info() -> dict[str, Any]:
 
     def git(*cmd: str) -> str | None:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip("\n")
         except (OSError, subprocess.CalledProcessError):
             return None
 
