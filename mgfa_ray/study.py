@@ -178,7 +178,8 @@ class StudySearch(_StudyUser, OptunaSearch):
     def _setup_study(self, mode):
         self._ot_study = None
         study = self.study
-        tried = [t.params for t in study.get_trials(deepcopy=False)]
+        # A point enqueued before a crash and not yet asked waits with its values in fixed_params.
+        tried = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
         for point in self.space_spec.optuna_points():
             if not any(_same_params(point, p) for p in tried):
                 study.enqueue_trial(point)

@@ -146,3 +146,21 @@ def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
     trials = ref.load().trials
     assert [t.user_attrs["ray_trial_id"] for t in trials] == ["ray-a", "ray-b"]
     assert {t.user_attrs["driver_session"] for t in trials} == {SESSION}
+
+
+def test_points_to_evaluate_are_enqueued_once_per_study(tmp_path):
+    """A new searcher on the same study (an extension, or a run restarted before Ray's first
+    snapshot) does not enqueue the paper's point again, asked or still waiting."""
+    from mgfa_ray.study import StudySearch
+
+    space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2},
+                                 "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
+                                 "points_to_evaluate": [{"lr": 0.01}]})
+    ref = StudyRef(str(tmp_path / "study.journal"), "s")
+    StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=0, run="run-0")
+    StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=0, run="run-0")  # still waiting
+    assert [t.state for t in ref.load().trials] == [TrialState.WAITING]
+    third = StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=1, run="run-1")
+    assert third.suggest("a")["lr"] == 0.01
+    StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=2, run="run-2")  # asked already
+    assert len(ref.load().trials) == 1
