@@ -189,3 +189,127 @@ def fs_list(fs, directory: str) -> list[str]:
 
     infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+class _RenameOnClose:
+    """A binary file written under a hidden temporary name and renamed to ``path`` on close."""
+
+    def __init__(self, path: str):
+        self.path = path
+        directory, name = os.path.split(path)
+        self.tmp = os.path.join(directory, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 — closed in close()
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.chmod(self.tmp, 0o666 & ~_UMASK)
+        os.replace(self.tmp, self.path)
+
+
+def _atomic_local_handler_base():
+    import pyarrow.fs as pafs
+
+    class AtomicLocalHandler(pafs.FileSystemHandler):
+        """A pyarrow ``FileSystemHandler`` over the local filesystem whose output streams are
+        written to a hidden temporary file and renamed into place on close, so a process killed
+        mid-write leaves the old file or none, never a truncated one."""
+
+        def __init__(self):
+            self._fs = pafs.LocalFileSystem()
+
+        def __reduce__(self):
+            return (_atomic_local_handler, ())
+
+        def __eq__(self, other):
+            return type(other).__name__ == "AtomicLocalHandler"
+
+        def __ne__(self, other):
+            return not self == other
+
+        def get_type_name(self):
+            return "mgfa-atomic-local"
+
+        def normalize_path(self, path):
+            return self._fs.normalize_path(path)
+
+        def get_file_info(self, paths):
+            return self._fs.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self._fs.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            self._fs.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            self._fs.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            self._fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise OSError("refusing to delete the contents of the root directory")
+
+        def delete_file(self, path):
+            self._fs.delete_file(path)
+
+        def move(self, src, dest):
+            self._fs.move(src, dest)
+
+        def copy_file(self, src, dest):
+            with self._fs.open_input_stream(src) as f_in:
+                writer = _RenameOnClose(dest)
+                shutil.copyfileobj(f_in, writer)
+                writer.close()
+
+        def open_input_stream(self, path):
+            return self._fs.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return self._fs.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            import pyarrow as pa
+
+            return pa.PythonFile(_RenameOnClose(path), mode="w")
+
+        def open_append_stream(self, path, metadata):
+            return self._fs.open_append_stream(path, metadata=metadata)
+
+    return AtomicLocalHandler
+
+
+def _atomic_local_handler():
+    return _atomic_local_handler_base()()
+
+
+def atomic_filesystem(fs):
+    """``fs`` made safe against a writer killed mid-file: a local filesystem (NFS included) is
+    wrapped so every file written through it appears only complete (temporary file, fsync,
+    rename); other filesystems are returned as they are (an object-store upload appears only once
+    complete).
+
+    Ray Tune writes its experiment state and checkpoints through the storage filesystem it is
+    given; with plain ``LocalFileSystem`` a driver killed during a snapshot leaves an empty
+    ``experiment_state-*.json`` that ``Tuner.restore`` cannot read (measured here, Ray 2.60).
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pafs.PyFileSystem(_atomic_local_handler())
+    return fs

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from .config import ConfigError, SearchConfig, StudySource, TrainConfig, TrainParams, _Frozen, to_dict, validate
-from .io import fs_exists, fs_read, fs_write_atomic, is_uri, location_join, resolve_location
+from .io import atomic_filesystem, fs_exists, fs_read, fs_write_atomic, is_uri, location_join, resolve_location
 from .search_space import SearchSpace, define_by_run, trial_params
 from .trial import load_checkpoint, run_trial, save_checkpoint
 
@@ -265,6 +265,7 @@ def _fit_run(search_dir: str, record: SearchRecord, run: RunRecord, *, trainable
 
     search = record.search
     fs, runs_path = resolve_location(location_join(search_dir, "runs"))
+    fs = atomic_filesystem(fs)  # a driver killed mid-snapshot must not leave a truncated state file
     run_path = location_join(runs_path, run.name)
     fn = tune.with_resources(
         tune.with_parameters(trainable or tune_trainable, base=record.trial_base, cache_dir=record.cache_dir),

@@ -24,3 +24,28 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write_bytes(path, "not bytes")  # fails while writing the temporary file
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_atomic_filesystem_shows_only_complete_files(tmp_path):
+    """What Ray writes through the search's storage filesystem: a writer killed before close leaves
+    the old file (here: none) under the final name, never a truncated one; copies and pickling work."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from mgfa_ray.io import atomic_filesystem
+
+    fs = atomic_filesystem(pafs.LocalFileSystem())
+    (tmp_path / "state.json").write_text("old")
+    stream = fs.open_output_stream(str(tmp_path / "state.json"))
+    stream.write(b"new, half written")
+    assert (tmp_path / "state.json").read_text() == "old"  # a kill now keeps the old file
+    stream.close()
+    assert (tmp_path / "state.json").read_text() == "new, half written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "checkpoint.pt").write_bytes(b"\0" * 1000)
+    pafs.copy_files(str(tmp_path / "src"), str(tmp_path / "dst"), destination_filesystem=pickle.loads(pickle.dumps(fs)))
+    assert (tmp_path / "dst" / "sub" / "checkpoint.pt").read_bytes() == b"\0" * 1000
+    assert atomic_filesystem(fs) is fs  # only LocalFileSystem is wrapped
