@@ -34,7 +34,18 @@ from typing import Any, Literal
 import pandas as pd
 
 from .config import ConfigError, SearchConfig, StudySource, TrainConfig, TrainParams, _Frozen, to_dict, validate
-from .io import atomic_filesystem, fs_exists, fs_read, fs_write_atomic, is_uri, location_join, resolve_location
+from .io import (
+    atomic_filesystem,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_yaml,
+    fs_exists,
+    fs_read,
+    fs_write_atomic,
+    is_uri,
+    location_join,
+    resolve_location,
+)
 from .search_space import SearchSpace, define_by_run, trial_params
 from .trial import load_checkpoint, run_trial, save_checkpoint
 
@@ -362,8 +373,9 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
 
     Raises:
-        RuntimeError: No trial is COMPLETE (the message counts states and names the errors).
+        RuntimeError: No trial is COMPLETE (the message counts the trials' states).
     """
+    import optuna
     from optuna.trial import TrialState
 
     from .study import StudyRef, best_trial, search_trials
@@ -411,10 +423,8 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None
     space = record.space
     params = {**{k: v for k, v in best.params.items() if "/" not in k},
-              **define_by_run(_fixed_trial(best.params), space=space)}
+              **define_by_run(optuna.trial.FixedTrial(best.params), space=space)}
     best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
-    from .io import atomic_write_json, atomic_write_yaml
-
     atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
     best_ckpt = None
     if best_row is not None and best_row["checkpoint"]:
@@ -440,14 +450,8 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _fixed_trial(params: dict[str, Any]):
-    import optuna
-
-    return optuna.trial.FixedTrial(params)
-
-
 def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
-    """Copy a trial checkpoint directory to ``dest`` (replaced atomically)."""
+    """Copy a trial checkpoint directory to ``dest``: copied in full beside it first, then swapped in."""
     import shutil
 
     import pyarrow.fs as pafs
@@ -470,8 +474,6 @@ def _plots(study, out: Path) -> None:
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
 
-    from .io import atomic_write_bytes
-
     plots = {"optimization_history": ovm.plot_optimization_history,
              "param_importances": ovm.plot_param_importances,
              "parallel_coordinate": ovm.plot_parallel_coordinate}
@@ -492,8 +494,6 @@ def _plots(study, out: Path) -> None:
 
 
 def _write_table(df: pd.DataFrame, stem: Path) -> None:
-    from .io import atomic_write_bytes
-
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
