@@ -217,8 +217,38 @@ class _RenameOnClose:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        if not _complete_state_file(os.path.basename(self.path), self.tmp):
+            os.unlink(self.tmp)  # keep the last complete version
+            return
         os.chmod(self.tmp, 0o666 & ~_UMASK)
         os.replace(self.tmp, self.path)
+
+
+def _complete_state_file(name: str, path: str) -> bool:
+    """Whether a copy of one of Ray Tune's experiment state files is whole.
+
+    Ray writes these files in its driver staging directory in place and uploads the directory from
+    a background thread, so an upload can read one half written (measured here: an empty
+    ``experiment_state-*.json`` published while the driver was rewriting it; Ray 2.60). A single
+    JSON document must parse; a pickle must end with its STOP opcode. Other files pass.
+    """
+    import fnmatch
+
+    if fnmatch.fnmatch(name, "experiment_state-*.json") or fnmatch.fnmatch(name, "search_gen_state-*.json"):
+        try:
+            with open(path, "rb") as f:
+                json.load(f)
+        except ValueError:
+            return False
+        return True
+    if name.endswith(".pkl"):
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"."
+    return True
 
 
 def _atomic_local_handler_base():
@@ -305,8 +335,10 @@ def atomic_filesystem(fs):
     complete).
 
     Ray Tune writes its experiment state and checkpoints through the storage filesystem it is
-    given; with plain ``LocalFileSystem`` a driver killed during a snapshot leaves an empty
-    ``experiment_state-*.json`` that ``Tuner.restore`` cannot read (measured here, Ray 2.60).
+    given. With plain ``LocalFileSystem`` a driver killed during a snapshot can leave an empty
+    ``experiment_state-*.json`` that ``Tuner.restore`` cannot read (measured here, Ray 2.60); and
+    because Ray uploads its state files while it may be rewriting them, a state file that is not
+    whole (:func:`_complete_state_file`) is not published at all: the last whole one stays.
     """
     import pyarrow.fs as pafs
 

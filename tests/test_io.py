@@ -49,3 +49,33 @@ def test_atomic_filesystem_shows_only_complete_files(tmp_path):
     pafs.copy_files(str(tmp_path / "src"), str(tmp_path / "dst"), destination_filesystem=pickle.loads(pickle.dumps(fs)))
     assert (tmp_path / "dst" / "sub" / "checkpoint.pt").read_bytes() == b"\0" * 1000
     assert atomic_filesystem(fs) is fs  # only LocalFileSystem is wrapped
+
+
+def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
+    """Ray uploads its experiment state while rewriting it; a copy read half written (empty, cut
+    JSON, cut pickle) must not replace the last whole one."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from mgfa_ray.io import atomic_filesystem
+
+    fs = atomic_filesystem(pafs.LocalFileSystem())
+
+    def write(name, data):
+        with fs.open_output_stream(str(tmp_path / name)) as f:
+            f.write(data)
+
+    whole_state, whole_pickle = b'{"trial_data": []}', pickle.dumps({"a": 1})
+    write("experiment_state-x.json", whole_state)
+    write("searcher-state-x.pkl", whole_pickle)
+    for cut in (b"", b'{"trial_da'):
+        write("experiment_state-x.json", cut)
+    for cut in (b"", whole_pickle[:-3]):
+        write("searcher-state-x.pkl", cut)
+    assert (tmp_path / "experiment_state-x.json").read_bytes() == whole_state
+    assert (tmp_path / "searcher-state-x.pkl").read_bytes() == whole_pickle
+    write("result.json", b'{"a": 1}\n{"a"')  # other files: whatever was written
+    assert (tmp_path / "result.json").read_bytes() == b'{"a": 1}\n{"a"'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-x.json", "result.json",
+                                                          "searcher-state-x.pkl"]
