@@ -229,19 +229,21 @@ def _complete_state_file(name: str, path: str) -> bool:
 
     Ray writes these files in its driver staging directory in place and uploads the directory from
     a background thread, so an upload can read one half written (measured here: an empty
-    ``experiment_state-*.json`` published while the driver was rewriting it; Ray 2.60). A single
-    JSON document must parse; a pickle must end with its STOP opcode. Other files pass.
+    ``experiment_state-*.json`` published while the driver was rewriting it; Ray 2.60).
+    ``experiment_state-*.json`` must parse as JSON; a pickle (``*.pkl``, and
+    ``search_gen_state-*.json``, which Ray pickles despite its name) must end with its STOP opcode.
+    Other files pass.
     """
     import fnmatch
 
-    if fnmatch.fnmatch(name, "experiment_state-*.json") or fnmatch.fnmatch(name, "search_gen_state-*.json"):
+    if fnmatch.fnmatch(name, "experiment_state-*.json"):
         try:
             with open(path, "rb") as f:
                 json.load(f)
         except ValueError:
             return False
         return True
-    if name.endswith(".pkl"):
+    if name.endswith(".pkl") or fnmatch.fnmatch(name, "search_gen_state-*.json"):  # the latter is a pickle too
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             if f.tell() == 0:

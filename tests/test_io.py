@@ -71,11 +71,14 @@ def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
     write("searcher-state-x.pkl", whole_pickle)
     for cut in (b"", b'{"trial_da'):
         write("experiment_state-x.json", cut)
+    write("search_gen_state-x.json", whole_pickle)  # Ray pickles it despite the name
     for cut in (b"", whole_pickle[:-3]):
         write("searcher-state-x.pkl", cut)
+        write("search_gen_state-x.json", cut)
     assert (tmp_path / "experiment_state-x.json").read_bytes() == whole_state
     assert (tmp_path / "searcher-state-x.pkl").read_bytes() == whole_pickle
+    assert (tmp_path / "search_gen_state-x.json").read_bytes() == whole_pickle
     write("result.json", b'{"a": 1}\n{"a"')  # other files: whatever was written
     assert (tmp_path / "result.json").read_bytes() == b'{"a": 1}\n{"a"'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-x.json", "result.json",
-                                                          "searcher-state-x.pkl"]
+                                                          "search_gen_state-x.json", "searcher-state-x.pkl"]
