@@ -327,8 +327,11 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
             return
         epochs = int((result or {}).get("training_iteration") or 0)
         value = (result or {}).get(self._metric)
-        if epochs >= self.max_epochs and value is not None and math.isfinite(value):
-            self.study.tell(number, float(value))
+        if epochs >= self.max_epochs and value is not None:
+            if math.isfinite(value):
+                self.study.tell(number, float(value))
+            else:  # trained to the end but diverged (NaN/inf): no value to compare
+                self.study.tell(number, state=TrialState.FAIL)
         elif frozen.intermediate_values:
             self.study.tell(number, state=TrialState.PRUNED)
         else:  # stopped before its first result (e.g. the search ended)

@@ -164,3 +164,29 @@ def test_points_to_evaluate_are_enqueued_once_per_study(tmp_path):
     assert third.suggest("a")["lr"] == 0.01
     StudySearch(space=space, study=ref, metric="eval_top1", sampler="tpe", seed=2, run="run-2")  # asked already
     assert len(ref.load().trials) == 1
+
+
+def test_scheduler_tells_complete_pruned_or_fail_by_epochs_and_value(tmp_path):
+    """The final state from what Ray hands the scheduler, without Ray: max epochs and a finite value
+    is COMPLETE, fewer epochs is PRUNED (value = last intermediate), a diverged run is FAIL."""
+    from types import SimpleNamespace
+
+    from mgfa_ray.study import StudyScheduler
+
+    ref = StudyRef(str(tmp_path / "study.journal"), "s")
+    study = ref.load(create=True)
+    sched = StudyScheduler(study=ref, metric="eval_top1", max_epochs=3, grace_period=1, reduction_factor=2,
+                           early_stopping=False)
+    runs = {"done": [0.2, 0.4, 0.6], "stopped": [0.1, 0.3], "diverged": [0.2, 0.3, float("nan")]}
+    for name, curve in runs.items():
+        number = study.ask().number
+        trial = SimpleNamespace(trial_id=name, config={"optuna_trial": number}, status="RUNNING")
+        sched.on_trial_add(None, trial)
+        for epoch, value in enumerate(curve, 1):
+            result = {"eval_top1": value, "training_iteration": epoch}
+            assert sched.on_trial_result(None, trial, result) == "CONTINUE"
+        sched.on_trial_complete(None, trial, result)
+    done, stopped, diverged = ref.load().trials
+    assert (done.state, done.value, done.intermediate_values) == (TrialState.COMPLETE, 0.6, {1: 0.2, 2: 0.4, 3: 0.6})
+    assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.3)
+    assert diverged.state == TrialState.FAIL
