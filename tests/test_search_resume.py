@@ -95,10 +95,12 @@ def _check_one_truth(search_dir: str, *, total: int, log_dir: Path | None = None
         else:  # stopped early by ASHA: PRUNED with its intermediate values, never COMPLETE
             assert t.state == TrialState.PRUNED
         ray_curve = dict(zip(history["training_iteration"].astype(int), history["eval_top1"]))
-        assert set(t.intermediate_values) <= set(ray_curve)
-        assert len(t.intermediate_values) >= len(ray_curve) - kills
-        for step, value in t.intermediate_values.items():
-            assert value == pytest.approx(ray_curve[step])
+        # Per kill, one epoch may be in one record only: reported to Ray but not yet in the study,
+        # or in the study while Ray's per-epoch log of it had not been uploaded (object store).
+        assert len(set(ray_curve) ^ set(t.intermediate_values)) <= kills
+        assert max(ray_curve) == max(t.intermediate_values) or t.state == TrialState.PRUNED
+        for step in set(ray_curve) & set(t.intermediate_values):
+            assert t.intermediate_values[step] == pytest.approx(ray_curve[step])
     complete = ray[ray["epochs_run"] == max_epochs]
     ray_best = complete[complete["last_eval_top1"] == complete["last_eval_top1"].max()]  # ties: tiny eval sets
     best = best_trial(study)
