@@ -85,7 +85,7 @@ def _check_one_truth(search_dir: str, *, total: int, log_dir: Path | None = None
     ray = ray_trials(search_dir)
     assert len(ray) == total and len(trials) == total
     assert set(ray["trial"]) == set(trials)
-    assert sorted(t.number for t in trials.values()) == sorted(set(t.number for t in trials.values()))
+    assert sorted(t.number for t in trials.values()) == sorted({t.number for t in trials.values()})
     for r in ray.to_dict("records"):
         t = trials[r["trial"]]
         assert r["ray_status"] == "TERMINATED"
