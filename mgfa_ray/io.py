@@ -7,6 +7,7 @@ old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -253,7 +254,9 @@ def _complete_state_file(name: str, path: str) -> bool:
     return True
 
 
+@functools.cache
 def _atomic_local_handler_base():
+    """The handler class, built once on first use (pyarrow is imported lazily by this module)."""
     import pyarrow.fs as pafs
 
     class AtomicLocalHandler(pafs.FileSystemHandler):
@@ -268,7 +271,7 @@ def _atomic_local_handler_base():
             return (_atomic_local_handler, ())
 
         def __eq__(self, other):
-            return type(other).__name__ == "AtomicLocalHandler"
+            return isinstance(other, AtomicLocalHandler)
 
         def __ne__(self, other):
             return not self == other

@@ -248,6 +248,7 @@ def run_search(
 
     Raises:
         ValueError: ``more_trials`` < 0.
+        ConfigError: No search in ``search_dir`` (or its ``search.json`` is invalid).
     """
     import ray
 
@@ -259,22 +260,22 @@ def run_search(
     # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
     # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    for i, run in enumerate(record.runs):
-        _fit_run(search_dir, record, run, trainable=trainable, errored=errored if i == len(record.runs) - 1 else "skip")
+    for i in range(len(record.runs)):
+        _fit_run(search_dir, record, i, trainable=trainable, errored=errored if i == len(record.runs) - 1 else "skip")
     if more_trials:
         run = RunRecord(name=f"run-{len(record.runs)}", num_samples=more_trials)
         record = record.model_copy(update={"runs": [*record.runs, run]})
         _write_record(search_dir, record)
-        _fit_run(search_dir, record, run, trainable=trainable, errored="skip")
+        _fit_run(search_dir, record, len(record.runs) - 1, trainable=trainable, errored="skip")
     return record
 
 
-def _fit_run(search_dir: str, record: SearchRecord, run: RunRecord, *, trainable: Callable | None, errored: str):
+def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Callable | None, errored: str):
     from ray import tune
 
     from .study import StudyRef, StudyScheduler, StudySearch
 
-    search = record.search
+    search, run = record.search, record.runs[index]
     fs, runs_path = resolve_location(location_join(search_dir, "runs"))
     fs = atomic_filesystem(fs)  # a driver killed mid-snapshot must not leave a truncated state file
     run_path = location_join(runs_path, run.name)
@@ -289,7 +290,7 @@ def _fit_run(search_dir: str, record: SearchRecord, run: RunRecord, *, trainable
     study = StudyRef(record.study.storage, record.study.study_name)
     sched = record.space.scheduler
     searcher = StudySearch(space=record.space, study=study, metric=search.metric, sampler=search.sampler,
-                           seed=search.seed + int(run.name.rsplit("-", 1)[-1]), run=run.name)
+                           seed=search.seed + index, run=run.name)
     scheduler = StudyScheduler(study=study, metric=search.metric, max_epochs=record.max_epochs,
                                grace_period=min(sched.grace_period, record.max_epochs),
                                reduction_factor=sched.reduction_factor, early_stopping=sched.early_stopping)

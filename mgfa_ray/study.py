@@ -305,12 +305,12 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
         value, step = result.get(self._metric), result.get("training_iteration")
         if number is None or value is None or step is None:
             return TrialScheduler.CONTINUE
-        frozen = self._frozen(number)
+        tid = self._storage_id(number)
+        frozen = self.study._storage.get_trial(tid)
         if frozen.state == TrialState.PRUNED:  # decided before a driver crash: decide the same
             return TrialScheduler.STOP
         if frozen.state != TrialState.RUNNING:
             return TrialScheduler.CONTINUE
-        tid = self._storage_id(number)
         self.study._storage.set_trial_intermediate_value(tid, int(step), float(value))
         if not self.early_stopping or step >= self.max_epochs or not math.isfinite(value):
             return TrialScheduler.CONTINUE
