@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, JobConfig, TrainConfig, load_config
+from .io import StorageUnavailableError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # a stage ran but produced nothing usable (e.g. every trial failed)
+    # A stage ran but produced nothing usable (e.g. every trial failed), another driver holds the
+    # search (LockedError), or the object store stayed away past $MGFA_STORAGE_RETRY_S.
+    except (RuntimeError, StorageUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

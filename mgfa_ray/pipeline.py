@@ -39,6 +39,7 @@ from .config import (
 )
 from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
+from .lock import DirectoryLock
 from .manifest import build_manifest, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata
 from .regions import index_labels, select_annotated
@@ -98,14 +99,21 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     Raises:
         ConfigError: Missing data root, image or label directory, or search-space file.
         LabelError: A malformed label line (file:line).
+        LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
+            (:class:`mgfa_ray.lock.DirectoryLock`).
     """
-    import ray
-
     if smoke:
         cfg = smoke_config(cfg)
     data_root = resolve_data_root(cfg.data_root)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(str(out), what="job"):
+        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke)
+
+
+def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
+    import ray
+
     space, _ = check_job(cfg)
     if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
         raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "

@@ -46,6 +46,7 @@ from .io import (
     location_join,
     resolve_location,
 )
+from .lock import DirectoryLock
 from .search_space import SearchSpace, define_by_run, trial_params
 from .trial import load_checkpoint, run_trial, save_checkpoint
 
@@ -249,24 +250,30 @@ def run_search(
     Raises:
         ValueError: ``more_trials`` < 0.
         ConfigError: No search in ``search_dir`` (or its ``search.json`` is invalid).
+        LockedError: Another live driver runs this search (:class:`mgfa_ray.lock.DirectoryLock`).
+        StorageUnavailableError: The object store holding the search stayed unreachable for
+            ``$MGFA_STORAGE_RETRY_S`` seconds; rerun once it is back.
     """
     import ray
 
     if more_trials < 0:
         raise ValueError(f"more_trials must be >= 0, got {more_trials}")
-    record = read_record(search_dir)
-    if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
-        ray.init(include_dashboard=False, configure_logging=False)
-    # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
-    # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    for i in range(len(record.runs)):
-        _fit_run(search_dir, record, i, trainable=trainable, errored=errored if i == len(record.runs) - 1 else "skip")
-    if more_trials:
-        run = RunRecord(name=f"run-{len(record.runs)}", num_samples=more_trials)
-        record = record.model_copy(update={"runs": [*record.runs, run]})
-        _write_record(search_dir, record)
-        _fit_run(search_dir, record, len(record.runs) - 1, trainable=trainable, errored="skip")
+    read_record(search_dir)  # a clear error before anything starts
+    with DirectoryLock(search_dir, what="search"):
+        record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
+        if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
+            ray.init(include_dashboard=False, configure_logging=False)
+        # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
+        # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        for i in range(len(record.runs)):
+            _fit_run(search_dir, record, i, trainable=trainable,
+                     errored=errored if i == len(record.runs) - 1 else "skip")
+        if more_trials:
+            run = RunRecord(name=f"run-{len(record.runs)}", num_samples=more_trials)
+            record = record.model_copy(update={"runs": [*record.runs, run]})
+            _write_record(search_dir, record)
+            _fit_run(search_dir, record, len(record.runs) - 1, trainable=trainable, errored="skip")
     return record
 
 

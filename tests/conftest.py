@@ -68,7 +68,7 @@ def ray_cluster():
     """A local Ray cluster shared by the tests that need one (started the way users start it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # never a `ray start` cluster
     yield ray
     ray.shutdown()
 
@@ -92,3 +92,43 @@ def s3_server():
 
     yield uri
     server.stop()
+
+
+class RestartableS3:
+    """A moto S3 server on a fixed loopback port that can be stopped and started again, as an
+    object store restarted under a running search: moto keeps its buckets in this process, so the
+    data survives the restart while every connection in between is refused."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._make = lambda port: ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._server = self._make(0)
+        self._server.start()
+        host, self.port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{self.port}"
+        self.running = True
+
+    def uri(self, bucket: str, prefix: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=bucket)
+        return f"s3://{bucket}/{prefix}?endpoint_override={self.endpoint}"
+
+    def stop(self) -> None:
+        self._server.stop()
+        self.running = False
+
+    def start(self) -> None:
+        self._server = self._make(self.port)
+        self._server.start()
+        self.running = True
+
+
+@pytest.fixture()
+def restartable_s3():
+    """A :class:`RestartableS3` server, stopped at the end of the test."""
+    server = RestartableS3()
+    yield server
+    if server.running:
+        server.stop()

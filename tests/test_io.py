@@ -82,3 +82,47 @@ def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
     assert (tmp_path / "result.json").read_bytes() == b'{"a": 1}\n{"a"'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-x.json", "result.json",
                                                           "search_gen_state-x.json", "searcher-state-x.pkl"]
+
+
+def test_object_store_calls_wait_through_a_restart(restartable_s3):
+    """A write started while the store is down completes once it is back; nothing is lost."""
+    import threading
+    import time
+
+    from mgfa_ray.io import fs_read, fs_write_atomic, resolve_location
+
+    fs, root = resolve_location(restartable_s3.uri("outage-unit", "x"))
+    fs_write_atomic(fs, f"{root}/before", b"kept")
+    restartable_s3.stop()
+    timer = threading.Timer(3.0, restartable_s3.start)
+    timer.start()
+    t0 = time.monotonic()
+    fs_write_atomic(fs, f"{root}/during", b"written during the outage")
+    assert time.monotonic() - t0 >= 2.5  # it really waited for the server
+    timer.join()
+    assert fs_read(fs, f"{root}/during") == b"written during the outage"
+    assert fs_read(fs, f"{root}/before") == b"kept"
+
+
+def test_object_store_outage_past_the_window_is_a_clear_error(restartable_s3, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from mgfa_ray.io import StorageUnavailableError, fs_write_atomic, resolve_location
+
+    monkeypatch.setenv("MGFA_STORAGE_RETRY_S", "1")
+    fs, root = resolve_location(restartable_s3.uri("outage-unit2", "x"))
+    restartable_s3.stop()
+    with pytest.raises(StorageUnavailableError, match=r"unreachable for 1 s \(MGFA_STORAGE_RETRY_S\).*outage-unit2/x"):
+        fs_write_atomic(fs, f"{root}/file", b"data")
+    restartable_s3.start()
+    assert fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True)) == []  # nothing partial
+    with pytest.raises(FileNotFoundError):  # an answer, not an outage: raised at once
+        fs.open_input_file(f"{root}/missing")
+
+
+def test_bad_storage_retry_setting_is_refused(monkeypatch):
+    from mgfa_ray.io import storage_retry_s
+
+    monkeypatch.setenv("MGFA_STORAGE_RETRY_S", "-3")
+    with pytest.raises(ValueError, match="MGFA_STORAGE_RETRY_S='-3'"):
+        storage_retry_s()
