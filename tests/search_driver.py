@@ -10,7 +10,8 @@ the best trial is a property of the parameters. Each epoch sleeps ``MGFA_STANDIN
 seconds, checkpoints its epoch and reports. ``MGFA_STANDIN_FAIL_DIR`` names a directory: a trial
 whose Optuna number has a file ``fail-<n>`` there raises once at epoch 2 (the file is removed).
 ``MGFA_STANDIN_LOG`` names a directory where every epoch run appends ``<optuna number> <epoch>``
-to a file per trial, so tests can count what ran.
+to a file per trial, so tests can count what ran, and where ``node-<optuna number>`` holds the Ray
+node id the trial runs on (written when an epoch starts).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
     log_dir = os.environ.get("MGFA_STANDIN_LOG")
     q = quality(config)
     for epoch in range(start, int(base["epochs"]) + 1):
+        if log_dir:
+            import ray
+
+            node_file = Path(log_dir) / f"node-{number}"
+            node_file.with_suffix(".tmp").write_text(ray.get_runtime_context().get_node_id())
+            node_file.with_suffix(".tmp").replace(node_file)  # readers never see it half written
         time.sleep(float(os.environ.get("MGFA_STANDIN_EPOCH_S", "0.2")))
         if fail_dir and epoch == 2:
             marker = Path(fail_dir) / f"fail-{number}"
@@ -112,10 +119,9 @@ def main(argv=None) -> int:
         print(create_search(name=args.name, space=load_search_space(space_file), space_file=str(space_file),
                             search=search, base=base, storage_path=args.dir))
         return 0
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False, configure_logging=False)
+    # run_search starts Ray itself once it holds the search's lock. "local": a new local cluster
+    # even when a `ray start` cluster runs on this machine (which ray.init() would otherwise join).
+    os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
     real = read_record(args.dir).trial_base["manifest"] != "stand-in"
     run_search(args.dir, more_trials=args.more_trials, errored=args.errored,
                trainable=None if real else standin_trainable)
