@@ -5,20 +5,42 @@ shard is one item of a Ray Data dataset mapped (``map_batches``, ``batch_size=1`
 pool of :class:`ShardWriter` — one GPU per actor when ``gpus_per_actor`` > 0, CPU otherwise; each
 actor loads the detector once. For its shard an actor decodes the images (threads, one batch
 ahead), runs the detector ``batch_size`` images per call, rasterises the boxes
-(:func:`rasterize`) and writes the shard itself, atomically (:func:`mgfa_ray.io.fs_write_atomic`:
-temporary file, then rename; an object-store upload only appears once complete). The pure core,
-:class:`MaskComputer`, runs without Ray; ``executor="local"`` runs the same writer in-process.
+(:func:`rasterize`) and writes the shard itself, atomically and once (:func:`create_once`: a
+complete temporary file hard-linked to its name; an object-store upload only appears once
+complete). The pure core, :class:`MaskComputer`, runs without Ray; ``executor="local"`` runs the
+same writer in-process.
 
 Why not ``Dataset.write_parquet``: its files get per-run names and are written in place, so after a
 kill a rerun can neither tell finished files from partial ones nor know which images they cover.
 Here shard *i* always holds the same images, and a finished shard is never rewritten.
 
 Restart. ``<location>/<set_id>/plan.json`` fixes the sharding when a set is started. A rerun
-deletes hidden temporaries of a killed run, keeps every shard whose image_ids are exactly those
-planned for it, and computes only the others. ``metadata.json`` is written last, after a check
-that the shards hold exactly one row per manifest image; a set without it is incomplete and
-:func:`read_masks` refuses it. One writer per mask set at a time (two concurrent writers of one
-set compute identical shards, but may delete each other's temporaries).
+keeps every shard whose image_ids are exactly those planned for it and computes only the others.
+``metadata.json`` is written last, after a check that the shards hold exactly one row per manifest
+image; a set without it is incomplete and :func:`read_masks` refuses it. Hidden temporaries
+(``.shard-…``, ``.plan.json.…``, ``.metadata.json.…``) that a killed writer leaves are deleted once
+the file they were meant for exists, and all of them once the set is published.
+
+Failures. A killed actor (its process, or the node under it) is restarted by Ray and the shards it
+held are computed again in the same call: the pool's actors are created with
+``max_restarts=ACTOR_RESTARTS`` and ``max_task_retries=-1``. Retries must be unbounded: while a
+lost node is not yet declared dead, every attempt to reach its actor fails at once and counts as a
+retry (measured: a bound of 3 was spent within seconds of a node loss, before the actor was
+restarted on a new node). Restarts are bounded instead (Ray Data's default is unbounded), so a
+shard that kills every actor taking it — a decoder crash, an out-of-memory kill — ends the call
+with a ``RuntimeError`` after ``ACTOR_RESTARTS`` restarts of its actor rather than looping forever.
+A restarted actor waits for a node with the resources it needs. A killed driver leaves finished
+shards. After any failure a rerun resumes.
+
+Concurrent writers. Two writers of one set (two jobs sharing a mask location) may run at the same
+time: each file is created once and never replaced (local and NFS: a complete temporary
+hard-linked to its name, ``link`` failing when the name exists; object store: checked first, then
+uploaded whole, so two uploads racing in that window both land and the last stays), the first plan
+written is the one both use, a writer skips a shard that another has finished, and a writer
+tolerates its temporaries being cleaned up by the other. Both calls return the same complete set.
+Masks are deterministic, so two writers compute identical shards; if a writer finds a shard it has
+just computed already written with other content, it fails with a ``RuntimeError`` saying the
+writers disagree instead of replacing it.
 
 ``set_id`` hashes everything the masks depend on (the box source — detector key, digest of the
 network's tensors, input size and confidence threshold, or the label files' hashes —, manifest hash, region classes,
@@ -65,10 +87,13 @@ recorded as corrupt), rows, rows_per_shard {file: rows}, summary (:func:`summari
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +120,10 @@ SCHEMA_VERSION = 2
 RECIPE_VERSION = 2
 METADATA = "metadata.json"
 PLAN = "plan.json"
+#: Times Ray restarts a mask actor that died (killed, out of memory, its node lost); its shards are
+#: retried each time. One more death fails the call (a rerun resumes). Ray Data's default (-1)
+#: would restart an actor that a shard crashes every time forever.
+ACTOR_RESTARTS = 5
 STATS_KEY = b"mgfa_ray.shard_stats"
 SHARD_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -403,18 +432,119 @@ class ShardWriter:
 
     def __call__(self, items: pd.DataFrame) -> pd.DataFrame:
         """Items with columns shard (int) and image_id, path, label, split (one list each) → rows
-        ``{shard, rows, seconds, corrupt}`` (``corrupt``: JSON list of messages)."""
+        ``{shard, rows, seconds, corrupt}`` (``corrupt``: JSON list of messages).
+
+        A shard already finished — by a concurrent writer of the set, or by an earlier attempt of
+        this task whose actor died after writing it — is neither computed nor written again.
+
+        Raises:
+            RuntimeError: The shard appeared while it was computed here, with other content (two
+                writers of the set disagree); it is not replaced.
+        """
         out = []
         for item in items.to_dict("records"):
             t0 = time.perf_counter()
+            name = shard_name(int(item["shard"]))
             rows = pd.DataFrame({c: list(item[c]) for c in ("image_id", "path", "label", "split")})
+            done = _finished(self.fs, f"{self.dir}/{name}", rows["image_id"].astype(str).tolist())
+            if done is not None:
+                out.append({"shard": int(item["shard"]), "rows": done["rows"], "seconds": time.perf_counter() - t0,
+                            "corrupt": json.dumps([])})
+                continue
             table, corrupt = self.compute(rows)
             if table is not None:
                 data = _shard_bytes(table, self.compute.num_classes, self.compute.resolution)
-                fs_write_atomic(self.fs, f"{self.dir}/{shard_name(int(item['shard']))}", data)
+                existing = create_once(self.fs, f"{self.dir}/{name}", data)
+                if existing is not None and not _same_rows(existing, data):
+                    raise RuntimeError(
+                        f"mask set {self.dir}: {name} was written meanwhile by another writer of this set with "
+                        f"other content than computed here; two writers disagree (a detector that is not "
+                        f"deterministic across machines or devices?). Kept the first; run one writer per set, "
+                        f"or delete the set to recompute it"
+                    )
             out.append({"shard": int(item["shard"]), "rows": 0 if table is None else len(table),
                         "seconds": time.perf_counter() - t0, "corrupt": json.dumps(corrupt)})
         return pd.DataFrame(out)
+
+
+def _same_rows(a: bytes, b: bytes) -> bool:
+    """Whether two shard files hold equal rows (the footers' writer version may differ)."""
+    try:
+        return pq.read_table(pa.BufferReader(a)).equals(pq.read_table(pa.BufferReader(b)))
+    except (OSError, ValueError):  # an unreadable file is not equal
+        return False
+
+
+def create_once(fs, path: str, data: bytes) -> bytes | None:
+    """Create the file ``path`` holding ``data`` unless a file is already there; never replace one.
+
+    Local and NFS: ``data`` goes to a hidden temporary (``.<name>.<random>.tmp``, fsync'ed) that is
+    hard-linked to ``path``: ``link`` fails when the name exists, so of two writers exactly one
+    creates the file, and no reader sees part of it (a filesystem without hard links falls back to
+    a check, then a rename). Object store: pyarrow has no exclusive create, so the name is checked,
+    then :func:`mgfa_ray.io.fs_write_atomic` uploads the file whole; two writers racing in between
+    both upload it and the last upload stays.
+
+    Returns:
+        ``None`` when this call created the file, else the bytes of the file already there —
+        also when another writer's cleanup removed this call's temporary (it does so only once
+        the file exists).
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = os.path.split(path)
+        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode: 0o666 less the umask, as open()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # our temporary was cleaned up because the file exists
+                if not os.path.exists(path):
+                    raise
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or os.path.exists(path):
+                    raise
+                os.replace(tmp, path)  # no hard links on this filesystem
+                return None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    elif not fs_exists(fs, path):
+        try:
+            fs_write_atomic(fs, path, data)
+            return None
+        except OSError:
+            if not fs_exists(fs, path):  # not a temporary cleaned up by another writer: a real failure
+                raise
+    return fs_read(fs, path)
+
+
+#: Name prefixes of the hidden temporaries written beside a set's files.
+_TEMPORARIES = (f".{PLAN}.", f".{METADATA}.", ".shard-")
+
+
+def _clean_temporaries(fs, set_dir: str, *, published: bool) -> None:
+    """Delete hidden temporaries in ``set_dir``: those whose file exists (a killed writer's, or a
+    concurrent writer's copy of a file that exists, which :func:`create_once` tolerates), or every
+    one once the set is ``published`` (all its files exist then)."""
+    names = fs_list(fs, set_dir)
+    present = [n for n in names if not n.startswith(".")]
+    for name in names:
+        if name.startswith(_TEMPORARIES) and (published or any(name.startswith(f".{p}.") for p in present)):
+            try:
+                fs.delete_file(f"{set_dir}/{name}")
+            except FileNotFoundError:  # another writer removed or renamed it first
+                pass
 
 
 def mask_set_id(*, source_identity: dict, manifest_hash: str, region_classes: list[str], cfg: MasksConfig) -> str:
@@ -432,17 +562,22 @@ def _read_json(fs, path: str) -> dict | None:
 
 
 def _plan(fs, set_dir: str, *, set_id: str, n_rows: int, rows_per_shard: int) -> dict:
-    """The set's sharding: the stored plan when the set was started before, else a new one."""
-    plan = _read_json(fs, f"{set_dir}/{PLAN}")
-    if plan is not None and plan.get("n_rows") == n_rows and plan.get("schema_version") == SCHEMA_VERSION:
+    """The set's sharding: the stored plan when the set was started before (or is being started by
+    a concurrent writer: the first plan written wins), else a new one."""
+    path = f"{set_dir}/{PLAN}"
+    new = {"schema_version": SCHEMA_VERSION, "set_id": set_id, "n_rows": n_rows, "rows_per_shard": rows_per_shard,
+           "n_shards": max(1, math.ceil(n_rows / rows_per_shard))}
+    plan = _read_json(fs, path)
+    if plan is None:
+        existing = create_once(fs, path, json.dumps(new, indent=2).encode())
+        plan = new if existing is None else json.loads(existing)
+    if plan.get("n_rows") == n_rows and plan.get("schema_version") == SCHEMA_VERSION:
         if plan["rows_per_shard"] != rows_per_shard:
             log.warning("mask set %s was started with rows_per_shard=%d; keeping it (configured %d)",
                         set_id, plan["rows_per_shard"], rows_per_shard)
         return plan
-    plan = {"schema_version": SCHEMA_VERSION, "set_id": set_id, "n_rows": n_rows, "rows_per_shard": rows_per_shard,
-            "n_shards": max(1, math.ceil(n_rows / rows_per_shard))}
-    fs_write_atomic(fs, f"{set_dir}/{PLAN}", json.dumps(plan, indent=2).encode())
-    return plan
+    fs_write_atomic(fs, path, json.dumps(new, indent=2).encode())  # another layout (not of this set id): replace
+    return new
 
 
 def _finished(fs, path: str, expected: list[str]) -> dict | None:
@@ -516,8 +651,10 @@ def build_mask_set(
         ValueError: Images that cannot be decoded under ``corrupt_images="error"`` (all listed;
             finished shards are kept); ``unlabelled="error"`` and an image without a label file.
         LabelError: A bad label line (``file:line``), for the ``labels`` source.
-        RuntimeError: The shards do not hold exactly one row per manifest image, or the Ray
-            Data job failed (finished shards are kept; a rerun resumes).
+        RuntimeError: The shards do not hold exactly one row per manifest image; the Ray Data job
+            failed (a task raised, or an actor died more than ``ACTOR_RESTARTS`` times); a
+            concurrent writer of the set wrote a shard with other content. Finished shards are
+            kept; a rerun resumes.
     """
     k = len(region_classes)
     identity = source.identity()
@@ -536,19 +673,25 @@ def build_mask_set(
         source.boxes(rows["image_id"].tolist())  # bad label lines and missing files fail here, clearly
 
     fs.create_dir(set_dir, recursive=True)
-    for name in fs_list(fs, set_dir):  # temporaries of a killed run (one writer per set)
-        if name.startswith("."):
-            fs.delete_file(f"{set_dir}/{name}")
+    _clean_temporaries(fs, set_dir, published=False)
     plan = _plan(fs, set_dir, set_id=set_id, n_rows=len(rows), rows_per_shard=cfg.rows_per_shard)
     step = plan["rows_per_shard"]
     parts = {i: rows.iloc[i * step : (i + 1) * step] for i in range(plan["n_shards"])}
-    pending = [i for i, part in parts.items()
-               if _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist()) is None]
+    pending = []
+    for i, part in parts.items():
+        path = f"{set_dir}/{shard_name(i)}"
+        if _finished(fs, path, part["image_id"].tolist()) is None:
+            pending.append(i)
+            if fs_exists(fs, path):  # unreadable, or not its planned images: never a finished shard
+                try:
+                    fs.delete_file(path)
+                except FileNotFoundError:
+                    pass
     log.info("mask set %s: %d of %d shards to compute", set_id, len(pending), len(parts))
     items = [{"shard": i, **{c: parts[i][c].tolist() for c in ("image_id", "path", "label", "split")}}
              for i in pending]
-    writer = dict(source=source, set_location=set_location, num_classes=k, resolution=cfg.resolution,
-                  corrupt_images=cfg.corrupt_images)
+    writer = {"source": source, "set_location": set_location, "num_classes": k, "resolution": cfg.resolution,
+              "corrupt_images": cfg.corrupt_images}
     if not items:
         results = []
     elif executor == "local":
@@ -595,6 +738,8 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
         compute=ActorPoolStrategy(size=min(cfg.num_actors, len(items))),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
+        max_restarts=ACTOR_RESTARTS,  # a dead actor is restarted (on another node if its node died)...
+        max_task_retries=-1,  # ...and its shards retried: unbounded, a lost node's actor fails fast until restarted
     )
     try:
         return ds.take_all()
@@ -604,7 +749,8 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
 
 
 def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFrame], metadata: dict) -> str:
-    """Check every planned shard holds its images exactly once, then write ``metadata.json``."""
+    """Check every planned shard holds its images exactly once, then write ``metadata.json`` (unless a
+    concurrent writer published the set first) and delete every temporary left in the set."""
     stats, rows_per_shard = [], {}
     for i, part in parts.items():
         shard_stats = _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())
@@ -626,7 +772,13 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
         "summary": summarize(stats, region_classes),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    fs_write_atomic(fs, f"{set_dir}/{METADATA}", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    existing = create_once(fs, f"{set_dir}/{METADATA}", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    if existing is not None:
+        if json.loads(existing).get("rows_per_shard") != rows_per_shard:
+            raise RuntimeError(f"mask set {set_location}: another writer published it with shards "
+                               f"{json.loads(existing).get('rows_per_shard')}, this one found {rows_per_shard}")
+        log.info("mask set %s was published meanwhile by another writer; keeping its metadata", set_location)
+    _clean_temporaries(fs, set_dir, published=True)
     return set_location
 
 
