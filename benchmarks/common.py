@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,18 @@ def git_info() -> dict[str, Any]:
     status = git("status", "--porcelain", "--", "mgfa_ray", "benchmarks")
     return {"commit": git("rev-parse", "HEAD"),
             "uncommitted_changes": status.splitlines() if status else ([] if status is not None else None)}
+
+
+def new_document(benchmark: str, *, settings: dict[str, Any] | None, measured: dict[str, Any]) -> dict[str, Any]:
+    """The head every benchmark JSON starts with: name, UTC creation time, the command line, the
+    machine (with its 1/5/15-minute load averages at the start), the git commit, the settings (left
+    out when None) and the ``measured`` definitions."""
+    from datetime import datetime, timezone
+
+    doc: dict[str, Any] = {
+        "benchmark": benchmark, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(), "git": git_info(),
+        **({} if settings is None else {"settings": settings}), "measured": measured,
+    }
+    doc["machine"]["loadavg_start"] = os.getloadavg()
+    return doc

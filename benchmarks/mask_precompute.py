@@ -74,7 +74,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from common import git_info, machine_info
+from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, resolve_data_root
 from mgfa_ray.detector import METRICS, load_detector, predict_boxes  # sets Ultralytics' offline settings
@@ -369,12 +368,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
-    doc: dict[str, Any] = {
-        "benchmark": "mask_precompute", "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(), "git": git_info(),
-        "measured": MEASURED,
-    }
-    doc["machine"]["loadavg_start"] = os.getloadavg()
+    doc = new_document("mask_precompute", settings=None, measured=MEASURED)
     work = Path(tempfile.mkdtemp(prefix="mgfa-mask-bench-", dir=s["tmp_dir"]))
     try:
         det = detector_inputs(s, work)

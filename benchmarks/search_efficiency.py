@@ -34,12 +34,11 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import git_info, machine_info
+from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, SearchConfig, TrainConfig, resolve_data_root
 from mgfa_ray.io import atomic_write_json
@@ -308,12 +307,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     started = time.perf_counter()
-    doc: dict[str, Any] = {
-        "benchmark": "search_efficiency", "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(), "git": git_info(),
-        "settings": s, "measured": MEASURED,
-    }
-    doc["machine"]["loadavg_start"] = os.getloadavg()
+    doc = new_document("search_efficiency", settings=s, measured=MEASURED)
     work = Path(tempfile.mkdtemp(prefix="mgfa-search-bench-", dir=s["tmp_dir"]))
     try:
         log(f"work directory {work}")

@@ -45,13 +45,12 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_info, machine_info
+from common import new_document
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_ENV = "MGFA_LOAD_EPOCH_S"
@@ -620,12 +619,7 @@ def child_main(s: dict[str, Any]) -> None:
 def run(s: dict[str, Any]) -> dict[str, Any]:
     """Every search of the settings ``s`` (each in a fresh subprocess); the JSON document."""
     started = time.perf_counter()
-    doc: dict[str, Any] = {
-        "benchmark": "search_load", "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(), "git": git_info(),
-        "settings": s, "measured": MEASURED,
-    }
-    doc["machine"]["loadavg_start"] = os.getloadavg()
+    doc = new_document("search_load", settings=s, measured=MEASURED)
     work = Path(tempfile.mkdtemp(prefix="mgfa-search-load-parent-", dir=s["tmp_dir"]))
     settings_file = work / "settings.json"
     settings_file.write_text(json.dumps(s))

@@ -40,13 +40,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import git_info, machine_info
+from common import new_document
 from torch import nn
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
@@ -342,12 +341,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda" if s["device"] == "cuda" or (s["device"] == "auto" and torch.cuda.is_available())
                           else "cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as run_trial sets it, for every measurement
-    doc: dict[str, Any] = {
-        "benchmark": "train_step", "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(), "git": git_info(),
-        "settings": s, "measured": MEASURED,
-    }
-    doc["machine"]["loadavg_start"] = os.getloadavg()
+    doc = new_document("train_step", settings=s, measured=MEASURED)
     log(f"preparing real data under {s['work_dir']}")
     data = prepare_real_data(s)
     doc["real_data"] = data["info"]

@@ -145,7 +145,8 @@ def resolve_location(location: str | os.PathLike):
         ``(filesystem, path)``: ``path`` is what the filesystem's methods take.
 
     Raises:
-        ValueError: pyarrow does not understand the URI (the message names it).
+        ValueError: pyarrow does not understand the URI (the message names it), or
+            ``$MGFA_STORAGE_RETRY_S`` is not seconds >= 0.
     """
     import pyarrow.fs as pafs
 
@@ -572,6 +573,13 @@ def retrying_filesystem(fs, *, retry_s: float | None = None):
     Args:
         fs: A pyarrow filesystem.
         retry_s: Retry window in seconds (default :func:`storage_retry_s`).
+
+    Returns:
+        A ``pyarrow.fs.PyFileSystem`` (type name ``py::mgfa-retrying-<inner type>``), or ``fs`` itself
+        when it is local or already wrapped.
+
+    Raises:
+        ValueError: ``retry_s`` is None and ``$MGFA_STORAGE_RETRY_S`` is not seconds >= 0.
     """
     import pyarrow.fs as pafs
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import Any
 
-from .io import fs_exists, fs_read, fs_write_atomic, location_join, resolve_location
+from .io import fs_read, fs_write_atomic, location_join, resolve_location
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,11 @@ class DirectoryLock:
             self._thread.join()
             self._thread = None
         holder = self._read()
-        if holder and holder.get("token") == self.token and fs_exists(self.fs, self.path):
-            self.fs.delete_file(self.path)
+        if holder and holder.get("token") == self.token:
+            try:
+                self.fs.delete_file(self.path)
+            except FileNotFoundError:  # taken over and removed meanwhile
+                pass
 
     def __enter__(self) -> DirectoryLock:
         self.acquire()

@@ -177,6 +177,17 @@ class Build(threading.Thread):
             self.error = err
 
 
+def start_piped_build(df: pd.DataFrame, source, tmp_path: Path, **kwargs) -> tuple[Pipe, Path, Build]:
+    """A started :class:`Build` of ``df``'s mask set under ``tmp_path/masks`` whose manifest has the
+    photo ``PIPED`` replaced by a named pipe: the writer blocks there until the test feeds it."""
+    pipe = Pipe(df, tmp_path)
+    location = tmp_path / "masks"
+    build = Build(manifest=pipe.manifest, manifest_hash=manifest_hash(df), source=source, region_classes=REGIONS,
+                  cfg=CFG, location=location, **kwargs)
+    build.start()
+    return pipe, location, build
+
+
 def wait_for(condition, what: str, *, timeout: float = TIMEOUT, build: Build | None = None):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -215,11 +226,7 @@ def test_killed_mask_actor_is_restarted_and_the_same_call_completes(ray_cluster,
     """SIGKILL the actor while its shard is in flight: Ray restarts it (max_restarts=ACTOR_RESTARTS)
     and retries the shards it held (max_task_retries=-1), so the same build_mask_set call completes."""
     df, _ = tiny_manifest
-    pipe = Pipe(df, tmp_path)
-    location = tmp_path / "masks"
-    build = Build(manifest=pipe.manifest, manifest_hash=manifest_hash(df), source=tiny_detector,
-                  region_classes=REGIONS, cfg=CFG, location=location)
-    build.start()
+    pipe, location, build = start_piped_build(df, tiny_detector, tmp_path)
     try:
         wait_for(lambda: shards_present(location, range(3)), "shards 0-2", build=build)
         actor_id, pid = wait_for(pool_actor, "live mask actor", build=build)
@@ -346,11 +353,7 @@ def test_shard_that_keeps_killing_its_actor_fails_clearly_then_a_rerun_completes
     default restarts forever); finished shards are kept and a rerun completes the set."""
     monkeypatch.setattr(mask_stage, "ACTOR_RESTARTS", 2)  # the bound under test, small to keep the test short
     df, _ = tiny_manifest
-    pipe = Pipe(df, tmp_path)
-    location = tmp_path / "masks"
-    build = Build(manifest=pipe.manifest, manifest_hash=manifest_hash(df), source=tiny_detector,
-                  region_classes=REGIONS, cfg=CFG, location=location)
-    build.start()
+    pipe, location, build = start_piped_build(df, tiny_detector, tmp_path)
     kills, pid = 0, None
     try:
         wait_for(lambda: shards_present(location, range(3)), "shards 0-2", build=build)
@@ -392,11 +395,7 @@ def test_straggler_writer_never_rewrites_a_set_another_writer_finished(ray_clust
     whole set meanwhile. When A goes on it finds its shard already written with equal rows, keeps
     it, skips the rest and returns the same set: no file of B's is replaced."""
     df, _ = tiny_manifest
-    pipe = Pipe(df, tmp_path)
-    location = tmp_path / "masks"
-    a = Build(manifest=pipe.manifest, manifest_hash=manifest_hash(df), source=tiny_detector,
-              region_classes=REGIONS, cfg=CFG, location=location)
-    a.start()
+    pipe, location, a = start_piped_build(df, tiny_detector, tmp_path)
     try:
         wait_for(lambda: shards_present(location, range(3)), "shards 0-2 of writer A", build=a)
         _, pid = wait_for(pool_actor, "live mask actor", build=a)
@@ -421,11 +420,7 @@ def test_writers_that_disagree_fail_clearly_and_keep_the_first_shard(tiny_manife
     (as a detector that differs across machines would): this writer fails naming the disagreement
     and does not replace the other's shard; the set stays unpublished."""
     df, _ = tiny_manifest
-    pipe = Pipe(df, tmp_path)
-    location = tmp_path / "masks"
-    build = Build(manifest=pipe.manifest, manifest_hash=manifest_hash(df), source=tiny_detector,
-                  region_classes=REGIONS, cfg=CFG, location=location, executor="local")
-    build.start()
+    pipe, location, build = start_piped_build(df, tiny_detector, tmp_path, executor="local")
     piped = shard_name(PIPED // CFG.rows_per_shard)
     try:
         wait_for(lambda: shards_present(location, range(3)), "shards 0-2", build=build)
