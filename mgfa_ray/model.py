@@ -2,12 +2,25 @@
 
 * :func:`build_backbone` — torchvision backbone cut before global pooling: images
   (B, 3, H_in, W_in) → feature map F = M_img (B, C, H, W).
-* :class:`MaskAttention` — Eq. 2-4: channel max and mean, a 1x1 conv per region kind, and a
-  spatial softmax (paper) or sigmoid (released code) → attention maps (B, K, H, W).
+* :class:`MaskAttention` — Eq. 2-4: channel max and mean, a 1x1 conv per region kind, and one of
+  three activations (the *formulation*) → attention maps (B, K, H, W):
+
+  =================  ==========================  ===============  ============================
+  activation         map                         map mean over    β·M⊙F pooled, uniform map
+                                                 H×W
+  =================  ==========================  ===============  ============================
+  ``softmax``        softmax over H·W (paper     1/(H·W)          β/(H·W) · pooled F (≈1% of F
+                     Eq. 4 as printed)                            at 14 × 14)
+  ``softmax_scaled`` H·W · softmax over H·W      1                β · pooled F (uniform map:
+                                                                  F_final = F exactly)
+  ``sigmoid``        sigmoid per position        in (0, 1)        β/2 · pooled F at logit 0
+                     (released code)
+  =================  ==========================  ===============  ============================
 * :class:`MGFAClassifier` — Eq. 5-6 feature mix F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, then
   global average pooling and a linear head; ``forward_features`` / ``forward_head`` as in timm.
 * :func:`gt_attention` — ground-truth maps M_gt: binary masks average-pooled to the feature grid
-  and normalised to match the activation (sum to 1 for softmax, peak 1 for sigmoid).
+  and normalised to match the activation (sum 1 for softmax, mean 1 for softmax_scaled, peak 1
+  for sigmoid).
 * :func:`mgfa_loss` — Eq. 7-8: L = δ·L_vein + λ·L_con + μ·L_ce, every term reported.
 """
 
@@ -21,7 +34,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-Activation = Literal["softmax", "sigmoid"]
+Activation = Literal["softmax", "softmax_scaled", "sigmoid"]
+ACTIVATIONS: tuple[str, ...] = ("softmax", "softmax_scaled", "sigmoid")
 
 
 def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
@@ -42,7 +56,32 @@ def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
         )
 
 
-def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
+def dilate_stage(stage: nn.Module, dilation: int) -> None:
+    """Remove the stride of a backbone stage and dilate its later 3x3 convolutions instead, in
+    place: the stage's output grid doubles per side, its receptive field and weights are kept.
+
+    The first strided convolution (3x3, and the 1x1 of a residual shortcut) gets stride 1 and
+    keeps its dilation; every 3x3 convolution after it gets ``dilation`` (padding alike), as
+    torchvision's ``replace_stride_with_dilation`` does for Bottleneck ResNets (DeepLab, Chen et
+    al. 2017). Works for BasicBlock ResNets and MobileNetV2 blocks, which torchvision's option
+    does not support.
+
+    Args:
+        stage: The modules from the stage's first strided block to the backbone's end.
+        dilation: 2 (one stride removed) or 4 (two).
+    """
+    strided_seen = False
+    for m in stage.modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        if m.stride != (1, 1):
+            m.stride = (1, 1)
+            strided_seen = True
+        elif strided_seen and m.kernel_size == (3, 3):
+            m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+
+
+def build_backbone(name: str, weights: str | None, *, output_stride: int = 32) -> tuple[nn.Module, int]:
     """A torchvision backbone without its pooling and classifier.
 
     Args:
@@ -50,14 +89,20 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
         weights: ``None`` (random init), ``"imagenet"`` (torchvision's ``DEFAULT`` weights,
             downloaded; needs internet) or a path to a local ``state_dict`` keyed like the full
             torchvision model (the classifier keys may be absent).
+        output_stride: 32 (torchvision's), 16 or 8: the last one or two strides become dilations
+            (:func:`dilate_stage`), so a 448 px image gives a 28 x 28 grid at 16 instead of
+            14 x 14. Pretrained weights load unchanged.
 
     Returns:
-        ``(module, C)``: module maps (B, 3, H_in, W_in) float images to (B, C, H_in/32, W_in/32).
+        ``(module, C)``: module maps (B, 3, H_in, W_in) float images to
+        (B, C, H_in/output_stride, W_in/output_stride).
 
     Raises:
-        ValueError: Unknown backbone; a weights file that is missing or does not fit; an
-            ImageNet download that fails (the message names the local-file option).
+        ValueError: Unknown backbone or output stride; a weights file that is missing or does not
+            fit; an ImageNet download that fails (the message names the local-file option).
     """
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     builders = {
         "mobilenet_v2": (torchvision.models.mobilenet_v2, "MobileNet_V2_Weights", "classifier."),
         "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", "fc."),
@@ -81,12 +126,20 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
         if weights is not None:
             _load_local_weights(model, Path(weights), head)
     if name == "mobilenet_v2":
-        return model.features, model.last_channel
-    body = nn.Sequential(
-        model.conv1, model.bn1, model.relu, model.maxpool,
-        model.layer1, model.layer2, model.layer3, model.layer4,
-    )
-    return body, model.fc.in_features
+        # Stages start at the strided blocks 7 (stride 16) and 14 (stride 32) of model.features.
+        stages, body, channels = [model.features[7:14], model.features[14:]], model.features, model.last_channel
+    else:
+        stages = [model.layer3, model.layer4]
+        body = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool,
+            model.layer1, model.layer2, model.layer3, model.layer4,
+        )
+        channels = model.fc.in_features
+    if output_stride <= 16:
+        dilate_stage(stages[1], 2 if output_stride == 16 else 4)
+    if output_stride == 8:
+        dilate_stage(stages[0], 2)
+    return body, channels
 
 
 class MaskAttention(nn.Module):
@@ -98,20 +151,27 @@ class MaskAttention(nn.Module):
     Args:
         num_regions: K, the number of region kinds (1 or more).
         activation: ``softmax`` over the H*W positions of each map (paper Eq. 4: each map sums
-            to 1) or ``sigmoid`` per position (released code: values in (0, 1)).
+            to 1, mean 1/(H*W)), ``softmax_scaled`` (the same times H*W: mean 1 like the feature
+            it weights, so a uniform map gives M⊙F = F) or ``sigmoid`` per position (released
+            code: values in (0, 1)).
         shared_conv: One 1x1 conv shared by all K maps (released code) instead of one each.
+        bias: The 1x1 conv has a bias (the released code has none).
+
+    Raises:
+        ValueError: ``num_regions`` < 1 or an unknown activation.
     """
 
-    def __init__(self, num_regions: int, *, activation: Activation = "softmax", shared_conv: bool = False):
+    def __init__(self, num_regions: int, *, activation: Activation = "softmax", shared_conv: bool = False,
+                 bias: bool = True):
         super().__init__()
         if num_regions < 1:
             raise ValueError(f"num_regions must be >= 1, got {num_regions}")
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.num_regions = num_regions
         self.activation = activation
         self.shared_conv = shared_conv
-        self.conv = nn.Conv2d(2, 1 if shared_conv else num_regions, kernel_size=1)
+        self.conv = nn.Conv2d(2, 1 if shared_conv else num_regions, kernel_size=1, bias=bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Map features (B, C, H, W) to attention maps (B, K, H, W), same dtype."""
@@ -123,7 +183,8 @@ class MaskAttention(nn.Module):
         if self.activation == "sigmoid":
             return torch.sigmoid(logits)
         b, k, h, w = logits.shape
-        return logits.reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
+        maps = logits.reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
+        return maps * (h * w) if self.activation == "softmax_scaled" else maps
 
 
 def fuse_features(
@@ -164,6 +225,8 @@ class MGFAClassifier(nn.Module):
         alpha, region_weights: Eq. 5-6 weights α and (β, γ, ...), one per region kind;
             non-negative, summing to 1.
         activation, shared_conv: See :class:`MaskAttention`.
+        attention_bias: The attention's 1x1 conv has a bias (released code: no).
+        head_bias: The linear classifier has a bias (released code: no).
 
     Raises:
         ValueError: A negative weight, weights that do not sum to 1, or a region-weight count
@@ -181,6 +244,8 @@ class MGFAClassifier(nn.Module):
         region_weights: tuple[float, ...],
         activation: Activation = "softmax",
         shared_conv: bool = False,
+        attention_bias: bool = True,
+        head_bias: bool = True,
     ):
         super().__init__()
         weights = (alpha, *region_weights)
@@ -189,8 +254,9 @@ class MGFAClassifier(nn.Module):
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"feature weights must be >= 0 and sum to 1 (Eq. 6), got {weights}")
         self.backbone = backbone
-        self.attention = MaskAttention(num_regions, activation=activation, shared_conv=shared_conv)
-        self.head = nn.Linear(num_features, num_classes)
+        self.attention = MaskAttention(num_regions, activation=activation, shared_conv=shared_conv,
+                                       bias=attention_bias)
+        self.head = nn.Linear(num_features, num_classes, bias=head_bias)
         self.alpha = alpha
         self.region_weights = tuple(region_weights)
 
@@ -219,8 +285,9 @@ def gt_attention(masks: torch.Tensor, *, grid: tuple[int, int], activation: Acti
 
     The masks are average-pooled to the feature grid (the fraction of each cell covered by the
     region), then normalised to the scale the activation produces: each map divided by its sum
-    over H*W for ``softmax`` (so it is a distribution like Eq. 4's output), by its maximum for
-    ``sigmoid`` (peak 1, as the released code). An all-zero map (no region found) stays zero.
+    over H*W for ``softmax`` (so it is a distribution like Eq. 4's output), by its mean over H*W
+    for ``softmax_scaled`` (sum H*W, like H*W times a softmax), by its maximum for ``sigmoid``
+    (peak 1, as the released code). An all-zero map (no region found) stays zero.
 
     This is the M_gt of Eq. 7 (paper Sec. III-A: masks reduced to the feature grid by average
     pooling and normalised).
@@ -234,7 +301,7 @@ def gt_attention(masks: torch.Tensor, *, grid: tuple[int, int], activation: Acti
         (B, K, H, W) float, same dtype as ``masks``.
 
     Raises:
-        ValueError: ``masks`` is not 4-D or is coarser than ``grid``.
+        ValueError: ``masks`` is not 4-D or is coarser than ``grid``, or an unknown activation.
     """
     if masks.dim() != 4:
         raise ValueError(f"masks must be (B, K, H_m, W_m), got shape {tuple(masks.shape)}")
@@ -245,7 +312,14 @@ def gt_attention(masks: torch.Tensor, *, grid: tuple[int, int], activation: Acti
         )
     pooled = F.adaptive_avg_pool2d(masks, grid)
     flat = pooled.flatten(2)
-    scale = flat.sum(-1, keepdim=True) if activation == "softmax" else flat.amax(-1, keepdim=True)
+    if activation == "sigmoid":
+        scale = flat.amax(-1, keepdim=True)
+    elif activation == "softmax_scaled":
+        scale = flat.mean(-1, keepdim=True)
+    elif activation == "softmax":
+        scale = flat.sum(-1, keepdim=True)
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return (flat / scale.clamp_min(1e-12)).reshape_as(pooled)
 
 

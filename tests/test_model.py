@@ -81,17 +81,22 @@ def test_gt_attention_normalisation_matches_activation():
         ("resnet18", (0.3, 0.5, 0.2), "sigmoid", True),  # the released code's variant
         ("resnet18", (0.3, 0.7), "softmax", False),  # one region kind (the Cotton boxes)
         ("mobilenet_v2", (0.1, 0.4, 0.3, 0.2), "softmax", False),  # three region kinds
+        ("resnet18", (0.3, 0.5, 0.2), "softmax_scaled", False),  # the scale-corrected softmax
+        ("mobilenet_v2", (0.65, 0.35), "sigmoid", True),  # the released recipe, without biases
     ],
 )
 def test_every_parameter_gets_a_gradient(name, weights, activation, shared):
     k = len(weights) - 1
-    backbone, c = build_backbone(name, None)
+    released = weights == (0.65, 0.35)
+    backbone, c = build_backbone(name, None, output_stride=16)
     model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=k, alpha=weights[0],
-                           region_weights=weights[1:], activation=activation, shared_conv=shared)
+                           region_weights=weights[1:], activation=activation, shared_conv=shared,
+                           attention_bias=not released, head_bias=not released)
+    assert (model.attention.conv.bias is None, model.head.bias is None) == (released, released)
     x = torch.randn(2, 3, 64, 64)
     logits, att = model(x)
-    assert logits.shape == (2, 3) and att.shape == (2, k, 2, 2)
-    tgt = gt_attention(torch.rand(2, k, 16, 16), grid=(2, 2), activation=activation)
+    assert logits.shape == (2, 3) and att.shape == (2, k, 4, 4)
+    tgt = gt_attention(torch.rand(2, k, 16, 16), grid=(4, 4), activation=activation)
     loss = mgfa_loss(logits=logits, labels=torch.tensor([0, 2]), attention=att, target=tgt,
                      region_weights=(0.1,) * k, mu=1.0)
     loss["loss"].backward()
@@ -171,3 +176,64 @@ def test_imagenet_download_failure_names_the_local_file_option(monkeypatch, tmp_
         assert "local state_dict file" in str(err) and "resnet18" in str(err)
     else:
         pytest.skip("this machine reached download.pytorch.org: the offline error path cannot run here")
+
+
+def _uniform_attention(k: int, activation: str) -> MaskAttention:
+    """An attention module whose conv outputs 0 everywhere: a uniform map."""
+    att = MaskAttention(k, activation=activation)
+    with torch.no_grad():
+        att.conv.weight.zero_()
+        att.conv.bias.zero_()
+    return att
+
+
+def test_scaled_softmax_with_uniform_attention_gives_the_features_exactly():
+    """softmax_scaled: a uniform map is 1 everywhere, so F_final = α·F + β·F + γ·F = F (Eq. 5-6)."""
+    f = torch.randn(2, 6, 4, 5)
+    m = _uniform_attention(2, "softmax_scaled")(f)
+    assert torch.equal(m, torch.ones_like(m))
+    out = fuse_features(f, m, alpha=0.3, region_weights=(0.5, 0.2))
+    torch.testing.assert_close(out, f)
+    # A non-uniform scaled map still averages 1 over H*W (the feature's scale).
+    att = MaskAttention(2, activation="softmax_scaled")
+    torch.testing.assert_close(att(f).mean(dim=(2, 3)), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize(("activation", "scale"), [("softmax", 1 / 20), ("softmax_scaled", 1.0), ("sigmoid", 0.5)])
+def test_attention_branch_scale_relative_to_the_features(activation, scale):
+    """The module docstring's table: with a uniform map, the pooled attention branch β·M⊙F is
+    β·scale times the pooled features — 1/(H*W) for the printed softmax (here 4 x 5)."""
+    f = torch.randn(3, 6, 4, 5)
+    m = _uniform_attention(1, activation)(f)
+    branch = fuse_features(f, m, alpha=0.0, region_weights=(1.0,)).mean(dim=(2, 3))
+    torch.testing.assert_close(branch, scale * f.mean(dim=(2, 3)))
+
+
+def test_gt_attention_scaled_softmax_averages_one():
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[0, 0, :4, :4] = 1.0
+    masks[0, 0, :2, 4:] = 1.0  # half of the top-right cell
+    gt = gt_attention(masks, grid=(2, 2), activation="softmax_scaled")
+    torch.testing.assert_close(gt[0, 0], torch.tensor([[8 / 3, 4 / 3], [0.0, 0.0]]))  # 4 x the softmax target
+    torch.testing.assert_close(gt.mean(dim=(2, 3)), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        gt_attention(masks, grid=(2, 2), activation="relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MaskAttention(1, activation="relu")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize(("stride", "side"), [(16, 4), (8, 8)])
+def test_output_stride_dilates_without_changing_the_weights(name, stride, side):
+    torch.manual_seed(0)
+    ref, c = build_backbone(name, None)
+    torch.manual_seed(0)
+    dilated, c2 = build_backbone(name, None, output_stride=stride)
+    assert c == c2
+    ref_state, new_state = ref.state_dict(), dilated.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+    with torch.no_grad():
+        assert dilated.eval()(torch.randn(1, 3, 64, 64)).shape == (1, c, side, side)
+    with pytest.raises(ValueError, match="output_stride"):
+        build_backbone(name, None, output_stride=4)
