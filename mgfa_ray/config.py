@@ -179,18 +179,34 @@ class TrainParams(_Frozen):
         lr: Initial SGD learning rate (paper: 0.003).
         momentum: SGD momentum (paper prints 0.938).
         weight_decay: SGD weight decay.
-        lr_step: ``step`` schedule: epochs between learning-rate divisions by 10 (paper: 100).
-        lr_schedule: ``step`` (paper: ÷10 every ``lr_step`` epochs) or ``cosine`` (annealed to 0
-            over ``epochs``).
+        lr_step: ``step`` schedule: epochs between learning-rate decays (paper: 100).
+        lr_decay: ``step`` schedule: factor the learning rate is multiplied by every ``lr_step``
+            epochs, in (0, 1] (paper: 0.1, i.e. ÷10; released code: 0.13 every 60 epochs).
+        lr_schedule: ``step`` (paper: ×``lr_decay`` every ``lr_step`` epochs) or ``cosine``
+            (annealed to 0 over ``epochs``).
         alpha, beta, gamma: Eq. 5-6 feature weights, non-negative, alpha + beta + gamma (+ the
             ``extra_regions`` feature weights) = 1. beta is region kind 0 (paper: vein), gamma
             kind 1 (paper: contour).
         delta, lam, mu: Eq. 8 loss weights for L_vein (kind 0), L_con (kind 1) and L_ce,
             non-negative; 0 removes a term (it is still reported).
         extra_regions: Weights of region kinds 2, 3, ... when a dataset has more than two.
-        activation: Eq. 4 attention activation: ``softmax`` over H*W (paper) or ``sigmoid``
-            (released code). The ground-truth normalisation follows it.
+        activation: Eq. 4 attention activation, the *formulation*: ``softmax`` over H*W (paper as
+            printed: each map sums to 1, so the attention branch is ~1/(H*W) of the feature),
+            ``softmax_scaled`` (H*W times the softmax: mean 1, the feature's scale) or
+            ``sigmoid`` (released code). The ground-truth normalisation follows it
+            (:func:`mgfa_ray.model.gt_attention`).
         shared_conv: One 1x1 conv for every region kind (released code) instead of one per kind.
+        attention_bias: The attention's 1x1 conv has a bias (released code: no).
+        head_bias: The linear classifier has a bias (released code: no).
+        output_stride: Backbone output stride 32, 16 or 8 (dilated last stages,
+            :func:`mgfa_ray.model.build_backbone`): a finer feature grid for the attention maps.
+        crop_to_region: Crop every photo (and its masks) to the box of this region kind before
+            resizing, with ``crop_margin``: e.g. ``contour`` makes the leaf fill the frame, so
+            clutter around it (a colour chart, a ruler) cannot identify the class. ``None``: the
+            whole photo. A photo without that region keeps its whole frame.
+        crop_margin: Margin added on each side of that box, as a fraction of its width / height.
+        eval_crop: Test-time input: ``resize`` (paper: the image resized to ``crop``) or
+            ``center`` (released code: the ``resize`` image's centre ``crop`` window).
         eval_split: Manifest split evaluated each epoch (the search metric).
         precision: CUDA autocast dtype: ``bf16`` (default), ``fp16`` (with a gradient scaler,
             saved in checkpoints) or ``fp32``. CPU always runs fp32.
@@ -210,6 +226,7 @@ class TrainParams(_Frozen):
     momentum: float = Field(0.938, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     lr_step: int = Field(100, ge=1)
+    lr_decay: float = Field(0.1, gt=0.0, le=1.0)
     lr_schedule: Literal["step", "cosine"] = "step"
     alpha: float = Field(0.3, ge=0.0, le=1.0)
     beta: float = Field(0.5, ge=0.0, le=1.0)
@@ -218,8 +235,14 @@ class TrainParams(_Frozen):
     lam: float = Field(0.1, ge=0.0)
     mu: float = Field(1.0, ge=0.0)
     extra_regions: list[RegionWeights] = []
-    activation: Literal["softmax", "sigmoid"] = "softmax"
+    activation: Literal["softmax", "softmax_scaled", "sigmoid"] = "softmax"
     shared_conv: bool = False
+    attention_bias: bool = True
+    head_bias: bool = True
+    output_stride: Literal[8, 16, 32] = 32
+    crop_to_region: str | None = None
+    crop_margin: float = Field(0.05, ge=0.0, le=1.0)
+    eval_crop: Literal["resize", "center"] = "resize"
     eval_split: Literal["val", "test"] = "val"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     channels_last: bool = True
@@ -288,6 +311,9 @@ class TrainConfig(TrainParams):
                 f"{k} region kinds {self.region_classes} need {max(0, k - 2)} extra_regions entries (kinds 2 and "
                 f"up), got {len(self.extra_regions)}"
             )
+        if self.crop_to_region is not None and self.crop_to_region not in self.region_classes:
+            raise ValueError(f"crop_to_region {self.crop_to_region!r} is not one of the region kinds "
+                             f"{self.region_classes}")
         if self.mu + sum(self.mask_loss_weights()) <= 0:
             raise ValueError("mu and the mask loss weights are all 0: the loss (Eq. 8) would be empty")
         return self
@@ -352,6 +378,26 @@ class SearchConfig(_Frozen):
         return self
 
 
+class AblationConfig(_Frozen):
+    """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.ablation`).
+
+    Attributes:
+        rows: Ablation rows: ``backbone`` (α = 1, no mask loss), a region kind of
+            ``regions.classes`` (only that kind's feature and loss weights kept, the other kinds'
+            feature share given to α), ``all`` (every kind: the job's ``train`` weights).
+            ``None``: backbone, each kind alone, and all kinds together (with two or more kinds).
+        seeds: Seeds per row and formulation (``train.seed``, ``train.seed + 1``, …), >= 1.
+        formulations: Attention activations to compare (``softmax``, ``softmax_scaled``,
+            ``sigmoid``); ``None``: the job's ``train.activation`` alone.
+        max_concurrent: Trials at once; ``None``: ``search.max_concurrent``.
+    """
+
+    rows: list[str] | None = Field(None, min_length=1)
+    seeds: int = Field(5, ge=1)
+    formulations: list[Literal["softmax", "softmax_scaled", "sigmoid"]] | None = Field(None, min_length=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+
 class JobConfig(_Frozen):
     """A whole job: manifest → detector → masks → search → export (``mgfa-ray run``).
 
@@ -362,6 +408,7 @@ class JobConfig(_Frozen):
         output_dir: Where every stage writes (relative to the working directory unless absolute).
         dataset, regions, detector, masks, search: Stage settings.
         train: Trial defaults; the search space overrides the parameters it samples.
+        ablation: Settings of ``mgfa-ray ablation`` (rows, seeds, formulations).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -373,6 +420,7 @@ class JobConfig(_Frozen):
     masks: MasksConfig = MasksConfig()
     train: TrainParams = TrainParams()
     search: SearchConfig
+    ablation: AblationConfig = AblationConfig()
 
 
 M = TypeVar("M", bound=BaseModel)

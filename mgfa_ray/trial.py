@@ -3,28 +3,33 @@
 :func:`run_trial` maps a :class:`~mgfa_ray.config.TrainConfig` to per-epoch metrics and
 checkpoint states; it knows nothing of Ray (the search wraps it in :mod:`mgfa_ray.search`).
 
-Data path: images are decoded once, resized to ``resize`` x ``resize`` and kept as uint8 (cached
-on disk when a cache directory is given); masks come from the mask set at their stored resolution.
+Data path: images are decoded once, optionally cropped to a region's box (``crop_to_region``: the
+masks get the same crop), resized to ``resize`` x ``resize`` and kept as uint8 (cached on disk
+when a cache directory is given); masks come from the mask set at their stored resolution.
 Both go to the trial's device once. Each training batch gets a random ``crop`` x ``crop`` window
 and a horizontal flip with p = 0.5 (paper Sec. IV-B), and the masks get exactly the same window and
 flip (after being resized to the image's size) before :func:`~mgfa_ray.model.gt_attention` pools
-them to the feature grid. Evaluation resizes the images to ``crop`` (paper: test resize 448).
+them to the feature grid. Evaluation resizes the images to ``crop`` (paper: test resize 448) or
+takes their centre ``crop`` window (``eval_crop: center``, released code).
 
-Optimisation: SGD with momentum and weight decay, step (÷10 every ``lr_step`` epochs) or cosine
+Optimisation: SGD with momentum and weight decay, step (×``lr_decay`` every ``lr_step`` epochs) or cosine
 schedule; on CUDA bf16 (or fp16 with a gradient scaler) autocast and channels-last; on CPU fp32,
 deterministic for a seed, and a resumed run is bit-identical to an uninterrupted one.
 
 Metrics reported every epoch: ``epoch``, ``lr``, ``train_loss`` and its terms ``train_loss_ce``,
 ``train_loss_<region>`` (unweighted, every term even when its weight is 0), ``eval_top1``,
 ``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce`` and ``eval_loss_<region>`` (Eq. 7 error
-of the attention maps against the ground-truth maps) on ``eval_split``, ``test_top1`` and
-``test_top5`` when the eval split is not the test split, ``train_images_per_second`` and
-``epoch_seconds``. Per-class accuracy of the eval split is in the checkpoint state.
+of the attention maps against the ground-truth maps) and ``eval_flat_loss_<region>`` (the same
+error of a flat map at the ground truth's mean: the attention follows the masks where its error is
+below this) on ``eval_split``; ``test_top1``, ``test_top5``, ``test_loss_<region>`` and
+``test_flat_loss_<region>`` when the eval split is not the test split; ``train_images_per_second``
+and ``epoch_seconds``. Per-class accuracy of the eval split is in the checkpoint state.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,13 +52,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-def load_images(paths: list[str], *, size: int, cache_dir: Path | None = None) -> torch.Tensor:
-    """Decode and resize images once, optionally through an on-disk cache.
+def load_images(
+    paths: list[str], *, size: int, cache_dir: Path | None = None, boxes: np.ndarray | None = None
+) -> torch.Tensor:
+    """Decode, optionally crop, and resize images once, optionally through an on-disk cache.
 
     Args:
         paths: Image files.
         size: Output side in pixels (aspect ratio is not kept, as with a square resize).
-        cache_dir: Directory for a ``.npy`` cache keyed by (paths, size); ``None`` disables it.
+        cache_dir: Directory for a ``.npy`` cache keyed by (paths, size, boxes); ``None`` disables it.
+        boxes: Optional float (N, 4) crop boxes ``(x0, y0, x1, y1)``, normalised to [0, 1] by the
+            image's width and height (:func:`region_boxes`); each image is cut to its box first.
 
     Returns:
         uint8 tensor (N, 3, size, size).
@@ -63,12 +72,20 @@ def load_images(paths: list[str], *, size: int, cache_dir: Path | None = None) -
     """
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"images-{size}-{sha256_json(paths)[:16]}.npy"
+        key = sha256_json([paths, None if boxes is None else np.round(boxes, 6).tolist()])[:16]
+        cache = Path(cache_dir) / f"images-{size}-{key}.npy"
         if cache.is_file():
             return torch.from_numpy(np.load(cache))
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
-        rgb = Image.fromarray(decode_rgb(path, max_side=size))
+        if boxes is None:
+            rgb = Image.fromarray(decode_rgb(path, max_side=size))
+        else:  # decode at least fine enough that the box still has `size` pixels a side
+            x0, y0, x1, y1 = boxes[i]
+            rgb = Image.fromarray(decode_rgb(path, max_side=math.ceil(size / max(1e-3, min(x1 - x0, y1 - y0)))))
+            w, h = rgb.size
+            rgb = rgb.crop((round(x0 * w), round(y0 * h), max(round(x1 * w), round(x0 * w) + 1),
+                            max(round(y1 * h), round(y0 * h) + 1)))
         out[i] = np.asarray(rgb.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
     if cache is not None:
         buf = io.BytesIO()
@@ -77,8 +94,64 @@ def load_images(paths: list[str], *, size: int, cache_dir: Path | None = None) -
     return torch.from_numpy(out)
 
 
+def region_boxes(masks: np.ndarray, *, channel: int, margin: float) -> np.ndarray:
+    """The box of one region kind in each image, from its mask: the bounding box of the mask's
+    pixels, widened by ``margin`` x its width / height on each side and clipped to the image.
+
+    Args:
+        masks: (N, K, R, R) region masks in [0, 1] covering whole images.
+        channel: The region kind k (mask channel).
+        margin: Fraction of the box's width / height added on each side, >= 0.
+
+    Returns:
+        float64 (N, 4) boxes ``(x0, y0, x1, y1)`` normalised to [0, 1]; ``(0, 0, 1, 1)`` (the whole
+        image) where the mask is empty.
+    """
+    n, _, r, _ = masks.shape
+    out = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (n, 1))
+    for i in range(n):
+        ys, xs = np.nonzero(masks[i, channel] > 0)
+        if len(xs) == 0:
+            continue
+        x0, x1, y0, y1 = xs.min() / r, (xs.max() + 1) / r, ys.min() / r, (ys.max() + 1) / r
+        dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+        out[i] = [max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)]
+    return out
+
+
+def crop_masks(masks: np.ndarray, boxes: np.ndarray, *, upsample: int = 8) -> np.ndarray:
+    """Cut each image's masks to its box and resample them to the stored resolution — the crop
+    :func:`load_images` gives the image — as area coverage: each mask is upsampled ``upsample``
+    times (nearest), cut at the box rounded to that finer grid, and average-pooled back to R x R.
+
+    Args:
+        masks: (N, K, R, R) masks in [0, 1].
+        boxes: float (N, 4) normalised boxes ``(x0, y0, x1, y1)``.
+        upsample: Sub-pixel steps per mask pixel for the box edges.
+
+    Returns:
+        float32 (N, K, R, R) in [0, 1]: the fraction of each new pixel the region covers.
+    """
+    n, _, r, _ = masks.shape
+    fine = r * upsample
+    out = np.empty(masks.shape, dtype=np.float32)
+    for i in range(n):
+        x0, y0, x1, y1 = (int(round(v * fine)) for v in boxes[i])
+        m = F.interpolate(torch.from_numpy(np.ascontiguousarray(masks[i : i + 1])).float(), scale_factor=upsample,
+                          mode="nearest")
+        window = m[..., y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
+        out[i] = F.adaptive_avg_pool2d(window, r)[0].numpy()
+    return out
+
+
 def augment(
-    images: torch.Tensor, masks: torch.Tensor, *, crop: int, train: bool, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    crop: int,
+    train: bool,
+    generator: torch.Generator | None = None,
+    eval_crop: str = "resize",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the same geometric transform to images and their masks, then normalise the images.
 
@@ -91,9 +164,11 @@ def augment(
         masks: uint8 or float (B, K, M, M), values in [0, 1], covering the same full image; they
             are resized to R x R (bilinear) before the window is cut.
         crop: Output side in pixels, <= R.
-        train: Random ``crop`` window + horizontal flip (p = 0.5) if True, else a resize to
-            ``crop`` (paper Sec. IV-B).
+        train: Random ``crop`` window + horizontal flip (p = 0.5) if True, else the test input
+            of ``eval_crop``.
         generator: RNG for the window and flip (CPU generator).
+        eval_crop: ``resize`` to ``crop`` (paper Sec. IV-B) or the ``center`` ``crop`` window
+            (released code).
 
     Returns:
         ``(x, m)``: float32 images (B, 3, crop, crop) normalised with ImageNet mean/std, and
@@ -110,9 +185,16 @@ def augment(
     if train:
         rows, cols = random_windows(b, side=r, crop=crop, generator=generator)
         x, m = cut_windows(x, rows, cols), cut_windows(m, rows, cols)
+    elif eval_crop == "center":
+        x, m = _center(x, crop), _center(m, crop)
     else:
         x, m = _resize(x, crop), _resize(m, crop)
     return normalise(x), m.clamp_(0.0, 1.0)
+
+
+def _center(x: torch.Tensor, side: int) -> torch.Tensor:
+    top = (x.shape[-1] - side) // 2
+    return x[..., top : top + side, top : top + side]
 
 
 def random_windows(
@@ -157,16 +239,18 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def resize_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
-    """The test-time resize (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, crop, crop) in
-    [0, 1] (bilinear, antialiased; unchanged when R = crop)."""
-    return _resize(images.float().div_(255.0), crop)
+def resize_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
+    """The test-time input (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, crop, crop) in
+    [0, 1]: resized (bilinear, antialiased; unchanged when R = crop), or with ``eval_crop="center"``
+    the centre window (released code)."""
+    x = images.float().div_(255.0)
+    return _center(x, crop) if eval_crop == "center" else _resize(x, crop)
 
 
-def eval_images(images: torch.Tensor, *, crop: int) -> torch.Tensor:
+def eval_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
     """Test-time input: :func:`resize_images`, then :func:`normalise`; the same images
     :func:`augment` gives with ``train=False``."""
-    return normalise(resize_images(images, crop=crop))
+    return normalise(resize_images(images, crop=crop, eval_crop=eval_crop))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
@@ -176,18 +260,19 @@ def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
         ValueError: Unknown backbone or a weights file that does not fit (see
             :func:`~mgfa_ray.model.build_backbone`).
     """
-    backbone, channels = build_backbone(cfg.backbone, cfg.weights)
+    backbone, channels = build_backbone(cfg.backbone, cfg.weights, output_stride=cfg.output_stride)
     return MGFAClassifier(
         backbone, num_features=channels, num_classes=num_classes, num_regions=len(cfg.region_classes),
-        alpha=cfg.alpha, region_weights=cfg.feature_weights(),
-        activation=cfg.activation, shared_conv=cfg.shared_conv,
+        alpha=cfg.alpha, region_weights=cfg.feature_weights(), activation=cfg.activation,
+        shared_conv=cfg.shared_conv, attention_bias=cfg.attention_bias, head_bias=cfg.head_bias,
     )
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     """SGD with momentum and weight decay, and the learning-rate schedule of ``cfg``.
 
-    ``step``: lr ÷ 10 every ``lr_step`` epochs (paper Sec. IV-B); ``cosine``: annealed from ``lr``
+    ``step``: lr × ``lr_decay`` every ``lr_step`` epochs (paper Sec. IV-B: ÷10 every 100; released
+    code: ×0.13 every 60); ``cosine``: annealed from ``lr``
     to 0 over ``epochs``. The scheduler is stepped once per epoch.
 
     Returns:
@@ -197,7 +282,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     else:
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_decay)
     return optimizer, scheduler
 
 
@@ -323,8 +408,9 @@ def evaluate(
         ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
         (top-1 averaged over the classes present), ``per_class``: ``{"correct": [...],
         "total": [...]}``, one entry per class, and with ``masks`` ``loss_region``: the Eq. 7 error
-        per region kind (list of K floats) — lower than a uniform map's when the attention
-        follows the masks.
+        per region kind (list of K floats), and ``flat_loss_region``: the same error of a flat map
+        at each ground-truth map's mean (its variance over H*W) — the attention follows the masks
+        where ``loss_region`` is below it.
     """
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
@@ -332,18 +418,22 @@ def evaluate(
     top5 = torch.zeros((), dtype=torch.int64, device=ctx.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     region_sum = torch.zeros(model.attention.num_regions, dtype=torch.float64, device=ctx.device)
+    flat_sum = torch.zeros_like(region_sum)
+    eval_crop = ctx.cfg.eval_crop
     k = min(5, num_classes)
     for s in range(0, len(labels), batch_size):
         y = labels[s : s + batch_size]
         if masks is None:
-            x = eval_images(images[s : s + batch_size], crop=crop)
+            x = eval_images(images[s : s + batch_size], crop=crop, eval_crop=eval_crop)
         else:  # the same images as eval_images, and the masks resized alike
-            x, m = augment(images[s : s + batch_size], masks[s : s + batch_size], crop=crop, train=False)
+            x, m = augment(images[s : s + batch_size], masks[s : s + batch_size], crop=crop, train=False,
+                           eval_crop=eval_crop)
         with ctx.autocast():
             logits, attention = model(ctx.inputs(x))
         if masks is not None:
             target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
             region_sum += ((target - attention.float()) ** 2).mean(dim=(2, 3)).sum(0).double()  # Eq. 7
+            flat_sum += target.var(dim=(2, 3), unbiased=False).sum(0).double()
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         hit = logits.argmax(1) == y
@@ -360,7 +450,54 @@ def evaluate(
     }
     if masks is not None:
         out["loss_region"] = (region_sum / n).tolist()
+        out["flat_loss_region"] = (flat_sum / n).tolist()
     return out
+
+
+def load_trial_data(
+    cfg: TrainConfig, *, device: torch.device, cache_dir: Path | None = None
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[str]]:
+    """The trial's images, masks and labels per split, on ``device``.
+
+    Reads the manifest and the mask set, crops photos and masks to ``cfg.crop_to_region``'s box
+    when set (:func:`region_boxes`, :func:`crop_masks`), and decodes the images once
+    (:func:`load_images`).
+
+    Returns:
+        ``(data, class_names)``: ``data[part] = (images uint8 (N, 3, R, R), masks (N, K, M, M) in
+        [0, 1], labels int64 (N,))`` for the parts ``train``, ``eval`` (``cfg.eval_split``) and
+        ``test`` (when the eval split is not the test split and the manifest has one);
+        ``class_names[label]``.
+
+    Raises:
+        ValueError: The manifest or mask set is missing or does not fit the config, or the train
+            or evaluation split is empty.
+    """
+    manifest = read_manifest(cfg.manifest)
+    num_classes = int(manifest["label"].max()) + 1
+    class_names = manifest.drop_duplicates("label").set_index("label")["class_name"].reindex(range(num_classes))
+    parts = {"train": manifest[manifest["split"] == "train"], "eval": manifest[manifest["split"] == cfg.eval_split]}
+    if cfg.eval_split != "test" and (manifest["split"] == "test").any():
+        parts["test"] = manifest[manifest["split"] == "test"]
+    for name in ("train", "eval"):
+        if parts[name].empty:
+            split = "train" if name == "train" else cfg.eval_split
+            raise ValueError(f"manifest {cfg.manifest}: split {split!r} is empty")
+    used = pd.concat(list(parts.values()), ignore_index=True)  # disjoint splits: each image once
+    masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes,
+                          labels=used["label"].tolist())
+    boxes = None
+    if cfg.crop_to_region is not None:
+        boxes = region_boxes(masks, channel=cfg.region_classes.index(cfg.crop_to_region), margin=cfg.crop_margin)
+        masks = crop_masks(masks, boxes)
+    images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir, boxes=boxes)
+    row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}
+    data = {}
+    for name, df in parts.items():
+        rows = torch.tensor([row_of[i] for i in df["image_id"]], dtype=torch.int64)
+        data[name] = (images[rows].to(device), torch.from_numpy(masks[rows.numpy()]).to(device),
+                      torch.tensor(df["label"].to_numpy(dtype="int64"), device=device))
+    return data, class_names.tolist()
 
 
 def run_trial(
@@ -400,26 +537,8 @@ def run_trial(
     if use_cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
 
-    manifest = read_manifest(cfg.manifest)
-    num_classes = int(manifest["label"].max()) + 1
-    class_names = manifest.drop_duplicates("label").set_index("label")["class_name"].reindex(range(num_classes))
-    parts = {"train": manifest[manifest["split"] == "train"], "eval": manifest[manifest["split"] == cfg.eval_split]}
-    if cfg.eval_split != "test" and (manifest["split"] == "test").any():
-        parts["test"] = manifest[manifest["split"] == "test"]
-    for name in ("train", "eval"):
-        if parts[name].empty:
-            split = "train" if name == "train" else cfg.eval_split
-            raise ValueError(f"manifest {cfg.manifest}: split {split!r} is empty")
-    used = pd.concat(list(parts.values()), ignore_index=True)  # disjoint splits: each image once
-    masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes,
-                          labels=used["label"].tolist())
-    images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir)
-    row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}
-    data = {}
-    for name, df in parts.items():
-        rows = torch.tensor([row_of[i] for i in df["image_id"]], dtype=torch.int64)
-        data[name] = (images[rows].to(device), torch.from_numpy(masks[rows.numpy()]).to(device),
-                      torch.tensor(df["label"].to_numpy(dtype="int64"), device=device))
+    data, class_names = load_trial_data(cfg, device=device, cache_dir=cache_dir)
+    num_classes = len(class_names)
 
     model = build_model(cfg, num_classes).to(device)
     ctx = StepContext(cfg, device)
@@ -473,9 +592,14 @@ def run_trial(
                        eval_loss_ce=ev["loss_ce"])
         for i, region in enumerate(cfg.region_classes):
             metrics[f"eval_loss_{region}"] = ev["loss_region"][i]
+            metrics[f"eval_flat_loss_{region}"] = ev["flat_loss_region"][i]
         if "test" in data:
-            te = evaluate(model, data["test"][0], data["test"][2], crop=cfg.crop, num_classes=num_classes, ctx=ctx)
+            te = evaluate(model, data["test"][0], data["test"][2], masks=data["test"][1], crop=cfg.crop,
+                          num_classes=num_classes, ctx=ctx)
             metrics.update(test_top1=te["top1"], test_top5=te["top5"])
+            for i, region in enumerate(cfg.region_classes):
+                metrics[f"test_loss_{region}"] = te["loss_region"][i]
+                metrics[f"test_flat_loss_{region}"] = te["flat_loss_region"][i]
         metrics["train_images_per_second"] = seen / train_seconds
         metrics["epoch_seconds"] = time.perf_counter() - t0
         history.append(metrics)
@@ -486,7 +610,7 @@ def run_trial(
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if use_cuda else None,
                 "history": history, "config": to_dict(cfg),
-                "eval_per_class": {"class_name": class_names.tolist(), **ev["per_class"]},
+                "eval_per_class": {"class_name": class_names, **ev["per_class"]},
             }
             on_epoch(metrics, state)
     return history

@@ -185,3 +185,62 @@ def test_cuda_trial_with_autocast_channels_last_and_resume(tiny_train_config, tm
         assert state["scaler"]["scale"] > 0  # the gradient scaler's state is checkpointed
     resumed = run_trial(cfg, resume=state)
     assert resumed[1]["train_loss"] == pytest.approx(full[1]["train_loss"], rel=1e-3)  # cuDNN is not bit-exact
+
+
+def test_region_boxes_and_crop_masks_cut_image_and_masks_alike():
+    """crop_to_region: the box comes from the region's mask (plus margin); the masks are resampled
+    over exactly that box, so a region that filled the box fills the new frame."""
+    import numpy as np
+
+    from mgfa_ray.trial import crop_masks, region_boxes
+
+    masks = np.zeros((2, 2, 16, 16), dtype=np.uint8)
+    masks[0, 1, 4:12, 2:10] = 1  # contour: rows 4-11, cols 2-9
+    masks[0, 0, 6:8, 5:7] = 1  # vein inside it
+    boxes = region_boxes(masks, channel=1, margin=0.0)
+    np.testing.assert_allclose(boxes[0], [2 / 16, 4 / 16, 10 / 16, 12 / 16])
+    np.testing.assert_allclose(boxes[1], [0.0, 0.0, 1.0, 1.0])  # no contour: the whole image
+    np.testing.assert_allclose(region_boxes(masks, channel=1, margin=0.25)[0], [0.0, 2 / 16, 12 / 16, 14 / 16])
+    cropped = crop_masks(masks, boxes)
+    assert cropped.shape == (2, 2, 16, 16) and cropped.dtype == np.float32
+    assert cropped[0, 1].min() == 1.0  # the contour fills its own box
+    # The vein (cols 5-6, rows 6-7 of the 8 x 8 box at (2, 4)) lands at 2x scale: cols 6-9, rows 4-7.
+    np.testing.assert_allclose(cropped[0, 0, 4:8, 6:10], 1.0)
+    assert cropped[0, 0].sum() == pytest.approx(16.0, abs=1e-4)
+    np.testing.assert_array_equal(cropped[1], masks[1])  # whole-image box: unchanged
+
+
+def test_crop_to_region_trial_sees_only_the_leaf(tiny_train_config, tmp_path):
+    """The cached images are the contour boxes of the photos: the mean of the cropped images differs
+    from the full photos', and every contour mask fills most of its frame."""
+    from mgfa_ray.trial import load_trial_data
+
+    cfg = tiny_train_config.model_copy(update={"crop_to_region": "contour", "crop_margin": 0.0})
+    data, names = load_trial_data(cfg, device=torch.device("cpu"), cache_dir=tmp_path)
+    full, _ = load_trial_data(tiny_train_config, device=torch.device("cpu"))
+    images, masks, _ = data["train"]
+    labelled = masks[:, 1].flatten(1).amax(1) > 0  # photos with a hand-drawn contour box
+    assert labelled.any() and len(names) == 3
+    assert masks[labelled, 1].mean() > 0.9  # the leaf's box fills the frame
+    assert not torch.equal(images[labelled], full["train"][0][labelled])
+    assert torch.equal(images[~labelled], full["train"][0][~labelled])  # no box: the whole photo
+    assert len(list(tmp_path.glob("images-*.npy"))) == 1  # the crop is part of the cache key
+
+
+def test_lr_decay_and_center_eval_crop(tiny_train_config):
+    from mgfa_ray.trial import build_model, eval_images, make_optimizer
+
+    cfg = tiny_train_config.model_copy(update={"lr": 0.0008, "lr_step": 2, "lr_decay": 0.13})
+    optimizer, scheduler = make_optimizer(cfg, build_model(cfg, 3))
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0008, 0.0008, 0.0008 * 0.13, 0.0008 * 0.13, 0.0008 * 0.13 ** 2])
+    images = torch.randint(0, 256, (2, 3, 72, 72), dtype=torch.uint8)
+    centre = eval_images(images, crop=64, eval_crop="center")
+    whole = eval_images(images, crop=72)
+    assert torch.equal(centre, whole[..., 4:68, 4:68])
+    x, m = augment(images, torch.ones(2, 1, 8, 8), crop=64, train=False, eval_crop="center")
+    assert torch.equal(x, centre) and m.shape == (2, 1, 64, 64)
