@@ -2,7 +2,12 @@
 
 Subcommands:
   * ``mgfa-ray run JOB.yaml [--smoke]`` — the chained job (:func:`mgfa_ray.pipeline.run_job`).
-  * ``mgfa-ray train --config FILE`` — one trial config, e.g. a search's ``best_config.yaml``.
+  * ``mgfa-ray train --config FILE [--seeds N]`` — one trial config, e.g. a search's
+    ``best_config.yaml``; with ``--seeds N`` N seeds as trials on Ray, reporting mean ± 95% CI
+    (:func:`mgfa_ray.ablation.run_seeds`).
+  * ``mgfa-ray ablation JOB.yaml [--rows …] [--seeds N] [--formulations …] [--smoke]`` — Table III:
+    rows × seeds × formulations with confidence intervals and paired tests
+    (:func:`mgfa_ray.ablation.run_ablation`).
   * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
     activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
     :func:`mgfa_ray.cam.render_cams`).
@@ -40,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", type=Path, default=None,
                        help="where config, metrics and checkpoint go (default outputs/train/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
+    train.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help="train N seeds (config seed, +1, …) as trials on Ray and report mean ± 95%% CI")
+    abl = sub.add_parser("ablation", help="Table III: ablation rows x seeds x formulations, with confidence intervals")
+    abl.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20_fewshot.yaml")
+    abl.add_argument("--rows", nargs="+", default=None, help="rows: backbone, a region kind, all (default: the job's)")
+    abl.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per cell (default: the job's, 5)")
+    abl.add_argument("--formulations", nargs="+", default=None, metavar="ACTIVATION",
+                     help="softmax, softmax_scaled, sigmoid (default: the job's)")
+    abl.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch)")
+    abl.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
     cam = sub.add_parser("cam", help="class activation maps of a trained run, one PNG per image (paper Fig. 4)")
     cam.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt (or its directory)")
     cam.add_argument("--images", nargs="+", default=None, metavar="ID", help="manifest image ids (default: --split)")
@@ -96,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.output_dir is not None:
                 job = job.model_copy(update={"output_dir": str(args.output_dir)})
             run_job(job, smoke=args.smoke)
+        elif args.command == "ablation":
+            from .ablation import run_ablation
+            from .config import to_dict, validate
+
+            job = load_config(JobConfig, args.job)
+            if args.output_dir is not None:
+                job = job.model_copy(update={"output_dir": str(args.output_dir)})
+            given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
+                                       ("formulations", args.formulations)) if v is not None}
+            if given:  # validated as the job's fields, so an error names ablation.<field>
+                job = validate(JobConfig, {**to_dict(job), "ablation": {**to_dict(job.ablation), **given}},
+                               source=f"{args.job} with the command line's ablation options")
+            run_ablation(job, smoke=args.smoke)
         elif args.command == "cam":
             from .cam import render_cams
 
@@ -125,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(TrainConfig, args.config)
             out = args.output_dir or Path("outputs") / "train" / args.config.stem
-            train_to_dir(cfg, out, resume=args.resume, cache_dir=Path("outputs") / "cache")
+            if args.seeds is not None:
+                from .ablation import run_seeds
+
+                run_seeds(cfg, name=args.config.stem, seeds=args.seeds, out_dir=out,
+                          cache_dir=str((Path("outputs") / "cache").resolve()))
+            else:
+                train_to_dir(cfg, out, resume=args.resume, cache_dir=Path("outputs") / "cache")
             print(f"outputs in {out}")
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

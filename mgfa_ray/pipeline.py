@@ -86,40 +86,33 @@ def _banner(stage: str) -> float:
     return time.perf_counter()
 
 
-def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
-    """Run every stage of ``cfg`` on the local (or connected) Ray cluster.
+def prepare_data(
+    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float]
+) -> tuple[TrainConfig, dict[str, Any] | None, str, dict[str, Any]]:
+    """Stages 1-4 of a job: manifest, detector (or the label files as they are) and mask set,
+    each skipped when already done; starts Ray (local, or the cluster of ``$RAY_ADDRESS``).
 
     Args:
-        cfg: Validated job config.
-        smoke: Shrink the job with :func:`smoke_config` (CI).
+        cfg: The job.
+        data_root: Resolved data root.
+        out: The job's output directory (absolute).
+        timings: Filled with each stage's seconds.
 
     Returns:
-        Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths.
+        ``(base, detector, set_dir, metadata)``: the trial template (``cfg.train`` with the
+        manifest and mask set, paths relative to the working directory), the detector's metrics
+        (``None`` with ``regions.source: labels``), the mask set's location and its metadata.
 
     Raises:
-        ConfigError: Missing data root, image or label directory, or search-space file.
+        ConfigError: Missing data root, images, labels or ``train.weights`` file.
         LabelError: A malformed label line (file:line).
-        LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
-            (:class:`mgfa_ray.lock.DirectoryLock`).
     """
-    if smoke:
-        cfg = smoke_config(cfg)
-    data_root = resolve_data_root(cfg.data_root)
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(str(out), what="job"):
-        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke)
-
-
-def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
     import ray
 
-    space, _ = check_job(cfg)
     if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
         raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
                           f"the working directory {Path.cwd()})")
     atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root)})
-    timings: dict[str, float] = {}
 
     t = _banner("manifest")
     manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset)
@@ -158,12 +151,44 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> d
     meta = read_metadata(set_dir)
     print(f"mask set {set_dir} ({meta['rows']} rows): {meta['summary']}", flush=True)
     timings["masks"] = time.perf_counter() - t
+    base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
+                       masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
+    return base, det, set_dir, meta
+
+
+def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
+    """Run every stage of ``cfg`` on the local (or connected) Ray cluster.
+
+    Args:
+        cfg: Validated job config.
+        smoke: Shrink the job with :func:`smoke_config` (CI).
+
+    Returns:
+        Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths.
+
+    Raises:
+        ConfigError: Missing data root, image or label directory, or search-space file.
+        LabelError: A malformed label line (file:line).
+        LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
+            (:class:`mgfa_ray.lock.DirectoryLock`).
+    """
+    if smoke:
+        cfg = smoke_config(cfg)
+    data_root = resolve_data_root(cfg.data_root)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(str(out), what="job"):
+        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke)
+
+
+def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
+    space, _ = check_job(cfg)
+    timings: dict[str, float] = {}
+    base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings)
 
     t = _banner("search")
     # Ray runs each trial in its own directory: it gets absolute paths; the export keeps them as
     # given (relative to the working directory), so the best config works from any clone.
-    base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
-                       masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
     search_dir = create_search(
         name=cfg.name, space=space, space_file=cfg.search.space, search=cfg.search, base=base.with_paths(absolute),
         export_base=base, storage_path=cfg.search.storage_path or str(out / "search"),

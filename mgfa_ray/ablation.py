@@ -1,0 +1,478 @@
+"""Does the mask help? Table III of the paper as a seeded, resumable job, and seeds for a final number.
+
+:func:`run_ablation` (``mgfa-ray ablation JOB``) trains every *cell* — an ablation row × a seed ×
+a formulation (the attention activation) — and reports, per row, the mean, standard deviation and
+95% confidence interval of top-1 on the test split and of the attention-to-mask error ratio, and
+the paired difference to the backbone-only row of the same seed with a paired t-test.
+
+Rows (paper Table III): ``backbone`` (α = 1, no attention in the features, no mask loss),
+one row per region kind (that kind's feature weight and loss weight from the job's ``train``,
+the other kinds' weights 0 and their feature share given to α), and ``all`` (the job's weights).
+The backbone row does not depend on the formulation (its attention is neither used nor trained:
+all its weights are 0), so it is trained once per seed and is every formulation's reference.
+
+The cells run as the trials of one search (:mod:`mgfa_ray.search`) whose space has nothing to
+sample: each cell is a point to evaluate, so the ablation has the search's storage (local, NFS
+or object store), driver lock, crash-safe Optuna study and resume: a killed driver, rerun, trains
+only the cells not yet finished and continues a cell in flight from its last checkpoint.
+:func:`run_seeds` (``mgfa-ray train --config C --seeds N``) runs one config's seeds the same way.
+
+Statistics (``scipy.stats``): 95% CI = mean ± t_{0.975, n-1} · sd / √n over seeds (sd with n - 1);
+paired difference d_s = top1(row, seed s) − top1(backbone, seed s), with its t interval and the
+two-sided p of ``ttest_rel``. The mask error ratio is ``<split>_loss_<kind>`` (Eq. 7 error of the
+attention maps against the ground-truth maps) over ``<split>_flat_loss_<kind>`` (the error of a
+flat map at the ground truth's mean), averaged over the row's kinds (all kinds for the backbone,
+whose attention is untrained): below 1 the attention follows the masks, 1 is no better than flat.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import (
+    AblationConfig,
+    ConfigError,
+    JobConfig,
+    SearchConfig,
+    TrainConfig,
+    TrainParams,
+    absolute,
+    relative_to_cwd,
+    resolve_data_root,
+    validate,
+)
+from .io import atomic_write_bytes, atomic_write_json
+from .search import create_search, export_search, run_search
+from .search_space import SchedulerSpec, SearchSpace
+
+BACKBONE = "backbone"
+ALL = "all"
+CELL_KEYS = ("alpha", "beta", "gamma", "delta", "lam", "activation", "seed")
+"""The trial parameters a cell sets; together they identify it."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One ablation trial: ``row`` × ``formulation`` × ``seed``; ``params`` are its values of
+    :data:`CELL_KEYS`. The backbone row's formulation is ``"any"``: it trains the same model under
+    every activation."""
+
+    row: str
+    formulation: str
+    seed: int
+    params: dict[str, Any]
+
+
+def row_weights(train: TrainParams, *, region_classes: list[str], row: str) -> dict[str, float]:
+    """α, β, γ, δ, λ of an ablation row (paper Table III).
+
+    Args:
+        train: The job's trial defaults (the paper's weights, or the user's).
+        region_classes: The job's region kinds (one or two).
+        row: ``backbone``, a region kind, or ``all``.
+
+    Returns:
+        ``{"alpha", "beta", "gamma", "delta", "lam"}``: the kept kinds' feature (β, γ) and loss
+        (δ, λ) weights as in ``train``, the others 0; α = ``train.alpha`` + the dropped feature
+        weights (1 for the backbone row).
+
+    Raises:
+        ConfigError: ``row`` is none of these (the message names ``ablation.rows``).
+    """
+    kinds = list(region_classes)
+    if row == BACKBONE:
+        kept: set[int] = set()
+    elif row == ALL:
+        kept = set(range(len(kinds)))
+    elif row in kinds:
+        kept = {kinds.index(row)}
+    else:
+        raise ConfigError(f"ablation.rows: unknown row {row!r}; rows are {BACKBONE!r}, a region kind of "
+                          f"regions.classes {kinds}, or {ALL!r}")
+    feature = [train.beta, train.gamma][: len(kinds)]
+    loss = [train.delta, train.lam][: len(kinds)]
+    dropped = sum(w for k, w in enumerate(feature) if k not in kept)
+    alpha = 1.0 if not kept else train.alpha + dropped  # exactly the job's alpha for "all"
+    feature = [w if k in kept else 0.0 for k, w in enumerate(feature)] + [0.0] * (2 - len(kinds))
+    loss = [w if k in kept else 0.0 for k, w in enumerate(loss)] + [0.0] * (2 - len(kinds))
+    return {"alpha": alpha, "beta": feature[0], "gamma": feature[1], "delta": loss[0], "lam": loss[1]}
+
+
+def ablation_cells(train: TrainParams, *, region_classes: list[str], ablation: AblationConfig) -> list[Cell]:
+    """The cells of an ablation: every row × formulation × seed, the backbone row once per seed.
+
+    Seeds are ``train.seed``, ``train.seed + 1``, …; formulations default to
+    ``train.activation``; rows default to backbone, each region kind, and ``all`` (two or more
+    kinds).
+
+    Raises:
+        ConfigError: More than two region kinds, an unknown row, a row named twice, or two rows
+            that train the same model (e.g. a kind whose weights in ``train`` are 0); the message
+            names the ``ablation`` field.
+    """
+    kinds = list(region_classes)
+    if len(kinds) > 2:
+        raise ConfigError(f"ablation: supports one or two region kinds (the paper's vein and contour), "
+                          f"the job has {len(kinds)}: {kinds}")
+    rows = ablation.rows or [BACKBONE, *kinds, *([ALL] if len(kinds) > 1 else [])]
+    if len(set(rows)) != len(rows):
+        raise ConfigError(f"ablation.rows: a row is named twice: {rows}")
+    formulations = ablation.formulations or [train.activation]
+    if len(set(formulations)) != len(formulations):
+        raise ConfigError(f"ablation.formulations: a formulation is named twice: {formulations}")
+    weights = {row: row_weights(train, region_classes=kinds, row=row) for row in rows}
+    seen: dict[tuple, str] = {}
+    for row, w in weights.items():
+        key = tuple(sorted(w.items()))
+        if key in seen:
+            raise ConfigError(f"ablation.rows: rows {seen[key]!r} and {row!r} train the same model ({w}); "
+                              f"give the kinds non-zero weights in train, or drop one row")
+        seen[key] = row
+    cells = []
+    for row in rows:
+        for formulation in ([formulations[0]] if row == BACKBONE else formulations):
+            for i in range(ablation.seeds):
+                seed = train.seed + i
+                params = {**weights[row], "activation": formulation, "seed": seed}
+                cells.append(Cell(row=row, formulation="any" if row == BACKBONE else formulation, seed=seed,
+                                  params=params))
+    return cells
+
+
+def cells_space(points: list[dict[str, Any]], *, epochs: int) -> SearchSpace:
+    """A search space with nothing to sample: every point is a trial to run, in order; each
+    parameter is a categorical of the values the points use. No early stopping."""
+    keys = sorted({k for p in points for k in p})
+    parameters = {k: {"type": "categorical", "choices": sorted({p[k] for p in points}, key=repr)} for k in keys}
+    return validate(SearchSpace, {
+        "scheduler": SchedulerSpec(max_epochs=epochs, grace_period=epochs, early_stopping=False).model_dump(),
+        "parameters": parameters, "points_to_evaluate": points,
+    }, source="cells")
+
+
+def run_cells(
+    *,
+    name: str,
+    points: list[dict[str, Any]],
+    base: TrainConfig,
+    search: SearchConfig,
+    storage_path: str,
+    cache_dir: str | None,
+    export_dir: Path,
+) -> pd.DataFrame:
+    """Train every point (a dict of trial parameters) of ``base`` as a trial of one resumable
+    search, and return each trial's final metrics.
+
+    Args:
+        name: Search name (its directory under ``storage_path``).
+        points: Parameter values of each trial; each must make a valid config with ``base``.
+        base: The trial template (paths relative to the working directory, as exported).
+        search: Concurrency, resources, storage of the search (``num_samples`` is ``len(points)``).
+        storage_path: Directory or object-store URI holding the search.
+        cache_dir: Decoded-image cache of the trials.
+        export_dir: Where the search's export (trial tables) goes.
+
+    Returns:
+        One row per trial (the export's ``trials`` table): ``trial``, ``state`` (COMPLETE / FAIL /
+        …), ``epochs_run``, the parameters, and the last epoch's metrics prefixed ``final_``
+        (``final_test_top1``, ``final_eval_top1``, ``final_<split>_loss_<kind>``, …).
+
+    Raises:
+        ConfigError: A point does not make a valid trial config, or a search of this name exists
+            with other cells.
+        RuntimeError: No trial finished.
+    """
+    for i, p in enumerate(points):
+        validate(TrainConfig, {**base.model_dump(), **p}, source=f"{name}: cell {i} {p}")
+    space = cells_space(points, epochs=base.epochs)
+    search = search.model_copy(update={"num_samples": len(points)})
+    search_dir = create_search(
+        name=name, space=space, space_file=f"<{len(points)} cells>", search=search, base=base.with_paths(absolute),
+        export_base=base, storage_path=storage_path, cache_dir=cache_dir, export_dir=str(export_dir))
+    print(f"{len(points)} cells in {search_dir} (a rerun resumes; finished cells are not trained again)", flush=True)
+    run_search(search_dir)
+    export_search(search_dir, export_dir)
+    trials = pd.read_parquet(export_dir / "trials.parquet")
+    epochs = pd.read_parquet(export_dir / "trial_epochs.parquet")
+    last = epochs.sort_values("training_iteration").groupby("trial").tail(1)
+    keep = [c for c in last.columns if c.startswith(("eval_", "test_"))]
+    return trials.merge(last[["trial", *keep]].rename(columns={c: f"final_{c}" for c in keep}), on="trial", how="left")
+
+
+def result_prefix(trials: pd.DataFrame, eval_split: str) -> tuple[str, str]:
+    """Which final metrics report the test split: ``("test", "test")`` when the trials evaluated
+    another split and reported ``test_*`` too, else ``("eval", eval_split)``.
+
+    Returns:
+        ``(metric prefix, split name)``.
+    """
+    if eval_split != "test" and "final_test_top1" in trials and trials["final_test_top1"].notna().any():
+        return "test", "test"
+    return "eval", eval_split
+
+
+def ci95(values) -> dict[str, float]:
+    """Mean, sample standard deviation (n - 1) and the 95% t confidence interval of ``values``.
+
+    Returns:
+        ``{"n", "mean", "sd", "ci_low", "ci_high"}``; sd and the interval are NaN for n < 2
+        (and the interval is the mean when sd is 0).
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_difference(a, b) -> dict[str, float]:
+    """Paired comparison of ``a`` against ``b`` (same seeds, same order): mean of a - b with its 95% t
+    interval, and the two-sided p-value of the paired t-test (``scipy.stats.ttest_rel``).
+
+    Returns:
+        ``{"n", "diff_mean", "diff_ci_low", "diff_ci_high", "p_value"}``; NaN where n < 2 (and p
+        when every difference is equal).
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
+    d = ci95(a - b)
+    p = math.nan
+    if d["n"] >= 2 and d["sd"] > 0:
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return {"n": d["n"], "diff_mean": d["mean"], "diff_ci_low": d["ci_low"], "diff_ci_high": d["ci_high"],
+            "p_value": p}
+
+
+def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: list[str], prefix: str) -> pd.DataFrame:
+    """Each cell's outcome: row, formulation, seed, state, ``top1`` (``final_<prefix>_top1``), the
+    Eq. 7 error of its attention (``mask_error``), a flat map's (``flat_error``) and their ratio
+    (module docstring; NaN where the ground truth is flat, e.g. no region in any image), matched
+    to the trials (:func:`run_cells`) by their parameters.
+
+    Raises:
+        RuntimeError: A cell has no trial (the search does not hold this ablation).
+    """
+    rows = []
+    for cell in cells:
+        match = np.ones(len(trials), dtype=bool)
+        for k, v in cell.params.items():
+            match &= (trials[k] == v).to_numpy()
+        if not match.any():
+            raise RuntimeError(f"no trial for cell {cell}")
+        t = trials[match].iloc[-1]
+        kinds = [region_classes[k] for k in range(len(region_classes))
+                 if cell.row in (BACKBONE, ALL) or region_classes[k] == cell.row]
+        done = t["state"] == "COMPLETE"
+        error = float(np.mean([t[f"final_{prefix}_loss_{k}"] for k in kinds])) if done else math.nan
+        flat = float(np.mean([t[f"final_{prefix}_flat_loss_{k}"] for k in kinds])) if done else math.nan
+        rows.append({"row": cell.row, "formulation": cell.formulation, "seed": cell.seed, "state": t["state"],
+                     "trial": t["trial"], "top1": float(t[f"final_{prefix}_top1"]) if done else math.nan,
+                     "mask_error": error, "flat_error": flat,
+                     "mask_error_ratio": error / flat if flat > 0 else math.nan,  # no mask structure: undefined
+                     **{k: t[k] for k in ("alpha", "beta", "gamma", "delta", "lam")}})
+    return pd.DataFrame(rows)
+
+
+def ablation_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (formulation, row): n, mean, sd and 95% CI of top-1 and of the mask error ratio, and the
+    paired difference in top-1 to the backbone row over the seeds both have (``paired_difference``).
+
+    Args:
+        results: From :func:`cell_results` (the backbone row's formulation is ``any``).
+    """
+    backbone = results[results["row"] == BACKBONE].set_index("seed")["top1"]
+    out = []
+    for (formulation, row), g in results.groupby(["formulation", "row"], sort=False):
+        top1, ratio = ci95(g["top1"]), ci95(g["mask_error_ratio"])
+        entry = {"formulation": formulation, "row": row, "seeds": int(g["seed"].nunique()),
+                 "finished": int((g["state"] == "COMPLETE").sum()),
+                 **{f"top1_{k}": v for k, v in top1.items() if k != "n"},
+                 **{f"mask_error_ratio_{k}": v for k, v in ratio.items() if k != "n"}}
+        if row != BACKBONE and len(backbone):
+            paired = g.set_index("seed")["top1"].to_frame("row").join(backbone.rename("base"), how="inner").dropna()
+            entry.update({f"vs_backbone_{k}": v for k, v in paired_difference(paired["row"], paired["base"]).items()})
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def table_markdown(table: pd.DataFrame, *, split: str) -> str:
+    """The table as Markdown: one line per (formulation, row)."""
+
+    def f(x, digits=3):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+    lines = [f"| formulation | row | seeds | {split} top-1 mean ± sd | 95% CI | Δ vs backbone (95% CI) | paired p "
+             "| mask error ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        diff = "—"
+        if not math.isnan(r.get("vs_backbone_diff_mean", math.nan)):
+            diff = f"{r['vs_backbone_diff_mean']:+.3f} ({f(r['vs_backbone_diff_ci_low'])}, {f(r['vs_backbone_diff_ci_high'])})"
+        lines.append(
+            f"| {r['formulation']} | {r['row']} | {r['finished']}/{r['seeds']} | {f(r['top1_mean'])} ± {f(r['top1_sd'])} "
+            f"| {f(r['top1_ci_low'])}–{f(r['top1_ci_high'])} | {diff} | {f(r.get('vs_backbone_p_value', math.nan))} "
+            f"| {f(r['mask_error_ratio_mean'])} ({f(r['mask_error_ratio_ci_low'])}, {f(r['mask_error_ratio_ci_high'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(results: pd.DataFrame, table: pd.DataFrame, path: Path, *, split: str) -> None:
+    """One panel per formulation: each row's seeds (dots) and mean with its 95% CI (bar), the
+    backbone row repeated in every panel as the reference (PNG, matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    formulations = [f for f in dict.fromkeys(results["formulation"]) if f != "any"] or ["any"]
+    fig, axes = plt.subplots(1, len(formulations), figsize=(4.5 * len(formulations), 4), sharey=True, squeeze=False)
+    rows = list(dict.fromkeys(results["row"]))
+    for ax, formulation in zip(axes[0], formulations):
+        for x, row in enumerate(rows):
+            sel = "any" if row == BACKBONE else formulation
+            g = results[(results["row"] == row) & (results["formulation"] == sel)]
+            t = table[(table["row"] == row) & (table["formulation"] == sel)]
+            if g.empty:
+                continue
+            ax.scatter(np.full(len(g), x) + np.linspace(-0.12, 0.12, len(g)), g["top1"], s=12, alpha=0.6)
+            m = t["top1_mean"].iloc[0]
+            lo, hi = t["top1_ci_low"].iloc[0], t["top1_ci_high"].iloc[0]
+            yerr = None if math.isnan(lo) else [[m - lo], [hi - m]]
+            ax.errorbar([x + 0.25], [m], yerr=yerr, fmt="o", color="black", capsize=4)
+        ax.set_xticks(range(len(rows)), rows)
+        ax.set_title(formulation)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(f"{split} top-1 (seeds; mean and 95% CI)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_table(df: pd.DataFrame, stem: Path) -> None:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
+    atomic_write_bytes(stem.with_suffix(".csv"), df.to_csv(index=False).encode())
+
+
+def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smoke: bool = False) -> dict[str, Any]:
+    """``mgfa-ray ablation JOB``: the job's data stages (skipped when done), then every cell, then
+    the table. Writes to ``<output_dir>/ablation/``: ``cells.{parquet,csv}`` (one line per cell),
+    ``table.{parquet,csv,md}``, ``ablation.png``, ``ablation.json`` (settings and summary), the
+    search (``search/``) and its export (``export/``).
+
+    Args:
+        job: The job (its ``train`` weights are the ``all`` row's).
+        ablation: Rows, seeds, formulations (default ``job.ablation``).
+        smoke: The job shrunk by :func:`mgfa_ray.pipeline.smoke_config`, 1 epoch per cell.
+
+    Returns:
+        The summary written to ``ablation.json``.
+
+    Raises:
+        ConfigError: Bad rows, formulations or job (the message names the field).
+        LockedError: Another driver runs this job or ablation.
+        RuntimeError: No cell finished.
+    """
+    from .lock import DirectoryLock
+    from .pipeline import check_job, prepare_data, smoke_config
+
+    ablation = ablation or job.ablation
+    if smoke:
+        job = smoke_config(job)
+    _, template = check_job(job)
+    cells = ablation_cells(job.train, region_classes=job.regions.classes, ablation=ablation)
+    data_root = resolve_data_root(job.data_root)
+    out = Path(job.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(str(out), what="job"):
+        timings: dict[str, float] = {}
+        base, _, set_dir, _ = prepare_data(job, data_root=data_root, out=out, timings=timings)
+        if smoke:
+            base = base.model_copy(update={"epochs": 1})
+        print(f"\n=== mgfa-ray: ablation ({len(cells)} cells) ===", flush=True)
+        t = time.perf_counter()
+        search = job.search.model_copy(update={"max_concurrent": ablation.max_concurrent or job.search.max_concurrent})
+        trials = run_cells(name=f"{job.name}-ablation", points=[c.params for c in cells], base=base, search=search,
+                           storage_path=str(out / "ablation" / "search"), cache_dir=str(out / "cache"),
+                           export_dir=out / "ablation" / "export")
+        timings["ablation"] = time.perf_counter() - t
+    prefix, split = result_prefix(trials, base.eval_split)
+    results = cell_results(cells, trials, region_classes=job.regions.classes, prefix=prefix)
+    table = ablation_table(results)
+    dest = out / "ablation"
+    _write_table(results, dest / "cells")
+    _write_table(table, dest / "table")
+    markdown = table_markdown(table, split=split)
+    atomic_write_bytes(dest / "table.md", markdown.encode())
+    plot_ablation(results, table, dest / "ablation.png", split=split)
+    summary = {"job": job.name, "smoke": smoke, "cells": len(cells), "split": split, "mask_set": set_dir,
+               "ablation": ablation.model_dump(), "train": base.model_dump(mode="json"),
+               "states": results["state"].value_counts().to_dict(), "timings_seconds": timings,
+               "table": json.loads(table.to_json(orient="records"))}
+    atomic_write_json(dest / "ablation.json", summary)
+    print("\n" + markdown + f"\n=== mgfa-ray: ablation table in {dest / 'table.md'}, plot {dest / 'ablation.png'}",
+          flush=True)
+    return summary
+
+
+def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_dir: str | None = None) -> dict[str, Any]:
+    """``mgfa-ray train --config C --seeds N``: train ``cfg`` with seeds ``cfg.seed`` … ``cfg.seed + N - 1``
+    as trials on Ray (the local cluster, or the one of ``$RAY_ADDRESS``), resumable like a search,
+    and report mean ± 95% CI of top-1 (test split when the config has one, else its eval split).
+
+    Writes ``seeds.{parquet,csv}`` (one line per seed) and ``seeds.json`` (the summary) to
+    ``out_dir``, the search under ``out_dir/search/`` and its export under ``out_dir/export/``.
+
+    Raises:
+        ValueError: ``seeds`` < 1.
+        RuntimeError: No seed finished.
+    """
+    import ray
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0
+    cpus = float(cfg.threads or 1)
+    search = SearchConfig(space="<seeds>", num_samples=seeds, max_concurrent=seeds, cpus_per_trial=cpus,
+                          gpus_per_trial=gpus)
+    base = cfg.with_paths(relative_to_cwd)
+    points = [{"seed": cfg.seed + i} for i in range(seeds)]
+    trials = run_cells(name=f"{name}-seeds", points=points, base=base, search=search,
+                       storage_path=str(Path(out_dir).resolve() / "search"), cache_dir=cache_dir,
+                       export_dir=Path(out_dir) / "export")
+    prefix, split = result_prefix(trials, cfg.eval_split)
+    per_seed = pd.DataFrame({"seed": trials["seed"], "state": trials["state"], "trial": trials["trial"],
+                             "top1": trials[f"final_{prefix}_top1"]})
+    _write_table(per_seed, Path(out_dir) / "seeds")
+    stats = ci95(per_seed.loc[per_seed["state"] == "COMPLETE", "top1"])
+    summary = {"config": name, "split": split, "seeds": seeds, **{f"top1_{k}": v for k, v in stats.items()}}
+    atomic_write_json(Path(out_dir) / "seeds.json", summary)
+    print(f"{split} top-1 over {stats['n']} seeds: {stats['mean']:.4f} ± {stats['sd']:.4f} (sd), 95% CI "
+          f"{stats['ci_low']:.4f}–{stats['ci_high']:.4f}", flush=True)
+    return summary
