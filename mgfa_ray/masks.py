@@ -782,12 +782,37 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
     return set_location
 
 
+CURRENT = "CURRENT"
+"""File in a job's mask directory naming the set its last run built (:func:`write_current_set`)."""
+
+
+def write_current_set(root: str, set_id: str) -> None:
+    """Record ``<root>/<set_id>`` as the current set of the mask directory ``root`` (a path or URI):
+    ``<root>/CURRENT`` holds the set id (written atomically), so a config can name the root, e.g.
+    ``outputs/leafsnap20/masks``, and read on any machine the set the job built there — whose id
+    depends on that machine's detector."""
+    fs, root_path = resolve_location(root)
+    fs_write_atomic(fs, location_join(root_path, CURRENT), f"{set_id}\n".encode())
+
+
+def resolve_mask_set(location: str | Path) -> str:
+    """``location`` when it holds a mask set's ``metadata.json``; else, when it is a job's mask
+    directory with a ``CURRENT`` file (:func:`write_current_set`), the set that file names."""
+    fs, path = resolve_location(location)
+    if fs_exists(fs, location_join(path, METADATA)) or not fs_exists(fs, location_join(path, CURRENT)):
+        return str(location)
+    set_id = fs_read(fs, location_join(path, CURRENT)).decode().strip()
+    return location_join(location, set_id)
+
+
 def read_metadata(location: str | Path) -> dict:
-    """The ``metadata.json`` of a complete mask set.
+    """The ``metadata.json`` of a complete mask set (``location`` may be a job's mask directory:
+    its current set is read, :func:`resolve_mask_set`).
 
     Raises:
         ValueError: The location holds no complete mask set, or one of another schema version.
     """
+    location = resolve_mask_set(location)
     fs, set_dir = resolve_location(location)
     meta = _read_json(fs, f"{set_dir}/{METADATA}")
     if meta is None:
@@ -804,6 +829,7 @@ def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.D
     Raises:
         ValueError: Not a complete mask set (see :func:`read_metadata`).
     """
+    location = resolve_mask_set(location)
     meta = read_metadata(location)
     fs, set_dir = resolve_location(location)
     tables = []

@@ -41,7 +41,7 @@ from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .lock import DirectoryLock
 from .manifest import build_manifest, manifest_hash, write_manifest
-from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata
+from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
 from .regions import index_labels, select_annotated
 from .search import create_search, export_search, run_search
 from .search_space import SearchSpace, load_search_space
@@ -84,6 +84,11 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
 def _banner(stage: str) -> float:
     print(f"\n=== mgfa-ray: {stage} ===", flush=True)
     return time.perf_counter()
+
+
+def job_mask_root(cfg: JobConfig, out: Path) -> str:
+    """The directory (or URI) holding the job's mask sets: ``masks.location``, else ``<output_dir>/masks``."""
+    return cfg.masks.location or str(out / "masks")
 
 
 def prepare_data(
@@ -143,12 +148,13 @@ def prepare_data(
         ray.init(include_dashboard=False, configure_logging=False)
 
     t = _banner("masks")
+    mask_root = job_mask_root(cfg, out)
     set_dir = build_mask_set(
         manifest=manifest, manifest_hash=manifest_hash(manifest), source=source, region_classes=cfg.regions.classes,
-        cfg=cfg.masks, location=cfg.masks.location or str(out / "masks"),
-        manifest_path=str(out / "manifest.parquet"),
+        cfg=cfg.masks, location=mask_root, manifest_path=str(out / "manifest.parquet"),
     )
     meta = read_metadata(set_dir)
+    write_current_set(mask_root, meta["set_id"])
     print(f"mask set {set_dir} ({meta['rows']} rows): {meta['summary']}", flush=True)
     timings["masks"] = time.perf_counter() - t
     base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
@@ -187,11 +193,14 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> d
     base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings)
 
     t = _banner("search")
-    # Ray runs each trial in its own directory: it gets absolute paths; the export keeps them as
-    # given (relative to the working directory), so the best config works from any clone.
+    # Ray runs each trial in its own directory: it gets absolute paths and the exact mask set. The
+    # export keeps paths as given (relative to the working directory) and names the job's mask
+    # directory, whose CURRENT set is the one this machine's detector gave: the best config works
+    # in any clone that has run the job, whatever set id its detector produced there.
+    export_base = base.model_copy(update={"masks": relative_to_cwd(job_mask_root(cfg, out))})
     search_dir = create_search(
         name=cfg.name, space=space, space_file=cfg.search.space, search=cfg.search, base=base.with_paths(absolute),
-        export_base=base, storage_path=cfg.search.storage_path or str(out / "search"),
+        export_base=export_base, storage_path=cfg.search.storage_path or str(out / "search"),
         max_epochs=1 if smoke else None, cache_dir=str(out / "cache"), export_dir=str(out / "export"))
     print(f"search {search_dir} (resume: mgfa-ray search resume {search_dir})", flush=True)
     run_search(search_dir)

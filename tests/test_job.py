@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mgfa_ray.config import TrainConfig, load_config
+from mgfa_ray.masks import resolve_mask_set
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(__import__("sys").executable).parent
@@ -42,6 +43,9 @@ def test_main_job_smoke_end_to_end_then_train_best_config(tmp_path):
 
     best = smoke / "export" / "best_config.yaml"
     assert load_config(TrainConfig, best).epochs == 1
+    # The export names the job's mask directory (its CURRENT set), not this machine's set id.
+    assert load_config(TrainConfig, best).masks == str(smoke / "masks")
+    assert resolve_mask_set(str(smoke / "masks")) == report["mask_set"]["path"]
     train = subprocess.run([BIN / "mgfa-ray", "train", "--config", str(best), "--output-dir", str(tmp_path / "train")],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -82,6 +86,7 @@ def test_smoke_job_with_label_boxes_and_masks_on_object_store(tmp_path, s3_serve
     assert report["mask_set"]["path"].startswith("s3://jobs/leafsnap20/masks/")
     assert report["mask_set"]["rows"] == 24 and report["mask_set"]["summary"]["images_without_box"] > 0
     best = load_config(TrainConfig, smoke / "export" / "best_config.yaml")
-    assert best.masks == report["mask_set"]["path"]
+    assert best.masks == job["masks"]["location"]  # the job's mask directory: its CURRENT set
+    assert resolve_mask_set(best.masks) == report["mask_set"]["path"]
     trials = pd.read_csv(smoke / "export" / "trials.csv")
     assert len(trials) == 2 and (trials["state"] == "COMPLETE").all()

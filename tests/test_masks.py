@@ -358,3 +358,26 @@ def test_detector_identity_follows_the_tensors_not_the_file_bytes(tiny_detector,
     with pytest.raises(ValueError, match="not an Ultralytics checkpoint"):
         torch.save({"state_dict": {}}, tmp_path / "plain.pt")
         weights_digest(tmp_path / "plain.pt")
+
+
+def test_a_job_mask_directory_reads_as_its_current_set(label_mask_set, tiny_manifest, tmp_path):
+    """A config may name the job's mask directory: the set in its CURRENT file is read, so a
+    published config works wherever the job ran, whatever set id the detector gave there."""
+    import shutil
+
+    from mgfa_ray.masks import read_masks, read_metadata, resolve_mask_set, write_current_set
+
+    root = tmp_path / "masks"
+    set_id = Path(label_mask_set).name
+    shutil.copytree(label_mask_set, root / set_id)
+    with pytest.raises(ValueError, match="not a complete mask set"):
+        read_metadata(root)  # no CURRENT yet
+    write_current_set(str(root), set_id)
+    assert (root / "CURRENT").read_text() == f"{set_id}\n"
+    assert resolve_mask_set(root) == str(root / set_id)
+    assert resolve_mask_set(root / set_id) == str(root / set_id)  # a set names itself
+    df, _ = tiny_manifest
+    ids = df["image_id"].tolist()
+    via_root, meta = read_masks(root, image_ids=ids, region_classes=["vein", "contour"])
+    direct, _ = read_masks(label_mask_set, image_ids=ids, region_classes=["vein", "contour"])
+    assert meta["set_id"] == set_id and np.array_equal(via_root, direct)
