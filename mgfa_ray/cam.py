@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from .config import TrainConfig, validate
 from .io import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
+from .masks import read_masks
 from .model import MGFAClassifier
-from .trial import build_model, eval_images, load_checkpoint, load_images, resize_images
+from .trial import build_model, eval_images, load_checkpoint, load_images, region_boxes, resize_images
 
 CamClass = Literal["predicted", "true"]
 
@@ -321,7 +322,11 @@ def render_cams(
     if len(labels) and int(labels.max()) >= len(class_names):
         raise ValueError(f"manifest {manifest_path} has label {int(labels.max())} but the model has "
                          f"{len(class_names)} classes")
-    images = load_images(rows["path"].tolist(), size=cfg.resize)
+    boxes = None
+    if cfg.crop_to_region is not None:  # the model saw each photo cut to this region's box
+        masks, _ = read_masks(cfg.masks, image_ids=rows["image_id"].tolist(), region_classes=cfg.region_classes)
+        boxes = region_boxes(masks, channel=cfg.region_classes.index(cfg.crop_to_region), margin=cfg.crop_margin)
+    images = load_images(rows["path"].tolist(), size=cfg.resize, boxes=boxes)
     result = class_activation_maps(model, images, crop=cfg.crop, labels=labels if cam_class == "true" else None)
     photos = display_images(images, crop=cfg.crop).numpy()
 
