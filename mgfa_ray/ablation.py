@@ -299,13 +299,17 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
 def ablation_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per (formulation, row): n, mean, sd and 95% CI of top-1 and of the mask error ratio, and the
     paired difference in top-1 to the backbone row over the seeds both have (``paired_difference``).
+    Ordered: the backbone row, then each formulation's rows, in the order of ``results``.
 
     Args:
         results: From :func:`cell_results` (the backbone row's formulation is ``any``).
     """
     backbone = results[results["row"] == BACKBONE].set_index("seed")["top1"]
+    formulations, rows = list(dict.fromkeys(results["formulation"])), list(dict.fromkeys(results["row"]))
+    groups = sorted(results.groupby(["formulation", "row"], sort=False),
+                    key=lambda kv: (kv[0][0] != "any", formulations.index(kv[0][0]), rows.index(kv[0][1])))
     out = []
-    for (formulation, row), g in results.groupby(["formulation", "row"], sort=False):
+    for (formulation, row), g in groups:
         top1, ratio = ci95(g["top1"]), ci95(g["mask_error_ratio"])
         entry = {"formulation": formulation, "row": row, "seeds": int(g["seed"].nunique()),
                  "finished": int((g["state"] == "COMPLETE").sum()),
