@@ -384,9 +384,10 @@ def _write_table(df: pd.DataFrame, stem: Path) -> None:
 
 def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smoke: bool = False) -> dict[str, Any]:
     """``mgfa-ray ablation JOB``: the job's data stages (skipped when done), then every cell, then
-    the table. Writes to ``<output_dir>/ablation/``: ``cells.{parquet,csv}`` (one line per cell),
-    ``table.{parquet,csv,md}``, ``ablation.png``, ``ablation.json`` (settings and summary), the
-    search (``search/``) and its export (``export/``).
+    the table. Writes to ``<output_dir>/ablation/<job name>/`` (job files that share an output
+    directory share its detector and masks, and keep their ablations apart): ``cells.{parquet,csv}``
+    (one line per cell), ``table.{parquet,csv,md}``, ``ablation.png``, ``ablation.json`` (settings
+    and summary), the search (``search/``) and its export (``export/``).
 
     Args:
         job: The job (its ``train`` weights are the ``all`` row's).
@@ -420,14 +421,14 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
         print(f"\n=== mgfa-ray: ablation ({len(cells)} cells) ===", flush=True)
         t = time.perf_counter()
         search = job.search.model_copy(update={"max_concurrent": ablation.max_concurrent or job.search.max_concurrent})
+        dest = out / "ablation" / job.name
         trials = run_cells(name=f"{job.name}-ablation", points=[c.params for c in cells], base=base, search=search,
-                           storage_path=str(out / "ablation" / "search"), cache_dir=str(out / "cache"),
-                           export_dir=out / "ablation" / "export")
+                           storage_path=str(dest / "search"), cache_dir=str(out / "cache"),
+                           export_dir=dest / "export")
         timings["ablation"] = time.perf_counter() - t
     prefix, split = result_prefix(trials, base.eval_split)
     results = cell_results(cells, trials, region_classes=job.regions.classes, prefix=prefix)
     table = ablation_table(results)
-    dest = out / "ablation"
     _write_table(results, dest / "cells")
     _write_table(table, dest / "table")
     markdown = table_markdown(table, split=split)

@@ -140,7 +140,7 @@ def _study(job_dir: Path):
 
     from mgfa_ray.study import StudyRef
 
-    journal = job_dir / "ablation" / "search" / "leafsnap20-ablation" / "optuna.journal"
+    journal = job_dir / "ablation" / "leafsnap20" / "search" / "leafsnap20-ablation" / "optuna.journal"
     try:
         return StudyRef(str(journal), "leafsnap20-ablation").load()
     except (KeyError, optuna.exceptions.StorageInternalError, FileNotFoundError):
@@ -168,7 +168,7 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path):
     proc.wait()
     log.close()
     finished = [t for t in _study(job_dir).trials if t.state == TrialState.COMPLETE]
-    runs = job_dir / "ablation" / "search" / "leafsnap20-ablation" / "runs" / "run-0"
+    runs = job_dir / "ablation" / "leafsnap20" / "search" / "leafsnap20-ablation" / "runs" / "run-0"
     before = {}
     for t in finished:  # each finished cell's per-epoch record, as the kill left it
         (result,) = runs.glob(f"*{t.user_attrs['ray_trial_id']}*/result.json")
@@ -182,7 +182,7 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path):
     study = _study(job_dir)
     assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
 
-    out = job_dir / "ablation"
+    out = job_dir / "ablation" / "leafsnap20"
     cells = pd.read_csv(out / "cells.csv")
     assert sorted(zip(cells["row"], cells["seed"])) == [("all", 0), ("all", 1), ("backbone", 0), ("backbone", 1)]
     assert (cells["state"] == "COMPLETE").all() and cells["top1"].between(0, 1).all()
