@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from .config import TrainConfig, validate
 from .io import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
-from .masks import read_masks
 from .model import MGFAClassifier
-from .trial import build_model, eval_images, load_checkpoint, load_images, region_boxes, resize_images
+from .trial import build_model, crop_boxes, eval_images, load_checkpoint, load_images, resize_images
 
 CamClass = Literal["predicted", "true"]
 
@@ -322,10 +321,8 @@ def render_cams(
     if len(labels) and int(labels.max()) >= len(class_names):
         raise ValueError(f"manifest {manifest_path} has label {int(labels.max())} but the model has "
                          f"{len(class_names)} classes")
-    boxes = None
-    if cfg.crop_to_region is not None:  # the model saw each photo cut to this region's box
-        masks, _ = read_masks(cfg.masks, image_ids=rows["image_id"].tolist(), region_classes=cfg.region_classes)
-        boxes = region_boxes(masks, channel=cfg.region_classes.index(cfg.crop_to_region), margin=cfg.crop_margin)
+    # A model trained on crops (crop_to_region) is explained on the same crops.
+    boxes = crop_boxes(cfg, rows["image_id"].tolist()) if cfg.crop_to_region is not None else None
     images = load_images(rows["path"].tolist(), size=cfg.resize, boxes=boxes)
     result = class_activation_maps(model, images, crop=cfg.crop, labels=labels if cam_class == "true" else None)
     photos = display_images(images, crop=cfg.crop).numpy()

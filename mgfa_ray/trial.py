@@ -43,7 +43,7 @@ from PIL import Image
 from .config import TrainConfig, to_dict
 from .io import atomic_write_bytes, sha256_json
 from .manifest import read_manifest
-from .masks import decode_rgb, read_masks
+from .masks import decode_rgb, read_masks, read_rows
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,28 +94,29 @@ def load_images(
     return torch.from_numpy(out)
 
 
-def region_boxes(masks: np.ndarray, *, channel: int, margin: float) -> np.ndarray:
-    """The box of one region kind in each image, from its mask: the bounding box of the mask's
-    pixels, widened by ``margin`` x its width / height on each side and clipped to the image.
+def region_boxes(boxes: list, *, region: int, margin: float) -> np.ndarray:
+    """The crop box of one region kind in each image: its most confident box (a detector may also
+    fire elsewhere, e.g. on a colour chart), widened by ``margin`` x its width / height on each side
+    and clipped to the image.
 
     Args:
-        masks: (N, K, R, R) region masks in [0, 1] covering whole images.
-        channel: The region kind k (mask channel).
+        boxes: Per image, its boxes ``[region_class, cx, cy, w, h, conf]`` normalised to [0, 1]
+            (the mask set's ``boxes`` column, :mod:`mgfa_ray.masks`).
+        region: The region kind k.
         margin: Fraction of the box's width / height added on each side, >= 0.
 
     Returns:
         float64 (N, 4) boxes ``(x0, y0, x1, y1)`` normalised to [0, 1]; ``(0, 0, 1, 1)`` (the whole
-        image) where the mask is empty.
+        image) where the image has no box of that kind.
     """
-    n, _, r, _ = masks.shape
-    out = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (n, 1))
-    for i in range(n):
-        ys, xs = np.nonzero(masks[i, channel] > 0)
-        if len(xs) == 0:
+    out = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(boxes), 1))
+    for i, image_boxes in enumerate(boxes):
+        kind = [b for b in image_boxes if int(b[0]) == region]
+        if not kind:
             continue
-        x0, x1, y0, y1 = xs.min() / r, (xs.max() + 1) / r, ys.min() / r, (ys.max() + 1) / r
-        dx, dy = margin * (x1 - x0), margin * (y1 - y0)
-        out[i] = [max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)]
+        _, cx, cy, w, h, _ = max(kind, key=lambda b: b[5])
+        dx, dy = (0.5 + margin) * w, (0.5 + margin) * h
+        out[i] = [max(0.0, cx - dx), max(0.0, cy - dy), min(1.0, cx + dx), min(1.0, cy + dy)]
     return out
 
 
@@ -454,13 +455,24 @@ def evaluate(
     return out
 
 
+def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
+    """The ``crop_to_region`` boxes of ``image_ids`` from ``cfg``'s mask set (:func:`region_boxes`).
+
+    Returns:
+        float64 (N, 4) normalised ``(x0, y0, x1, y1)``, aligned with ``image_ids``.
+    """
+    rows = read_rows(cfg.masks, columns=["image_id", "boxes"]).set_index("image_id")
+    return region_boxes(rows.loc[image_ids, "boxes"].tolist(), region=cfg.region_classes.index(cfg.crop_to_region),
+                        margin=cfg.crop_margin)
+
+
 def load_trial_data(
     cfg: TrainConfig, *, device: torch.device, cache_dir: Path | None = None
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[str]]:
     """The trial's images, masks and labels per split, on ``device``.
 
     Reads the manifest and the mask set, crops photos and masks to ``cfg.crop_to_region``'s box
-    when set (:func:`region_boxes`, :func:`crop_masks`), and decodes the images once
+    when set (:func:`crop_boxes`, :func:`crop_masks`), and decodes the images once
     (:func:`load_images`).
 
     Returns:
@@ -488,7 +500,7 @@ def load_trial_data(
                           labels=used["label"].tolist())
     boxes = None
     if cfg.crop_to_region is not None:
-        boxes = region_boxes(masks, channel=cfg.region_classes.index(cfg.crop_to_region), margin=cfg.crop_margin)
+        boxes = crop_boxes(cfg, used["image_id"].tolist())
         masks = crop_masks(masks, boxes)
     images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir, boxes=boxes)
     row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}

@@ -188,19 +188,23 @@ def test_cuda_trial_with_autocast_channels_last_and_resume(tiny_train_config, tm
 
 
 def test_region_boxes_and_crop_masks_cut_image_and_masks_alike():
-    """crop_to_region: the box comes from the region's mask (plus margin); the masks are resampled
-    over exactly that box, so a region that filled the box fills the new frame."""
+    """crop_to_region: the region's most confident box (plus margin) is the crop; the masks are
+    resampled over exactly that box, so a region that filled the box fills the new frame."""
     import numpy as np
 
+    from mgfa_ray.masks import rasterize
+    from mgfa_ray.regions import Box
     from mgfa_ray.trial import crop_masks, region_boxes
 
-    masks = np.zeros((2, 2, 16, 16), dtype=np.uint8)
-    masks[0, 1, 4:12, 2:10] = 1  # contour: rows 4-11, cols 2-9
-    masks[0, 0, 6:8, 5:7] = 1  # vein inside it
-    boxes = region_boxes(masks, channel=1, margin=0.0)
+    contour = [1.0, 6 / 16, 8 / 16, 8 / 16, 8 / 16, 0.9]  # cols 2-9, rows 4-11 of a 16 x 16 mask
+    chart = [1.0, 0.9, 0.9, 0.2, 0.2, 0.3]  # a weaker false detection elsewhere
+    vein = [0.0, 6 / 16, 7 / 16, 2 / 16, 2 / 16, 0.8]  # cols 5-6, rows 6-7, inside the leaf
+    boxes = region_boxes([[vein, chart, contour], [vein]], region=1, margin=0.0)
     np.testing.assert_allclose(boxes[0], [2 / 16, 4 / 16, 10 / 16, 12 / 16])
     np.testing.assert_allclose(boxes[1], [0.0, 0.0, 1.0, 1.0])  # no contour: the whole image
-    np.testing.assert_allclose(region_boxes(masks, channel=1, margin=0.25)[0], [0.0, 2 / 16, 12 / 16, 14 / 16])
+    np.testing.assert_allclose(region_boxes([[contour]], region=1, margin=0.25)[0], [0.0, 2 / 16, 12 / 16, 14 / 16])
+    masks = np.stack([rasterize([Box(int(b[0]), *b[1:5], conf=b[5]) for b in bs], num_classes=2, resolution=16)
+                      for bs in ([vein, contour], [vein])])
     cropped = crop_masks(masks, boxes)
     assert cropped.shape == (2, 2, 16, 16) and cropped.dtype == np.float32
     assert cropped[0, 1].min() == 1.0  # the contour fills its own box
