@@ -408,7 +408,7 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
     ablation = ablation or job.ablation
     if smoke:
         job = smoke_config(job)
-    _, template = check_job(job)
+    check_job(job)  # trial defaults, region kinds and search space fit together, before anything runs
     cells = ablation_cells(job.train, region_classes=job.regions.classes, ablation=ablation)
     data_root = resolve_data_root(job.data_root)
     out = Path(job.output_dir).resolve()
