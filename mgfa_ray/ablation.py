@@ -14,7 +14,9 @@ all its weights are 0), so it is trained once per seed and is every formulation'
 The cells run as the trials of one search (:mod:`mgfa_ray.search`) whose space has nothing to
 sample: each cell is a point to evaluate, so the ablation has the search's storage (local, NFS
 or object store), driver lock, crash-safe Optuna study and resume: a killed driver, rerun, trains
-only the cells not yet finished and continues a cell in flight from its last checkpoint.
+only the cells not yet finished and continues a cell in flight from its last checkpoint (a cell
+that finished just before the kill, before Ray's snapshot recorded it, repeats at most its last
+epoch from its checkpoint, with the same result).
 :func:`run_seeds` (``mgfa-ray train --config C --seeds N``) runs one config's seeds the same way.
 
 Statistics (``scipy.stats``): 95% CI = mean ± t_{0.975, n-1} · sd / √n over seeds (sd with n - 1);
