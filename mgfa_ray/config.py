@@ -355,6 +355,11 @@ class SearchConfig(_Frozen):
         warm_start: An earlier study whose finished trials seed this search's sampler.
         max_failures: Times Ray retries a failed trial from its last checkpoint.
         checkpoints_to_keep: Checkpoints kept per trial (>= 2: DESIGN.md §4.7).
+        reuse_workers: Run the next trial in the worker process of a finished one (Ray Tune's
+            ``reuse_actors``) instead of starting a fresh process: the worker keeps torch, CUDA,
+            the decoded images and the backbone weights loaded, and every trial still starts from
+            its own seed with a new model and optimizer (:func:`mgfa_ray.trial.run_trial`).
+            ``false``: a fresh process per trial.
     """
 
     space: str
@@ -370,6 +375,7 @@ class SearchConfig(_Frozen):
     warm_start: StudySource | None = None
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=2)
+    reuse_workers: bool = True
 
     @model_validator(mode="after")
     def _gpus(self) -> "SearchConfig":

@@ -34,14 +34,27 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .worker import LastValue
+
 Activation = Literal["softmax", "softmax_scaled", "sigmoid"]
 ACTIVATIONS: tuple[str, ...] = ("softmax", "softmax_scaled", "sigmoid")
+
+
+_WEIGHTS = LastValue()  # the last weights file read in this process: a reused trial worker reads it once
+
+
+def _read_weights(path: Path) -> dict:
+    """The state_dict in ``path``, read once per worker while the file is unchanged (path, size and
+    modification time). ``load_state_dict`` copies from it, so the kept tensors are never changed."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return _WEIGHTS.get(key, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_weights(path)
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path}: expected a state_dict, got {type(state).__name__}")
     try:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,13 @@ RECORD_VERSION = 1
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None = None) -> None:
     """Ray Tune function trainable: one trial of :func:`~mgfa_ray.trial.run_trial`.
 
+    Besides the trial's metrics every epoch reports where its worker's time and memory went:
+    ``trial_started_at`` (Unix time, s, the trainable's start), ``setup_seconds`` (start to the first
+    epoch: config, checkpoint, data, model), ``reported_at`` (Unix time of the report) and the
+    worker's state as the trial started (:func:`mgfa_ray.worker.start_trial`: pid, how many trials
+    the process has run, resident and CUDA memory). When the trial ends its CUDA memory is released
+    (:func:`mgfa_ray.worker.release_trial_memory`), so a reused worker starts the next one clean.
+
     Args:
         config: The sampled parameters (Ray's trial config).
         base: The rest of the :class:`~mgfa_ray.config.TrainConfig` (data paths, defaults).
@@ -65,19 +73,31 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     """
     from ray import tune
 
+    from .worker import release_trial_memory, start_trial
+
+    started, clock = time.time(), time.perf_counter()
+    release_trial_memory()  # what a trial stopped by the scheduler held while its thread unwound
+    worker = start_trial()
     cfg = validate(TrainConfig, {**base, **trial_params(config)}, source="trial config")
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    setup: list[float] = []
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        if not setup:  # the first epoch of this run of the trainable ends now
+            setup.append(time.perf_counter() - clock - metrics["epoch_seconds"])
+        extra = {"trial_started_at": started, "setup_seconds": setup[0], "reported_at": time.time(), **worker}
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(state, Path(d) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_trial(cfg, on_epoch=report, resume=resume, cache_dir=Path(cache_dir) if cache_dir else None)
+    try:
+        run_trial(cfg, on_epoch=report, resume=resume, cache_dir=Path(cache_dir) if cache_dir else None)
+    finally:
+        release_trial_memory()
 
 
 def trial_base(base: TrainConfig, *, search: SearchConfig, epochs: int) -> dict[str, Any]:
@@ -309,7 +329,8 @@ def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Ca
             num_samples=run.num_samples,
             metric=search.metric,
             mode="max",
-            reuse_actors=False,  # fresh process per trial: no memory carried over (DESIGN.md §4.8)
+            # A finished trial's worker runs the next one (mgfa_ray.worker: what it keeps, what not).
+            reuse_actors=search.reuse_workers,
         ),
         run_config=tune.RunConfig(
             name=run.name,

@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import TrainConfig, to_dict
-from .io import atomic_write_bytes, sha256_json
+from .io import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_rows
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
+from .worker import LastValue
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -466,6 +467,9 @@ def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
                         margin=cfg.crop_margin)
 
 
+_TRIAL_DATA = LastValue()  # the last decoded data set of this process: a reused trial worker decodes it once
+
+
 def load_trial_data(
     cfg: TrainConfig, *, device: torch.device, cache_dir: Path | None = None
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[str]]:
@@ -473,18 +477,41 @@ def load_trial_data(
 
     Reads the manifest and the mask set, crops photos and masks to ``cfg.crop_to_region``'s box
     when set (:func:`crop_boxes`, :func:`crop_masks`), and decodes the images once
-    (:func:`load_images`).
+    (:func:`load_images`). The decoded data stay in this process's memory (on the CPU) while the
+    next trial asks for the same (:func:`trial_data_key`): a reused trial worker only copies them
+    to the device again.
 
     Returns:
         ``(data, class_names)``: ``data[part] = (images uint8 (N, 3, R, R), masks (N, K, M, M) in
         [0, 1], labels int64 (N,))`` for the parts ``train``, ``eval`` (``cfg.eval_split``) and
         ``test`` (when the eval split is not the test split and the manifest has one);
-        ``class_names[label]``.
+        ``class_names[label]``. On the CPU the tensors are the kept ones: do not modify them.
 
     Raises:
         ValueError: The manifest or mask set is missing or does not fit the config, or the train
             or evaluation split is empty.
     """
+    parts, class_names = _TRIAL_DATA.get(trial_data_key(cfg, cache_dir), lambda: _decode_trial_data(cfg, cache_dir))
+    data = {name: tuple(t.to(device) for t in tensors) for name, tensors in parts.items()}
+    return data, class_names
+
+
+def trial_data_key(cfg: TrainConfig, cache_dir: Path | None) -> str | None:
+    """What the decoded data of ``cfg`` depend on: the manifest file (path, size, modification
+    time), the mask set (its location and ``metadata.json``) and the config fields that select,
+    crop and resize. ``None`` (do not keep) when the manifest is not a local file."""
+    from .masks import read_metadata, resolve_mask_set
+
+    manifest = Path(cfg.manifest)
+    if is_uri(cfg.manifest) or not manifest.is_file():
+        return None
+    st = manifest.stat()
+    return sha256_json([str(manifest.resolve()), st.st_size, st.st_mtime_ns, resolve_mask_set(cfg.masks),
+                        read_metadata(cfg.masks), cfg.region_classes, cfg.crop_to_region, cfg.crop_margin,
+                        cfg.resize, cfg.eval_split, str(cache_dir)])
+
+
+def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
     manifest = read_manifest(cfg.manifest)
     num_classes = int(manifest["label"].max()) + 1
     class_names = manifest.drop_duplicates("label").set_index("label")["class_name"].reindex(range(num_classes))
@@ -507,8 +534,8 @@ def load_trial_data(
     data = {}
     for name, df in parts.items():
         rows = torch.tensor([row_of[i] for i in df["image_id"]], dtype=torch.int64)
-        data[name] = (images[rows].to(device), torch.from_numpy(masks[rows.numpy()]).to(device),
-                      torch.tensor(df["label"].to_numpy(dtype="int64"), device=device))
+        data[name] = (images[rows], torch.from_numpy(masks[rows.numpy()]),
+                      torch.tensor(df["label"].to_numpy(dtype="int64")))
     return data, class_names.tolist()
 
 

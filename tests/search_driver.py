@@ -10,8 +10,13 @@ the best trial is a property of the parameters. Each epoch sleeps ``MGFA_STANDIN
 seconds, checkpoints its epoch and reports. ``MGFA_STANDIN_FAIL_DIR`` names a directory: a trial
 whose Optuna number has a file ``fail-<n>`` there raises once at epoch 2 (the file is removed).
 ``MGFA_STANDIN_LOG`` names a directory where every epoch run appends ``<optuna number> <epoch>``
-to a file per trial, so tests can count what ran, and where ``node-<optuna number>`` holds the Ray
-node id the trial runs on (written when an epoch starts).
+to a file per trial, so tests can count what ran, where ``node-<optuna number>`` holds the Ray
+node id the trial runs on (written when an epoch starts), and where ``span-<optuna number>`` holds
+``<start> <end> <pid>``: the Unix times the trainable started and returned, and its process.
+
+``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
+GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
+/ ``--gpus-per-trial`` set the trial's share, so tests can pack trials.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
     fail_dir = os.environ.get("MGFA_STANDIN_FAIL_DIR")
     log_dir = os.environ.get("MGFA_STANDIN_LOG")
     q = quality(config)
+    begin = time.time()
     for epoch in range(start, int(base["epochs"]) + 1):
         if log_dir:
             import ray
@@ -71,6 +77,8 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
             (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
             tune.report({"eval_top1": top1, "test_top1": top1, "epoch": epoch, "train_loss": 1.0 - top1},
                         checkpoint=tune.Checkpoint.from_directory(d))
+    if log_dir:
+        (Path(log_dir) / f"span-{number}").write_text(f"{begin} {time.time()} {os.getpid()}")
 
 
 def space_doc(max_epochs: int, early_stopping: bool = True) -> dict:
@@ -102,6 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("--study-storage", default=None)
     p.add_argument("--more-trials", type=int, default=0)
     p.add_argument("--errored", default="skip")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--no-reuse-workers", action="store_true")
+    p.add_argument("--ray-cpus", type=float, default=None, help="run: start the local cluster with these CPUs")
+    p.add_argument("--ray-gpus", type=float, default=None, help="run: ... and these GPUs")
     p.add_argument("--real", nargs=2, metavar=("MANIFEST", "MASKS"), default=None,
                    help="create: trials are the real classifier (tune_trainable) on this manifest and mask set")
     args = p.parse_args(argv)
@@ -109,8 +122,9 @@ def main(argv=None) -> int:
         space_file = Path(tempfile.mkdtemp()) / "space.yaml"
         space_file.write_text(yaml.safe_dump(space_doc(args.max_epochs, not args.no_early_stopping)))
         search = SearchConfig(space=str(space_file), num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                              cpus_per_trial=1, seed=0, max_failures=args.max_failures,
-                              study_storage=args.study_storage)
+                              cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, seed=0,
+                              max_failures=args.max_failures, study_storage=args.study_storage,
+                              reuse_workers=not args.no_reuse_workers)
         if args.real:  # tiny settings, as tests/conftest.py's tiny_train_config
             base = TrainConfig(manifest=args.real[0], masks=args.real[1], backbone="mobilenet_v2", weights=None,
                                resize=72, crop=64, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, device="cpu")
@@ -122,6 +136,11 @@ def main(argv=None) -> int:
     # run_search starts Ray itself once it holds the search's lock. "local": a new local cluster
     # even when a `ray start` cluster runs on this machine (which ray.init() would otherwise join).
     os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
+    if args.ray_cpus is not None or args.ray_gpus is not None:
+        import ray
+
+        ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, include_dashboard=False,
+                 configure_logging=False)
     real = read_record(args.dir).trial_base["manifest"] != "stand-in"
     run_search(args.dir, more_trials=args.more_trials, errored=args.errored,
                trainable=None if real else standin_trainable)

@@ -1,0 +1,96 @@
+"""What a trial worker process keeps between trials, and what it must not.
+
+With ``search.reuse_workers`` (Ray Tune's ``reuse_actors``) one worker process runs trial after
+trial. It keeps what is the same for every trial of a search and costs seconds to rebuild: the
+imported libraries, the CUDA context, the decoded images and masks (:func:`mgfa_ray.trial.load_trial_data`)
+and the backbone weights file (:func:`mgfa_ray.model.build_backbone`), each held by a
+:class:`LastValue`: one entry, replaced when its key changes, so a worker's memory stays bounded.
+Everything a trial changes — model, optimizer, scheduler, generator, global RNG — is created (or
+seeded) anew by :func:`mgfa_ray.trial.run_trial`, and :func:`release_trial_memory` hands the
+trial's CUDA memory back before the next one starts; :func:`worker_stats` reports both, so a search
+can check that nothing was carried over.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from typing import Any, Callable, Hashable, TypeVar
+
+T = TypeVar("T")
+
+
+class LastValue:
+    """The last value computed for a key, per process: ``get(key, compute)`` returns it while the key
+    is unchanged and otherwise drops it, then computes and keeps the new one.
+
+    The value is shared by every caller with the same key: callers must not modify it. ``key=None``
+    means "cannot be pinned": the value is computed and not kept.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Hashable | None = None
+        self._value: Any = None
+        self.hits = 0
+
+    def get(self, key: Hashable | None, compute: Callable[[], T]) -> T:
+        """The kept value of ``key``, or ``compute()`` (kept when ``key`` is not None)."""
+        with self._lock:
+            if key is not None and key == self._key:
+                self.hits += 1
+                return self._value
+            self._key, self._value = None, None  # free the old value before building the new one
+            value = compute()
+            if key is not None:
+                self._key, self._value = key, value
+            return value
+
+    def clear(self) -> None:
+        """Drop the kept value."""
+        with self._lock:
+            self._key, self._value = None, None
+
+
+_trials_started = 0
+
+
+def start_trial() -> dict[str, float]:
+    """Count one more trial in this process and return :func:`worker_stats` as it starts.
+
+    Returns:
+        ``worker_pid``, ``worker_trial`` (1 for a process's first trial, 2 for the next in a reused
+        worker, ...), ``worker_rss_mb`` (resident memory, MiB), ``worker_cuda_allocated_mb`` and
+        ``worker_cuda_reserved_mb`` (torch's CUDA allocator; 0 without CUDA). Read at a trial's start,
+        the CUDA figures of a reused worker must be 0: the trial before it released everything.
+    """
+    global _trials_started
+    _trials_started += 1
+    return worker_stats()
+
+
+def worker_stats() -> dict[str, float]:
+    """This process's pid, trial count, resident memory and CUDA memory (MiB); see :func:`start_trial`."""
+    import psutil
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "worker_pid": os.getpid(),
+        "worker_trial": _trials_started,
+        "worker_rss_mb": psutil.Process().memory_info().rss / 2**20,
+        "worker_cuda_allocated_mb": torch.cuda.memory_allocated() / 2**20 if cuda else 0.0,
+        "worker_cuda_reserved_mb": torch.cuda.memory_reserved() / 2**20 if cuda else 0.0,
+    }
+
+
+def release_trial_memory() -> None:
+    """After a trial: collect its unreachable objects and return the CUDA memory torch's caching
+    allocator holds for it, so trials packed on one GPU (fractional ``gpus_per_trial``) get it."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
