@@ -49,7 +49,7 @@ from .io import (
 )
 from .lock import DirectoryLock
 from .search_space import SearchSpace, define_by_run, trial_params
-from .trial import load_checkpoint, run_trial, save_checkpoint
+from .trial import load_checkpoint, run_trial
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "search.json"
@@ -71,6 +71,7 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
         base: The rest of the :class:`~mgfa_ray.config.TrainConfig` (data paths, defaults).
         cache_dir: Decoded-image cache shared by the trials.
     """
+    import torch
     from ray import tune
 
     from .worker import release_trial_memory, start_trial
@@ -90,8 +91,8 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
         if not setup:  # the first epoch of this run of the trainable ends now
             setup.append(time.perf_counter() - clock - metrics["epoch_seconds"])
         extra = {"trial_started_at": started, "setup_seconds": setup[0], "reported_at": time.time(), **worker}
-        with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(state, Path(d) / CHECKPOINT_FILE)
+        with tempfile.TemporaryDirectory() as d:  # private: Ray copies it to the trial's storage atomically
+            torch.save(state, Path(d) / CHECKPOINT_FILE)
             tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:

@@ -86,11 +86,18 @@ def worker_stats() -> dict[str, float]:
 
 
 def release_trial_memory() -> None:
-    """After a trial: collect its unreachable objects and return the CUDA memory torch's caching
-    allocator holds for it, so trials packed on one GPU (fractional ``gpus_per_trial``) get it."""
+    """Between trials: return the CUDA memory torch's caching allocator holds, so trials packed on
+    one GPU (fractional ``gpus_per_trial``) and the next trial of a reused worker get it.
+
+    Tensors are freed when their last reference goes; a garbage collection (~0.2 s with torch and
+    Ray loaded) runs only when CUDA memory is still allocated, e.g. held by a reference cycle. On
+    a CPU-only worker this does nothing.
+    """
     import torch
 
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    if torch.cuda.memory_allocated():
+        gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()

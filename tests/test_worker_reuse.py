@@ -37,6 +37,7 @@ def test_same_config_after_another_in_the_same_process_is_bit_identical(tiny_tra
     cfg = tiny_train_config.model_copy(update={"weights": str(mobilenet_weights), "threads": 1})
     a = cfg.model_copy(update=POINT_A)
     b = cfg.model_copy(update=POINT_B)
+    trial_mod._TRIAL_DATA.clear()  # an earlier test may have left a's data
     hits = trial_mod._TRIAL_DATA.hits
     first = run_trial(a)
     run_trial(a)
