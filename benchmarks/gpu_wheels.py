@@ -173,7 +173,7 @@ RAY_NAME = "ray"
 INSTALL_CHECK_PATHS = ("ray/_raylet.so", "ray/tune/__init__.py", "optuna/__init__.py", "ultralytics/__init__.py",
                        "pydantic/__init__.py")
 GPU_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
-               "--target /tmp/site {out}/*.whl && export PYTHONPATH=/tmp/site:$PWD")
+               "--target /tmp/mgfa-site {out}/*.whl && export PYTHONPATH=/tmp/mgfa-site:$PWD")
 
 
 class Failure(Exception):

@@ -331,14 +331,26 @@ def summarise(s: dict[str, Any], searches: list[dict[str, Any]]) -> dict[str, An
         m = memory[0]
         slopes = [w["growth_mib_per_trial_after_2"] for w in m["worker_memory"].values()
                   if w["growth_mib_per_trial_after_2"] is not None]
-        out["memory_search"] = {"trials": m["trials"], "reused_trials": m["reused_trials"],
-                                "worker_processes": m["worker_processes"], "driver_rss_mib": m["driver_rss_mib"],
-                                "worker_growth_mib_per_trial_max": max(slopes) if slopes else None,
-                                "overhead_per_trial_seconds": m["overhead_per_trial_seconds"]}
+        quarters = m["driver_rss_mib"].get("quarter_max") or [None] * 4
+        out["memory_search"] = {
+            "trials": m["trials"], "reused_trials": m["reused_trials"], "worker_processes": m["worker_processes"],
+            "driver_rss_mib": m["driver_rss_mib"],
+            # the driver's peak in the last quarter of the samples over that in the second, per trial in between
+            "driver_growth_mib_per_trial_second_half": (quarters[3] - quarters[1]) / (m["trials"] / 2)
+            if quarters[1] is not None else None,
+            "worker_growth_mib_per_trial_max": max(slopes) if slopes else None,
+            "overhead_per_trial_seconds": m["overhead_per_trial_seconds"]}
     reused = by.get("reused", {})
+    mem = out.get("memory_search", {})
     out["targets"] = {
         "overhead_below_1s": reused.get("overhead_per_trial_seconds", float("inf")) < 1.0,
         "trials_per_hour_at_least_2x": out.get("trials_per_hour_reused_over_fresh", 0) >= 2.0,
+        # growth below 1 MiB per trial in each worker (least squares after its first 2 trials) and
+        # below 0.5 MiB per trial in the driver over the second half of the long search
+        "no_worker_memory_growth": None if mem.get("worker_growth_mib_per_trial_max") is None
+        else mem["worker_growth_mib_per_trial_max"] < 1.0,
+        "no_driver_memory_growth": None if mem.get("driver_growth_mib_per_trial_second_half") is None
+        else mem["driver_growth_mib_per_trial_second_half"] < 0.5,
     }
     return out
 
