@@ -1,11 +1,14 @@
 # Two commands for a fresh machine; each installs what it needs into .venv first.
 #   make demo   - the main job: end-to-end search on the real leafsnap20 photos (local Ray cluster)
 #   make test   - the test suite (what CI runs)
+# For a GPU machine without a package registry (README, "GPU check"):
+#   make gpu-wheels - here: the wheels, photos and detector it needs, into the git-ignored .gpu/
+#   make gpu-check  - there: everything GPU-related in one command, results into $OUT
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test smoke
+.PHONY: demo test smoke gpu-wheels gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +24,11 @@ smoke: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest -q
+
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python benchmarks/gpu_wheels.py --out .gpu/wheels
+	$(BIN)/python benchmarks/gpu_check.py --pack
+
+# Runs with the machine's own python3 (torch preinstalled there), installing .gpu/wheels itself.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py

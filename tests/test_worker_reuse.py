@@ -120,3 +120,22 @@ def test_fractional_gpus_pack_four_trials_at_once(tmp_path):
         most = max(most, running)
     assert most == 4
     assert len({pid for _, _, pid in spans}) < 8  # some trials ran in a reused worker
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_returns_to_its_level_between_trials(tiny_train_config):
+    """What a reused worker does between trials: after release_trial_memory the CUDA memory still
+    allocated is the same after every trial (torch keeps e.g. cuBLAS workspaces; nothing of a
+    trial's model, optimizer or data stays), and the blocks the trial had reserved are handed back."""
+    from mgfa_ray.worker import release_trial_memory
+
+    cfg = tiny_train_config.model_copy(update={"device": "cuda", "epochs": 1})
+    levels = []
+    for update in (POINT_A, POINT_B, POINT_A):
+        torch.cuda.reset_peak_memory_stats()
+        run_trial(cfg.model_copy(update=update))
+        release_trial_memory()
+        levels.append((torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved()))
+    assert levels[1][0] == levels[0][0] and levels[2][0] == levels[0][0]
+    assert all(reserved < peak for _, reserved, peak in levels)  # the trial's cached blocks were handed back

@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.py (make gpu-check): its CPU fallback runs every step it can at toy sizes and
+writes the files the device tool brings back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_cpu_fallback_runs_the_steps_and_writes_flat_results(tmp_path, data_root):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-fallback", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, check=False,
+                          env={**__import__("os").environ, "MGFA_DATA_ROOT": str(data_root)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    steps = doc["steps"]
+    assert doc["cpu_fallback"] is True
+    assert steps["install"]["status"].startswith("skipped")  # this machine has the packages
+    assert all(v for v in doc["imports"].values())
+    for name in ("gpu_tests", "train_step", "trial_overhead"):
+        assert steps[name]["status"] == "passed", (name, steps[name])
+    mask = steps["mask_precompute"]["status"]  # runs where make gpu-wheels packed a detector
+    assert mask == "passed" or mask.startswith("skipped: no detector at"), mask
+    head = doc["headline"]
+    assert head["train_step_mobilenet_v2"]["mgfa_images_per_second"] > 0
+    assert head["trial_overhead"]["by_setting"]["fresh"]["searches"] == 1
+    assert head["trial_overhead"]["by_setting"]["reused"]["searches"] == 1
+    assert "targets" not in head  # the GPU targets are not judged on toy CPU runs
+    files = sorted(p.name for p in out.iterdir())
+    assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8  # flat: what the device tool returns
+    assert "gpu_check.log" in files and "trial_overhead_cpu_fallback.json" in files
