@@ -63,8 +63,9 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     ``trial_started_at`` (Unix time, s, the trainable's start), ``setup_seconds`` (start to the first
     epoch: config, checkpoint, data, model), ``reported_at`` (Unix time of the report) and the
     worker's state as the trial started (:func:`mgfa_ray.worker.start_trial`: pid, how many trials
-    the process has run, resident and CUDA memory). When the trial ends its CUDA memory is released
-    (:func:`mgfa_ray.worker.release_trial_memory`), so a reused worker starts the next one clean.
+    the process has run, resident and CUDA memory). Before and after the trial the worker hands back
+    the memory freed (:func:`mgfa_ray.worker.release_trial_memory`: C heap, CUDA cache), so a reused
+    worker starts the next trial at the same level.
 
     Args:
         config: The sampled parameters (Ray's trial config).
@@ -394,7 +395,8 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     * ``trials.parquet`` / ``trials.csv`` — one row per trial: Ray id, run, Optuna number, state
       (COMPLETE / PRUNED / FAIL, from the study), Ray status, epochs run, the metric's last and
       best value, test top-1, wall time, checkpoint, parameters;
-    * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric;
+    * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric and the
+      worker it ran in (``setup_seconds``, ``worker_pid``, ``worker_trial``, its memory);
     * ``optimization_history.png``, ``param_importances.png``, ``parallel_coordinate.png`` —
       Optuna's plots of the study;
     * ``summary.json``.
@@ -435,7 +437,8 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
         rows.append(row)
         if history is not None and len(history):
             keep = [c for c in history.columns if c.startswith(("train_", "eval_", "test_")) or c in
-                    ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s")]
+                    ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s", "setup_seconds",
+                     "worker_pid", "worker_trial", "worker_rss_mb", "worker_cuda_allocated_mb")]
             epochs.append(history[keep].assign(trial=r["trial"]))
     table = pd.DataFrame(rows)
     if len(table):

@@ -64,6 +64,7 @@ def test_search_samples_simplex_stops_early_and_exports(ray_cluster, tiny_train_
     epochs = pd.read_parquet(out / "trial_epochs.parquet")
     assert len(epochs) == trials["epochs_run"].sum()
     assert {"train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1"} <= set(epochs.columns)
+    assert (epochs["worker_trial"] >= 1).all() and (epochs["setup_seconds"] > 0).all()
 
     best = load_config(TrainConfig, out / "best_config.yaml")
     assert best.epochs == 2 and best.manifest == tiny_train_config.manifest
