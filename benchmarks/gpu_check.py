@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "outputs" / "gpu-check"),
                    help="where the check writes (default $OUT, else outputs/gpu-check)")
     p.add_argument("--cpu-fallback", action="store_true", help="toy CPU sizes (automatic without CUDA)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="wall-clock budget of the whole check in seconds (default 540: the device tool's 600 s "
+                        "limit less a margin); each step's limit is cut to what is left, a step with under 30 s "
+                        "left is skipped, and gpu_check.json is rewritten after every step")
     p.add_argument("--steps", nargs="+", help="run only these steps (install environment gpu_tests train_step "
                                               "mask_precompute trial_overhead)")
     return p.parse_args(argv)
@@ -128,8 +132,9 @@ def pack(args: argparse.Namespace) -> int:
 class Check:
     """Runs the steps, logs their output to one file and collects their results."""
 
-    def __init__(self, out: Path, cpu: bool) -> None:
+    def __init__(self, out: Path, cpu: bool, budget_s: float) -> None:
         self.out, self.cpu = out, cpu
+        self.deadline = time.perf_counter() + budget_s
         out.mkdir(parents=True, exist_ok=True)
         self.log = open(out / "gpu_check.log", "w")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -151,6 +156,10 @@ class Check:
 
     def run(self, step: str, cmd: list[str], *, timeout: float, result: Path | None = None) -> dict[str, Any]:
         """Run ``cmd`` (its output into the log), record status, seconds and its JSON ``result``."""
+        timeout = min(timeout, self.deadline - time.perf_counter() - 10.0)
+        if timeout < 30.0:
+            self.skip(step, "no time left in --budget-s")
+            return self.doc["steps"][step]
         self.say(f"{step}: {' '.join(cmd)} (limit {timeout:.0f} s)")
         t0 = time.perf_counter()
         try:
@@ -164,11 +173,19 @@ class Check:
             rec["result_file"] = result.name
         self.doc["steps"][step] = rec
         self.say(f"{step}: {status} in {rec['seconds']} s")
+        self.save()
         return rec
+
+    def save(self) -> None:
+        """(Re)write ``gpu_check.json``: what a command killed at the device's limit still brings back."""
+        tmp = self.out / ".gpu_check.json.tmp"
+        tmp.write_text(json.dumps(self.doc, indent=2, default=str))
+        tmp.replace(self.out / "gpu_check.json")
 
     def skip(self, step: str, why: str) -> None:
         self.doc["steps"][step] = {"status": f"skipped: {why}"}
         self.say(f"{step}: skipped: {why}")
+        self.save()
 
 
 def step_install(c: Check) -> None:
@@ -328,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cpu = args.cpu_fallback or not torch.cuda.is_available()
-    c = Check(args.out.resolve(), cpu)
+    c = Check(args.out.resolve(), cpu, args.budget_s)
     started = time.perf_counter()
     c.doc["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     c.doc["git"] = _git_commit()
@@ -339,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         step(c)
     c.doc["headline"] = headline(c)
     c.doc["total_seconds"] = round(time.perf_counter() - started, 1)
-    (c.out / "gpu_check.json").write_text(json.dumps(c.doc, indent=2, default=str))
+    c.save()
     failed = [k for k, v in c.doc["steps"].items() if v["status"].startswith("failed")]
     c.say(f"done in {c.doc['total_seconds']} s; headline {json.dumps(c.doc['headline'], default=str)}")
     c.say(f"failed steps: {failed}" if failed else "every step passed or was skipped (see gpu_check.json)")
