@@ -6,9 +6,9 @@ imported libraries, the CUDA context, the decoded images and masks (:func:`mgfa_
 and the backbone weights file (:func:`mgfa_ray.model.build_backbone`), each held by a
 :class:`LastValue`: one entry, replaced when its key changes, so a worker's memory stays bounded.
 Everything a trial changes — model, optimizer, scheduler, generator, global RNG — is created (or
-seeded) anew by :func:`mgfa_ray.trial.run_trial`, and :func:`release_trial_memory` hands the
-trial's CUDA memory back before the next one starts; :func:`worker_stats` reports both, so a search
-can check that nothing was carried over.
+seeded) anew by :func:`mgfa_ray.trial.run_trial`, and :func:`release_trial_memory` hands back the
+C heap and CUDA memory the trial freed before the next one starts; :func:`worker_stats` reports
+the worker's memory at every trial's start, so a search can check that nothing accumulates.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def start_trial() -> dict[str, float]:
         ``worker_pid``, ``worker_trial`` (1 for a process's first trial, 2 for the next in a reused
         worker, ...), ``worker_rss_mb`` (resident memory, MiB), ``worker_cuda_allocated_mb`` and
         ``worker_cuda_reserved_mb`` (torch's CUDA allocator; 0 without CUDA). Read at a trial's start,
-        the CUDA figures of a reused worker must be 0: the trial before it released everything.
+        the CUDA figures of a reused worker stay at one level from trial to trial (torch keeps e.g.
+        cuBLAS workspaces; nothing of an earlier trial's model, optimizer or data).
     """
     global _trials_started
     _trials_started += 1
