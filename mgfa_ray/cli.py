@@ -18,23 +18,28 @@ Subcommands:
     and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
     :func:`mgfa_ray.mask_view.render_mask_figures`).
 
-Bad input (config, data root, labels, masks) prints ``error: ...`` naming the file and field and
-exits with status 2.
+Bad input (config, data root, labels, masks) prints one ``error: ...`` line naming the file and field
+and exits with status 2; a stage whose output is unusable exits with 1, an interrupted run with 130
+(:mod:`mgfa_ray.errors`). ``--debug`` (or ``MGFA_DEBUG=1``) prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from .config import ConfigError, JobConfig, TrainConfig, load_config
-from .io import StorageUnavailableError
+from .config import JobConfig, TrainConfig, load_config
+from .errors import UserError, debug_enabled
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mgfa-ray", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error as well (same as MGFA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job: manifest → detector → masks → search → export")
     run.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20.yaml")
@@ -103,72 +108,87 @@ def _default_export_dir(search_dir: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mgfa-ray`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.debug:
+        os.environ["MGFA_DEBUG"] = "1"  # also seen by Ray workers started from here
     try:
-        if args.command == "run":
-            from .pipeline import run_job
+        return _dispatch(args)
+    except UserError as err:
+        return _report(err, err.exit_status)
+    # Not yet a UserError: library ValueErrors on bad values, RuntimeError when a stage produced
+    # nothing usable (e.g. every trial failed).
+    except ValueError as err:
+        return _report(err, 2)
+    except RuntimeError as err:
+        return _report(err, 1)
 
-            job = load_config(JobConfig, args.job)
-            if args.output_dir is not None:
-                job = job.model_copy(update={"output_dir": str(args.output_dir)})
-            run_job(job, smoke=args.smoke)
-        elif args.command == "ablation":
-            from .ablation import run_ablation
-            from .config import to_dict, validate
 
-            job = load_config(JobConfig, args.job)
-            if args.output_dir is not None:
-                job = job.model_copy(update={"output_dir": str(args.output_dir)})
-            given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
-                                       ("formulations", args.formulations)) if v is not None}
-            if given:  # validated as the job's fields, so an error names ablation.<field>
-                job = validate(JobConfig, {**to_dict(job), "ablation": {**to_dict(job.ablation), **given}},
-                               source=f"{args.job} with the command line's ablation options")
-            run_ablation(job, smoke=args.smoke)
-        elif args.command == "cam":
-            from .cam import render_cams
+def _report(err: BaseException, status: int) -> int:
+    """Print ``error: <message>`` (after the traceback with ``--debug``/``MGFA_DEBUG=1``); return ``status``."""
+    if debug_enabled():
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return status
 
-            paths = render_cams(args.checkpoint, out_dir=args.output_dir, image_ids=args.images, split=args.split,
-                                count=args.count, manifest=args.manifest, cam_class=args.cam_class,
-                                device=args.device)
-            print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
-        elif args.command == "search":
-            from .search import export_search, run_search
 
-            if args.search_command == "resume":
-                run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
-            out = args.output_dir or _default_export_dir(args.dir)
-            summary = export_search(args.dir, out)
-            print(json.dumps(summary, indent=2))
-            print(f"best config: {Path(out) / 'best_config.yaml'}")
-        elif args.command == "masks":
-            from .mask_view import render_mask_figures
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; return the exit status."""
+    if args.command == "run":
+        from .pipeline import run_job
 
-            paths, summary = render_mask_figures(args.set, out_dir=args.output_dir, image_ids=args.images,
-                                                 split=args.split, count=args.count, seed=args.seed,
-                                                 manifest=args.manifest)
-            print(json.dumps(summary, indent=2))
-            print(f"{len(paths)} figures and summary.json in {paths[0].parent}")
+        job = load_config(JobConfig, args.job)
+        if args.output_dir is not None:
+            job = job.model_copy(update={"output_dir": str(args.output_dir)})
+        run_job(job, smoke=args.smoke)
+    elif args.command == "ablation":
+        from .ablation import run_ablation
+        from .config import to_dict, validate
+
+        job = load_config(JobConfig, args.job)
+        if args.output_dir is not None:
+            job = job.model_copy(update={"output_dir": str(args.output_dir)})
+        given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
+                                   ("formulations", args.formulations)) if v is not None}
+        if given:  # validated as the job's fields, so an error names ablation.<field>
+            job = validate(JobConfig, {**to_dict(job), "ablation": {**to_dict(job.ablation), **given}},
+                           source=f"{args.job} with the command line's ablation options")
+        run_ablation(job, smoke=args.smoke)
+    elif args.command == "cam":
+        from .cam import render_cams
+
+        paths = render_cams(args.checkpoint, out_dir=args.output_dir, image_ids=args.images, split=args.split,
+                            count=args.count, manifest=args.manifest, cam_class=args.cam_class,
+                            device=args.device)
+        print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
+    elif args.command == "search":
+        from .search import export_search, run_search
+
+        if args.search_command == "resume":
+            run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
+        out = args.output_dir or _default_export_dir(args.dir)
+        summary = export_search(args.dir, out)
+        print(json.dumps(summary, indent=2))
+        print(f"best config: {Path(out) / 'best_config.yaml'}")
+    elif args.command == "masks":
+        from .mask_view import render_mask_figures
+
+        paths, summary = render_mask_figures(args.set, out_dir=args.output_dir, image_ids=args.images,
+                                             split=args.split, count=args.count, seed=args.seed,
+                                             manifest=args.manifest)
+        print(json.dumps(summary, indent=2))
+        print(f"{len(paths)} figures and summary.json in {paths[0].parent}")
+    else:
+        from .trial import train_to_dir
+
+        cfg = load_config(TrainConfig, args.config)
+        out = args.output_dir or Path("outputs") / "train" / args.config.stem
+        if args.seeds is not None:
+            from .ablation import run_seeds
+
+            run_seeds(cfg, name=args.config.stem, seeds=args.seeds, out_dir=out,
+                      cache_dir=str((Path("outputs") / "cache").resolve()))
         else:
-            from .trial import train_to_dir
-
-            cfg = load_config(TrainConfig, args.config)
-            out = args.output_dir or Path("outputs") / "train" / args.config.stem
-            if args.seeds is not None:
-                from .ablation import run_seeds
-
-                run_seeds(cfg, name=args.config.stem, seeds=args.seeds, out_dir=out,
-                          cache_dir=str((Path("outputs") / "cache").resolve()))
-            else:
-                train_to_dir(cfg, out, resume=args.resume, cache_dir=Path("outputs") / "cache")
-            print(f"outputs in {out}")
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # A stage ran but produced nothing usable (e.g. every trial failed), another driver holds the
-    # search (LockedError), or the object store stayed away past $MGFA_STORAGE_RETRY_S.
-    except (RuntimeError, StorageUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+            train_to_dir(cfg, out, resume=args.resume, cache_dir=Path("outputs") / "cache")
+        print(f"outputs in {out}")
     return 0
 
 

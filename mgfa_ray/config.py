@@ -22,11 +22,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+
 DATA_ROOT_ENV = "MGFA_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or value is invalid; the message names the file and field."""
 
 

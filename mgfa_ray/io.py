@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
@@ -374,12 +376,15 @@ _TRANSIENT = re.compile(
 )
 
 
-class StorageUnavailableError(OSError):
+class StorageUnavailableError(UserError, OSError):
     """The object store did not answer within the retry window (``$MGFA_STORAGE_RETRY_S``).
 
     Raised instead of the last transient error; nothing was published by the failed call (uploads
     appear only once complete), so rerunning the same command after the store is back resumes.
+    Exit status 1.
     """
+
+    exit_status = 1
 
 
 def is_transient_storage_error(err: BaseException) -> bool:

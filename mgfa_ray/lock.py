@@ -33,14 +33,17 @@ import uuid
 from typing import Any
 
 from .io import fs_read, fs_write_atomic, location_join, resolve_location
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "driver.lock"
 
 
-class LockedError(RuntimeError):
-    """Another live driver holds the directory's lock; ``holder`` is its lock record."""
+class LockedError(UserError, RuntimeError):
+    """Another live driver holds the directory's lock; ``holder`` is its lock record. Exit status 1."""
+
+    exit_status = 1
 
     def __init__(self, message: str, holder: dict[str, Any]):
         super().__init__(message)

@@ -27,8 +27,10 @@ from xml.parsers import expat
 
 import pandas as pd
 
+from .errors import UserError
 
-class LabelError(ValueError):
+
+class LabelError(UserError, ValueError):
     """A label file or line is invalid; the message starts with ``file:line`` (``file`` alone for
     whole-file problems such as an unsupported suffix)."""
 
