@@ -28,13 +28,16 @@ from __future__ import annotations
 import io
 import random
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from .config import ConfigError, DatasetConfig
+from .errors import UserError
 from .io import atomic_write_bytes, sha256_json
 
 COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
@@ -145,6 +148,76 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     df = df.sort_values("image_id", ignore_index=True)
     df["label"] = df["label"].astype("int64")
     return df
+
+
+class ImageError(UserError, ValueError):
+    """Manifest images that cannot be read or decoded; the message names every file (up to a
+    few) and says what to do."""
+
+
+#: First bytes of the formats the manifest takes (JPEG, PNG, BMP).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+
+
+def sniff_image(path: str | Path) -> str | None:
+    """Why the file at ``path`` is not a JPEG, PNG or BMP image, judged by its first 8 bytes
+    (without Pillow, so no plugin is looked for), or ``None`` when it may be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not head:
+        return "empty file (0 bytes)"
+    if not head.startswith(_MAGIC):
+        return f"not a JPEG, PNG or BMP image (it starts with {head!r})"
+    return None
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why the image at ``path`` cannot be used, from its first bytes and its header (Pillow reads
+    the header, not the pixels: a file cut short in its pixel data passes here and fails when
+    decoded), or ``None``."""
+    reason = sniff_image(path)
+    if reason is not None:
+        return reason
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed on open
+    except Exception as err:  # noqa: BLE001 - any failure to parse this file is the file's
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_images(df: pd.DataFrame, *, corrupt_images: str = "error") -> dict[str, str]:
+    """Check every manifest image's first bytes and header (:func:`image_problem`), once, before
+    any stage decodes them.
+
+    Args:
+        df: The manifest (columns image_id, path).
+        corrupt_images: ``error`` raises on any bad image; ``record`` warns and returns them (the
+            mask stage then records them, and trials leave them out; ``masks.corrupt_images``).
+
+    Returns:
+        ``{image_id: "<path>: <why>"}`` of the bad images (empty when all are fine).
+
+    Raises:
+        ImageError: Bad images under ``corrupt_images="error"``; names them and what to do.
+    """
+    bad = {}
+    for image_id, path in zip(df["image_id"], df["path"]):
+        reason = image_problem(path)
+        if reason is not None:
+            bad[str(image_id)] = f"{path}: {reason}"
+    if not bad:
+        return bad
+    listed = "; ".join(list(bad.values())[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if corrupt_images == "error":
+        raise ImageError(f"{len(bad)} image(s) cannot be read: {listed}. Remove or replace them, or set "
+                         f"masks.corrupt_images: record to record them in the mask set and train without them")
+    warnings.warn(f"{len(bad)} image(s) cannot be read and are recorded as corrupt (masks.corrupt_images: "
+                  f"record); trials leave them out: {listed}", stacklevel=2)
+    return bad
 
 
 def manifest_hash(df: pd.DataFrame) -> str:
