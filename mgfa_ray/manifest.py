@@ -72,6 +72,12 @@ def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, whe
             f"{where}: {n} photo group(s) cannot be split into train/val/test with "
             f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}"
         )
+    left_out = [name for name, frac, k in (("val", cfg.val_fraction, n_val), ("test", cfg.test_fraction, n_test))
+                if frac > 0 and k == 0]
+    if left_out:
+        warnings.warn(f"{where}: {n} photo group(s), too few to split with val_fraction={cfg.val_fraction}, "
+                      f"test_fraction={cfg.test_fraction}: it has no {' or '.join(left_out)} photos and is left out "
+                      f"of their accuracy", stacklevel=3)
     out = {g: "test" for g in groups[:n_test]}
     out.update({g: "val" for g in groups[n_test : n_test + n_val]})
     out.update({g: "train" for g in groups[n_test + n_val :]})
@@ -101,7 +107,15 @@ def _class_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
         for f in files:
             g = group_of[f]
             rows.append((f"{cls}/{f.stem}", str(f.resolve()), label, cls, g, split_of[g]))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for split, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+        if frac > 0 and not (df["split"] == split).any():
+            counts = df.groupby("class_name")["group"].nunique()
+            raise ConfigError(
+                f"dataset: split {split!r} would be empty: every class has too few photo groups for it "
+                f"({', '.join(f'{c}: {n}' for c, n in counts.items())}); add photos or set dataset.{split}_fraction: 0"
+            )
+    return df
 
 
 def _ufg(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
@@ -140,7 +154,12 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
 
     Raises:
         ConfigError: The directory is missing or empty, a requested class is absent, a UFG file
-            name does not parse, or the groups cannot be split as asked.
+            name does not parse, or the groups cannot be split as asked (also: a requested val or
+            test split that no class has groups enough for).
+
+    Warns:
+        UserWarning: A class with too few photo groups for a requested val or test split (it
+            trains on all of them and is absent from that split), naming the class.
     """
     if not images.is_dir():
         raise ConfigError(f"dataset.images: directory {images} does not exist")
@@ -159,19 +178,24 @@ class ImageError(UserError, ValueError):
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 
 
+def sniff_bytes(head: bytes) -> str | None:
+    """Why a file starting with ``head`` (its first 8 bytes or more) is not a JPEG, PNG or BMP
+    image, judged without Pillow (so no plugin is looked for), or ``None`` when it may be one."""
+    if not head:
+        return "empty file (0 bytes)"
+    if not head.startswith(_MAGIC):
+        return f"not a JPEG, PNG or BMP image (it starts with {head[:8]!r})"
+    return None
+
+
 def sniff_image(path: str | Path) -> str | None:
-    """Why the file at ``path`` is not a JPEG, PNG or BMP image, judged by its first 8 bytes
-    (without Pillow, so no plugin is looked for), or ``None`` when it may be one."""
+    """:func:`sniff_bytes` of the file at ``path`` (reads 8 bytes), or why it cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
-    if not head:
-        return "empty file (0 bytes)"
-    if not head.startswith(_MAGIC):
-        return f"not a JPEG, PNG or BMP image (it starts with {head!r})"
-    return None
+    return sniff_bytes(head)
 
 
 def image_problem(path: str | Path) -> str | None:

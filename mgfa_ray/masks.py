@@ -98,6 +98,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -121,8 +122,8 @@ from PIL import Image
 from .config import MasksConfig
 from .errors import UserError
 from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
-from .manifest import ImageError, sniff_image
-from .regions import Box, parse_label_file
+from .manifest import ImageError, sniff_bytes
+from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,22 @@ def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
             >= ``max_side`` (``PIL.Image.draft``); normalised boxes are unaffected.
 
     Raises:
-        ValueError: The file is missing, empty, not a JPEG/PNG/BMP file by its first bytes
-            (:func:`mgfa_ray.manifest.sniff_image`, checked before Pillow so that no plugin is
-            looked for), or Pillow fails on it in any way — any exception while opening or
+        ValueError: The file is missing or unreadable, empty, not a JPEG/PNG/BMP file by its first
+            bytes (:func:`mgfa_ray.manifest.sniff_bytes`, checked before Pillow so that no plugin
+            is looked for), or Pillow fails on it in any way — any exception while opening or
             decoding this one file is the file's fault (Ultralytics' patched ``Image.open``, for
             one, raises ``ModuleNotFoundError`` on a file it cannot identify). The message names it.
     """
-    reason = sniff_image(path)
+    try:
+        with open(path, "rb") as f:  # read once: the path may be a pipe
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"cannot decode image {path}: cannot be read ({err.strerror or err})") from None
+    reason = sniff_bytes(data[:8])
     if reason is not None:
         raise ValueError(f"cannot decode image {path}: {reason}")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             if max_side is not None:
                 img.draft("RGB", (max_side, max_side))
             return np.asarray(img.convert("RGB"))
@@ -709,7 +715,9 @@ def build_mask_set(
         ImageError: Images that cannot be decoded under ``corrupt_images="error"`` (named; finished
             shards are kept for a rerun, a set folder without any is deleted).
         ValueError: ``unlabelled="error"`` and an image without a label file.
-        LabelError: A bad label line (``file:line``), for the ``labels`` source.
+        LabelError: For the ``labels`` source: a bad label line (``file:line``), no label file
+            matching any image (:func:`mgfa_ray.regions.label_layout_hint`), a VOC ``<size>``
+            unlike its photo (:func:`mgfa_ray.regions.check_voc_sizes`).
         RuntimeError: The shards do not hold exactly one row per manifest image; the Ray Data job
             failed (a task raised, or an actor died more than ``ACTOR_RESTARTS`` times); a
             concurrent writer of the set wrote a shard with other content. Finished shards are
@@ -728,8 +736,11 @@ def build_mask_set(
     rows = rows.sort_values("image_id", ignore_index=True)
     if rows["image_id"].duplicated().any():
         raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
-    if isinstance(source, LabelBoxes):
-        source.boxes(rows["image_id"].tolist())  # bad label lines and missing files fail here, clearly
+    if isinstance(source, LabelBoxes):  # bad label lines, missing files, wrong VOC sizes fail here, clearly
+        if (hint := label_layout_hint(dict(source.label_files), rows["image_id"].tolist())) is not None:
+            raise LabelError(hint)  # no file matches any image: a layout error, whatever the policy
+        check_voc_sizes(dict(source.label_files), dict(zip(rows["image_id"], rows["path"])))
+        source.boxes(rows["image_id"].tolist())
 
     fs.create_dir(set_dir, recursive=True)
     _clean_temporaries(fs, set_dir, published=False)

@@ -7,14 +7,16 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from mgfa_ray.cli import main
-from mgfa_ray.config import MasksConfig, TrainConfig
+from mgfa_ray.config import ConfigError, DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.errors import UserError
-from mgfa_ray.manifest import manifest_hash, write_manifest
+from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import (
     DetectorBoxes,
     LabelBoxes,
@@ -25,7 +27,7 @@ from mgfa_ray.masks import (
     read_rows,
     shard_name,
 )
-from mgfa_ray.regions import Box, index_labels
+from mgfa_ray.regions import Box, LabelError, index_labels, parse_label_file, select_annotated
 from mgfa_ray.trial import load_trial_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,12 +111,12 @@ def test_old_set_without_checksums_still_reads_and_still_catches_a_missing_shard
 def photos(data_root, tmp_path):
     """Two classes of three real photos (one photo group each), plus an empty and a text '.jpg'."""
     root = tmp_path / "photos"
-    for cls in ("acer_campestre", "acer_ginnala"):
+    for cls in ("acer_campestre", "acer_palmatum"):
         (root / cls).mkdir(parents=True)
         for src in sorted((data_root / "leafsnap20" / cls).glob("*.jpg"))[:3]:
             (root / cls / f"{src.stem.replace('-', '_')}.jpg").symlink_to(src)
     (root / "acer_campestre" / "empty.jpg").write_bytes(b"")
-    (root / "acer_ginnala" / "notes.jpg").write_text("not a photo\n")
+    (root / "acer_palmatum" / "notes.jpg").write_text("not a photo\n")
     return root
 
 
@@ -190,3 +192,74 @@ def test_mask_stage_names_undecodable_images_and_leaves_no_empty_set(tiny_manife
     with pytest.warns(UserWarning, match="2 image\\(s\\) recorded as corrupt are left out"):
         data, _ = load_trial_data(cfg, device=torch.device("cpu"))
     assert sum(len(labels) for _, _, labels in data.values()) == 22
+
+
+# --- Label files and splits: weak messages mended ----------------------------------------------
+
+
+def test_a_byte_order_mark_at_the_start_of_a_label_file_is_accepted(tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_text("0 0.5 0.5 0.2 0.2\n1 0.4 0.4 0.1 0.1\n", encoding="utf-8-sig")  # as Windows Notepad saves
+    assert parse_label_file(label, classes=REGIONS) == [Box(0, 0.5, 0.5, 0.2, 0.2), Box(1, 0.4, 0.4, 0.1, 0.1)]
+
+
+def voc(width: int, height: int) -> str:
+    return (f"<annotation><size><width>{width}</width><height>{height}</height></size><object><name>vein</name>"
+            f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object></annotation>")
+
+
+def test_a_voc_size_that_disagrees_with_the_photo_is_named(data_root, tmp_path):
+    photo = sorted((data_root / "leafsnap20" / "acer_campestre").glob("*.jpg"))[0]
+    with Image.open(photo) as im:
+        w, h = im.size
+    manifest = pd.DataFrame({"image_id": ["a/p"], "path": [str(photo)], "split": ["train"]})
+    label = tmp_path / "a" / "p.xml"
+    label.parent.mkdir()
+    label.write_text(voc(w, h))
+    assert select_annotated({"a/p": label}, manifest, max_images=None, seed=0) == {"a/p": label}  # agrees
+    label.write_text(voc(w + 37, h))  # another aspect ratio: the normalised boxes would be wrong
+    with pytest.raises(LabelError, match=rf"{label}:1: <size> {w + 37}x{h} does not match the photo {photo} "
+                                         rf"\({w}x{h} pixels\)"):
+        select_annotated({"a/p": label}, manifest, max_images=None, seed=0)
+    label.write_text(voc(2 * w, 2 * h))  # the photo rescaled after annotation: boxes still right, say so
+    with pytest.warns(UserWarning, match=rf"{label}:1: <size> {2 * w}x{2 * h} differs from the photo .*\({w}x{h}"):
+        select_annotated({"a/p": label}, manifest, max_images=None, seed=0)
+    source = LabelBoxes.create({"a/p": label}, classes=REGIONS)  # the label files as the box source: checked too
+    label.write_text(voc(w, h + 50))
+    with pytest.raises(LabelError, match="does not match the photo"):
+        build_mask_set(manifest=manifest.assign(label=0), manifest_hash="m", source=source, region_classes=REGIONS,
+                       cfg=MasksConfig(resolution=8), location=tmp_path / "masks", executor="local")
+
+
+def test_a_class_with_one_photo_group_is_named_and_an_empty_split_is_an_error(photos):
+    for f in ("acer_campestre/empty.jpg", "acer_palmatum/notes.jpg"):
+        (photos / f).unlink()
+    for f in sorted((photos / "acer_palmatum").iterdir())[1:]:
+        f.unlink()  # acer_palmatum keeps one photo
+    cfg = DatasetConfig(layout="class_folders", images="photos", val_fraction=0.34, test_fraction=0.34)
+    with pytest.warns(UserWarning, match=r"class 'acer_palmatum': 1 photo group\(s\).*no val or test photos"):
+        df = build_manifest(photos, cfg)
+    assert df.groupby("class_name")["split"].apply(set).to_dict() == {
+        "acer_campestre": {"train", "val", "test"}, "acer_palmatum": {"train"}}
+    for f in sorted((photos / "acer_campestre").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"split 'val' would be empty.*acer_campestre.*acer_palmatum"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_manifest(photos, cfg)
+
+
+def test_labels_in_a_flat_folder_say_where_they_were_looked_for_and_the_layout(data_root, tiny_manifest, tmp_path):
+    df, _ = tiny_manifest
+    flat = tmp_path / "labels"
+    flat.mkdir()
+    for image_id, f in list(index_labels(data_root / "leafsnap20-regions" / "labels").items())[:3]:
+        (flat / Path(f).name).write_bytes(Path(f).read_bytes())
+    labels = index_labels(flat)
+    with pytest.raises(LabelError, match=rf"none of the 3 label files under {flat} .*<class>/<stem>.*"
+                                         r"flat folder.*subfolder named after its class"):
+        select_annotated(labels, df, max_images=None, seed=0)
+    source = LabelBoxes.create(labels, classes=REGIONS, unlabelled="empty")  # not silently all-empty masks
+    with pytest.raises(LabelError, match=rf"none of the 3 label files under {flat}"):
+        build_mask_set(manifest=df, manifest_hash="m", source=source, region_classes=REGIONS,
+                       cfg=MasksConfig(resolution=8), location=tmp_path / "masks", executor="local")
