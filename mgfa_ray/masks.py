@@ -66,7 +66,9 @@ masks           binary                uint8 array (K, R, R) in C order, values {
                                       ``metadata.json`` (``region_classes``, ``mask_resolution``)
 detector        string                id of the box source (detector key, or ``labels-<hash>``)
 error           string (nullable)     why the image could not be decoded (``corrupt_images:
-                                      record``); null for a good image
+                                      record``; with label files as the box source, the
+                                      photo's first bytes and header are checked); null for a
+                                      good image
 ==============  ====================  ==========================================================
 
 Each shard's Parquet footer carries its statistics (key ``mgfa_ray.shard_stats``: rows, boxes,
@@ -122,7 +124,7 @@ from PIL import Image
 from .config import MasksConfig
 from .errors import UserError
 from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
-from .manifest import ImageError, sniff_bytes
+from .manifest import ImageError, image_problem, sniff_bytes
 from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
 
 log = logging.getLogger(__name__)
@@ -406,8 +408,10 @@ class MaskComputer:
             ``None`` (the shard must not be written).
         """
         ids = rows["image_id"].astype(str).tolist()
-        if isinstance(self.source, LabelBoxes):
-            boxes, errors = self.source.boxes(ids, warn=False), [None] * len(ids)
+        if isinstance(self.source, LabelBoxes):  # no pixels needed: the photo's first bytes and header are checked
+            errors = [None if (why := image_problem(p)) is None else f"cannot decode image {p}: {why}"
+                      for p in rows["path"].astype(str)]
+            boxes = [[] if e else b for b, e in zip(self.source.boxes(ids, warn=False), errors)]
         else:
             boxes, errors = self._detect(rows["path"].astype(str).tolist())
         corrupt = [e for e in errors if e is not None]

@@ -184,6 +184,14 @@ def test_mask_stage_names_undecodable_images_and_leaves_no_empty_set(tiny_manife
     assert sorted(meta["corrupt"]) == sorted(bad.loc[[3, 17], "image_id"]) and meta["rows"] == 24
     rows = read_rows(recorded).set_index("image_id")
     assert "empty file" in rows.loc[bad.loc[3, "image_id"], "error"] and rows["error"].notna().sum() == 2
+    # With the label files as the box source the photos are checked (header) and recorded alike.
+    source = LabelBoxes.create({}, classes=REGIONS, unlabelled="empty")
+    with pytest.raises(UserError, match=r"2 image\(s\) cannot be decoded: .*empty\.jpg: empty file"):
+        build_mask_set(**{**kwargs, "source": source}, cfg=MasksConfig(resolution=8, rows_per_shard=24))
+    labels_set = build_mask_set(**{**kwargs, "source": source},
+                                cfg=MasksConfig(resolution=8, rows_per_shard=24, corrupt_images="record"))
+    assert read_metadata(labels_set)["corrupt"] == meta["corrupt"]
+
     # The trials leave the recorded images out (they would fail on read otherwise).
     manifest_path = tmp_path / "manifest.parquet"
     write_manifest(bad, manifest_path)
