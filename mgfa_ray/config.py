@@ -136,8 +136,9 @@ class MasksConfig(_Frozen):
         cpus_per_actor: CPUs per actor; also its image-decoding threads.
         corrupt_images: An image that cannot be decoded is an ``error`` (the stage fails listing
             every such image; finished shards are kept) or gets a ``record``: a row whose
-            ``error`` column says why, with no boxes and empty masks. A trial that needs such an
-            image fails on read, naming it.
+            ``error`` column says why, with no boxes and empty masks; trials leave such images
+            out, with a warning naming them. The job checks every image's first bytes and header
+            right after the manifest, so under ``error`` it stops before the detector.
         location: Where mask sets are written: a local or NFS path, or an object-store URI
             (``s3://bucket/prefix?endpoint_override=...``) read through pyarrow filesystems.
             ``None``: ``<output_dir>/masks``.

@@ -28,13 +28,16 @@ from __future__ import annotations
 import io
 import random
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from .config import ConfigError, DatasetConfig
+from .errors import UserError
 from .io import atomic_write_bytes, sha256_json
 
 COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
@@ -69,6 +72,12 @@ def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, whe
             f"{where}: {n} photo group(s) cannot be split into train/val/test with "
             f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}"
         )
+    left_out = [name for name, frac, k in (("val", cfg.val_fraction, n_val), ("test", cfg.test_fraction, n_test))
+                if frac > 0 and k == 0]
+    if left_out:
+        warnings.warn(f"{where}: {n} photo group(s), too few to split with val_fraction={cfg.val_fraction}, "
+                      f"test_fraction={cfg.test_fraction}: it has no {' or '.join(left_out)} photos and is left out "
+                      f"of their accuracy", stacklevel=3)
     out = {g: "test" for g in groups[:n_test]}
     out.update({g: "val" for g in groups[n_test : n_test + n_val]})
     out.update({g: "train" for g in groups[n_test + n_val :]})
@@ -98,7 +107,15 @@ def _class_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
         for f in files:
             g = group_of[f]
             rows.append((f"{cls}/{f.stem}", str(f.resolve()), label, cls, g, split_of[g]))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for split, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+        if frac > 0 and not (df["split"] == split).any():
+            counts = df.groupby("class_name")["group"].nunique()
+            raise ConfigError(
+                f"dataset: split {split!r} would be empty: every class has too few photo groups for it "
+                f"({', '.join(f'{c}: {n}' for c, n in counts.items())}); add photos or set dataset.{split}_fraction: 0"
+            )
+    return df
 
 
 def _ufg(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
@@ -137,7 +154,12 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
 
     Raises:
         ConfigError: The directory is missing or empty, a requested class is absent, a UFG file
-            name does not parse, or the groups cannot be split as asked.
+            name does not parse, or the groups cannot be split as asked (also: a requested val or
+            test split that no class has groups enough for).
+
+    Warns:
+        UserWarning: A class with too few photo groups for a requested val or test split (it
+            trains on all of them and is absent from that split), naming the class.
     """
     if not images.is_dir():
         raise ConfigError(f"dataset.images: directory {images} does not exist")
@@ -145,6 +167,81 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     df = df.sort_values("image_id", ignore_index=True)
     df["label"] = df["label"].astype("int64")
     return df
+
+
+class ImageError(UserError, ValueError):
+    """Manifest images that cannot be read or decoded; the message names every file (up to a
+    few) and says what to do."""
+
+
+#: First bytes of the formats the manifest takes (JPEG, PNG, BMP).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """Why a file starting with ``head`` (its first 8 bytes or more) is not a JPEG, PNG or BMP
+    image, judged without Pillow (so no plugin is looked for), or ``None`` when it may be one."""
+    if not head:
+        return "empty file (0 bytes)"
+    if not head.startswith(_MAGIC):
+        return f"not a JPEG, PNG or BMP image (it starts with {head[:8]!r})"
+    return None
+
+
+def sniff_image(path: str | Path) -> str | None:
+    """:func:`sniff_bytes` of the file at ``path`` (reads 8 bytes), or why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return sniff_bytes(head)
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why the image at ``path`` cannot be used, from its first bytes and its header (Pillow reads
+    the header, not the pixels: a file cut short in its pixel data passes here and fails when
+    decoded), or ``None``."""
+    reason = sniff_image(path)
+    if reason is not None:
+        return reason
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed on open
+    except Exception as err:  # noqa: BLE001 - any failure to parse this file is the file's
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_images(df: pd.DataFrame, *, corrupt_images: str = "error") -> dict[str, str]:
+    """Check every manifest image's first bytes and header (:func:`image_problem`), once, before
+    any stage decodes them.
+
+    Args:
+        df: The manifest (columns image_id, path).
+        corrupt_images: ``error`` raises on any bad image; ``record`` warns and returns them (the
+            mask stage then records them, and trials leave them out; ``masks.corrupt_images``).
+
+    Returns:
+        ``{image_id: "<path>: <why>"}`` of the bad images (empty when all are fine).
+
+    Raises:
+        ImageError: Bad images under ``corrupt_images="error"``; names them and what to do.
+    """
+    bad = {}
+    for image_id, path in zip(df["image_id"], df["path"]):
+        reason = image_problem(path)
+        if reason is not None:
+            bad[str(image_id)] = f"{path}: {reason}"
+    if not bad:
+        return bad
+    listed = "; ".join(list(bad.values())[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if corrupt_images == "error":
+        raise ImageError(f"{len(bad)} image(s) cannot be read: {listed}. Remove or replace them, or set "
+                         f"masks.corrupt_images: record to record them in the mask set and train without them")
+    warnings.warn(f"{len(bad)} image(s) cannot be read and are recorded as corrupt (masks.corrupt_images: "
+                  f"record); trials leave them out: {listed}", stacklevel=2)
+    return bad
 
 
 def manifest_hash(df: pd.DataFrame) -> str:

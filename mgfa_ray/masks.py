@@ -66,7 +66,9 @@ masks           binary                uint8 array (K, R, R) in C order, values {
                                       ``metadata.json`` (``region_classes``, ``mask_resolution``)
 detector        string                id of the box source (detector key, or ``labels-<hash>``)
 error           string (nullable)     why the image could not be decoded (``corrupt_images:
-                                      record``); null for a good image
+                                      record``; with label files as the box source, the
+                                      photo's first bytes and header are checked); null for a
+                                      good image
 ==============  ====================  ==========================================================
 
 Each shard's Parquet footer carries its statistics (key ``mgfa_ray.shard_stats``: rows, boxes,
@@ -81,13 +83,24 @@ for the softmax variant is a uniform map — no region, no preferred location.
 ``metadata.json``: schema_version, set_id, source (``detector`` | ``labels``), detector_key (the
 box source id), detector_weights_digest (detector source), imgsz, conf, manifest_hash, manifest
 (informational path), mask_resolution, region_classes, corrupt_images (policy), corrupt (image_ids
-recorded as corrupt), rows, rows_per_shard {file: rows}, summary (:func:`summarize`), created.
+recorded as corrupt), rows, rows_per_shard {file: rows}, shard_bytes {file: size in bytes},
+shard_sha256 {file: SHA-256 hex digest}, summary (:func:`summarize`), created. Sets written
+before ``shard_bytes``/``shard_sha256`` existed are read and checked without them.
+
+Integrity. Data are checked where they are read: :func:`read_rows` (hence :func:`read_masks`,
+the trials, ``mgfa-ray masks``) refuses a shard that is missing, unreadable, or of another size
+or row count than ``metadata.json`` records, with a :class:`MaskSetError` naming the set and the
+shard. A rerun of the job never trusts ``metadata.json`` alone: :func:`build_mask_set` checks
+every shard's size and SHA-256 first, deletes the damaged ones (and ``metadata.json``), computes
+them again and publishes the set anew.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
+import io
 import json
 import logging
 import math
@@ -109,8 +122,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .config import MasksConfig
+from .errors import UserError
 from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
-from .regions import Box, parse_label_file
+from .manifest import ImageError, image_problem, sniff_bytes
+from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +149,13 @@ SHARD_SCHEMA = pa.schema([
     ("detector", pa.string()),
     ("error", pa.string()),
 ])
+
+
+class MaskSetError(UserError, ValueError):
+    """A mask set cannot be used as it is: incomplete, damaged (a shard missing, truncated, of
+    another size or row count than ``metadata.json`` records), or not the one the trial needs. The
+    message names the set (and the shard or image) and says what to do; a damaged set is rebuilt
+    by rerunning the job (:func:`build_mask_set` checks every shard before trusting a set)."""
 
 
 def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndarray:
@@ -175,15 +197,27 @@ def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
             >= ``max_side`` (``PIL.Image.draft``); normalised boxes are unaffected.
 
     Raises:
-        ValueError: The file is missing or cannot be decoded (the message names it).
+        ValueError: The file is missing or unreadable, empty, not a JPEG/PNG/BMP file by its first
+            bytes (:func:`mgfa_ray.manifest.sniff_bytes`, checked before Pillow so that no plugin
+            is looked for), or Pillow fails on it in any way — any exception while opening or
+            decoding this one file is the file's fault (Ultralytics' patched ``Image.open``, for
+            one, raises ``ModuleNotFoundError`` on a file it cannot identify). The message names it.
     """
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as f:  # read once: the path may be a pipe
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"cannot decode image {path}: cannot be read ({err.strerror or err})") from None
+    reason = sniff_bytes(data[:8])
+    if reason is not None:
+        raise ValueError(f"cannot decode image {path}: {reason}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             if max_side is not None:
                 img.draft("RGB", (max_side, max_side))
             return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the decode boundary: whatever fails here is this file
+        raise ValueError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -374,8 +408,10 @@ class MaskComputer:
             ``None`` (the shard must not be written).
         """
         ids = rows["image_id"].astype(str).tolist()
-        if isinstance(self.source, LabelBoxes):
-            boxes, errors = self.source.boxes(ids, warn=False), [None] * len(ids)
+        if isinstance(self.source, LabelBoxes):  # no pixels needed: the photo's first bytes and header are checked
+            errors = [None if (why := image_problem(p)) is None else f"cannot decode image {p}: {why}"
+                      for p in rows["path"].astype(str)]
+            boxes = [[] if e else b for b, e in zip(self.source.boxes(ids, warn=False), errors)]
         else:
             boxes, errors = self._detect(rows["path"].astype(str).tolist())
         corrupt = [e for e in errors if e is not None]
@@ -582,18 +618,49 @@ def _plan(fs, set_dir: str, *, set_id: str, n_rows: int, rows_per_shard: int) ->
 
 def _finished(fs, path: str, expected: list[str]) -> dict | None:
     """The footer statistics of the shard at ``path`` if it exists and holds exactly the
-    ``expected`` image_ids (one read of the file), else ``None``."""
+    ``expected`` image_ids (one read of the file), with its size (``bytes``) and SHA-256
+    (``sha256``) added; else ``None``."""
     if not fs_exists(fs, path):
         return None
     try:
-        with fs.open_input_file(path) as f:
-            shard = pq.ParquetFile(f)
-            stats = json.loads(shard.metadata.metadata[STATS_KEY])
-            ids = shard.read(columns=["image_id"]).column("image_id").to_pylist()
-    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or without statistics: rewrite it
+        data = fs_read(fs, path)
+        shard = pq.ParquetFile(pa.BufferReader(data))
+        stats = json.loads(shard.metadata.metadata[STATS_KEY])
+        ids = shard.read(columns=["image_id"]).column("image_id").to_pylist()
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as err:  # unreadable: rewrite it
         log.warning("shard %s unreadable (%s); recomputing it", path, err)
         return None
-    return stats if ids == expected else None
+    return {**stats, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} if ids == expected else None
+
+
+def _damaged_shards(fs, set_dir: str, meta: dict) -> dict[str, str]:
+    """The shards of a published set that are not as ``metadata.json`` records them: ``{name: why}``.
+
+    Checks each listed shard's presence, size and SHA-256 (``shard_bytes``, ``shard_sha256``), or,
+    for a set written before those were recorded, that its footer reads and gives its row count.
+    Reads every shard once.
+    """
+    sizes, sums = meta.get("shard_bytes") or {}, meta.get("shard_sha256") or {}
+    damaged = {}
+    for name, rows in sorted((meta.get("rows_per_shard") or {}).items()):
+        path = f"{set_dir}/{name}"
+        if not fs_exists(fs, path):
+            damaged[name] = "missing"
+            continue
+        data = fs_read(fs, path)
+        if name in sizes and len(data) != sizes[name]:
+            damaged[name] = f"{len(data)} bytes, metadata.json records {sizes[name]}"
+        elif name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
+            damaged[name] = "its SHA-256 differs from the one metadata.json records"
+        elif name not in sums:
+            try:
+                n = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            except (OSError, ValueError, pa.ArrowException) as err:
+                damaged[name] = f"unreadable ({err})"
+                continue
+            if n != rows:
+                damaged[name] = f"{n} rows, metadata.json records {rows}"
+    return damaged
 
 
 def summarize(stats: list[dict], region_classes: list[str]) -> dict:
@@ -645,12 +712,16 @@ def build_mask_set(
         manifest_path: Recorded in the metadata for tools such as ``mgfa-ray masks``.
 
     Returns:
-        The mask set location ``<location>/<set_id>`` (a finished set is returned untouched).
+        The mask set location ``<location>/<set_id>``. A finished set is returned untouched once
+        its shards are checked against ``metadata.json``; damaged shards are computed again.
 
     Raises:
-        ValueError: Images that cannot be decoded under ``corrupt_images="error"`` (all listed;
-            finished shards are kept); ``unlabelled="error"`` and an image without a label file.
-        LabelError: A bad label line (``file:line``), for the ``labels`` source.
+        ImageError: Images that cannot be decoded under ``corrupt_images="error"`` (named; finished
+            shards are kept for a rerun, a set folder without any is deleted).
+        ValueError: ``unlabelled="error"`` and an image without a label file.
+        LabelError: For the ``labels`` source: a bad label line (``file:line``), no label file
+            matching any image (:func:`mgfa_ray.regions.label_layout_hint`), a VOC ``<size>``
+            unlike its photo (:func:`mgfa_ray.regions.check_voc_sizes`).
         RuntimeError: The shards do not hold exactly one row per manifest image; the Ray Data job
             failed (a task raised, or an actor died more than ``ACTOR_RESTARTS`` times); a
             concurrent writer of the set wrote a shard with other content. Finished shards are
@@ -662,15 +733,18 @@ def build_mask_set(
                          cfg=cfg)
     set_location = location_join(location, set_id)
     fs, set_dir = resolve_location(set_location)
-    if fs_exists(fs, f"{set_dir}/{METADATA}"):
+    if fs_exists(fs, f"{set_dir}/{METADATA}") and _intact(fs, set_dir, set_location):
         log.info("mask set %s is complete; skipping", set_location)
         return set_location
     rows = manifest[["image_id", "path", "label", "split"]].astype({"image_id": str, "path": str, "split": str})
     rows = rows.sort_values("image_id", ignore_index=True)
     if rows["image_id"].duplicated().any():
         raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
-    if isinstance(source, LabelBoxes):
-        source.boxes(rows["image_id"].tolist())  # bad label lines and missing files fail here, clearly
+    if isinstance(source, LabelBoxes):  # bad label lines, missing files, wrong VOC sizes fail here, clearly
+        if (hint := label_layout_hint(dict(source.label_files), rows["image_id"].tolist())) is not None:
+            raise LabelError(hint)  # no file matches any image: a layout error, whatever the policy
+        check_voc_sizes(dict(source.label_files), dict(zip(rows["image_id"], rows["path"])))
+        source.boxes(rows["image_id"].tolist())
 
     fs.create_dir(set_dir, recursive=True)
     _clean_temporaries(fs, set_dir, published=False)
@@ -701,10 +775,14 @@ def build_mask_set(
 
     corrupt = [m for r in results for m in json.loads(r["corrupt"])]
     if corrupt and cfg.corrupt_images == "error":
-        raise ValueError(
-            f"mask set {set_location}: {len(corrupt)} image(s) cannot be decoded (masks.corrupt_images: error): "
-            f"{corrupt[:5]}; fix or remove them, or set masks.corrupt_images: record. The "
-            f"{len(parts) - sum(1 for r in results if r['rows'] == 0)} finished shards are kept; a rerun computes the rest"
+        kept = _abandon(fs, set_dir)
+        raise ImageError(
+            f"{len(corrupt)} image(s) cannot be decoded: {'; '.join(corrupt[:5])}"
+            + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+            + ". Remove or replace them, or set masks.corrupt_images: record to record them in the mask set and "
+            "train without them"
+            + (f". The {kept} finished shard(s) in {set_location} are reused when the manifest is unchanged "
+               f"(images replaced under the same names)" if kept else "")
         )
     return _publish(fs, set_dir, set_location, parts=parts, metadata={
         "set_id": set_id,
@@ -719,6 +797,40 @@ def build_mask_set(
         "region_classes": list(region_classes),
         "corrupt_images": cfg.corrupt_images,
     })
+
+
+def _intact(fs, set_dir: str, set_location: str) -> bool:
+    """Whether a published set is as its ``metadata.json`` records it (:func:`_damaged_shards`). If
+    not, the damaged shards and ``metadata.json`` are deleted, with a warning naming them, so the
+    caller rebuilds those shards and publishes the set again."""
+    try:
+        damaged = _damaged_shards(fs, set_dir, json.loads(fs_read(fs, f"{set_dir}/{METADATA}")))
+    except (ValueError, AttributeError) as err:  # metadata.json unreadable or not an object
+        damaged = {METADATA: f"unreadable ({err})"}
+    if not damaged:
+        return True
+    log.warning("mask set %s is damaged (%s); rebuilding what is damaged", set_location,
+                "; ".join(f"{n}: {why}" for n, why in damaged.items()))
+    for name in [n for n in damaged if n != METADATA] + [METADATA]:
+        try:
+            fs.delete_file(f"{set_dir}/{name}")
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def _abandon(fs, set_dir: str) -> int:
+    """After a failed build: the number of finished shards in ``set_dir``, which are kept for a
+    rerun; when there are none, the set's folder (its plan and temporaries) is deleted, so no
+    empty set is left behind."""
+    names = fs_list(fs, set_dir)
+    shards = sum(1 for n in names if n.startswith("shard-") and n.endswith(".parquet"))
+    if not shards:
+        try:
+            fs.delete_dir(set_dir)
+        except FileNotFoundError:
+            pass
+    return shards
 
 
 def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
@@ -751,13 +863,15 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
 def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFrame], metadata: dict) -> str:
     """Check every planned shard holds its images exactly once, then write ``metadata.json`` (unless a
     concurrent writer published the set first) and delete every temporary left in the set."""
-    stats, rows_per_shard = [], {}
+    stats, rows_per_shard, shard_bytes, shard_sha256 = [], {}, {}, {}
     for i, part in parts.items():
         shard_stats = _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())
         if shard_stats is None:
             raise RuntimeError(f"mask set {set_location}: {shard_name(i)} is missing or does not hold its "
                                f"{len(part)} planned images")
         rows_per_shard[shard_name(i)] = shard_stats["rows"]
+        shard_bytes[shard_name(i)] = shard_stats["bytes"]
+        shard_sha256[shard_name(i)] = shard_stats["sha256"]
         stats.append(shard_stats)
     extra = [n for n in fs_list(fs, set_dir) if n.endswith(".parquet") and n not in rows_per_shard]
     if extra:
@@ -768,6 +882,8 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
         **metadata,
         "rows": sum(rows_per_shard.values()),
         "rows_per_shard": rows_per_shard,
+        "shard_bytes": shard_bytes,
+        "shard_sha256": shard_sha256,
         "corrupt": [i for s in stats for i in s["corrupt"]],
         "summary": summarize(stats, region_classes),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -805,37 +921,64 @@ def resolve_mask_set(location: str | Path) -> str:
     return location_join(location, set_id)
 
 
+_REBUILD = "rerun the job (`mgfa-ray run JOB`) to rebuild it"
+
+
 def read_metadata(location: str | Path) -> dict:
     """The ``metadata.json`` of a complete mask set (``location`` may be a job's mask directory:
     its current set is read, :func:`resolve_mask_set`).
 
     Raises:
-        ValueError: The location holds no complete mask set, or one of another schema version.
+        MaskSetError: The location holds no complete mask set, its ``metadata.json`` is
+            unreadable, or the set is of another schema version.
     """
     location = resolve_mask_set(location)
     fs, set_dir = resolve_location(location)
-    meta = _read_json(fs, f"{set_dir}/{METADATA}")
+    try:
+        meta = _read_json(fs, f"{set_dir}/{METADATA}")
+    except ValueError as err:
+        raise MaskSetError(f"mask set {location}: {METADATA} is unreadable ({err}); {_REBUILD}") from None
     if meta is None:
-        raise ValueError(f"{location} is not a complete mask set (no {METADATA}); run or rerun the job's mask stage")
+        raise MaskSetError(f"{location} is not a complete mask set (no {METADATA}); run or rerun the job's mask stage")
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"mask set {location}: schema version {meta.get('schema_version')}, this mgfa-ray reads "
-                         f"{SCHEMA_VERSION}; recompute it (rerun the job's mask stage)")
+        raise MaskSetError(f"mask set {location}: schema version {meta.get('schema_version')}, this mgfa-ray reads "
+                           f"{SCHEMA_VERSION}; recompute it (rerun the job's mask stage)")
     return meta
 
 
 def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every row of a complete mask set (plain pyarrow; shards in order).
+    """Every row of a complete mask set (plain pyarrow; shards in order), checked against its
+    ``metadata.json``: each listed shard must exist, have the recorded size (sets written since
+    sizes were recorded) and hold the recorded number of rows. Checksums are checked by the job's
+    rerun (:func:`build_mask_set`), which reads every byte anyway.
 
     Raises:
-        ValueError: Not a complete mask set (see :func:`read_metadata`).
+        MaskSetError: Not a complete mask set (see :func:`read_metadata`); a shard is missing,
+            unreadable (truncated, not Parquet), of another size or row count; the message names
+            the set and the shard and says that rerunning the job rebuilds it.
     """
     location = resolve_mask_set(location)
     meta = read_metadata(location)
     fs, set_dir = resolve_location(location)
+    sizes = meta.get("shard_bytes") or {}
     tables = []
-    for name in sorted(meta["rows_per_shard"]):
-        with fs.open_input_file(f"{set_dir}/{name}") as f:
-            tables.append(pq.read_table(f, columns=columns))
+    for name, rows in sorted(meta["rows_per_shard"].items()):
+        path = f"{set_dir}/{name}"
+        if not fs_exists(fs, path):
+            raise MaskSetError(f"mask set {location}: shard {name} is missing; {_REBUILD}")
+        try:
+            size = fs.get_file_info(path).size
+            if name in sizes and size != sizes[name]:
+                raise MaskSetError(f"mask set {location}: shard {name} has {size} bytes, {METADATA} records "
+                                   f"{sizes[name]} (truncated or replaced); {_REBUILD}")
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=columns)
+        except (OSError, pa.ArrowException) as err:  # truncated, not Parquet, unreadable
+            raise MaskSetError(f"mask set {location}: shard {name} is unreadable ({err}); {_REBUILD}") from None
+        if table.num_rows != rows:
+            raise MaskSetError(f"mask set {location}: shard {name} holds {table.num_rows} rows, {METADATA} records "
+                               f"{rows}; {_REBUILD}")
+        tables.append(table)
     return pa.concat_tables(tables).to_pandas()
 
 
@@ -854,49 +997,49 @@ def read_masks(location: str | Path, *, image_ids: list[str], region_classes: li
         ``image_ids``, and the set's metadata.
 
     Raises:
-        ValueError: Not a complete set or another schema version; region classes differ; the
+        MaskSetError: Not a complete set or another schema version; region classes differ; the
             shards do not hold the rows the metadata says; an image has no row or several; a row
             of another box source; a mask of the wrong byte size; an image recorded as corrupt; a
             label that differs from the manifest's. Each message names the set and the images.
     """
     meta = read_metadata(location)
     if list(meta["region_classes"]) != list(region_classes):
-        raise ValueError(
+        raise MaskSetError(
             f"mask set {location}: region classes {meta['region_classes']} do not match the "
             f"model's {list(region_classes)}"
         )
     k, r = len(region_classes), int(meta["mask_resolution"])
     table = read_rows(location, columns=["image_id", "label", "masks", "detector", "error"])
     if len(table) != meta["rows"]:
-        raise ValueError(f"mask set {location}: shards hold {len(table)} rows, metadata says {meta['rows']}")
+        raise MaskSetError(f"mask set {location}: shards hold {len(table)} rows, metadata says {meta['rows']}")
     counts = table["image_id"].value_counts()
     missing = [i for i in image_ids if i not in counts.index]
     if missing:
-        raise ValueError(f"mask set {location}: no mask row for {len(missing)} image(s), e.g. {missing[:3]}")
+        raise MaskSetError(f"mask set {location}: no mask row for {len(missing)} image(s), e.g. {missing[:3]}")
     dup = counts[counts > 1]
     if len(dup):
-        raise ValueError(f"mask set {location}: several rows for image(s) {list(dup.index[:3])}")
+        raise MaskSetError(f"mask set {location}: several rows for image(s) {list(dup.index[:3])}")
     table = table.set_index("image_id").loc[list(image_ids)]
     foreign = table["detector"] != meta["detector_key"]
     if foreign.any():
-        raise ValueError(
+        raise MaskSetError(
             f"mask set {location}: image {table.index[foreign.to_numpy()][0]!r} has rows of box source "
             f"{table['detector'][foreign].iloc[0]!r}, the set's is {meta['detector_key']!r}"
         )
     bad = table["error"].notna()
     if bad.any():
-        raise ValueError(
+        raise MaskSetError(
             f"mask set {location}: {int(bad.sum())} needed image(s) were recorded as corrupt, e.g. "
             f"{table.index[bad.to_numpy()][0]!r}: {table['error'][bad].iloc[0]}; remove them from the manifest"
         )
     if labels is not None:
         wrong = table["label"].to_numpy() != np.asarray(labels)
         if wrong.any():
-            raise ValueError(f"mask set {location}: labels of {list(table.index[wrong][:3])} differ from the "
+            raise MaskSetError(f"mask set {location}: labels of {list(table.index[wrong][:3])} differ from the "
                              f"manifest's; the set belongs to another manifest")
     sizes = table["masks"].map(len)
     if (sizes != k * r * r).any():
         i = table.index[(sizes != k * r * r).to_numpy()][0]
-        raise ValueError(f"mask set {location}: mask of {i!r} has {sizes[i]} bytes, expected {k}x{r}x{r}")
+        raise MaskSetError(f"mask set {location}: mask of {i!r} has {sizes[i]} bytes, expected {k}x{r}x{r}")
     out = np.frombuffer(bytearray(b"".join(table["masks"])), np.uint8).reshape(len(image_ids), k, r, r)
     return out, meta

@@ -40,9 +40,9 @@ from .config import (
 from .detector import train_detector
 from .io import atomic_write_json, atomic_write_yaml
 from .lock import DirectoryLock
-from .manifest import build_manifest, manifest_hash, write_manifest
+from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
-from .regions import index_labels, select_annotated
+from .regions import LabelError, index_labels, label_layout_hint, select_annotated
 from .search import create_search, export_search, run_search
 from .search_space import SearchSpace, load_search_space
 
@@ -121,6 +121,7 @@ def prepare_data(
 
     t = _banner("manifest")
     manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset)
+    check_images(manifest, corrupt_images=cfg.masks.corrupt_images)  # a bad file stops the job here, not in the masks
     write_manifest(manifest, out / "manifest.parquet")
     counts = manifest["split"].value_counts().to_dict()
     print(f"{len(manifest)} images, {manifest['label'].nunique()} classes, splits {counts}", flush=True)
@@ -140,6 +141,8 @@ def prepare_data(
             conf=cfg.detector.conf, batch_size=cfg.masks.batch_size)
     else:  # the label files as they are: no detector
         det = None
+        if (hint := label_layout_hint(labels, manifest["image_id"].tolist())) is not None:
+            raise LabelError(hint)  # labels laid out unlike the images (e.g. one flat folder)
         ids = set(manifest["image_id"])
         source = LabelBoxes.create({i: p for i, p in labels.items() if i in ids}, classes=cfg.regions.classes,
                                    unknown_class=cfg.regions.unknown_class, unlabelled=cfg.regions.unlabelled)

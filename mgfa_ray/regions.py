@@ -17,15 +17,18 @@ is outside the configured region classes either raise or are skipped with a warn
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from xml.parsers import expat
 
 import pandas as pd
+from PIL import Image
 
 from .errors import UserError
 
@@ -71,7 +74,8 @@ def parse_yolo_file(
     """Parse and validate one YOLO txt label file.
 
     Args:
-        path: The ``.txt`` file. An empty file means an image with no regions.
+        path: The ``.txt`` file (UTF-8; a byte order mark at its start, as some Windows editors
+            write, is ignored). An empty file means an image with no regions.
         num_classes: Number of region classes; valid ids are 0..num_classes-1.
         unknown_class: ``error`` raises on an id outside that range; ``skip`` drops the line and
             warns with file:line.
@@ -86,7 +90,7 @@ def parse_yolo_file(
     """
     path = Path(path)
     boxes = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # a BOM is dropped
         line = raw.strip()
         if not line:
             continue
@@ -354,6 +358,82 @@ def index_labels(label_dir: str | Path) -> dict[str, Path]:
     return out
 
 
+def label_layout_hint(label_files: Mapping[str, str | Path], image_ids: list[str]) -> str | None:
+    """When no label file's id is a manifest image_id: a message saying where the labels were
+    looked for and which layout is expected (with a hint when they sit in one flat folder whose
+    stems match the images'); ``None`` when some match.
+
+    Args:
+        label_files: image_id → label file (:func:`index_labels`).
+        image_ids: The manifest's image_ids.
+    """
+    ids = set(image_ids)
+    if any(i in ids for i in label_files) or not label_files or not ids:
+        return None
+    where = os.path.commonpath([str(Path(f).parent) for f in label_files.values()])
+    label_id, image_id = sorted(label_files)[0], sorted(ids)[0]
+    msg = (f"none of the {len(label_files)} label files under {where} belongs to a manifest image: a label "
+           f"file's id is its path under the label directory without suffix (e.g. {label_id!r}), and the "
+           f"manifest's ids are {'<class>/<stem>' if '/' in image_id else '<stem>'} (e.g. {image_id!r}); lay the "
+           f"labels out as the images are: <labels>/{'<class>/' if '/' in image_id else ''}<stem>.txt (or .xml)")
+    stems = {i.rsplit("/", 1)[-1]: i for i in ids}
+    flat = [i for i in label_files if "/" not in i and i in stems]
+    if flat:
+        msg += (f". They sit in one flat folder: move each into a subfolder named after its class, "
+                f"e.g. {label_files[flat[0]]} to {where}/{stems[flat[0]]}{Path(label_files[flat[0]]).suffix}")
+    return msg
+
+
+def check_voc_sizes(label_files: Mapping[str, str | Path], image_paths: Mapping[str, str]) -> None:
+    """Check that each VOC label's ``<size>`` is the size of its photo (Pillow reads the header).
+
+    VOC boxes are normalised by ``<size>``. Another aspect ratio than the photo's makes every
+    box wrong: an error. The same aspect ratio (within 1%) at another scale is right when the
+    photo was rescaled after annotation: a warning. YOLO files, images without a label and
+    photos that cannot be read (the image check reports them) are skipped.
+
+    Args:
+        label_files: image_id → label file.
+        image_paths: image_id → photo file.
+
+    Raises:
+        LabelError: A ``<size>`` of another aspect ratio than the photo; names the label file
+            (``file:line``), the photo and both sizes.
+    """
+    from .manifest import sniff_image
+
+    for image_id, label in label_files.items():
+        label, photo = Path(label), image_paths.get(image_id)
+        if label.suffix != ".xml" or photo is None or sniff_image(photo) is not None:
+            continue
+        try:
+            with Image.open(photo) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001, S112 - an unreadable photo is reported by the image check
+            continue
+        root = _read_xml(label)
+        size = root.find("size")
+        if root.tag != "annotation" or size is None:
+            continue  # the parser reports it
+        try:
+            xw, xh = (float(size.find(t).text) for t in ("width", "height"))
+        except (AttributeError, ValueError):
+            continue  # the parser reports it
+        if (xw, xh) == (w, h) or min(xw, xh) <= 0:
+            continue
+        sizes = f"<size> {xw:g}x{xh:g}"
+        if abs(xw / xh - w / h) <= 0.01 * w / h:
+            warnings.warn(f"{label}:{size.line}: {sizes} differs from the photo {photo} ({w}x{h} pixels) at the "
+                          f"same aspect ratio; boxes are normalised by <size>, right if the photo was rescaled "
+                          f"after annotation", stacklevel=2)
+            continue
+        raise LabelError(
+            f"{label}:{size.line}: {sizes} does not match the photo {photo} ({w}x{h} pixels); boxes normalised by a "
+            f"wrong size are wrong: correct <width> and <height> to the photo's (swapped ones suggest a photo "
+            f"rotated after annotation)"
+        )
+
+
 def select_annotated(
     label_files: dict[str, Path], manifest: pd.DataFrame, *, max_images: int | None, seed: int
 ) -> dict[str, Path]:
@@ -373,10 +453,18 @@ def select_annotated(
         image_id → label file, sorted by image_id.
 
     Raises:
-        LabelError: ``max_images`` is set and no train-split image has a label file.
+        LabelError: No label file belongs to a manifest image (the message says where the labels
+            were looked for and the layout expected, :func:`label_layout_hint`); ``max_images``
+            is set and no train-split image has a label file; a VOC ``<size>`` of another aspect
+            ratio than its photo (:func:`check_voc_sizes`, when the manifest has a ``path`` column).
     """
     ids = set(manifest["image_id"])
+    hint = label_layout_hint(label_files, list(ids))
+    if hint is not None:
+        raise LabelError(hint)
     in_manifest = {k: v for k, v in sorted(label_files.items()) if k in ids}
+    if "path" in manifest:
+        check_voc_sizes(in_manifest, dict(zip(manifest["image_id"], manifest["path"])))
     if max_images is None:
         return in_manifest
     train = set(manifest.loc[manifest["split"] == "train", "image_id"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +44,7 @@ from PIL import Image
 from .config import TrainConfig, to_dict
 from .io import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
-from .masks import decode_rgb, read_masks, read_rows
+from .masks import decode_rgb, read_masks, read_metadata, read_rows
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 from .worker import LastValue
 
@@ -500,7 +501,7 @@ def trial_data_key(cfg: TrainConfig, cache_dir: Path | None) -> str | None:
     """What the decoded data of ``cfg`` depend on: the manifest file (path, size, modification
     time), the mask set (its location and ``metadata.json``) and the config fields that select,
     crop and resize. ``None`` (do not keep) when the manifest is not a local file."""
-    from .masks import read_metadata, resolve_mask_set
+    from .masks import resolve_mask_set
 
     manifest = Path(cfg.manifest)
     if is_uri(cfg.manifest) or not manifest.is_file():
@@ -513,6 +514,11 @@ def trial_data_key(cfg: TrainConfig, cache_dir: Path | None) -> str | None:
 
 def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
     manifest = read_manifest(cfg.manifest)
+    corrupt = set(read_metadata(cfg.masks).get("corrupt") or [])  # masks.corrupt_images: record
+    if corrupt:
+        warnings.warn(f"mask set {cfg.masks}: {len(corrupt)} image(s) recorded as corrupt are left out: "
+                      f"{sorted(corrupt)[:5]}", stacklevel=2)
+        manifest = manifest[~manifest["image_id"].isin(corrupt)]
     num_classes = int(manifest["label"].max()) + 1
     class_names = manifest.drop_duplicates("label").set_index("label")["class_name"].reindex(range(num_classes))
     parts = {"train": manifest[manifest["split"] == "train"], "eval": manifest[manifest["split"] == cfg.eval_split]}
