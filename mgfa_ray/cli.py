@@ -335,8 +335,8 @@ def _dashboard(search_dir: str, *, host: str, port: int) -> int:
     try:
         import optuna_dashboard
     except ImportError:
-        raise ConfigError("optuna-dashboard is not installed: pip install -e '.[dashboard]' "
-                          "(or `pip install optuna-dashboard`)") from None
+        raise ConfigError("optuna-dashboard is not installed: install the extra, pip install 'mgfa-ray[dashboard]' "
+                          "(in a clone: .venv/bin/pip install -e '.[dashboard]')") from None
     from .search import read_record
     from .status import study_location
     from .study import StudyRef
