@@ -90,6 +90,9 @@ def open_study_readonly(storage: str, study_name: str) -> optuna.Study:
 
 def _open_study(storage: str, study_name: str) -> tuple[optuna.Study, ReadOnlyJournal | None]:
     journal = None
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        # sqlite would create an empty database file on connecting
+        raise UserError(f"{storage}: the search's study database does not exist")
     if "://" in storage:
         backend = optuna.storages.RDBStorage(storage, skip_table_creation=True, skip_compatibility_check=True)
     else:
