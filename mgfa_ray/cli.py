@@ -2,6 +2,14 @@
 
 Subcommands:
   * ``mgfa-ray run JOB.yaml [--smoke]`` — the chained job (:func:`mgfa_ray.pipeline.run_job`).
+  * One stage at a time, each reusing what earlier stages left (:func:`mgfa_ray.pipeline.run_job`
+    with ``until``): ``mgfa-ray detector train JOB`` (manifest and detector), ``mgfa-ray detector
+    eval JOB`` (the trained detector's held-out mAP@0.5 per class, from its ``metrics.json``),
+    ``mgfa-ray masks build JOB`` (up to the mask set), ``mgfa-ray search start JOB`` (every stage,
+    as ``run``).
+  * ``--set KEY=VALUE`` (repeatable) on every command taking a JOB: override any job field by its
+    dotted key (``--set detector.epochs=30 --set search.num_samples=4``); the value is parsed as
+    YAML and the result validated like the file, so an error names the key.
   * ``mgfa-ray train --config FILE [--seeds N]`` — one trial config, e.g. a search's
     ``best_config.yaml``; with ``--seeds N`` N seeds as trials on Ray, reporting mean ± 95% CI
     (:func:`mgfa_ray.ablation.run_seeds`).
@@ -13,9 +21,12 @@ Subcommands:
     :func:`mgfa_ray.cam.render_cams`).
   * ``mgfa-ray search resume DIR [--more-trials N] [--errored skip|resume|restart]`` — continue a
     search after its driver died, extend a finished one, then export it
-    (:func:`mgfa_ray.search.run_search`); ``mgfa-ray search export DIR`` only exports.
-  * ``mgfa-ray masks SET [--images ID ...] [--split S] [--count 8] [--seed 0]`` — detected regions
-    and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
+    (:func:`mgfa_ray.search.run_search`); ``mgfa-ray search export DIR`` only exports;
+    ``mgfa-ray search status DIR [--json]`` reports a running or finished search without touching
+    it (:func:`mgfa_ray.status.search_status`); ``mgfa-ray search dashboard DIR`` serves its study
+    in optuna-dashboard (the ``dashboard`` extra).
+  * ``mgfa-ray masks show SET [--images ID ...] [--split S] [--count 8] [--seed 0]`` — detected
+    regions and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
     :func:`mgfa_ray.mask_view.render_mask_figures`).
 
 Bad input (config, data root, labels, masks) prints one ``error: ...`` line naming the file and field
@@ -32,8 +43,21 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import JobConfig, TrainConfig, load_config
+import yaml
+
+from .config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
 from .errors import UserError, debug_enabled
+
+
+def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of every command that takes a job file."""
+    p.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20.yaml")
+    p.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch, 2 trials)")
+    p.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field by its dotted key, value parsed as YAML (repeatable), "
+                        "e.g. --set detector.epochs=30 --set search.num_samples=4")
+    return p
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,10 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error as well (same as MGFA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a job: manifest → detector → masks → search → export")
-    run.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20.yaml")
-    run.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch, 2 trials)")
-    run.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
+    _job_args(sub.add_parser("run", help="run a job: manifest → detector → masks → search → export"))
+    detector = sub.add_parser("detector", help="the region detector stage alone")
+    detector_sub = detector.add_subparsers(dest="detector_command", required=True)
+    _job_args(detector_sub.add_parser("train", help="manifest and detector (skipped when already trained)"))
+    det_eval = _job_args(detector_sub.add_parser(
+        "eval", help="the job's trained detector: held-out mAP@0.5 per region class (from its metrics.json)"))
+    det_eval.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    # Cross-validation (`--folds K`: grouped k-fold mAP@0.5 over all annotated photos) belongs here.
     train = sub.add_parser("train", help="train one config (e.g. export/best_config.yaml)")
     train.add_argument("--config", type=Path, required=True, help="TrainConfig YAML")
     train.add_argument("--output-dir", type=Path, default=None,
@@ -52,14 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
     train.add_argument("--seeds", type=int, default=None, metavar="N",
                        help="train N seeds (config seed, +1, …) as trials on Ray and report mean ± 95%% CI")
-    abl = sub.add_parser("ablation", help="Table III: ablation rows x seeds x formulations, with confidence intervals")
-    abl.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20_fewshot.yaml")
+    abl = _job_args(sub.add_parser(
+        "ablation", help="Table III: ablation rows x seeds x formulations, with confidence intervals"))
     abl.add_argument("--rows", nargs="+", default=None, help="rows: backbone, a region kind, all (default: the job's)")
     abl.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per cell (default: the job's, 5)")
     abl.add_argument("--formulations", nargs="+", default=None, metavar="ACTIVATION",
                      help="softmax, softmax_scaled, sigmoid (default: the job's)")
-    abl.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch)")
-    abl.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
     cam = sub.add_parser("cam", help="class activation maps of a trained run, one PNG per image (paper Fig. 4)")
     cam.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt (or its directory)")
     cam.add_argument("--images", nargs="+", default=None, metavar="ID", help="manifest image ids (default: --split)")
@@ -70,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     cam.add_argument("--cam-class", choices=["predicted", "true"], default="predicted",
                      help="explain the predicted class (default) or the true label")
     cam.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    search = sub.add_parser("search", help="resume, extend or export a search")
+    search = sub.add_parser("search", help="start, watch, resume, extend or export a search")
     search_sub = search.add_subparsers(dest="search_command", required=True)
+    _job_args(search_sub.add_parser("start", help="every stage of a job and its search, then export (as `run`)"))
     resume = search_sub.add_parser("resume", help="continue a search cut short, or extend it; then export")
     resume.add_argument("dir", help="search directory (outputs/<job>/search/<job>) or its object-store URI")
     resume.add_argument("--more-trials", type=int, default=0, metavar="N", help="add N trials in a new run")
@@ -82,15 +109,70 @@ def _parser() -> argparse.ArgumentParser:
     export = search_sub.add_parser("export", help="write best config, best checkpoint, trial tables and plots")
     export.add_argument("dir", help="search directory or URI")
     export.add_argument("--output-dir", type=Path, default=None, help="default <dir>/export")
-    masks = sub.add_parser("masks", help="detected regions and masks over a sample of photos, and a summary (paper Fig. 3)")
-    masks.add_argument("set", help="mask set location: outputs/<job>/masks/<set_id>, or an s3:// URI")
-    masks.add_argument("--images", nargs="+", default=None, metavar="ID", help="image ids (default: a sample)")
-    masks.add_argument("--split", default=None, help="sample from this split only (default: all)")
-    masks.add_argument("--count", type=int, default=8, help="sample size (default 8)")
-    masks.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    masks.add_argument("--manifest", default=None, help="manifest with the photo paths (default: the set's)")
-    masks.add_argument("--output-dir", type=Path, default=None, help="default: outputs/mask_figures/<set_id>")
+    status = search_sub.add_parser("status", help="trials per state, best so far, rungs, epochs and ETA of a "
+                                                  "running or finished search (read-only)")
+    status.add_argument("dir", help="search directory or URI")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    dash = search_sub.add_parser("dashboard", help="serve the search's Optuna study in optuna-dashboard "
+                                                   "(pip install 'mgfa-ray[dashboard]')")
+    dash.add_argument("dir", help="search directory or URI")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    masks = sub.add_parser("masks", help="the mask set stage alone, and figures of a mask set")
+    masks_sub = masks.add_subparsers(dest="masks_command", required=True)
+    _job_args(masks_sub.add_parser("build", help="manifest, detector and mask set (each skipped when done)"))
+    show = masks_sub.add_parser("show", help="detected regions and masks over a sample of photos, and a summary "
+                                             "(paper Fig. 3)")
+    show.add_argument("set", help="mask set location: outputs/<job>/masks/<set_id>, or an s3:// URI")
+    show.add_argument("--images", nargs="+", default=None, metavar="ID", help="image ids (default: a sample)")
+    show.add_argument("--split", default=None, help="sample from this split only (default: all)")
+    show.add_argument("--count", type=int, default=8, help="sample size (default 8)")
+    show.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    show.add_argument("--manifest", default=None, help="manifest with the photo paths (default: the set's)")
+    show.add_argument("--output-dir", type=Path, default=None, help="default: outputs/mask_figures/<set_id>")
     return p
+
+
+def load_job(path: Path, overrides: list[str] = (), *, output_dir: Path | None = None) -> JobConfig:
+    """The job file ``path`` with ``--set KEY=VALUE`` overrides applied, validated as one document.
+
+    Args:
+        path: Job YAML.
+        overrides: ``KEY=VALUE`` strings: ``KEY`` a dotted field path (``detector.epochs``,
+            ``search.warm_start.storage``), ``VALUE`` parsed as YAML (``30`` an int, ``[a, b]`` a
+            list, ``null`` None). Later overrides win.
+        output_dir: Replaces ``output_dir`` (the ``--output-dir`` option).
+
+    Raises:
+        ConfigError: The file is missing or invalid, an override is not ``KEY=VALUE``, its value is
+            not YAML, it descends into a field that is not a section, or the result fails validation
+            (each message names the key).
+    """
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted field path, e.g. detector.epochs=30")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({err})") from None
+        node, parts = data, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section with fields")
+            node = child
+        node[parts[-1]] = value
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    given = " ".join(f"--set {o}" for o in overrides)
+    return validate(JobConfig, data, source=f"{path} with {given}" if overrides else str(path))
 
 
 def _default_export_dir(search_dir: str) -> Path:
@@ -132,20 +214,13 @@ def _report(err: BaseException, status: int) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; return the exit status."""
-    if args.command == "run":
-        from .pipeline import run_job
-
-        job = load_config(JobConfig, args.job)
-        if args.output_dir is not None:
-            job = job.model_copy(update={"output_dir": str(args.output_dir)})
-        run_job(job, smoke=args.smoke)
-    elif args.command == "ablation":
+    if args.command in ("run", "detector", "masks", "search") and hasattr(args, "job"):
+        return _stage_command(args)
+    if args.command == "ablation":
         from .ablation import run_ablation
-        from .config import to_dict, validate
+        from .config import to_dict
 
-        job = load_config(JobConfig, args.job)
-        if args.output_dir is not None:
-            job = job.model_copy(update={"output_dir": str(args.output_dir)})
+        job = load_job(args.job, args.overrides, output_dir=args.output_dir)
         given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
                                    ("formulations", args.formulations)) if v is not None}
         if given:  # validated as the job's fields, so an error names ablation.<field>
@@ -160,14 +235,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                             device=args.device)
         print(f"{len(paths)} CAM figures in {paths[0].parent if paths else args.output_dir}")
     elif args.command == "search":
-        from .search import export_search, run_search
-
-        if args.search_command == "resume":
-            run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
-        out = args.output_dir or _default_export_dir(args.dir)
-        summary = export_search(args.dir, out)
-        print(json.dumps(summary, indent=2))
-        print(f"best config: {Path(out) / 'best_config.yaml'}")
+        return _search_command(args)
     elif args.command == "masks":
         from .mask_view import render_mask_figures
 
@@ -189,6 +257,96 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             train_to_dir(cfg, out, resume=args.resume, cache_dir=Path("outputs") / "cache")
         print(f"outputs in {out}")
+    return 0
+
+
+def _stage_command(args: argparse.Namespace) -> int:
+    """``run``, ``detector train|eval``, ``masks build`` and ``search start``: a job up to a stage."""
+    from .pipeline import run_job, smoke_config
+
+    job = load_job(args.job, args.overrides, output_dir=args.output_dir)
+    if args.command == "detector" and args.detector_command == "eval":
+        return _detector_eval(smoke_config(job) if args.smoke else job, as_json=args.json)
+    until = {"detector": "detector", "masks": "masks"}.get(args.command, "search")
+    report = run_job(job, smoke=args.smoke, until=until)
+    if until != "search":
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _detector_eval(job: JobConfig, *, as_json: bool) -> int:
+    """Print the held-out mAP@0.5 per region class of the job's trained detector (its metrics.json)."""
+    path = Path(job.output_dir) / "detector" / "metrics.json"
+    if job.regions.source != "detector":
+        raise ConfigError(f"regions.source is {job.regions.source!r}: job {job.name!r} trains no detector")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no trained detector for job {job.name!r}; train it with "
+                          "`mgfa-ray detector train JOB` (the same --set options)")
+    try:
+        metrics = json.loads(path.read_text())
+        per_class = metrics["per_class"]
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"{path}: not a detector metrics file ({err}); rerun `mgfa-ray detector train JOB`") from None
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    differ = [f"{k} {metrics.get(k)!r} (job: {getattr(job.detector, k)!r})" for k in ("model", "imgsz", "epochs", "seed")
+              if k in metrics and metrics[k] != getattr(job.detector, k)]
+    print(f"detector {metrics.get('detector_key')} ({path.parent / 'weights.pt'}): {metrics.get('model')}, "
+          f"imgsz {metrics.get('imgsz')}, {metrics.get('epochs')} epochs; {metrics.get('n_train')} train / "
+          f"{metrics.get('n_holdout')} held-out photos")
+    print(f"{'class':<16}{'mAP@0.5':>9}{'mAP@0.5:0.95':>14}{'held-out boxes':>16}")
+
+    def num(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+    for name, m in per_class.items():
+        print(f"{name:<16}{num(m.get('map50')):>9}{num(m.get('map50_95')):>14}{m.get('n_holdout_instances', ''):>16}")
+    print(f"{'all':<16}{num(metrics.get('map50')):>9}{num(metrics.get('map50_95')):>14}")
+    if differ:
+        print(f"note: trained with other settings than the job's: {', '.join(differ)}; "
+              "`mgfa-ray detector train JOB` retrains it")
+    return 0
+
+
+def _search_command(args: argparse.Namespace) -> int:
+    """``search resume|export|status|dashboard DIR``."""
+    if args.search_command == "status":
+        from .status import format_status, search_status
+
+        status = search_status(args.dir)
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return 0
+    if args.search_command == "dashboard":
+        return _dashboard(args.dir, host=args.host, port=args.port)
+    from .search import export_search, run_search
+
+    if args.search_command == "resume":
+        run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
+    out = args.output_dir or _default_export_dir(args.dir)
+    summary = export_search(args.dir, out)
+    print(json.dumps(summary, indent=2))
+    print(f"best config: {Path(out) / 'best_config.yaml'}")
+    return 0
+
+
+def _dashboard(search_dir: str, *, host: str, port: int) -> int:
+    """Serve the search's Optuna study with optuna-dashboard until interrupted."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError("optuna-dashboard is not installed: install the extra, pip install 'mgfa-ray[dashboard]' "
+                          "(in a clone: .venv/bin/pip install -e '.[dashboard]')") from None
+    from .search import read_record
+    from .status import study_location
+    from .study import StudyRef
+
+    record = read_record(search_dir)
+    ref = StudyRef(study_location(search_dir, record.study.storage), record.study.study_name)
+    ref.load()  # a clear error when the study does not exist yet
+    print(f"optuna-dashboard for study {ref.study_name!r} in {ref.storage}: http://{host}:{port}/dashboard "
+          "(Ctrl-C stops it)", flush=True)
+    optuna_dashboard.run_server(ref.open_storage(), host=host, port=port)
     return 0
 
 

@@ -281,7 +281,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split: str | None = None,
                   count: int = 8, seed: int | None = None, source: str = "manifest") -> pd.DataFrame:
-    """Rows of a manifest chosen for a figure command (``mgfa-ray cam``, ``mgfa-ray masks``).
+    """Rows of a manifest chosen for a figure command (``mgfa-ray cam``, ``mgfa-ray masks show``).
 
     Args:
         df: The manifest.

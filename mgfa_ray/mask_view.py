@@ -3,7 +3,7 @@
 * :func:`render_mask_png` — one figure: the photo with every box (coloured per region class,
   labelled with its confidence), then one panel per region class with its mask over the photo.
 * :func:`mask_summary` — boxes per image and mask coverage per region class.
-* :func:`render_mask_figures` — ``mgfa-ray masks SET``: a sample of images → one PNG each, plus
+* :func:`render_mask_figures` — ``mgfa-ray masks show SET``: a sample of images → one PNG each, plus
   ``summary.json``.
 
 Reads the set through :func:`mgfa_ray.masks.read_rows` (local path or object-store URI) and the
@@ -118,7 +118,7 @@ def render_mask_figures(
     seed: int | None = 0,
     manifest: str | Path | None = None,
 ) -> tuple[list[Path], dict]:
-    """``mgfa-ray masks``: figures of detected regions and masks (paper Fig. 3) and a summary.
+    """``mgfa-ray masks show``: figures of detected regions and masks (paper Fig. 3) and a summary.
 
     Writes ``<out_dir>/<safe image id>.png`` per image and ``<out_dir>/summary.json``
     (:func:`mask_summary`), atomically.

@@ -91,29 +91,20 @@ def job_mask_root(cfg: JobConfig, out: Path) -> str:
     return cfg.masks.location or str(out / "masks")
 
 
-def prepare_data(
+def prepare_detector(
     cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float]
-) -> tuple[TrainConfig, dict[str, Any] | None, str, dict[str, Any]]:
-    """Stages 1-4 of a job: manifest, detector (or the label files as they are) and mask set,
-    each skipped when already done; starts Ray (local, or the cluster of ``$RAY_ADDRESS``).
-
-    Args:
-        cfg: The job.
-        data_root: Resolved data root.
-        out: The job's output directory (absolute).
-        timings: Filled with each stage's seconds.
+) -> tuple[Any, dict[str, Any] | None, DetectorBoxes | LabelBoxes]:
+    """Stages 1-3 of a job: manifest and detector (or the label files as they are), each skipped
+    when already done (``mgfa-ray detector train JOB`` stops here).
 
     Returns:
-        ``(base, detector, set_dir, metadata)``: the trial template (``cfg.train`` with the
-        manifest and mask set, paths relative to the working directory), the detector's metrics
-        (``None`` with ``regions.source: labels``), the mask set's location and its metadata.
+        ``(manifest, detector, source)``: the manifest DataFrame, the detector's metrics (``None``
+        with ``regions.source: labels``) and where the mask stage takes its boxes from.
 
     Raises:
         ConfigError: Missing data root, images, labels or ``train.weights`` file.
         LabelError: A malformed label line (file:line).
     """
-    import ray
-
     if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
         raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
                           f"the working directory {Path.cwd()})")
@@ -146,7 +137,33 @@ def prepare_data(
         ids = set(manifest["image_id"])
         source = LabelBoxes.create({i: p for i, p in labels.items() if i in ids}, classes=cfg.regions.classes,
                                    unknown_class=cfg.regions.unknown_class, unlabelled=cfg.regions.unlabelled)
+    return manifest, det, source
 
+
+def prepare_data(
+    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float]
+) -> tuple[TrainConfig, dict[str, Any] | None, str, dict[str, Any]]:
+    """Stages 1-4 of a job: manifest, detector (or the label files as they are) and mask set,
+    each skipped when already done; starts Ray (local, or the cluster of ``$RAY_ADDRESS``).
+
+    Args:
+        cfg: The job.
+        data_root: Resolved data root.
+        out: The job's output directory (absolute).
+        timings: Filled with each stage's seconds.
+
+    Returns:
+        ``(base, detector, set_dir, metadata)``: the trial template (``cfg.train`` with the
+        manifest and mask set, paths relative to the working directory), the detector's metrics
+        (``None`` with ``regions.source: labels``), the mask set's location and its metadata.
+
+    Raises:
+        ConfigError: Missing data root, images, labels or ``train.weights`` file.
+        LabelError: A malformed label line (file:line).
+    """
+    import ray
+
+    manifest, det, source = prepare_detector(cfg, data_root=data_root, out=out, timings=timings)
     if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
         ray.init(include_dashboard=False, configure_logging=False)
 
@@ -165,15 +182,23 @@ def prepare_data(
     return base, det, set_dir, meta
 
 
-def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
-    """Run every stage of ``cfg`` on the local (or connected) Ray cluster.
+STAGES = ("detector", "masks", "search")
+"""Where :func:`run_job` can stop: after the detector, after the mask set, or after the search and export."""
+
+
+def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search") -> dict[str, Any]:
+    """Run the stages of ``cfg`` up to ``until`` on the local (or connected) Ray cluster.
 
     Args:
         cfg: Validated job config.
         smoke: Shrink the job with :func:`smoke_config` (CI).
+        until: Last stage run, one of :data:`STAGES`: ``detector`` (manifest and detector; ``mgfa-ray
+            detector train``), ``masks`` (up to the mask set; ``mgfa-ray masks build``) or ``search``
+            (every stage and the export; ``mgfa-ray run`` / ``search start``).
 
     Returns:
-        Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths.
+        Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths (those of
+        the stages run; ``report.json`` is written only when the search ran).
 
     Raises:
         ConfigError: Missing data root, image or label directory, or search-space file.
@@ -181,19 +206,32 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
         LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
             (:class:`mgfa_ray.lock.DirectoryLock`).
     """
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    if until == "detector" and cfg.regions.source != "detector":
+        raise ConfigError(f"regions.source is {cfg.regions.source!r}: job {cfg.name!r} trains no detector (its masks "
+                          "come from the label files); run `mgfa-ray masks build JOB` instead")
     if smoke:
         cfg = smoke_config(cfg)
     data_root = resolve_data_root(cfg.data_root)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
-        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke)
+        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke, until=until)
 
 
-def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
+def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool, until: str = "search") -> dict[str, Any]:
     space, _ = check_job(cfg)
     timings: dict[str, float] = {}
+    if until == "detector":
+        _, det, _ = prepare_detector(cfg, data_root=data_root, out=out, timings=timings)
+        return {"job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
+                "detector": _detector_summary(det)}
     base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings)
+    if until == "masks":
+        return {"job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
+                "detector": _detector_summary(det),
+                "mask_set": {"path": set_dir, "rows": meta["rows"], "summary": meta["summary"]}}
 
     t = _banner("search")
     # Ray runs each trial in its own directory: it gets absolute paths and the exact mask set. The
@@ -212,7 +250,7 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> d
 
     report = {
         "job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
-        "detector": det and {k: det[k] for k in ("detector_key", "map50", "map50_95", "per_class")},
+        "detector": _detector_summary(det),
         "mask_set": {"path": set_dir, "rows": meta["rows"], "summary": meta["summary"]},
         "search": summary,
     }
@@ -221,3 +259,7 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> d
           f"{summary['best_' + cfg.search.metric]:.3f}; best config {out / 'export' / 'best_config.yaml'}",
           flush=True)
     return report
+
+
+def _detector_summary(det: dict[str, Any] | None) -> dict[str, Any] | None:
+    return det and {k: det[k] for k in ("detector_key", "map50", "map50_95", "per_class")}

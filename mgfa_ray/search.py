@@ -397,8 +397,8 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
       best value, test top-1, wall time, checkpoint, parameters;
     * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric and the
       worker it ran in (``setup_seconds``, ``worker_pid``, ``worker_trial``, its memory);
-    * ``optimization_history.png``, ``param_importances.png``, ``parallel_coordinate.png`` —
-      Optuna's plots of the study;
+    * ``trial_curves.png``, ``optimization_history.png``, ``param_importances.png``,
+      ``parallel_coordinate.png`` — every trial, pruned ones included (:mod:`mgfa_ray.plots`);
     * ``summary.json``.
 
     The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
@@ -462,7 +462,13 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     best_ckpt = None
     if best_row is not None and best_row["checkpoint"]:
         best_ckpt = _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
-    _plots(study, out)
+    from .plots import write_search_plots
+    from .status import rung_epochs
+
+    sched = record.space.scheduler
+    write_search_plots(search_trials(study), table, pd.concat(epochs, ignore_index=True) if epochs else None,
+                       metric=metric, out=out, milestones=rung_epochs(record.max_epochs, sched.grace_period,
+                                                                      sched.reduction_factor, sched.early_stopping))
     states = table["state"].value_counts().to_dict()
     summary = {
         "search_dir": search_dir,
@@ -495,35 +501,6 @@ def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
         shutil.rmtree(dest)
     tmp.rename(dest)
     return dest
-
-
-def _plots(study, out: Path) -> None:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    plots = {"optimization_history": ovm.plot_optimization_history,
-             "param_importances": ovm.plot_param_importances,
-             "parallel_coordinate": ovm.plot_parallel_coordinate}
-    for name, fn in plots.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-            try:
-                ax = fn(study)
-            except (ValueError, RuntimeError) as err:  # e.g. importances need >= 2 complete trials
-                print(f"plot {name} skipped: {err}", flush=True)
-                continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.set_size_inches(10, 6)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / f"{name}.png", buf.getvalue())
 
 
 def _write_table(df: pd.DataFrame, stem: Path) -> None:

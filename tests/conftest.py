@@ -132,3 +132,52 @@ def restartable_s3():
     yield server
     if server.running:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def watched_search(tmp_path_factory):
+    """A finished stand-in search (tests/search_driver.py: 5 trials x 4 epochs, ASHA with rungs at 1 and 2
+    epochs, 2 at once) run by its own driver process, and :func:`mgfa_ray.status.search_status` of it
+    taken from this process while the driver ran and held the search's lock (``None`` if the driver
+    finished before a trial had reported an epoch while another still ran).
+
+    Yields ``(search_dir, running_status)``.
+    """
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    import time
+
+    import search_driver  # tests/search_driver.py
+
+    from mgfa_ray.errors import UserError
+    from mgfa_ray.status import search_status
+
+    driver = REPO / "tests" / "search_driver.py"
+    tmp = tmp_path_factory.mktemp("watched")
+    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.4", "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    created = io.StringIO()
+    with contextlib.redirect_stdout(created):  # the driver's `create`, in this process
+        search_driver.main(["create", str(tmp / "searches"), "--num-samples", "5"])
+    search_dir = created.getvalue().strip().splitlines()[-1]
+    with open(tmp / "driver.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(driver), "run", search_dir], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    running = None
+    try:
+        while proc.poll() is None and running is None:
+            try:
+                status = search_status(search_dir)
+            except UserError:  # the study has no trial yet
+                status = None
+            if status and status["trials"]["RUNNING"] and status["epochs"]["done"] and proc.poll() is None:
+                running = status
+            time.sleep(0.25)
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert rc == 0, (tmp / "driver.log").read_text()[-4000:]
+    yield search_dir, running

@@ -1,4 +1,4 @@
-"""``mgfa-ray masks``: Fig. 3 figures and the summary of a mask set."""
+"""``mgfa-ray masks show``: Fig. 3 figures and the summary of a mask set."""
 
 import io
 import json
@@ -37,7 +37,7 @@ def test_render_draws_masks_and_checks_input():
 def test_masks_command_writes_figures_and_summary(label_mask_set, tiny_manifest, tmp_path, capsys):
     df, manifest_path = tiny_manifest
     out = tmp_path / "figs"
-    assert main(["masks", label_mask_set, "--manifest", str(manifest_path), "--count", "3", "--output-dir",
+    assert main(["masks", "show", label_mask_set, "--manifest", str(manifest_path), "--count", "3", "--output-dir",
                  str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 and all(Image.open(p).size[0] > 200 for p in pngs)
@@ -59,11 +59,11 @@ def test_masks_command_writes_figures_and_summary(label_mask_set, tiny_manifest,
 
     # Chosen ids are drawn in the order given; a seeded sample is reproducible.
     ids = df["image_id"].tolist()
-    assert main(["masks", label_mask_set, "--manifest", str(manifest_path), "--images", ids[5], ids[1],
+    assert main(["masks", "show", label_mask_set, "--manifest", str(manifest_path), "--images", ids[5], ids[1],
                  "--output-dir", str(tmp_path / "two")]) == 0
     assert len(list((tmp_path / "two").glob("*.png"))) == 2
     for name in ("a", "b"):
-        main(["masks", label_mask_set, "--manifest", str(manifest_path), "--count", "4", "--seed", "3",
+        main(["masks", "show", label_mask_set, "--manifest", str(manifest_path), "--count", "4", "--seed", "3",
               "--split", "train", "--output-dir", str(tmp_path / name)])
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == sorted(p.name for p in (tmp_path / "b").glob("*.png"))
 
@@ -71,9 +71,9 @@ def test_masks_command_writes_figures_and_summary(label_mask_set, tiny_manifest,
 def test_masks_command_bad_input_exits_2(label_mask_set, tiny_manifest, tmp_path, capsys):
     _, manifest_path = tiny_manifest
     assert read_metadata(label_mask_set)["manifest"] is None  # built without one: the command needs --manifest
-    assert main(["masks", label_mask_set, "--output-dir", str(tmp_path)]) == 2
+    assert main(["masks", "show", label_mask_set, "--output-dir", str(tmp_path)]) == 2
     assert "records no manifest" in capsys.readouterr().err
-    assert main(["masks", label_mask_set, "--manifest", str(manifest_path), "--images", "no/such-image"]) == 2
+    assert main(["masks", "show", label_mask_set, "--manifest", str(manifest_path), "--images", "no/such-image"]) == 2
     assert "'no/such-image' is not in manifest" in capsys.readouterr().err
-    assert main(["masks", str(tmp_path), "--manifest", str(manifest_path)]) == 2
+    assert main(["masks", "show", str(tmp_path), "--manifest", str(manifest_path)]) == 2
     assert "not a complete mask set" in capsys.readouterr().err
