@@ -29,9 +29,12 @@ COMPLETE → run to the end) and never rewrites a finished trial.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from .errors import UserError
 from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,76 @@ SESSION = uuid.uuid4().hex
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class DamagedJournalError(UserError):
+    """An Optuna journal file damaged other than by a torn last record (which is repaired): the
+    message names the file and line and what to do."""
+
+
+def _scan_journal(path: Path) -> tuple[int, int]:
+    """``(size, end)``: the file's size and the end of its last complete record (a line ending in a
+    newline, which Optuna writes last, and fsyncs). ``end < size``: the last record is torn.
+
+    Raises:
+        DamagedJournalError: A complete line that is not a JSON record (``path:line``).
+    """
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        try:
+            json.loads(line)
+        except ValueError as err:
+            raise DamagedJournalError(
+                f"{path}:{number}: not an Optuna journal record ({err}); the study cannot be read past "
+                f"this line. Restore the file from a backup, or keep the records before it by cutting "
+                f"the file after line {number - 1} (the trials recorded after it are then lost)") from None
+    return len(data), end
+
+
+def repair_journal(path: str | os.PathLike) -> None:
+    """Make an Optuna journal file safe to read and append to.
+
+    A record torn by a crash or a full disk during a write (a last line without its newline) is
+    dropped: the file is truncated back to the end of its last complete record — one ``truncate``
+    under the journal's own lock (the lock Optuna's writers take), so a live writer finishing its
+    record is never cut and a crash during the repair loses nothing more — and a warning names the
+    file. Optuna itself skips such a line when reading but appends the next record onto it, which
+    makes the whole study unreadable. A missing file is left alone.
+
+    Raises:
+        DamagedJournalError: Any other damage: a complete line that is not a JSON record (the
+            message names ``file:line``).
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    size, end = _scan_journal(path)
+    if end == size:
+        return
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        size, end = _scan_journal(path)  # again, under the lock: a writer may have finished it
+        if end == size:
+            return
+        try:
+            os.truncate(path, end)
+        except OSError as err:  # e.g. a read-only copy: Optuna reads past the torn record anyway
+            log.warning("%s: its last record is torn (%d bytes, a write cut short) and cannot be dropped "
+                        "(%s); reading without it", path, size - end, err)
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        lock.release()
+    log.warning("%s: dropped its torn last record (%d bytes: a write cut short by a crash or a full disk); "
+                "the study keeps every complete record", path, size - end)
+
+
 @dataclass(frozen=True)
 class StudyRef:
     """Where a study lives: ``storage`` is an RDB URL (``sqlite:///abs/path.db``,
@@ -66,20 +140,35 @@ class StudyRef:
     storage: str
     study_name: str
 
-    def open_storage(self) -> optuna.storages.BaseStorage:
-        """The Optuna storage object (``RDBStorage`` or ``JournalStorage(JournalFileBackend)``)."""
+    def open_storage(self, *, create: bool = True) -> optuna.storages.BaseStorage:
+        """The Optuna storage object (``RDBStorage`` or ``JournalStorage(JournalFileBackend)``).
+
+        Every journal the project opens goes through here: a torn last record is dropped first
+        (:func:`repair_journal`), so no reader fails on it and no writer appends onto it.
+
+        Raises:
+            DamagedJournalError: The journal is damaged other than by a torn last record.
+            KeyError: ``create`` is false and the journal file does not exist.
+        """
         if "://" in self.storage:
             return optuna.storages.RDBStorage(self.storage)
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(self.storage)
+        if not create and not path.is_file():
+            raise KeyError(f"no Optuna study {self.study_name!r}: journal {path} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
     def load(self, *, sampler: optuna.samplers.BaseSampler | None = None, create: bool = False) -> optuna.Study:
-        """The study (maximising). ``create`` makes it if absent; otherwise a missing study is a
-        ``KeyError`` naming storage and study."""
-        storage = self.open_storage()
+        """The study (maximising). ``create`` makes it if absent; otherwise a missing study (or
+        journal file) is a ``KeyError`` naming storage and study.
+
+        Raises:
+            DamagedJournalError: See :meth:`open_storage`.
+        """
+        storage = self.open_storage(create=create)
         if create:
             return optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
                                        sampler=sampler, load_if_exists=True)
