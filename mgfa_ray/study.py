@@ -29,10 +29,12 @@ COMPLETE → run to the end) and never rewrites a finished trial.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
+import posixpath
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,6 +180,38 @@ class StudyRef:
             raise KeyError(f"no Optuna study {self.study_name!r} in {self.storage}") from None
 
 
+@dataclass(frozen=True)
+class _Binding:
+    study: StudyRef
+    experiment_path: str | None
+
+
+_BOUND: dict[str, _Binding] = {}
+
+
+@contextmanager
+def bound_study(ref: StudyRef, *, experiment_path: str | None = None):
+    """While active, every :class:`StudySearch` and :class:`StudyScheduler` of study
+    ``ref.study_name`` opens ``ref``, whatever study location it was pickled with, and the
+    scheduler keeps every new trial's storage in ``experiment_path`` (a local Ray experiment
+    directory as it is now; ``None``: leave trials as Ray made them).
+
+    Ray pickles the searcher and the scheduler into the experiment with the study location of the
+    day the search was created; a search directory moved or copied since must use the journal
+    where it is now (:func:`mgfa_ray.search.read_record` resolves it at load time), never write
+    into the original's. The search driver binds the study around ``Tuner.fit``.
+    """
+    previous = _BOUND.get(ref.study_name)
+    _BOUND[ref.study_name] = _Binding(ref, experiment_path)
+    try:
+        yield ref
+    finally:
+        if previous is None:
+            _BOUND.pop(ref.study_name, None)
+        else:
+            _BOUND[ref.study_name] = previous
+
+
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     """``tpe``: seeded multivariate TPE (Optuna ``TPESampler(multivariate=True)``; its first 10
     trials are random); ``random``: ``RandomSampler`` (the baseline of the search benchmark)."""
@@ -207,7 +241,10 @@ class _StudyUser:
     @property
     def study(self) -> optuna.Study:
         if self._study_obj is None:
-            self._study_obj = self.study_ref.load(sampler=self._study_sampler, create=True)
+            bound = _BOUND.get(self.study_ref.study_name)
+            # Never the pickled path of a moved search; a bound study exists (create_search made it).
+            ref = bound.study if bound else self.study_ref
+            self._study_obj = ref.load(sampler=self._study_sampler, create=bound is None)
         return self._study_obj
 
     def _storage_id(self, number: int) -> int:
@@ -357,6 +394,7 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        self._keep_in_experiment(trial)
         number = self._number_of(trial.trial_id, trial.config)
         if number is None:
             log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
@@ -388,6 +426,25 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
             new_number = storage.get_trial_number_from_id(tid)
             self._trial_numbers[trial.trial_id] = new_number
             log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
+
+    def _keep_in_experiment(self, trial) -> None:
+        """Give a new trial of a moved experiment the experiment's storage as it is now.
+
+        Works around Ray 2.60: after ``Tuner.restore`` of an experiment directory moved or copied
+        elsewhere, Ray re-points the restored trials (``TuneController._restore_trials`` calls
+        ``Trial.set_storage``) but creates new trials from the Experiment pickled in its search
+        generator's state, i.e. in the old directory: they write there, or fail where it is
+        gone. The same re-pointing as Ray's is done here, before the trial ever starts.
+        """
+        bound = _BOUND.get(self.study_ref.study_name)
+        storage = getattr(trial, "storage", None)
+        if bound is None or bound.experiment_path is None or storage is None:
+            return
+        if storage.experiment_fs_path != bound.experiment_path:
+            moved = copy.copy(storage)
+            moved.storage_fs_path = posixpath.dirname(bound.experiment_path)
+            moved.experiment_dir_name = posixpath.basename(bound.experiment_path)
+            trial.set_storage(moved)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         number = self._number_of(trial.trial_id, trial.config)
