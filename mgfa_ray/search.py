@@ -18,9 +18,9 @@ object-store URI)::
 * :func:`create_search` writes ``search.json``; :func:`run_search` runs (or resumes, or extends)
   it; :func:`export_search` writes what users take away. A search directory is relocatable: it
   refers to itself (and to its job's outputs) by relative paths only (:data:`PATH_FIELDS`), and
-  a run stopped by Ctrl-C raises :class:`~mgfa_ray.errors.RunInterrupted` instead of exporting. The Optuna study is the record of every
-  trial's state and value (kept in step with Ray by :mod:`mgfa_ray.study`); Ray's trial folders
-  hold the per-epoch metrics and checkpoints.
+  a run stopped by Ctrl-C raises :class:`~mgfa_ray.errors.RunInterrupted` instead of exporting.
+  The Optuna study is the record of every trial's state and value (kept in step with Ray by
+  :mod:`mgfa_ray.study`); Ray's trial folders hold the per-epoch metrics and checkpoints.
 """
 
 from __future__ import annotations

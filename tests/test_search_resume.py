@@ -277,3 +277,17 @@ def test_search_record_holds_no_absolute_path_into_its_job(tmp_path):
     assert record.study.storage == str(tmp_path / "moved" / "search" / "standin" / "optuna.journal")
     assert record.cache_dir == str(tmp_path / "moved" / "cache")
     assert record.export_dir == str(tmp_path / "moved" / "export")
+
+
+def test_ctrl_c_outside_ray_tune_is_one_error_line_and_status_130(monkeypatch, capsys):
+    """Issue 15, defect 7: a KeyboardInterrupt (Ctrl-C before Ray Tune's handler is installed, or
+    a second Ctrl-C during its last snapshot) ends the command with 130 and how to continue."""
+    from mgfa_ray import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert cli.main(["search", "export", "somewhere"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: interrupted (Ctrl-C); run the same command again")

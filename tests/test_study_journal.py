@@ -66,3 +66,4 @@ def test_search_export_of_a_damaged_journal_is_one_error_line(tmp_path, capsys):
     assert cli.main(["search", "export", search_dir]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {journal}:") and "not an Optuna journal record" in err[0]
+
