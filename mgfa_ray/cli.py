@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
-from .errors import UserError, debug_enabled
+from .errors import RunInterrupted, UserError, debug_enabled
 
 
 def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -176,15 +176,9 @@ def load_job(path: Path, overrides: list[str] = (), *, output_dir: Path | None =
 
 
 def _default_export_dir(search_dir: str) -> Path:
-    from .io import is_uri, safe_stem
-    from .search import read_record
+    from .search import default_export_dir
 
-    record = read_record(search_dir)
-    if record.export_dir:
-        return Path(record.export_dir)
-    if is_uri(search_dir):
-        return Path("outputs") / "search_exports" / safe_stem(search_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
-    return Path(search_dir) / "export"
+    return default_export_dir(search_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as err:
         return _report(err, err.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside Ray Tune's own handling (which ends in RunInterrupted)
+        return _report(RunInterrupted("interrupted (Ctrl-C); run the same command again to continue where it "
+                                      "stopped (`mgfa-ray train`: with --resume)"), RunInterrupted.exit_status)
     # Not yet a UserError: library ValueErrors on bad values, RuntimeError when a stage produced
     # nothing usable (e.g. every trial failed).
     except ValueError as err:

@@ -38,6 +38,7 @@ from .config import (
     validate,
 )
 from .detector import train_detector
+from .errors import RunInterrupted
 from .io import atomic_write_json, atomic_write_yaml
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
@@ -205,6 +206,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search") -> di
         LabelError: A malformed label line (file:line).
         LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
             (:class:`mgfa_ray.lock.DirectoryLock`).
+        RunInterrupted: Ctrl-C during the search: nothing exported, the message says how to resume.
     """
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
@@ -244,7 +246,10 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool, unti
         export_base=export_base, storage_path=cfg.search.storage_path or str(out / "search"),
         max_epochs=1 if smoke else None, cache_dir=str(out / "cache"), export_dir=str(out / "export"))
     print(f"search {search_dir} (resume: mgfa-ray search resume {search_dir})", flush=True)
-    run_search(search_dir)
+    try:
+        run_search(search_dir)
+    except RunInterrupted as err:  # nothing exported: a partial search is not a result
+        raise RunInterrupted(f"{err} (or run the same `mgfa-ray run` command again)") from None
     summary = export_search(search_dir, out / "export")
     timings["search"] = time.perf_counter() - t
 

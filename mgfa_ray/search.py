@@ -16,9 +16,11 @@ object-store URI)::
 * :func:`tune_trainable` is the thin Ray wrapper of one trial: it validates the config, resumes
   from Ray's checkpoint, and reports every epoch's metrics with a checkpoint.
 * :func:`create_search` writes ``search.json``; :func:`run_search` runs (or resumes, or extends)
-  it; :func:`export_search` writes what users take away. The Optuna study is the record of every
-  trial's state and value (kept in step with Ray by :mod:`mgfa_ray.study`); Ray's trial folders
-  hold the per-epoch metrics and checkpoints.
+  it; :func:`export_search` writes what users take away. A search directory is relocatable: it
+  refers to itself (and to its job's outputs) by relative paths only (:data:`PATH_FIELDS`), and
+  a run stopped by Ctrl-C raises :class:`~mgfa_ray.errors.RunInterrupted` instead of exporting.
+  The Optuna study is the record of every trial's state and value (kept in step with Ray by
+  :mod:`mgfa_ray.study`); Ray's trial folders hold the per-epoch metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +134,8 @@ class SearchRecord(_Frozen):
         export_dir: Where :func:`export_search` writes by default (``<search dir>/export`` if None).
         study: The Optuna study.
         runs: The Ray experiments so far, in order.
+        dir_relative: The :data:`PATH_FIELDS` that ``search.json`` holds relative to the search
+            directory (in memory, after :func:`read_record`, every path is absolute again).
     """
 
     version: int = RECORD_VERSION
@@ -145,10 +150,45 @@ class SearchRecord(_Frozen):
     export_dir: str | None = None
     study: StudySource
     runs: list[RunRecord]
+    dir_relative: list[str] = []
+
+
+PATH_FIELDS = ("study.storage", "cache_dir", "export_dir", "trial_base.manifest", "trial_base.masks",
+               "trial_base.weights")
+"""The record's fields that hold local paths. In ``search.json`` those inside the search's home
+(:func:`_home`) are written relative to the search directory and listed in ``dir_relative``;
+:func:`read_record` resolves them against the directory it reads, so a search moved or copied
+(with its job's outputs) refers to itself and to its job's outputs where they are now, never
+where they were. Paths outside the home (data elsewhere) stay absolute."""
+
+
+def _home(search_dir: Path, record: SearchRecord) -> Path:
+    """The directory a search moves with: its job's output directory when the search sits in a
+    job's layout (``<home>/<storage>/<name>`` with the export directory ``<home>/<export>``), else
+    the search directory itself."""
+    home = search_dir.parent.parent
+    if record.export_dir and not is_uri(record.export_dir) and Path(record.export_dir).parent == home:
+        return home
+    return search_dir
+
+
+def _get(doc: dict[str, Any], field: str) -> Any:
+    head, _, rest = field.partition(".")
+    value = doc.get(head)
+    return _get(value, rest) if rest and isinstance(value, dict) else (None if rest else value)
+
+
+def _set(doc: dict[str, Any], field: str, value: Any) -> None:
+    head, _, rest = field.partition(".")
+    if rest:
+        _set(doc[head], rest, value)
+    else:
+        doc[head] = value
 
 
 def read_record(search_dir: str) -> SearchRecord:
-    """The ``search.json`` of ``search_dir`` (path or URI).
+    """The ``search.json`` of ``search_dir`` (path or URI), with the paths it holds relative to
+    the search directory (``dir_relative``) resolved against ``search_dir`` as it is now.
 
     Raises:
         ConfigError: No search there, or the file is not a valid record (the message names it).
@@ -161,14 +201,65 @@ def read_record(search_dir: str) -> SearchRecord:
         data = json.loads(fs_read(fs, record_path))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{location_join(search_dir, RECORD_FILE)}: not JSON ({err})") from None
+    if isinstance(data, dict) and not is_uri(search_dir):
+        _resolve_paths(data, Path(path))
     return validate(SearchRecord, data, source=location_join(search_dir, RECORD_FILE))
+
+
+def _resolve_paths(data: dict[str, Any], search_dir: Path) -> None:
+    """Resolve ``data``'s ``dir_relative`` fields against ``search_dir`` (in place). A record
+    written before ``dir_relative`` existed names its own journal absolutely: that journal is
+    taken from ``search_dir`` instead, so a search moved since still uses its own study."""
+    for field in data.get("dir_relative") or []:
+        value = _get(data, field)
+        if isinstance(value, str):
+            _set(data, field, os.path.normpath(search_dir / value))
+    storage = _get(data, "study.storage")
+    if ("dir_relative" not in data and isinstance(storage, str) and not is_uri(storage)
+            and Path(storage).name == "optuna.journal" and Path(storage).parent.name == data.get("name")
+            and (search_dir / "optuna.journal").is_file()):
+        _set(data, "study.storage", str(search_dir / "optuna.journal"))
 
 
 def _write_record(search_dir: str, record: SearchRecord) -> None:
     fs, path = resolve_location(search_dir)
+    doc = record.model_dump(mode="json")
     if not is_uri(search_dir):
         Path(path).mkdir(parents=True, exist_ok=True)
-    fs_write_atomic(fs, location_join(path, RECORD_FILE), json.dumps(record.model_dump(mode="json"), indent=2).encode())
+        home = _home(Path(path), record)
+        doc["dir_relative"] = []
+        for field in PATH_FIELDS:
+            value = _get(doc, field)
+            if isinstance(value, str) and not is_uri(value) and Path(value).is_absolute() \
+                    and Path(value).is_relative_to(home):
+                _set(doc, field, os.path.relpath(value, path))
+                doc["dir_relative"].append(field)
+    fs_write_atomic(fs, location_join(path, RECORD_FILE), json.dumps(doc, indent=2).encode())
+
+
+def _write_target(search_dir: str, target: str | None) -> str | None:
+    """``target`` (a directory the search writes: cache, export) if it lies inside
+    ``search_dir`` or already exists, else ``None``: a search directory copied away from its job's
+    outputs never creates directories outside itself where its relative references now point."""
+    if target is None or is_uri(target) or is_uri(search_dir):
+        return target
+    inside = Path(target).resolve().is_relative_to(Path(search_dir).resolve())
+    return target if inside or Path(target).is_dir() else None
+
+
+def default_export_dir(search_dir: str) -> Path:
+    """Where ``mgfa-ray search resume|export`` writes unless told: the job's export directory
+    recorded with the search (when it exists where the record now points), else
+    ``<search dir>/export``; for a search on an object store ``outputs/search_exports/<name>``."""
+    from .io import safe_stem
+
+    record = read_record(search_dir)
+    recorded = _write_target(search_dir, record.export_dir)
+    if recorded:
+        return Path(recorded)
+    if is_uri(search_dir):
+        return Path("outputs") / "search_exports" / safe_stem(search_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    return Path(search_dir) / "export"
 
 
 def create_search(
@@ -206,6 +297,7 @@ def create_search(
             ``storage_path`` without ``search.study_storage``.
     """
     search_dir = location_join(storage_path, name) if is_uri(storage_path) else str(Path(storage_path).resolve() / name)
+    cache_dir = str(Path(cache_dir).resolve()) if cache_dir and not is_uri(cache_dir) else cache_dir
     epochs = max_epochs or space.scheduler.max_epochs
     if search.study_storage:
         study_storage = search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
@@ -228,8 +320,8 @@ def create_search(
     except ConfigError:
         existing = None
     if existing is not None:
-        mine = record.model_dump(mode="json", exclude={"runs"})
-        theirs = existing.model_dump(mode="json", exclude={"runs"})
+        mine = record.model_dump(mode="json", exclude={"runs", "dir_relative"})
+        theirs = existing.model_dump(mode="json", exclude={"runs", "dir_relative"})
         differ = sorted(k for k in mine if mine[k] != theirs.get(k))
         if differ:
             raise ConfigError(f"{search_dir}: a search of this name exists with other {', '.join(differ)}; "
@@ -238,6 +330,8 @@ def create_search(
         return search_dir
     from .study import StudyRef, copy_trials
 
+    if cache_dir and not is_uri(cache_dir):
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)  # exists: the trials may write it (_write_target)
     study = StudyRef(record.study.storage, record.study.study_name).load(create=True)
     if search.warm_start is not None and not study.trials:
         copied = copy_trials(StudyRef(search.warm_start.storage, search.warm_start.study_name), study)
@@ -272,6 +366,9 @@ def run_search(
     Raises:
         ValueError: ``more_trials`` < 0.
         ConfigError: No search in ``search_dir`` (or its ``search.json`` is invalid).
+        DamagedJournalError: The study's journal is damaged other than by a torn last record.
+        RunInterrupted: Stopped by SIGINT (Ctrl-C): the search is saved, nothing is exported, and
+            the message gives the ``mgfa-ray search resume`` command that continues it.
         LockedError: Another live driver runs this search (:class:`mgfa_ray.lock.DirectoryLock`).
         StorageUnavailableError: The object store holding the search stayed unreachable for
             ``$MGFA_STORAGE_RETRY_S`` seconds; rerun once it is back.
@@ -283,6 +380,10 @@ def run_search(
     read_record(search_dir)  # a clear error before anything starts
     with DirectoryLock(search_dir, what="search"):
         record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
+        from .study import StudyRef
+
+        # The study opens (a torn journal record dropped, other damage named) before Ray starts.
+        StudyRef(record.study.storage, record.study.study_name).load()
         if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
             ray.init(include_dashboard=False, configure_logging=False)
         # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
@@ -299,7 +400,55 @@ def run_search(
     return record
 
 
-def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Callable | None, errored: str):
+def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Callable | None, errored: str) -> None:
+    """Run (or resume) the Ray experiment ``record.runs[index]`` to its end.
+
+    Raises:
+        RunInterrupted: Ray Tune stopped the experiment before all its trials finished (SIGINT /
+            Ctrl-C, SIGUSR1); its state is saved and ``mgfa-ray search resume`` continues it.
+        StageError: Ray Tune ended the experiment before all its trials finished without a stop
+            signal (e.g. it could not read its saved state and started over).
+    """
+    from .study import StudyRef, bound_study
+
+    # The study where the search directory is now: Ray's pickled searcher and scheduler hold the
+    # location of the day the search was created (a moved or copied search must not use it).
+    experiment = None if is_uri(search_dir) else \
+        location_join(resolve_location(location_join(search_dir, "runs"))[1], record.runs[index].name)
+    with bound_study(StudyRef(record.study.storage, record.study.study_name), experiment_path=experiment), \
+            _stop_signal_watch() as stopped:
+        run_path, fs = _fit(search_dir, record, index, trainable=trainable, errored=errored)
+        _check_finished(search_dir, record, index, run_path, fs, stopped=stopped())
+
+
+@contextmanager
+def _stop_signal_watch():
+    """Yield a function telling whether Ray Tune was stopped by a signal during the block.
+
+    On its first SIGINT (or SIGUSR1) Ray Tune's handler sets its stop event and puts back the
+    SIGINT handler it found when ``fit`` began, which it otherwise leaves replaced. That handler is
+    this one (behaving as Python's default, ``KeyboardInterrupt``), so finding it in place after
+    ``fit`` means Ray was stopped by a signal. Outside the main thread no handler can be set:
+    the function then says ``False``.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def watched(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, watched)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is watched
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callable | None, errored: str):
     from ray import tune
 
     from .study import StudyRef, StudyScheduler, StudySearch
@@ -309,13 +458,15 @@ def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Ca
     fs = atomic_filesystem(fs)  # a driver killed mid-snapshot must not leave a truncated state file
     run_path = location_join(runs_path, run.name)
     fn = tune.with_resources(
-        tune.with_parameters(trainable or tune_trainable, base=record.trial_base, cache_dir=record.cache_dir),
+        tune.with_parameters(trainable or tune_trainable, base=record.trial_base,
+                             cache_dir=_write_target(search_dir, record.cache_dir)),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
     )
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
-        return tuner.fit()
+        tuner.fit()
+        return run_path, fs
     study = StudyRef(record.study.storage, record.study.study_name)
     sched = record.space.scheduler
     searcher = StudySearch(space=record.space, study=study, metric=search.metric, sampler=search.sampler,
@@ -343,7 +494,36 @@ def _fit_run(search_dir: str, record: SearchRecord, index: int, *, trainable: Ca
             verbose=1,
         ),
     )
-    return tuner.fit()
+    tuner.fit()
+    return run_path, fs
+
+
+def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path: str, fs, *, stopped: bool) -> None:
+    """Raise unless every trial of the run finished: :class:`~mgfa_ray.errors.RunInterrupted`
+    when Ray was ``stopped`` by a signal, else :class:`~mgfa_ray.errors.StageError`.
+
+    Ray Tune's ``Tuner.fit`` returns normally when stopped by SIGINT (it saves the experiment and
+    logs "Experiment has been interrupted"); its saved state (public ``ExperimentAnalysis``) then
+    holds fewer trials than ``num_samples`` or trials neither TERMINATED nor ERROR.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    from .errors import RunInterrupted, StageError
+
+    run = record.runs[index]
+    trials = ExperimentAnalysis(run_path, storage_filesystem=fs).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    if done >= run.num_samples:
+        return
+    if stopped:
+        raise RunInterrupted(
+            f"search {search_dir} interrupted: {done} of {run.num_samples} trials of {run.name} finished "
+            f"(nothing exported); the trials and the study are saved. Resume with: "
+            f"mgfa-ray search resume {search_dir}")
+    raise StageError(
+        f"search {search_dir}: Ray Tune ended {run.name} with {done} of {run.num_samples} trials finished and "
+        f"no stop signal (see its log above, e.g. 'Failed to restore the run state'); nothing exported. "
+        f"Run `mgfa-ray search resume {search_dir}` again")
 
 
 def ray_trials(search_dir: str) -> pd.DataFrame:

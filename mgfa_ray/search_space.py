@@ -30,7 +30,8 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .config import ConfigError, TrainParams, load_yaml, validate
 
@@ -90,11 +91,70 @@ class Categorical(_Strict):
     """``{type: categorical, choices: [...]}``: one of at least one listed value."""
 
     type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
+    choices: list[Any]
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.choices:
+            raise ValueError("categorical needs at least one value in choices")
+        return self
 
 
 Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Categorical], Field(discriminator="type")]
 Fixed = Union[bool, int, float, str, None]
+_DISTRIBUTION = TypeAdapter(Distribution)
+_TYPES = "uniform, log_uniform, int or categorical"
+
+
+def _fail(errors: list[tuple[tuple, str, Any]]) -> None:
+    """Raise one pydantic error per ``(loc, message, input)``, each shown as ``loc: message``
+    (no "Value error," prefix, no alternatives of a union)."""
+    raise ValidationError.from_exception_data("SearchSpace", [
+        InitErrorDetails(type=PydanticCustomError("search_space", msg.replace("{", "{{").replace("}", "}}")),
+                         loc=loc, input=value)
+        for loc, msg, value in errors])
+
+
+def _entry_errors(name: str, value: Any) -> list[tuple[tuple, str, Any]]:
+    """The errors of one ``parameters`` entry, checked as the one kind it is (a mapping is a
+    distribution, anything else a fixed value), so a user sees only the error that applies."""
+    if not isinstance(value, dict):
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return []
+        return [((name,), f"a fixed value is a boolean, number, string or null; a searched parameter is a "
+                          f"mapping with type: {_TYPES}", value)]
+    if "type" not in value:
+        return [((name, "type"), f"missing: a searched parameter needs type: {_TYPES}", value)]
+    if value["type"] not in ("uniform", "log_uniform", "int", "categorical"):
+        return [((name, "type"), f"{value['type']!r} is not one of {_TYPES}", value)]
+    try:
+        _DISTRIBUTION.validate_python(value)
+    except ValidationError as err:
+        out = []
+        for e in err.errors():
+            loc = (name, *e["loc"][1:])  # without the union's tag (the entry's own type)
+            msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (not a field of this section)"
+            out.append((loc, msg, e.get("input")))
+        return out
+    return []
+
+
+def _point_error(name: str, value: Any, dist: Any) -> str | None:
+    """Why ``value`` is not a value of ``dist`` (a distribution, or ``None`` for a simplex
+    weight, which lies in [0, 1]); ``None`` when it is."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(dist, Categorical):
+        return None if value in dist.choices else f"{name} = {value!r} is not one of the choices {dist.choices}"
+    if not number:
+        return f"{name} = {value!r} is not a number"
+    if isinstance(dist, IntRange) and not float(value).is_integer():
+        return f"{name} = {value!r} is not an integer"
+    low, high, kind = (0.0, 1.0, "simplex weight") if dist is None else (dist.low, dist.high, dist.type)
+    if not low <= value <= high:
+        return f"{name} = {value!r} is outside {kind} [{low!r}, {high!r}]"
+    return None
 
 
 class SchedulerSpec(_Strict):
@@ -123,6 +183,15 @@ class SearchSpace(_Strict):
     parameters: dict[str, Union[Distribution, Fixed]] = {}
     points_to_evaluate: list[dict[str, Any]] = []
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _entries(cls, value):
+        if isinstance(value, dict):
+            errors = [e for name, v in value.items() for e in _entry_errors(str(name), v)]
+            if errors:
+                _fail(errors)
+        return value
+
     @model_validator(mode="after")
     def _names(self):
         known = set(TrainParams.model_fields)
@@ -147,7 +216,21 @@ class SearchSpace(_Strict):
                 total = sum(point[k] for k in self.simplex)
                 if not math.isclose(total, 1.0, abs_tol=1e-9):
                     raise ValueError(f"points_to_evaluate[{i}]: simplex values sum to {total}, not 1")
+        self._check_points()
         return self
+
+    def _check_points(self) -> None:
+        """Every value of every point lies in its parameter's range (Optuna would only warn and
+        run it anyway)."""
+        errors = []
+        for i, point in enumerate(self.points_to_evaluate):
+            for name, value in point.items():
+                why = _point_error(name, value, None if name in self.simplex else self.parameters[name])
+                if why:
+                    errors.append(((f"points_to_evaluate[{i}]",), f"{why} (parameters.{name})"
+                                   if name not in self.simplex else why, point))
+        if errors:
+            _fail(errors)
 
     def fixed(self) -> dict[str, Any]:
         """Parameters given a plain value."""
@@ -177,9 +260,10 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
             :class:`~mgfa_ray.config.TrainConfig` to check the region-kind rules too.
 
     Raises:
-        ConfigError: Naming the file and the key: unknown keys, low >= high, log ranges with
-            low <= 0, parameters the trial does not know, points outside the space, or values
-            the trial would reject.
+        ConfigError: Naming the file and the key, one line per error: unknown keys, low >= high,
+            log ranges with low <= 0, empty ``choices``, parameters the trial does not know, a
+            point's value outside its parameter's range or choices (naming the point's index,
+            the parameter, the value and the range), or values the trial would reject.
     """
     space = validate(SearchSpace, load_yaml(path), source=str(path))
     base = base or TrainParams()

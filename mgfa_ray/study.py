@@ -29,9 +29,14 @@ COMPLETE → run to the end) and never rewrites a finished trial.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import os
+import posixpath
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from .errors import UserError
 from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,76 @@ SESSION = uuid.uuid4().hex
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class DamagedJournalError(UserError):
+    """An Optuna journal file damaged other than by a torn last record (which is repaired): the
+    message names the file and line and what to do."""
+
+
+def _scan_journal(path: Path) -> tuple[int, int]:
+    """``(size, end)``: the file's size and the end of its last complete record (a line ending in a
+    newline, which Optuna writes last, and fsyncs). ``end < size``: the last record is torn.
+
+    Raises:
+        DamagedJournalError: A complete line that is not a JSON record (``path:line``).
+    """
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        try:
+            json.loads(line)
+        except ValueError as err:
+            raise DamagedJournalError(
+                f"{path}:{number}: not an Optuna journal record ({err}); the study cannot be read past "
+                f"this line. Restore the file from a backup, or keep the records before it by cutting "
+                f"the file after line {number - 1} (the trials recorded after it are then lost)") from None
+    return len(data), end
+
+
+def repair_journal(path: str | os.PathLike) -> None:
+    """Make an Optuna journal file safe to read and append to.
+
+    A record torn by a crash or a full disk during a write (a last line without its newline) is
+    dropped: the file is truncated back to the end of its last complete record — one ``truncate``
+    under the journal's own lock (the lock Optuna's writers take), so a live writer finishing its
+    record is never cut and a crash during the repair loses nothing more — and a warning names the
+    file. Optuna itself skips such a line when reading but appends the next record onto it, which
+    makes the whole study unreadable. A missing file is left alone.
+
+    Raises:
+        DamagedJournalError: Any other damage: a complete line that is not a JSON record (the
+            message names ``file:line``).
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    size, end = _scan_journal(path)
+    if end == size:
+        return
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        size, end = _scan_journal(path)  # again, under the lock: a writer may have finished it
+        if end == size:
+            return
+        try:
+            os.truncate(path, end)
+        except OSError as err:  # e.g. a read-only copy: Optuna reads past the torn record anyway
+            log.warning("%s: its last record is torn (%d bytes, a write cut short) and cannot be dropped "
+                        "(%s); reading without it", path, size - end, err)
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        lock.release()
+    log.warning("%s: dropped its torn last record (%d bytes: a write cut short by a crash or a full disk); "
+                "the study keeps every complete record", path, size - end)
+
+
 @dataclass(frozen=True)
 class StudyRef:
     """Where a study lives: ``storage`` is an RDB URL (``sqlite:///abs/path.db``,
@@ -66,20 +142,35 @@ class StudyRef:
     storage: str
     study_name: str
 
-    def open_storage(self) -> optuna.storages.BaseStorage:
-        """The Optuna storage object (``RDBStorage`` or ``JournalStorage(JournalFileBackend)``)."""
+    def open_storage(self, *, create: bool = True) -> optuna.storages.BaseStorage:
+        """The Optuna storage object (``RDBStorage`` or ``JournalStorage(JournalFileBackend)``).
+
+        Every journal the project opens goes through here: a torn last record is dropped first
+        (:func:`repair_journal`), so no reader fails on it and no writer appends onto it.
+
+        Raises:
+            DamagedJournalError: The journal is damaged other than by a torn last record.
+            KeyError: ``create`` is false and the journal file does not exist.
+        """
         if "://" in self.storage:
             return optuna.storages.RDBStorage(self.storage)
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(self.storage)
+        if not create and not path.is_file():
+            raise KeyError(f"no Optuna study {self.study_name!r}: journal {path} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
     def load(self, *, sampler: optuna.samplers.BaseSampler | None = None, create: bool = False) -> optuna.Study:
-        """The study (maximising). ``create`` makes it if absent; otherwise a missing study is a
-        ``KeyError`` naming storage and study."""
-        storage = self.open_storage()
+        """The study (maximising). ``create`` makes it if absent; otherwise a missing study (or
+        journal file) is a ``KeyError`` naming storage and study.
+
+        Raises:
+            DamagedJournalError: See :meth:`open_storage`.
+        """
+        storage = self.open_storage(create=create)
         if create:
             return optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
                                        sampler=sampler, load_if_exists=True)
@@ -87,6 +178,38 @@ class StudyRef:
             return optuna.load_study(storage=storage, study_name=self.study_name, sampler=sampler)
         except KeyError:
             raise KeyError(f"no Optuna study {self.study_name!r} in {self.storage}") from None
+
+
+@dataclass(frozen=True)
+class _Binding:
+    study: StudyRef
+    experiment_path: str | None
+
+
+_BOUND: dict[str, _Binding] = {}
+
+
+@contextmanager
+def bound_study(ref: StudyRef, *, experiment_path: str | None = None):
+    """While active, every :class:`StudySearch` and :class:`StudyScheduler` of study
+    ``ref.study_name`` opens ``ref``, whatever study location it was pickled with, and the
+    scheduler keeps every new trial's storage in ``experiment_path`` (a local Ray experiment
+    directory as it is now; ``None``: leave trials as Ray made them).
+
+    Ray pickles the searcher and the scheduler into the experiment with the study location of the
+    day the search was created; a search directory moved or copied since must use the journal
+    where it is now (:func:`mgfa_ray.search.read_record` resolves it at load time), never write
+    into the original's. The search driver binds the study around ``Tuner.fit``.
+    """
+    previous = _BOUND.get(ref.study_name)
+    _BOUND[ref.study_name] = _Binding(ref, experiment_path)
+    try:
+        yield ref
+    finally:
+        if previous is None:
+            _BOUND.pop(ref.study_name, None)
+        else:
+            _BOUND[ref.study_name] = previous
 
 
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -118,7 +241,10 @@ class _StudyUser:
     @property
     def study(self) -> optuna.Study:
         if self._study_obj is None:
-            self._study_obj = self.study_ref.load(sampler=self._study_sampler, create=True)
+            bound = _BOUND.get(self.study_ref.study_name)
+            # Never the pickled path of a moved search; a bound study exists (create_search made it).
+            ref = bound.study if bound else self.study_ref
+            self._study_obj = ref.load(sampler=self._study_sampler, create=bound is None)
         return self._study_obj
 
     def _storage_id(self, number: int) -> int:
@@ -268,6 +394,7 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        self._keep_in_experiment(trial)
         number = self._number_of(trial.trial_id, trial.config)
         if number is None:
             log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
@@ -299,6 +426,25 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
             new_number = storage.get_trial_number_from_id(tid)
             self._trial_numbers[trial.trial_id] = new_number
             log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
+
+    def _keep_in_experiment(self, trial) -> None:
+        """Give a new trial of a moved experiment the experiment's storage as it is now.
+
+        Works around Ray 2.60: after ``Tuner.restore`` of an experiment directory moved or copied
+        elsewhere, Ray re-points the restored trials (``TuneController._restore_trials`` calls
+        ``Trial.set_storage``) but creates new trials from the Experiment pickled in its search
+        generator's state, i.e. in the old directory: they write there, or fail where it is
+        gone. The same re-pointing as Ray's is done here, before the trial ever starts.
+        """
+        bound = _BOUND.get(self.study_ref.study_name)
+        storage = getattr(trial, "storage", None)
+        if bound is None or bound.experiment_path is None or storage is None:
+            return
+        if storage.experiment_fs_path != bound.experiment_path:
+            moved = copy.copy(storage)
+            moved.storage_fs_path = posixpath.dirname(bound.experiment_path)
+            moved.experiment_dir_name = posixpath.basename(bound.experiment_path)
+            trial.set_storage(moved)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         number = self._number_of(trial.trial_id, trial.config)

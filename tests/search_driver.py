@@ -2,6 +2,7 @@
 
     python tests/search_driver.py create DIR --num-samples 6 [--max-epochs 4] [--storage-path P] …
     python tests/search_driver.py run DIR [--more-trials N] [--errored skip|resume|restart]
+    python tests/search_driver.py cli search resume DIR …   # the real CLI (mgfa_ray.cli.main), stand-in trials
 
 ``--real MANIFEST MASKS`` makes the trials the real classifier (mgfa_ray.search.tune_trainable) at
 tiny settings instead. The stand-in trains nothing: its "top-1" at epoch e is a smooth, deterministic function of the
@@ -94,6 +95,16 @@ def space_doc(max_epochs: int, early_stopping: bool = True) -> dict:
 def main(argv=None) -> int:
     import yaml
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cli"]:  # the command line as users run it, with this file's fast trials
+        import mgfa_ray.search
+        from mgfa_ray import cli
+
+        os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
+        if read_record_base(argv)["manifest"] == "stand-in":
+            mgfa_ray.search.tune_trainable = standin_trainable
+        return cli.main(argv[1:])
+
     from mgfa_ray.config import SearchConfig, TrainConfig
     from mgfa_ray.search import create_search, read_record, run_search
     from mgfa_ray.search_space import load_search_space
@@ -115,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-reuse-workers", action="store_true")
     p.add_argument("--ray-cpus", type=float, default=None, help="run: start the local cluster with these CPUs")
     p.add_argument("--ray-gpus", type=float, default=None, help="run: ... and these GPUs")
+    p.add_argument("--cache-dir", default=None, help="create: the trials' image cache (recorded)")
+    p.add_argument("--export-dir", default=None, help="create: the default export directory (recorded)")
     p.add_argument("--real", nargs=2, metavar=("MANIFEST", "MASKS"), default=None,
                    help="create: trials are the real classifier (tune_trainable) on this manifest and mask set")
     args = p.parse_args(argv)
@@ -131,7 +144,8 @@ def main(argv=None) -> int:
         else:
             base = TrainConfig(manifest="stand-in", masks="stand-in", weights=None)
         print(create_search(name=args.name, space=load_search_space(space_file), space_file=str(space_file),
-                            search=search, base=base, storage_path=args.dir))
+                            search=search, base=base, storage_path=args.dir, cache_dir=args.cache_dir,
+                            export_dir=args.export_dir))
         return 0
     # run_search starts Ray itself once it holds the search's lock. "local": a new local cluster
     # even when a `ray start` cluster runs on this machine (which ray.init() would otherwise join).
@@ -145,6 +159,13 @@ def main(argv=None) -> int:
     run_search(args.dir, more_trials=args.more_trials, errored=args.errored,
                trainable=None if real else standin_trainable)
     return 0
+
+
+def read_record_base(argv: list[str]) -> dict:
+    """The trial template of the search directory named on a ``cli search …`` command line."""
+    from mgfa_ray.search import read_record
+
+    return read_record(next(a for a in argv[3:] if not a.startswith("-"))).trial_base
 
 
 if __name__ == "__main__":

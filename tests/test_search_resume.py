@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,71 @@ def test_real_trial_driver_killed_then_resumed(tmp_path, tiny_manifest, label_ma
     assert best.epochs == 2 and abs(best.alpha + best.beta + best.gamma - 1) <= 1e-12
     assert load_checkpoint(tmp_path / "export" / "best_checkpoint" / "checkpoint.pt")["epoch"] == 2
     assert summary["states"].get("COMPLETE", 0) >= 1
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_exits_130_and_a_moved_copy_resumes_without_touching_the_original(tmp_path):
+    """Issue 15, defects 7 and 6. Ctrl-C (SIGINT to the CLI's process group, as a terminal sends
+    it) ends the run with status 130 and the resume command, exporting nothing. The job's output
+    directory is then copied and the original moved away: the copy resumes and finishes on its own
+    study (Ray's pickled searcher and scheduler hold the original's journal path), writing nothing
+    into the moved original and recreating nothing at the old path."""
+    job = tmp_path / "job"
+    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", "2", "--max-concurrent", "1",
+                         "--cache-dir", str(job / "cache"), "--export-dir", str(job / "export"),
+                         storage=str(job / "search"))
+    log = tmp_path / "driver.log"
+    proc = _driver(tmp_path, "cli", "search", "resume", search_dir)
+    deadline = time.monotonic() + 180
+    while _finished(_study(search_dir).get_trials(deepcopy=False)) < 1:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-4000:]
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted" in errors[0], log.read_text()[-4000:]
+    assert errors[0].endswith(f"Resume with: mgfa-ray search resume {search_dir}")
+    assert not (job / "export").exists() and not (Path(search_dir) / "export").exists()  # no partial result
+    assert _finished(_study(search_dir).get_trials(deepcopy=False)) < 3
+
+    shutil.copytree(job, tmp_path / "copy", symlinks=True)
+    shutil.move(job, tmp_path / "moved")
+    original = _files(tmp_path / "moved")
+    copy_dir = str(tmp_path / "copy" / "search" / "standin")
+    _finish(tmp_path, _driver(tmp_path, "cli", "search", "resume", copy_dir))
+    assert _files(tmp_path / "moved") == original and not job.exists()
+    _check_one_truth(copy_dir, total=3, kills=1, max_epochs=2)
+    assert (Path(copy_dir) / "export" / "best_config.yaml").is_file()  # the job's export/ was never made: inside
+
+
+def test_search_record_holds_no_absolute_path_into_its_job(tmp_path):
+    """Issue 15, defect 6: search.json named its journal, cache and export by absolute paths."""
+    from search_driver import main as driver
+
+    job = tmp_path / "job"
+    driver(["create", str(job / "search"), "--cache-dir", str(job / "cache"), "--export-dir", str(job / "export")])
+    search_dir = job / "search" / "standin"
+    assert str(tmp_path) not in (search_dir / "search.json").read_text()
+    shutil.move(job, tmp_path / "moved")
+    record = read_record(str(tmp_path / "moved" / "search" / "standin"))
+    assert record.study.storage == str(tmp_path / "moved" / "search" / "standin" / "optuna.journal")
+    assert record.cache_dir == str(tmp_path / "moved" / "cache")
+    assert record.export_dir == str(tmp_path / "moved" / "export")
+
+
+def test_ctrl_c_outside_ray_tune_is_one_error_line_and_status_130(monkeypatch, capsys):
+    """Issue 15, defect 7: a KeyboardInterrupt (Ctrl-C before Ray Tune's handler is installed, or
+    a second Ctrl-C during its last snapshot) ends the command with 130 and how to continue."""
+    from mgfa_ray import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert cli.main(["search", "export", "somewhere"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: interrupted (Ctrl-C); run the same command again")

@@ -69,3 +69,49 @@ def test_invalid_spaces_name_the_key(tmp_path, doc, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_search_space(path)
     assert str(path) in str(err.value)
+
+
+LR = {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}
+
+
+@pytest.mark.parametrize("params, point, message", [
+    (LR, {"lr": 0.5}, r"points_to_evaluate\[0\]: lr = 0.5 is outside log_uniform \[0.001, 0.1\]"),
+    ({"momentum": {"type": "uniform", "low": 0.8, "high": 0.95}}, {"momentum": 0.5},
+     r"points_to_evaluate\[0\]: momentum = 0.5 is outside uniform \[0.8, 0.95\]"),
+    ({"lr_step": {"type": "int", "low": 2, "high": 6}}, {"lr_step": 7},
+     r"points_to_evaluate\[0\]: lr_step = 7 is outside int \[2, 6\]"),
+    ({"lr_step": {"type": "int", "low": 2, "high": 6}}, {"lr_step": 2.5},
+     r"points_to_evaluate\[0\]: lr_step = 2.5 is not an integer"),
+    ({"batch_size": {"type": "categorical", "choices": [16, 32]}}, {"batch_size": 64},
+     r"points_to_evaluate\[0\]: batch_size = 64 is not one of the choices \[16, 32\]"),
+    (LR, {"lr": "fast"}, r"points_to_evaluate\[0\]: lr = 'fast' is not a number"),
+])
+def test_point_outside_its_parameter_range_is_rejected(tmp_path, params, point, message):
+    """Defect 1 of issue 15: such a point ran anyway (only an Optuna warning)."""
+    doc = {**BASE, "parameters": params, "points_to_evaluate": [point]}
+    with pytest.raises(ConfigError, match=message) as err:
+        load_search_space(_write(tmp_path, doc))
+    assert str(err.value).count("\n") == 1  # the source line and exactly one error
+
+
+def test_point_index_names_the_bad_point(tmp_path):
+    doc = {**BASE, "parameters": LR, "points_to_evaluate": [{"lr": 0.01}, {"lr": 1e-4}]}
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[1\]: lr = 0.0001 is outside"):
+        load_search_space(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"lr": {"type": "uniform", "low": 0.1, "high": 0.001}}, r"parameters\.lr: low \(0.1\) must be < high \(0.001\)"),
+    ({"batch_size": {"type": "categorical", "choices": []}},
+     r"parameters\.batch_size: categorical needs at least one value in choices"),
+    ({"lr": [0.1, 0.2]}, r"parameters\.lr: a fixed value is a boolean, number, string or null"),
+    ({"lr": {"type": "normal", "low": 0.0, "high": 0.1}}, r"parameters\.lr\.type: 'normal' is not one of"),
+    ({"lr": {"low": 0.0, "high": 0.1}}, r"parameters\.lr\.type: missing"),
+])
+def test_search_space_errors_are_one_line_without_union_noise(tmp_path, params, message):
+    """Weak message of issue 15: the real error was buried under four 'Input should be a valid …' lines."""
+    with pytest.raises(ConfigError, match=message) as err:
+        load_search_space(_write(tmp_path, {**BASE, "parameters": params}))
+    text = str(err.value)
+    assert "Input should be" not in text and "tagged-union" not in text and "Value error" not in text
+    assert text.count("\n") == 1, text
