@@ -61,7 +61,7 @@ def test_deleted_shard_is_named_on_read_and_a_rerun_rebuilds_it(label_set, tmp_p
         read_rows(set_dir)
     with pytest.raises(UserError, match=shard_name(1)):
         read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS)
-    assert main(["masks", str(set_dir), "--output-dir", str(tmp_path / "fig")]) == 2  # `mgfa-ray masks SET`
+    assert main(["masks", "show", str(set_dir), "--output-dir", str(tmp_path / "fig")]) == 2  # `mgfa-ray masks show SET`
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and shard_name(1) in err
     assert Path(build()) == set_dir  # the job's rerun finds the damage and rebuilds the shard
