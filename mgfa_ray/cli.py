@@ -179,7 +179,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         from .trial import train_to_dir
 
+        from .model import check_weights
+
         cfg = load_config(TrainConfig, args.config)
+        check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem
         if args.seeds is not None:
             from .ablation import run_seeds

@@ -72,13 +72,34 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
         ConfigError: ``train`` does not fit ``regions.classes`` (e.g. a second region kind's weights
             with one kind), the search-space file is invalid, or one of its values would give an
             invalid trial (the message names the file and key).
+        WeightsError: ``train.weights`` (or a ``weights`` value of the search space) is a file that
+            is missing, does not load with ``torch.load(weights_only=True)``, is not a state_dict
+            or does not fit the backbone (:func:`mgfa_ray.model.check_weights`).
     """
     template = validate(
         TrainConfig, {**to_dict(cfg.train), "manifest": "<manifest>", "masks": "<masks>",
                       "region_classes": list(cfg.regions.classes)},
         source=f"{source}: train (with regions.classes {cfg.regions.classes})",
     )
-    return load_search_space(cfg.search.space, base=template), template
+    space = load_search_space(cfg.search.space, base=template)
+    _check_job_weights(cfg, space, source=source)
+    return space, template
+
+
+def _choices(space: SearchSpace, name: str, default: Any) -> list[Any]:
+    """The values a search space gives the trial parameter ``name`` (``[default]`` when it does not)."""
+    value = space.parameters.get(name, default)
+    return list(getattr(value, "choices", [value]))
+
+
+def _check_job_weights(cfg: JobConfig, space: SearchSpace, *, source: str) -> None:
+    """Every (backbone, weights) pair a trial of the job can get loads (:func:`mgfa_ray.model.check_weights`)."""
+    from .model import check_weights
+
+    for backbone in _choices(space, "backbone", cfg.train.backbone):
+        for weights in _choices(space, "weights", cfg.train.weights):
+            field = "train.weights" if weights == cfg.train.weights else f"{cfg.search.space}: parameters.weights"
+            check_weights(backbone, weights, field=f"{source}: {field} (backbone {backbone})")
 
 
 def _banner(stage: str) -> float:
@@ -109,14 +130,11 @@ def prepare_data(
         (``None`` with ``regions.source: labels``), the mask set's location and its metadata.
 
     Raises:
-        ConfigError: Missing data root, images, labels or ``train.weights`` file.
+        ConfigError: Missing data root, images or labels.
         LabelError: A malformed label line (file:line).
     """
     import ray
 
-    if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
-        raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
-                          f"the working directory {Path.cwd()})")
     atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root)})
 
     t = _banner("manifest")
@@ -180,15 +198,15 @@ def run_job(cfg: JobConfig, *, smoke: bool = False) -> dict[str, Any]:
     """
     if smoke:
         cfg = smoke_config(cfg)
+    space, _ = check_job(cfg)  # before any stage runs or anything is written
     data_root = resolve_data_root(cfg.data_root)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
-        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke)
+        return _run_stages(cfg, space, data_root=data_root, out=out, smoke=smoke)
 
 
-def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
-    space, _ = check_job(cfg)
+def _run_stages(cfg: JobConfig, space: SearchSpace, *, data_root: Path, out: Path, smoke: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
     base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings)
 
