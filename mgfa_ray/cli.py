@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", type=Path, help="job YAML, e.g. jobs/leafsnap20.yaml")
     run.add_argument("--smoke", action="store_true", help="tiny CI-sized run (3 classes, 1 epoch, 2 trials)")
     run.add_argument("--output-dir", type=Path, default=None, help="override the job's output_dir")
+    run.add_argument("--accept-weak", action="store_true",
+                     help="go on when the detector or the mask set fails its stage gate (detector.min_map50, "
+                          "masks.max_empty_fraction), with a warning")
     train = sub.add_parser("train", help="train one config (e.g. export/best_config.yaml)")
     train.add_argument("--config", type=Path, required=True, help="TrainConfig YAML")
     train.add_argument("--output-dir", type=Path, default=None,
@@ -124,21 +127,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(err: BaseException, status: int) -> int:
     """Print ``error: <message>`` (after the traceback with ``--debug``/``MGFA_DEBUG=1``); return ``status``."""
+    from .io import redact_text
+
     if debug_enabled():
-        traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
+        print(redact_text("".join(traceback.format_exception(err))), file=sys.stderr, end="")
+    print(f"error: {redact_text(str(err))}", file=sys.stderr)
     return status
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; return the exit status."""
+    from .io import take_credentials
+
+    for name in ("dir", "set", "manifest"):  # locations given on the command line: keys to the environment
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, take_credentials(getattr(args, name), field=name))
     if args.command == "run":
         from .pipeline import run_job
 
         job = load_config(JobConfig, args.job)
         if args.output_dir is not None:
             job = job.model_copy(update={"output_dir": str(args.output_dir)})
-        run_job(job, smoke=args.smoke)
+        run_job(job, smoke=args.smoke, accept_weak=args.accept_weak)
     elif args.command == "ablation":
         from .ablation import run_ablation
         from .config import to_dict, validate
@@ -182,6 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .model import check_weights
 
         cfg = load_config(TrainConfig, args.config)
+        cfg = cfg.model_copy(update={"masks": take_credentials(cfg.masks, field=f"{args.config}: masks")})
         check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem
         if args.seeds is not None:

@@ -3,6 +3,7 @@ and message, and the stage gates that stop a job whose detector or masks are unu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,3 +70,74 @@ def test_train_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys, tiny_
     err = capsys.readouterr().err
     assert f"nothing to resume in {run_dir}" in err and "without --resume" in err
     assert not (run_dir / "metrics.csv").exists()
+
+
+# --- Stage gates -----------------------------------------------------------------------------------
+
+
+def _tiny_job(tmp_path: Path, **masks) -> Path:
+    """The main job at 2 species x 8 photos with a 1-epoch, 64 px detector: it finds nothing."""
+    job = yaml.safe_load((REPO / "jobs" / "leafsnap20.yaml").read_text())
+    job["dataset"].update(max_classes=2, max_per_class=8)
+    job["detector"].update(epochs=1, imgsz=64, batch=4)
+    job["masks"].update(num_actors=1, **masks)
+    job["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_weak_detector_stops_the_job_before_the_masks_and_accept_weak_goes_on(tmp_path, capsys):
+    import json
+
+    import ray
+
+    from mgfa_ray.config import JobConfig, load_config
+    from mgfa_ray.pipeline import detector_gate
+
+    job = _tiny_job(tmp_path, location=str(tmp_path / "not-a-directory"))
+    assert main(["run", str(job)]) == 1
+    out = capsys.readouterr()
+    error = out.err.strip().splitlines()[-1]
+    assert error.startswith("error: detector too weak for its masks: held-out mAP@0.5 vein ")
+    assert "detector.min_map50 is 0.05" in error and "detector.epochs, now 1" in error and "--accept-weak" in error
+    assert "=== mgfa-ray: masks ===" not in out.out and not (tmp_path / "out" / "search").exists()
+    metrics = json.loads((tmp_path / "out" / "detector" / "metrics.json").read_text())
+    assert detector_gate(metrics, load_config(JobConfig, job)) in error  # the numbers of the stored metrics
+
+    # Accepted knowingly: the kept detector is not retrained, a warning is printed, the masks stage
+    # starts (and fails here on a mask location that is a file, before any search).
+    (tmp_path / "not-a-directory").write_text("")
+    try:
+        with contextlib.suppress(OSError):  # the mask directory cannot be created
+            assert main(["run", str(job), "--accept-weak"]) != 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr()
+    assert "warning: weak detector accepted (--accept-weak): detector too weak" in out.out
+    assert "=== mgfa-ray: masks ===" in out.out and "=== mgfa-ray: detector ===" in out.out
+    assert json.loads((tmp_path / "out" / "detector" / "metrics.json").read_text()) == metrics  # kept
+
+
+def test_gate_defaults_let_the_main_job_through_and_stop_empty_masks():
+    """The defaults against the main job's measured stages (results/leafsnap20) and a mask set
+    without a single box (the foreign dataset: 50 of 50 images)."""
+    import json
+
+    from mgfa_ray.config import JobConfig, load_config
+    from mgfa_ray.pipeline import detector_gate, mask_gate
+
+    job = load_config(JobConfig, REPO / "jobs" / "leafsnap20.yaml")
+    results = REPO / "results" / "leafsnap20"
+    assert detector_gate(json.loads((results / "detector_metrics.json").read_text()), job) is None
+    meta = json.loads((results / "mask_set_metadata.json").read_text())
+    assert mask_gate(meta, job, location="m") is None
+    empty = {**meta, "summary": {**meta["summary"], "images": 50,
+                                  "per_class": {"vein": {"images_with_region": 0.0}, "contour": {"images_with_region": 0.0}}}}
+    problem = mask_gate(empty, job, location="m")
+    assert problem.startswith("mask set m: too many images without a region: fraction without a box vein 1.00 "
+                              "(50 of 50), contour 1.00 (50 of 50); masks.max_empty_fraction is 0.5")
+    assert "lower detector.conf (now 0.1)" in problem
+    unmeasured = {"per_class": {"vein": {"map50": None, "n_holdout_instances": 0},
+                                "contour": {"map50": 0.9, "n_holdout_instances": 3}}}
+    assert detector_gate(unmeasured, job) is None  # no held-out instance: reported, never failed
