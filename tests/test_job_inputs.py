@@ -141,3 +141,62 @@ def test_gate_defaults_let_the_main_job_through_and_stop_empty_masks():
     unmeasured = {"per_class": {"vein": {"map50": None, "n_holdout_instances": 0},
                                 "contour": {"map50": 0.9, "n_holdout_instances": 3}}}
     assert detector_gate(unmeasured, job) is None  # no held-out instance: reported, never failed
+
+
+# --- Secrets in storage URIs ---------------------------------------------------------------------
+
+KEY, SECRET, TOKEN = "AKIAMGFATESTKEY", "mgfa-secret-value-123", "mgfa-session-token-456"
+
+
+def _all_text(root: Path) -> str:
+    return "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+
+
+def test_keys_in_storage_uris_reach_no_file_and_no_message(tmp_path, capsys, monkeypatch):
+    """Defect 8: job.yaml held the keys of masks.location / search.storage_path verbatim."""
+    from mgfa_ray.io import redact_location, redact_text
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(k, "before")  # restored after the test: the keys go to this process's environment
+    query = f"endpoint_override=http://127.0.0.1:1&access_key={KEY}&secret_key={SECRET}&session_token={TOKEN}"
+    job = yaml.safe_load((REPO / "jobs" / "leafsnap20.yaml").read_text())
+    job["dataset"]["images"] = "no-such-folder"  # fails at the manifest, after job.yaml is written
+    job["masks"]["location"] = f"s3://bucket/masks?{query}"
+    job["search"].update(storage_path=f"s3://bucket/search?{query}", study_storage=str(tmp_path / "study.journal"))
+    job["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    out = capsys.readouterr()
+    assert "no-such-folder" in out.err  # the manifest stage's error, after job.yaml
+    written = yaml.safe_load((tmp_path / "out" / "job.yaml").read_text())
+    assert written["masks"]["location"] == "s3://bucket/masks?endpoint_override=http://127.0.0.1:1"
+    for secret in (KEY, SECRET, TOKEN):
+        assert secret not in _all_text(tmp_path / "out") + out.out + out.err
+    # The search still reaches the store: the keys are in this process's environment (memory only).
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == (KEY, SECRET)
+
+    uri = f"s3://{KEY}:{SECRET}@bucket/p?endpoint_override=http://h:9000&secret_key={SECRET}"
+    assert redact_location(uri) == "s3://***:***@bucket/p?endpoint_override=http://h:9000&secret_key=***"
+    assert redact_location("postgresql://me:pw@db/optuna") == "postgresql://me:***@db/optuna"
+    assert SECRET not in redact_text(f"cannot open '{uri}': bad secret_key={SECRET}")
+
+
+def test_mask_set_error_on_a_uri_with_keys_does_not_echo_them(tmp_path, capsys, monkeypatch, s3_server):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(k, "before")
+    location = s3_server("secret-masks", "none") + f"&access_key={KEY}&secret_key={SECRET}"
+    assert main(["masks", location, "--output-dir", str(tmp_path / "fig")]) != 0
+    out = capsys.readouterr()
+    assert "secret-masks/none" in out.err and "error: " in out.err
+    assert SECRET not in out.out + out.err and KEY not in out.out + out.err
+
+
+def test_a_password_in_the_study_storage_url_is_refused_without_echoing_it(tmp_path, capsys):
+    job = yaml.safe_load((REPO / "jobs" / "leafsnap20.yaml").read_text())
+    job["search"]["study_storage"] = f"postgresql://optuna:{SECRET}@db.example/optuna"
+    job["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "search.study_storage: postgresql://optuna:***@db.example/optuna carries a secret" in err
+    assert "PGPASSWORD" in err and SECRET not in err and not (tmp_path / "out").exists()
