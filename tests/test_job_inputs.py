@@ -200,3 +200,49 @@ def test_a_password_in_the_study_storage_url_is_refused_without_echoing_it(tmp_p
     err = capsys.readouterr().err
     assert "search.study_storage: postgresql://optuna:***@db.example/optuna carries a secret" in err
     assert "PGPASSWORD" in err and SECRET not in err and not (tmp_path / "out").exists()
+
+
+# --- A rerun with corrected settings --------------------------------------------------------------
+
+
+def test_search_without_results_is_replaced_and_one_with_results_names_the_differences(tmp_path, tiny_train_config):
+    """Defect 5's second half: after bad weights had failed every trial, the corrected rerun was
+    refused ("a search of this name exists with other ... trial_base") until the directory was
+    deleted. A search whose trials reported nothing is replaced; one with results is kept and the
+    refusal names each differing field and the choices."""
+    from optuna.trial import TrialState
+
+    from mgfa_ray.config import ConfigError, SearchConfig
+    from mgfa_ray.search import create_search, read_record
+    from mgfa_ray.search_space import load_search_space
+    from mgfa_ray.study import StudyRef
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}))
+    space = load_search_space(space_file)
+
+    def create(**base):
+        return create_search(name="s", space=space, space_file=str(space_file),
+                             search=SearchConfig(space=str(space_file)),
+                             base=tiny_train_config.model_copy(update=base), storage_path=str(tmp_path / "searches"))
+
+    search_dir = create(weights=str(tmp_path / "bad.pth"))
+    record = read_record(search_dir)
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    study.add_trial(__import__("optuna").trial.create_trial(state=TrialState.FAIL, params={}, distributions={}))
+    (Path(search_dir) / "runs" / "run-0" / "trial_0").mkdir(parents=True)  # a failed Ray trial's folder
+
+    assert create(weights=None) == search_dir  # nothing of value: replaced
+    assert read_record(search_dir).trial_base["weights"] is None
+    assert not (Path(search_dir) / "runs").exists()
+    assert StudyRef(record.study.storage, record.study.study_name).load().trials == []
+
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    trial = study.ask()
+    trial.report(0.5, step=1)  # one epoch reported: a result worth keeping
+    with pytest.raises(ConfigError) as err:
+        create(weights=None, lr=0.02)
+    message = str(err.value)
+    assert "1 trial(s) that reported results" in message and "trial_base.lr: 0.01 -> 0.02" in message
+    assert "restore the old values" in message and "another name, output_dir or search.storage_path" in message
+    assert read_record(search_dir).trial_base["lr"] == 0.01  # kept
