@@ -15,6 +15,11 @@ Everything goes under the job's ``output_dir``::
     export/                  best_config.yaml, best_checkpoint/, trials.{parquet,csv},
                              trial_epochs.{parquet,csv}, plots (PNG), summary.json
 
+Before any stage runs, :func:`check_job` checks the trial defaults, the search space and the
+weights file, and :func:`take_job_credentials` moves keys out of storage URIs (nothing written or
+printed holds a secret). Stage gates stop a weak detector (:func:`detector_gate`) or a mask set
+with too many empty images (:func:`mask_gate`) before the search, unless accepted.
+
 A rerun skips finished stages: the detector when its metrics file matches its key, the mask set
 when its id is complete (a partial set resumes shard by shard), and the search resumes where it
 stopped (a finished search only exports again).
