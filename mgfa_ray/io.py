@@ -234,8 +234,8 @@ def take_credentials(location: str | os.PathLike | None, *, field: str = "locati
                           f"optionally session_token), got {sorted(found)}; better, give them in the environment "
                           "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile (AWS_PROFILE)")
     wanted = {_AWS_ENV[k]: v for k, v in found.items()}
-    previous = _TAKEN.get("keys")
-    if previous is not None and previous != wanted:
+    previous = _TAKEN.get("keys")  # still in force: the environment holds what an earlier location set
+    if previous and previous != wanted and all(os.environ.get(k) == v for k, v in previous.items()):
         raise ConfigError(f"{field}: {shown} carries other keys than a location given before in this run; give "
                           "the credentials in the environment (AWS_*) or a profile instead of in the locations")
     _TAKEN["keys"] = wanted

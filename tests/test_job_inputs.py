@@ -154,7 +154,8 @@ def _all_text(root: Path) -> str:
 
 def test_keys_in_storage_uris_reach_no_file_and_no_message(tmp_path, capsys, monkeypatch):
     """Defect 8: job.yaml held the keys of masks.location / search.storage_path verbatim."""
-    from mgfa_ray.io import redact_location, redact_text
+    from mgfa_ray.config import ConfigError
+    from mgfa_ray.io import redact_location, redact_text, take_credentials
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(k, "before")  # restored after the test: the keys go to this process's environment
@@ -174,6 +175,9 @@ def test_keys_in_storage_uris_reach_no_file_and_no_message(tmp_path, capsys, mon
         assert secret not in _all_text(tmp_path / "out") + out.out + out.err
     # The search still reaches the store: the keys are in this process's environment (memory only).
     assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == (KEY, SECRET)
+    with pytest.raises(ConfigError, match=r"s3://\*\*\*:\*\*\*@b/p carries other keys") as err:
+        take_credentials("s3://OTHERKEY:othersecret@b/p", field="search.storage_path")  # two sets of keys in one run
+    assert "othersecret" not in str(err.value)
 
     uri = f"s3://{KEY}:{SECRET}@bucket/p?endpoint_override=http://h:9000&secret_key={SECRET}"
     assert redact_location(uri) == "s3://***:***@bucket/p?endpoint_override=http://h:9000&secret_key=***"
