@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import (
-    ConfigError,
     JobConfig,
     TrainConfig,
     absolute,
