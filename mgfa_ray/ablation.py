@@ -405,11 +405,12 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
         RuntimeError: No cell finished.
     """
     from .lock import DirectoryLock
-    from .pipeline import check_job, prepare_data, smoke_config
+    from .pipeline import check_job, prepare_data, smoke_config, take_job_credentials
 
     ablation = ablation or job.ablation
     if smoke:
         job = smoke_config(job)
+    job = take_job_credentials(job)  # keys in storage URIs go to the environment, never into a file
     check_job(job)  # trial defaults, region kinds and search space fit together, before anything runs
     cells = ablation_cells(job.train, region_classes=job.regions.classes, ablation=ablation)
     data_root = resolve_data_root(job.data_root)

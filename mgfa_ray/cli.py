@@ -57,6 +57,9 @@ def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field by its dotted key, value parsed as YAML (repeatable), "
                         "e.g. --set detector.epochs=30 --set search.num_samples=4")
+    p.add_argument("--accept-weak", action="store_true",
+                   help="go on when the detector or the mask set fails its stage gate (detector.min_map50, "
+                        "masks.max_empty_fraction), with a warning")
     return p
 
 
@@ -203,14 +206,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(err: BaseException, status: int) -> int:
     """Print ``error: <message>`` (after the traceback with ``--debug``/``MGFA_DEBUG=1``); return ``status``."""
+    from .io import redact_text
+
     if debug_enabled():
-        traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
+        print(redact_text("".join(traceback.format_exception(err))), file=sys.stderr, end="")
+    print(f"error: {redact_text(str(err))}", file=sys.stderr)
     return status
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; return the exit status."""
+    from .io import take_credentials
+
+    for name in ("dir", "set", "manifest"):  # locations given on the command line: keys to the environment
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, take_credentials(getattr(args, name), field=name))
     if args.command in ("run", "detector", "masks", "search") and hasattr(args, "job"):
         return _stage_command(args)
     if args.command == "ablation":
@@ -244,7 +254,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         from .trial import train_to_dir
 
+        from .model import check_weights
+
         cfg = load_config(TrainConfig, args.config)
+        cfg = cfg.model_copy(update={"masks": take_credentials(cfg.masks, field=f"{args.config}: masks")})
+        check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem
         if args.seeds is not None:
             from .ablation import run_seeds
@@ -265,7 +279,7 @@ def _stage_command(args: argparse.Namespace) -> int:
     if args.command == "detector" and args.detector_command == "eval":
         return _detector_eval(smoke_config(job) if args.smoke else job, as_json=args.json)
     until = {"detector": "detector", "masks": "masks"}.get(args.command, "search")
-    report = run_job(job, smoke=args.smoke, until=until)
+    report = run_job(job, smoke=args.smoke, until=until, accept_weak=args.accept_weak)
     if until != "search":
         print(json.dumps(report, indent=2))
     return 0

@@ -197,6 +197,7 @@ def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files:
     """
     fields = cfg.model_dump(mode="json")
     fields.pop("conf", None)
+    fields.pop("min_map50", None)  # a stage gate (mgfa_ray.pipeline), not a training input
     fields["model"] = _model_identity(cfg.model)
     return sha256_json({
         "recipe": RECIPE_VERSION,

@@ -15,6 +15,11 @@ Everything goes under the job's ``output_dir``::
     export/                  best_config.yaml, best_checkpoint/, trials.{parquet,csv},
                              trial_epochs.{parquet,csv}, plots (PNG), summary.json
 
+Before any stage runs, :func:`check_job` checks the trial defaults, the search space and the
+weights file, and :func:`take_job_credentials` moves keys out of storage URIs (nothing written or
+printed holds a secret). Stage gates stop a weak detector (:func:`detector_gate`) or a mask set
+with too many empty images (:func:`mask_gate`) before the search, unless accepted.
+
 A rerun skips finished stages: the detector when its metrics file matches its key, the mask set
 when its id is complete (a partial set resumes shard by shard), and the search resumes where it
 stopped (a finished search only exports again).
@@ -24,10 +29,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import (
-    ConfigError,
     JobConfig,
     TrainConfig,
     absolute,
@@ -38,8 +42,8 @@ from .config import (
     validate,
 )
 from .detector import train_detector
-from .errors import RunInterrupted
-from .io import atomic_write_json, atomic_write_yaml
+from .errors import RunInterrupted, StageError
+from .io import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
@@ -73,13 +77,136 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
         ConfigError: ``train`` does not fit ``regions.classes`` (e.g. a second region kind's weights
             with one kind), the search-space file is invalid, or one of its values would give an
             invalid trial (the message names the file and key).
+        WeightsError: ``train.weights`` (or a ``weights`` value of the search space) is a file that
+            is missing, does not load with ``torch.load(weights_only=True)``, is not a state_dict
+            or does not fit the backbone (:func:`mgfa_ray.model.check_weights`).
     """
     template = validate(
         TrainConfig, {**to_dict(cfg.train), "manifest": "<manifest>", "masks": "<masks>",
                       "region_classes": list(cfg.regions.classes)},
         source=f"{source}: train (with regions.classes {cfg.regions.classes})",
     )
-    return load_search_space(cfg.search.space, base=template), template
+    space = load_search_space(cfg.search.space, base=template)
+    _check_job_weights(cfg, space, source=source)
+    return space, template
+
+
+def _choices(space: SearchSpace, name: str, default: Any) -> list[Any]:
+    """The values a search space gives the trial parameter ``name`` (``[default]`` when it does not)."""
+    value = space.parameters.get(name, default)
+    return list(getattr(value, "choices", [value]))
+
+
+def _check_job_weights(cfg: JobConfig, space: SearchSpace, *, source: str) -> None:
+    """Every (backbone, weights) pair a trial of the job can get loads (:func:`mgfa_ray.model.check_weights`)."""
+    from .model import check_weights
+
+    for backbone in _choices(space, "backbone", cfg.train.backbone):
+        for weights in _choices(space, "weights", cfg.train.weights):
+            field = "train.weights" if weights == cfg.train.weights else f"{cfg.search.space}: parameters.weights"
+            check_weights(backbone, weights, field=f"{source}: {field} (backbone {backbone})")
+
+
+_REMEDIES = ("more detector epochs (detector.epochs, now {epochs}), a larger detector.imgsz (now {imgsz}; the "
+             "paper uses 480), more labelled photos (regions.labels{max_images})")
+
+
+def _remedies(cfg: JobConfig) -> str:
+    more = f"; regions.max_images is {cfg.regions.max_images}" if cfg.regions.max_images else ""
+    return _REMEDIES.format(epochs=cfg.detector.epochs, imgsz=cfg.detector.imgsz, max_images=more)
+
+
+def detector_gate(metrics: dict[str, Any], cfg: JobConfig) -> str | None:
+    """Stage gate after the detector: every region class's held-out mAP@0.5 must reach
+    ``detector.min_map50``.
+
+    Args:
+        metrics: The detector's ``metrics.json`` (:func:`mgfa_ray.detector.train_detector`): reads
+            ``per_class[<class>]["map50"]`` (float in [0, 1], or ``None`` when the class has no
+            held-out instance: reported, never failed) and ``n_holdout_instances``.
+        cfg: The job (threshold and the settings the remedies name).
+
+    Returns:
+        ``None`` when every class passes, else the message: each class's mAP@0.5 against the
+        threshold, and the usual remedies.
+    """
+    low, lines = False, []
+    for name in cfg.regions.classes:
+        entry = metrics.get("per_class", {}).get(name, {})
+        value, n = entry.get("map50"), entry.get("n_holdout_instances", 0)
+        if value is None:
+            lines.append(f"{name} not measured (no held-out instance: label more photos)")
+            continue
+        weak = value < cfg.detector.min_map50
+        low |= weak
+        lines.append(f"{name} {value:.3f}{' (below)' if weak else ''} on {n} held-out instances")
+    if not low:
+        return None
+    return (f"detector too weak for its masks: held-out mAP@0.5 {', '.join(lines)}; detector.min_map50 is "
+            f"{cfg.detector.min_map50}. Remedies: {_remedies(cfg)}")
+
+
+def mask_gate(meta: dict[str, Any], cfg: JobConfig, *, location: str) -> str | None:
+    """Stage gate after the masks: for every region class, the fraction of images without a
+    region may be at most ``masks.max_empty_fraction``.
+
+    Args:
+        meta: The mask set's ``metadata.json`` (:func:`mgfa_ray.masks.read_metadata`): reads
+            ``summary.images`` and ``summary.per_class[<class>].images_with_region`` (fraction in
+            [0, 1]).
+        cfg: The job (threshold and the settings the remedies name).
+        location: The set's location, named in the message.
+
+    Returns:
+        ``None`` when every class passes, else the message: per class the fraction and count of
+        images without a region, against the threshold, and the usual remedies.
+    """
+    summary = meta["summary"]
+    n = summary["images"]
+    empty = {c: 1.0 - summary["per_class"][c]["images_with_region"] for c in cfg.regions.classes}
+    if all(v <= cfg.masks.max_empty_fraction for v in empty.values()):
+        return None
+    shown = ", ".join(f"{c} {v:.2f} ({round(v * n)} of {n})" for c, v in empty.items())
+    if cfg.regions.source == "labels":
+        fix = "label the photos without boxes, or choose regions.source: detector"
+    else:
+        fix = f"a lower detector.conf (now {cfg.detector.conf}), {_remedies(cfg)}"
+    return (f"mask set {redact_location(location)}: too many images without a region: fraction without a box "
+            f"{shown}; masks.max_empty_fraction is {cfg.masks.max_empty_fraction}. Remedies: {fix}")
+
+
+def _gate(problem: str | None, *, stage: str, weak: str, accepted: list[str]) -> None:
+    """Act on a gate's verdict: ``weak`` is ``stop`` (raise), ``accept`` (the --accept-weak flag)
+    or ``warn`` (smoke runs and ablations): both print a warning and record it in ``accepted``."""
+    if problem is None:
+        return
+    if weak == "stop":
+        raise StageError(f"{problem}; then rerun the same command (finished stages are kept). To go on with "
+                         f"this {stage} knowingly: mgfa-ray run --accept-weak JOB")
+    print(f"warning: weak {stage} accepted ({'--accept-weak' if weak == 'accept' else 'smoke run'}): {problem}",
+          flush=True)
+    accepted.append(problem)
+
+
+def take_job_credentials(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with the keys that its storage locations carry moved to this process's environment
+    (:func:`mgfa_ray.io.take_credentials`): ``masks.location``, ``search.storage_path``,
+    ``search.study_storage`` and ``search.warm_start.storage``. Nothing the job writes, logs or
+    prints can then hold them; call before Ray starts, so that its local workers inherit them.
+
+    Raises:
+        ConfigError: A location carries a secret that cannot be taken (see ``take_credentials``).
+    """
+    masks = cfg.masks.model_copy(update={"location": take_credentials(cfg.masks.location, field="masks.location")})
+    update: dict[str, Any] = {
+        "storage_path": take_credentials(cfg.search.storage_path, field="search.storage_path"),
+        "study_storage": take_credentials(cfg.search.study_storage, field="search.study_storage"),
+    }
+    if cfg.search.warm_start is not None:
+        warm = cfg.search.warm_start
+        update["warm_start"] = warm.model_copy(
+            update={"storage": take_credentials(warm.storage, field="search.warm_start.storage")})
+    return cfg.model_copy(update={"masks": masks, "search": cfg.search.model_copy(update=update)})
 
 
 def _banner(stage: str) -> float:
@@ -93,7 +220,8 @@ def job_mask_root(cfg: JobConfig, out: Path) -> str:
 
 
 def prepare_detector(
-    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float]
+    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float],
+    weak: Literal["stop", "accept", "warn"] = "warn", accepted: list[str] | None = None,
 ) -> tuple[Any, dict[str, Any] | None, DetectorBoxes | LabelBoxes]:
     """Stages 1-3 of a job: manifest and detector (or the label files as they are), each skipped
     when already done (``mgfa-ray detector train JOB`` stops here).
@@ -103,13 +231,12 @@ def prepare_detector(
         with ``regions.source: labels``) and where the mask stage takes its boxes from.
 
     Raises:
-        ConfigError: Missing data root, images, labels or ``train.weights`` file.
+        ConfigError: Missing data root, images or labels.
         LabelError: A malformed label line (file:line).
+        StageError: ``weak="stop"`` and the detector failed its gate (:func:`detector_gate`).
     """
-    if cfg.train.weights not in (None, "imagenet") and not Path(cfg.train.weights).is_file():
-        raise ConfigError(f"train.weights: file {cfg.train.weights!r} does not exist (paths are relative to "
-                          f"the working directory {Path.cwd()})")
-    atomic_write_yaml(out / "job.yaml", {**to_dict(cfg), "data_root": str(data_root)})
+    accepted = [] if accepted is None else accepted
+    atomic_write_yaml(out / "job.yaml", redact_tree({**to_dict(cfg), "data_root": str(data_root)}))
 
     t = _banner("manifest")
     manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset)
@@ -128,6 +255,7 @@ def prepare_detector(
         print(f"detector {det['detector_key']}: held-out mAP@0.5 = {det['map50']:.3f} "
               f"({det['n_train']} train / {det['n_holdout']} held-out images)", flush=True)
         timings["detector"] = time.perf_counter() - t
+        _gate(detector_gate(det, cfg), stage="detector", weak=weak, accepted=accepted)
         source: DetectorBoxes | LabelBoxes = DetectorBoxes(
             weights=str(out / "detector" / "weights.pt"), detector_key=det["detector_key"], imgsz=cfg.detector.imgsz,
             conf=cfg.detector.conf, batch_size=cfg.masks.batch_size)
@@ -142,16 +270,22 @@ def prepare_detector(
 
 
 def prepare_data(
-    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float]
+    cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float],
+    weak: Literal["stop", "accept", "warn"] = "warn", accepted: list[str] | None = None,
 ) -> tuple[TrainConfig, dict[str, Any] | None, str, dict[str, Any]]:
     """Stages 1-4 of a job: manifest, detector (or the label files as they are) and mask set,
     each skipped when already done; starts Ray (local, or the cluster of ``$RAY_ADDRESS``).
+    The stage gates (:func:`detector_gate` right after the detector, :func:`mask_gate` after the
+    masks) stop a weak stage or let it through with a warning, as ``weak`` says.
 
     Args:
         cfg: The job.
         data_root: Resolved data root.
         out: The job's output directory (absolute).
         timings: Filled with each stage's seconds.
+        weak: What a failed gate does: ``stop`` raises :class:`~mgfa_ray.errors.StageError`;
+            ``accept`` (``--accept-weak``) and ``warn`` (smoke runs; ablations) print a warning.
+        accepted: Filled with the messages of the gates let through.
 
     Returns:
         ``(base, detector, set_dir, metadata)``: the trial template (``cfg.train`` with the
@@ -159,12 +293,16 @@ def prepare_data(
         (``None`` with ``regions.source: labels``), the mask set's location and its metadata.
 
     Raises:
-        ConfigError: Missing data root, images, labels or ``train.weights`` file.
+        ConfigError: Missing data root, images or labels.
         LabelError: A malformed label line (file:line).
+        StageError: ``weak="stop"`` and a stage gate failed (the message gives the numbers per
+            class and the remedies); the finished stages are kept.
     """
     import ray
 
-    manifest, det, source = prepare_detector(cfg, data_root=data_root, out=out, timings=timings)
+    accepted = [] if accepted is None else accepted
+    manifest, det, source = prepare_detector(cfg, data_root=data_root, out=out, timings=timings, weak=weak,
+                                             accepted=accepted)
     if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
         ray.init(include_dashboard=False, configure_logging=False)
 
@@ -176,26 +314,26 @@ def prepare_data(
     )
     meta = read_metadata(set_dir)
     write_current_set(mask_root, meta["set_id"])
-    print(f"mask set {set_dir} ({meta['rows']} rows): {meta['summary']}", flush=True)
+    print(f"mask set {redact_location(set_dir)} ({meta['rows']} rows): {meta['summary']}", flush=True)
     timings["masks"] = time.perf_counter() - t
+    _gate(mask_gate(meta, cfg, location=set_dir), stage="mask set", weak=weak, accepted=accepted)
     base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
                        masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
     return base, det, set_dir, meta
 
 
-STAGES = ("detector", "masks", "search")
-"""Where :func:`run_job` can stop: after the detector, after the mask set, or after the search and export."""
-
-
-def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search") -> dict[str, Any]:
+def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accept_weak: bool = False) -> dict[str, Any]:
     """Run the stages of ``cfg`` up to ``until`` on the local (or connected) Ray cluster.
 
     Args:
         cfg: Validated job config.
-        smoke: Shrink the job with :func:`smoke_config` (CI).
+        smoke: Shrink the job with :func:`smoke_config` (CI). Its 1-epoch, 64 px detector cannot
+            pass the stage gates, so in a smoke run a failed gate is a printed warning.
         until: Last stage run, one of :data:`STAGES`: ``detector`` (manifest and detector; ``mgfa-ray
             detector train``), ``masks`` (up to the mask set; ``mgfa-ray masks build``) or ``search``
             (every stage and the export; ``mgfa-ray run`` / ``search start``).
+        accept_weak: Let a stage that fails its gate (:func:`detector_gate`, :func:`mask_gate`)
+            through, with a printed warning recorded in ``report.json`` (``accepted_weak``).
 
     Returns:
         Summary: stage timings, detector mAP@0.5, mask set, search summary, output paths (those of
@@ -207,32 +345,39 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search") -> di
         LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
             (:class:`mgfa_ray.lock.DirectoryLock`).
         RunInterrupted: Ctrl-C during the search: nothing exported, the message says how to resume.
+        StageError: A stage gate failed (not ``accept_weak``, not ``smoke``): the job stops before
+            the search, keeping the finished stages.
     """
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     if until == "detector" and cfg.regions.source != "detector":
         raise ConfigError(f"regions.source is {cfg.regions.source!r}: job {cfg.name!r} trains no detector (its masks "
                           "come from the label files); run `mgfa-ray masks build JOB` instead")
+    cfg = take_job_credentials(cfg)
     if smoke:
         cfg = smoke_config(cfg)
+    space, _ = check_job(cfg)  # before any stage runs or anything is written
     data_root = resolve_data_root(cfg.data_root)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
-        return _run_stages(cfg, data_root=data_root, out=out, smoke=smoke, until=until)
+        weak = "warn" if smoke else "accept" if accept_weak else "stop"
+        return _run_stages(cfg, space, data_root=data_root, out=out, smoke=smoke, weak=weak, until=until)
 
 
-def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool, until: str = "search") -> dict[str, Any]:
-    space, _ = check_job(cfg)
+def _run_stages(cfg: JobConfig, space: SearchSpace, *, data_root: Path, out: Path, smoke: bool,
+                weak: Literal["stop", "accept", "warn"], until: str = "search") -> dict[str, Any]:
     timings: dict[str, float] = {}
+    accepted: list[str] = []
     if until == "detector":
-        _, det, _ = prepare_detector(cfg, data_root=data_root, out=out, timings=timings)
+        _, det, _ = prepare_detector(cfg, data_root=data_root, out=out, timings=timings, weak=weak, accepted=accepted)
         return {"job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
-                "detector": _detector_summary(det)}
-    base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings)
+                "detector": _detector_summary(det), "accepted_weak": accepted}
+    base, det, set_dir, meta = prepare_data(cfg, data_root=data_root, out=out, timings=timings, weak=weak,
+                                            accepted=accepted)
     if until == "masks":
         return {"job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
-                "detector": _detector_summary(det),
+                "detector": _detector_summary(det), "accepted_weak": accepted,
                 "mask_set": {"path": set_dir, "rows": meta["rows"], "summary": meta["summary"]}}
 
     t = _banner("search")
@@ -245,7 +390,8 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool, unti
         name=cfg.name, space=space, space_file=cfg.search.space, search=cfg.search, base=base.with_paths(absolute),
         export_base=export_base, storage_path=cfg.search.storage_path or str(out / "search"),
         max_epochs=1 if smoke else None, cache_dir=str(out / "cache"), export_dir=str(out / "export"))
-    print(f"search {search_dir} (resume: mgfa-ray search resume {search_dir})", flush=True)
+    shown = redact_location(search_dir)
+    print(f"search {shown} (resume: mgfa-ray search resume {shown})", flush=True)
     try:
         run_search(search_dir)
     except RunInterrupted as err:  # nothing exported: a partial search is not a result
@@ -257,7 +403,7 @@ def _run_stages(cfg: JobConfig, *, data_root: Path, out: Path, smoke: bool, unti
         "job": cfg.name, "smoke": smoke, "output_dir": str(out), "timings_seconds": timings,
         "detector": _detector_summary(det),
         "mask_set": {"path": set_dir, "rows": meta["rows"], "summary": meta["summary"]},
-        "search": summary,
+        "search": summary, "accepted_weak": accepted,
     }
     atomic_write_json(out / "report.json", report)
     print(f"\n=== mgfa-ray: done in {sum(timings.values()):.0f} s — best {cfg.search.metric} "

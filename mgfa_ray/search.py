@@ -48,6 +48,8 @@ from .io import (
     fs_write_atomic,
     is_uri,
     location_join,
+    redact_location,
+    redact_text,
     resolve_location,
 )
 from .lock import DirectoryLock
@@ -293,8 +295,11 @@ def create_search(
         The search directory (path or URI).
 
     Raises:
-        ConfigError: A search of that name exists with other settings, or an object-store
-            ``storage_path`` without ``search.study_storage``.
+        ConfigError: A search of that name exists with other settings and trials that reported
+            results (the message lists each differing field, old and new value, and the choices),
+            or an object-store ``storage_path`` without ``search.study_storage``. A search of that
+            name with other settings but no trial that reported an epoch (e.g. every trial failed
+            at its start on bad weights) is replaced: its runs, study and record are removed.
     """
     search_dir = location_join(storage_path, name) if is_uri(storage_path) else str(Path(storage_path).resolve() / name)
     cache_dir = str(Path(cache_dir).resolve()) if cache_dir and not is_uri(cache_dir) else cache_dir
@@ -320,14 +325,22 @@ def create_search(
     except ConfigError:
         existing = None
     if existing is not None:
-        mine = record.model_dump(mode="json", exclude={"runs", "dir_relative"})
-        theirs = existing.model_dump(mode="json", exclude={"runs", "dir_relative"})
-        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
-        if differ:
-            raise ConfigError(f"{search_dir}: a search of this name exists with other {', '.join(differ)}; "
-                              "give the job another name, remove the directory, or extend it with "
-                              "`mgfa-ray search resume DIR --more-trials N`")
-        return search_dir
+        differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
+                              record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
+        if not differ:
+            return search_dir
+        with DirectoryLock(search_dir, what="search"):  # never under a driver that runs it
+            results = _trials_with_results(existing)
+            if results:
+                shown = redact_location(search_dir)
+                raise ConfigError(
+                    f"{shown}: a search of this name exists, with {results} trial(s) that reported results, and "
+                    f"other settings: {'; '.join(differ)}. Keep it: restore the old values (then a rerun resumes it; "
+                    f"`mgfa-ray search resume {shown} --more-trials N` extends it); or start a new search: give the "
+                    "job another name, output_dir or search.storage_path")
+            print(f"search {redact_location(search_dir)}: no trial reported an epoch, so it is replaced by the new "
+                  f"settings ({'; '.join(differ)})", flush=True)
+            _discard_search(search_dir, existing)
     from .study import StudyRef, copy_trials
 
     if cache_dir and not is_uri(cache_dir):
@@ -339,6 +352,54 @@ def create_search(
               flush=True)
     _write_record(search_dir, record)
     return search_dir
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every leaf that differs between two record dumps (secrets hidden)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(redact_text(f"{prefix}{key}: {a!r} -> {b!r}"))
+    return out
+
+
+def _trials_with_results(record: SearchRecord) -> int:
+    """Trials of the search's study that reported at least one epoch (an intermediate value or a
+    final value): what a replaced search would lose. A study that cannot be read counts as having
+    results (nothing is replaced then)."""
+    from .study import StudyRef
+
+    try:
+        study = StudyRef(record.study.storage, record.study.study_name).load()
+    except KeyError:
+        return 0
+    except Exception:  # unreadable: keep it
+        return 1
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.value is not None or t.intermediate_values)
+
+
+def _discard_search(search_dir: str, record: SearchRecord) -> None:
+    """Remove a search that holds no results: its Ray runs, its Optuna study and its record."""
+    import optuna
+    import pyarrow.fs as pafs
+
+    from .study import StudyRef
+
+    fs, path = resolve_location(search_dir)
+    runs = location_join(path, "runs")
+    if fs.get_file_info(runs).type == pafs.FileType.Directory:
+        fs.delete_dir(runs)
+    ref = StudyRef(record.study.storage, record.study.study_name)
+    try:
+        optuna.delete_study(study_name=ref.study_name, storage=ref.open_storage())
+    except KeyError:  # no study yet
+        pass
+    fs.delete_file(location_join(path, RECORD_FILE))
 
 
 def run_search(

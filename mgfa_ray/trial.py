@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import TrainConfig, to_dict
+from .errors import UserError
 from .io import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
@@ -671,18 +672,24 @@ def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache
     Args:
         cfg: The trial config (e.g. a search's exported ``best_config.yaml``).
         out_dir: Output directory.
-        resume: Continue from ``out_dir/checkpoint.pt`` if it exists.
+        resume: Continue from ``out_dir/checkpoint.pt``.
         cache_dir: Decoded-image cache directory.
 
     Returns:
         The last epoch's metrics.
+
+    Raises:
+        UserError: ``resume`` and ``out_dir`` holds no checkpoint (nothing to resume).
     """
 
     from .io import atomic_write_json, atomic_write_yaml
 
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
+    if resume and not ckpt.is_file():
+        raise UserError(f"--resume: nothing to resume in {out_dir} (no {ckpt.name}); run without --resume to "
+                        "start this config from epoch 1, or give the --output-dir of the run to continue")
+    state = load_checkpoint(ckpt) if resume else None
     atomic_write_yaml(out_dir / "config.yaml", to_dict(cfg))
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:

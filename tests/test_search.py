@@ -94,7 +94,9 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny_train_config):
     doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}
     first = _search(tmp_path, doc, tiny_train_config, num_samples=2)
     assert _search(tmp_path, doc, tiny_train_config, num_samples=2) == first  # same settings: the same search
-    with pytest.raises(ConfigError, match="exists with other search"):
+    record = read_record(first)
+    StudyRef(record.study.storage, record.study.study_name).load().ask().report(0.5, step=1)  # a result to keep
+    with pytest.raises(ConfigError, match="exists, with 1 trial.* other settings: search.num_samples: 2 -> 3"):
         _search(tmp_path, doc, tiny_train_config, num_samples=3)
 
 
