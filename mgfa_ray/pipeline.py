@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import (
+    ConfigError,
     JobConfig,
     TrainConfig,
     absolute,
@@ -320,6 +321,10 @@ def prepare_data(
     base = TrainConfig(**cfg.train.model_dump(), manifest=relative_to_cwd(str(out / "manifest.parquet")),
                        masks=relative_to_cwd(set_dir), region_classes=cfg.regions.classes)
     return base, det, set_dir, meta
+
+
+STAGES = ("detector", "masks", "search")
+"""Where :func:`run_job` can stop: after the detector, after the mask set, or after the search and export."""
 
 
 def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accept_weak: bool = False) -> dict[str, Any]:

@@ -57,10 +57,13 @@ def test_bad_override_is_one_error_naming_the_key(override, names, capsys):
 ])
 def test_each_stage_command_runs_the_job_up_to_its_stage(argv, until, monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(pipeline, "run_job", lambda job, *, smoke, until: calls.append((job, smoke, until)) or {})
+    monkeypatch.setattr(pipeline, "run_job", lambda job, *, smoke, until, accept_weak:
+                        calls.append((job, smoke, until, accept_weak)) or {})
     assert main([*argv, str(JOB), "--smoke", "--output-dir", str(tmp_path), "--set", "detector.imgsz=96"]) == 0
-    ((job, smoke, stage),) = calls
+    assert main([*argv, str(JOB), "--output-dir", str(tmp_path), "--accept-weak"]) == 0
+    (job, smoke, stage, accept), (_, smoke2, _, accept2) = calls
     assert (stage, smoke, job.output_dir, job.detector.imgsz) == (until, True, str(tmp_path), 96)
+    assert (accept, smoke2, accept2) == (False, False, True)  # --accept-weak reaches the stage gates
 
 
 def test_detector_train_on_a_job_without_detector_says_so(tmp_path, capsys):

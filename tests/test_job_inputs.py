@@ -189,7 +189,7 @@ def test_mask_set_error_on_a_uri_with_keys_does_not_echo_them(tmp_path, capsys, 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(k, "before")
     location = s3_server("secret-masks", "none") + f"&access_key={KEY}&secret_key={SECRET}"
-    assert main(["masks", location, "--output-dir", str(tmp_path / "fig")]) != 0
+    assert main(["masks", "show", location, "--output-dir", str(tmp_path / "fig")]) != 0
     out = capsys.readouterr()
     assert "secret-masks/none" in out.err and "error: " in out.err
     assert SECRET not in out.out + out.err and KEY not in out.out + out.err
