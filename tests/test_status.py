@@ -124,7 +124,12 @@ def test_status_of_a_search_on_object_storage(watched_search, s3_server):
     search_dir, _ = watched_search
     uri = s3_server("status", "searches/standin")
     fs, path = resolve_location(uri)
-    fs_write_atomic(fs, location_join(path, "search.json"), (Path(search_dir) / "search.json").read_bytes())
+    # A search on object storage keeps its study elsewhere (a journal on local/NFS disk or an RDB):
+    # the copied record names the local journal by its absolute path, as such a record would.
+    record = json.loads((Path(search_dir) / "search.json").read_text())
+    record["study"]["storage"] = str(Path(search_dir) / record["study"]["storage"])
+    record["dir_relative"] = [f for f in record.get("dir_relative", []) if f != "study.storage"]
+    fs_write_atomic(fs, location_join(path, "search.json"), json.dumps(record).encode())
     remote, local = search_status(uri), search_status(search_dir)
     assert remote["search_dir"] == uri and remote["driver"] is None
     for key in ("trials", "best", "rungs", "epochs", "finished"):
