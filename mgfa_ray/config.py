@@ -111,7 +111,6 @@ class DetectorConfig(_Frozen):
         batch: Training batch size.
         holdout_fraction: Fraction of annotated images held out for mAP@0.5, in (0, 1).
         conf: Confidence threshold for boxes that become masks, in [0, 1].
-        seed: Training seed.
         min_map50: Stage gate (:func:`mgfa_ray.pipeline.detector_gate`): a job stops after the
             detector, before the masks and the search, when a region class's held-out mAP@0.5 is
             below this (a class without held-out instance is reported, not failed). Default 0.05,
@@ -120,6 +119,13 @@ class DetectorConfig(_Frozen):
             measured 0.002; with 10 held-out instances a single correct top-ranked box already
             gives AP about 0.1, so below 0.05 the detector finds next to nothing. 0 turns the gate
             off. Not part of the detector key (changing it retrains nothing).
+        seed: Training seed (also seeds the held-out split and the cross-validation folds).
+        cv_folds: 0: measure mAP on one held-out split (``holdout_fraction``) and publish the model
+            trained on the rest. k ≥ 2: measure mAP by grouped k-fold cross-validation over all
+            annotated photos, then refit on all of them for the mask set (k + 1 trainings).
+        mosaic, scale, degrees, fliplr, flipud: Ultralytics training augmentation (probability of
+            a 4-image mosaic; ± image gain; ± rotation in degrees; probability of a horizontal /
+            vertical flip). Defaults are Ultralytics' own.
     """
 
     model: str = "yolo11n.yaml"
@@ -130,6 +136,18 @@ class DetectorConfig(_Frozen):
     conf: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     min_map50: float = Field(0.05, ge=0.0, le=1.0)
+    cv_folds: int = Field(0, ge=0)
+    mosaic: float = Field(1.0, ge=0.0, le=1.0)
+    scale: float = Field(0.5, ge=0.0, lt=1.0)
+    degrees: float = Field(0.0, ge=0.0, le=180.0)
+    fliplr: float = Field(0.5, ge=0.0, le=1.0)
+    flipud: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_cv_folds(self) -> "DetectorConfig":
+        if self.cv_folds == 1:
+            raise ValueError("cv_folds must be 0 (one held-out split) or at least 2 (k-fold cross-validation), got 1")
+        return self
 
 
 class MasksConfig(_Frozen):

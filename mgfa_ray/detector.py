@@ -24,12 +24,29 @@ mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
    ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (both atomically; the metrics file is
    written last and marks the stage complete).
 
-A rerun whose :func:`detector_key` and held-out split equal those recorded in ``metrics.json`` and
-whose ``weights.pt`` still has the recorded SHA-256 skips training and returns the stored metrics.
+These are named steps: :func:`prepare_annotated` (1), :func:`fit_and_evaluate` (3-4 for one split,
+training in ``_fit``). A rerun whose :func:`detector_key` and held-out split equal those recorded in
+``metrics.json`` and whose ``weights.pt`` still has the recorded SHA-256 skips training and returns
+the stored metrics.
+
+Cross-validation (``cfg.cv_folds`` = k ≥ 2). Ten held-out photos cannot choose a recipe (one
+photo moves the vein AP by 0.1), so with k ≥ 2 :func:`train_detector` instead measures by
+:func:`cross_validate_detector`: the annotated photos are split into k folds over the ``group``
+column (:func:`grouped_folds`, seeded by ``cfg.seed``), one model per fold trains on the other
+folds (``out_dir/cv/fold-<i>/``, each resumable) and is scored on its fold; then the published
+model is refit on *all* annotated photos (k + 1 trainings). ``metrics.json`` then has
+``evaluation: "cv<k>"``, ``train_ids`` = every annotated photo, ``holdout_ids`` = [], and
+``map50``/``map50_95``/``per_class[c]`` hold the cross-validated values pooled by
+:func:`pool_folds` (per class: mean over folds; overall: mean over classes), with
+``per_class[c]["map50_spread"]`` (mean, std, min, max over folds) and ``cv`` (k, folds with their
+ids and per-fold metrics, train seconds); ``train_seconds`` is the refit's. With ``cv_folds`` 0
+``evaluation`` is ``"holdout"``.
 
 ``metrics.json`` keys:
 
 * ``detector_key`` — :func:`detector_key` of the training inputs (16 hex digits).
+* ``evaluation`` — how the mAPs were measured: ``holdout`` (one held-out split), ``cv<k>``
+  (k-fold cross-validation, see above) or ``none`` (nothing held out: a CV refit's own file).
 * ``model``, ``imgsz``, ``epochs``, ``seed`` — training settings (``cfg.model`` as configured).
 * ``region_classes`` — region class names; index = class id.
 * ``train_ids``, ``holdout_ids`` — sorted image_ids of the training / held-out images;
@@ -73,6 +90,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +98,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .config import DetectorConfig
+from .config import ConfigError, DetectorConfig
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
 
@@ -173,12 +191,18 @@ def _model_identity(model: str) -> Any:
     return model
 
 
+#: DetectorConfig fields that enter :func:`detector_key` only when they differ from their default (the
+#: default reproduces the training these keys identified before the field existed).
+_KEY_IF_SET = ("cv_folds", "mosaic", "scale", "degrees", "fliplr", "flipud")
+
+
 def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files: dict[str, Path]) -> str:
     """Identify a detector by everything its weights depend on.
 
     The key hashes: the training fields of ``cfg`` (``model``, ``imgsz``, ``epochs``, ``batch``,
-    ``holdout_fraction``, ``seed``; ``conf`` is left out because it only filters predictions —
-    the mask set id includes it), the region class names, the ``(image_id, sha256 of the label
+    ``holdout_fraction``, ``seed``, and ``cv_folds`` and the augmentation fields ``mosaic``,
+    ``scale``, ``degrees``, ``fliplr``, ``flipud`` when they differ from their defaults; ``conf`` is
+    left out because it only filters predictions — the mask set id includes it), the region class names, the ``(image_id, sha256 of the label
     file's bytes)`` pairs and :data:`RECIPE_VERSION`. A ``cfg.model`` naming an existing file
     enters as its file name and content hash. No absolute path enters, so two machines with the
     data under different roots get the same key. Image pixels are identified by image_id only.
@@ -198,6 +222,9 @@ def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files:
     fields = cfg.model_dump(mode="json")
     fields.pop("conf", None)
     fields.pop("min_map50", None)  # a stage gate (mgfa_ray.pipeline), not a training input
+    for name in _KEY_IF_SET:  # fields added later enter only when set, so older keys stay valid
+        if fields.get(name) == DetectorConfig.model_fields[name].default:
+            fields.pop(name)
     fields["model"] = _model_identity(cfg.model)
     return sha256_json({
         "recipe": RECIPE_VERSION,
@@ -307,42 +334,46 @@ def _evaluate(weights: Path, *, data_yaml: Path, cfg: DetectorConfig, device: st
     return {"map50": float(m.box.map50), "map50_95": float(m.box.map), "per_class": per_class}
 
 
-def train_detector(
-    *,
-    manifest: pd.DataFrame,
-    label_files: dict[str, Path],
-    region_classes: list[str],
-    cfg: DetectorConfig,
-    out_dir: Path,
-    unknown_class: Literal["error", "skip"] = "error",
-) -> dict:
-    """Train the region detector on the annotated manifest images and evaluate it on a held-out part.
+@dataclass(frozen=True)
+class Annotated:
+    """The annotated photos a detector trains and is evaluated on (output of :func:`prepare_annotated`).
 
-    Args:
-        manifest: Manifest table (:mod:`mgfa_ray.manifest` columns; uses ``image_id``, ``path``
-            and, when present, ``group``). Images without a label file are ignored.
-        label_files: image_id → label file, YOLO txt or VOC xml (e.g. :func:`mgfa_ray.regions.index_labels`).
-            Label files of images not in the manifest are ignored.
-        region_classes: Region class names; a label line's class id ``i`` means
-            ``region_classes[i]``.
-        cfg: Detector settings (model, imgsz, epochs, batch, holdout_fraction, seed).
-        out_dir: Stage directory: ``weights.pt``, ``metrics.json``, ``dataset/`` and ``runs/``
-            (Ultralytics' run directory) are written here.
-        unknown_class: Policy for label lines whose class id is outside ``region_classes``:
-            ``error`` raises, ``skip`` drops the line with a warning naming file:line.
+    Attributes:
+        ids: Sorted image_ids of manifest images with a label file.
+        label_files: image_id → label file (only ``ids``).
+        boxes_of: image_id → cleaned region boxes.
+        groups: image_id → photo group (the manifest's ``group``; the image_id when absent).
+        image_of: image_id → absolute image path (exists).
+        region_classes: Region class names; index = class id.
+    """
 
-    Returns:
-        The metrics dict, as written to ``out_dir/metrics.json`` (keys in the module docstring).
+    ids: list[str]
+    label_files: dict[str, Path]
+    boxes_of: dict[str, list[Box]]
+    groups: dict[str, str]
+    image_of: dict[str, Path]
+    region_classes: list[str]
+
+    def count(self, ids: list[str]) -> dict[int, int]:
+        """Region instances per class id in ``ids``."""
+        out: dict[int, int] = {}
+        for i in ids:
+            for b in self.boxes_of[i]:
+                out[b.cls] = out.get(b.cls, 0) + 1
+        return out
+
+
+def prepare_annotated(*, manifest: pd.DataFrame, label_files: dict[str, Path], region_classes: list[str],
+                      cfg: DetectorConfig, unknown_class: Literal["error", "skip"] = "error") -> Annotated:
+    """Step 1 (prepare): select the annotated manifest images and parse their label files.
 
     Raises:
-        ValueError: ``region_classes`` is empty; no manifest image has a label file; the annotated
-            images fall in fewer than 2 photo groups (nothing to hold out); an annotated image's
-            file is missing; ``cfg.model`` names a ``.pt`` file that does not exist.
+        ValueError: ``region_classes`` is empty; no manifest image has a label file; an annotated
+            image's file is missing; ``cfg.model`` names a ``.pt`` file that does not exist.
         LabelError: A label file has a bad line (message names ``file:line``).
     """
     if not region_classes:
         raise ValueError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
-    out_dir = Path(out_dir).resolve()
     ids = sorted(set(manifest["image_id"].astype(str)) & set(label_files))
     if not ids:
         raise ValueError(
@@ -366,60 +397,117 @@ def train_detector(
     missing = [str(p) for p in image_of.values() if not p.is_file()]
     if missing:
         raise ValueError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
-    train_ids, holdout_ids = _holdout_split(ids, groups, cfg.holdout_fraction, cfg.seed)
+    return Annotated(ids, used, boxes_of, groups, image_of, list(region_classes))
 
-    key = detector_key(cfg, region_classes=region_classes, label_files=used)
-    stored = _stored_metrics(out_dir, key, train_ids, holdout_ids)
-    if stored is not None:
-        log.info("detector %s already trained in %s; skipping", key, out_dir)
-        return stored
 
-    def count(split_ids: list[str]) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for i in split_ids:
-            for b in boxes_of[i]:
-                out[b.cls] = out.get(b.cls, 0) + 1
-        return out
+def grouped_folds(ids: list[str], groups: dict[str, str], k: int, seed: int) -> list[list[str]]:
+    """Seeded grouped k-fold partition of ``ids``: each photo group falls in exactly one fold.
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A stale metrics file must not outlive the weights it describes if this run dies midway.
-    (out_dir / METRICS).unlink(missing_ok=True)
-    data_yaml = _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids},
-                               image_of=image_of, boxes_of=boxes_of, region_classes=region_classes)
+    Groups are shuffled (``random.Random(seed)`` over the sorted group names) and each goes, in
+    that order, to the fold holding the fewest images so far (lowest index on ties), so fold sizes
+    differ by at most the largest group's size.
+
+    Args:
+        ids: image_ids to partition.
+        groups: image_id → group name.
+        k: Number of folds, 2 ≤ k ≤ number of groups.
+        seed: Shuffle seed.
+
+    Returns:
+        ``k`` non-empty, disjoint, sorted lists of image_ids whose union is ``ids``.
+
+    Raises:
+        ConfigError: ``k`` < 2 or more than the number of groups (a ``ValueError`` too).
+    """
+    by_group: dict[str, list[str]] = {}
+    for i in sorted(ids):
+        by_group.setdefault(groups[i], []).append(i)
+    if not 2 <= k <= len(by_group):
+        raise ConfigError(
+            f"detector.cv_folds = {k}: cross-validation needs 2 ≤ k ≤ the number of annotated photo "
+            f"groups ({len(by_group)} groups in {len(ids)} annotated images); lower cv_folds or annotate more photos"
+        )
+    order = sorted(by_group)
+    random.Random(seed).shuffle(order)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for g in order:
+        min(folds, key=len).extend(by_group[g])  # min returns the first of equal lengths
+    return [sorted(f) for f in folds]
+
+
+def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: Path, device: str) -> tuple[Path, Path, float]:
+    """Step 2 (fit): train YOLO on ``train_ids``; returns (data.yaml, last-epoch weights, train seconds).
+
+    The dataset's ``val`` split is the held-out images once :func:`_build_dataset` writes them;
+    training never looks at it (``val=False``).
+    """
     runs = out_dir / "runs"
     if runs.exists():
         shutil.rmtree(runs)
-    device = _device()
     yolo = _ultralytics()
     model_src = str(Path(cfg.model).expanduser()) if Path(cfg.model).expanduser().is_file() else cfg.model
     model = yolo.YOLO(model_src)
-    log.info("training detector %s on %d images (%d held out), device %s", key, len(train_ids),
-             len(holdout_ids), device)
     t0 = time.perf_counter()
     with _offline_fonts():
         model.train(
-            data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, seed=cfg.seed,
-            deterministic=True, device=device, workers=0 if device == "cpu" else 4,
+            data=str(out_dir / "dataset" / "data.yaml"), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
+            seed=cfg.seed, deterministic=True, device=device, workers=0 if device == "cpu" else 4,
             project=str(runs), name="train", exist_ok=True, plots=False, amp=False, val=False,
             cache=False,  # measured: RAM cache gave no speed-up here and Ultralytics warns it is non-deterministic
+            mosaic=cfg.mosaic, scale=cfg.scale, degrees=cfg.degrees, fliplr=cfg.fliplr, flipud=cfg.flipud,
         )
     train_seconds = time.perf_counter() - t0
     best = Path(model.trainer.best)
     if not best.is_file():
         best = Path(model.trainer.last)
+    return out_dir / "dataset" / "data.yaml", best, train_seconds
+
+
+def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids: list[str],
+                     holdout_ids: list[str], out_dir: Path) -> dict:
+    """Steps 2-4 for one split: fit on ``train_ids``, evaluate on ``holdout_ids``, publish.
+
+    Writes ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (module docstring keys; with
+    ``holdout_ids`` empty — a refit on all photos — ``map50``/``map50_95``/``per_class`` mAPs are
+    ``null``). Skips the work and returns the stored metrics when ``out_dir`` already holds a
+    finished run with this ``key``, these ids and intact weights.
+    """
+    out_dir = Path(out_dir).resolve()
+    stored = _stored_metrics(out_dir, key, train_ids, holdout_ids)
+    if stored is not None:
+        log.info("detector %s already trained in %s; skipping", key, out_dir)
+        return stored
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale metrics file must not outlive the weights it describes if this run dies midway.
+    (out_dir / METRICS).unlink(missing_ok=True)
+    # With nothing held out the val split repeats the training images: Ultralytics' dataset check
+    # wants one, and training never evaluates on it (val=False).
+    _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids or train_ids},
+                   image_of=ann.image_of, boxes_of=ann.boxes_of, region_classes=ann.region_classes)
+    device = _device()
+    log.info("training detector %s on %d images (%d held out), device %s", key, len(train_ids),
+             len(holdout_ids), device)
+    data_yaml, best, train_seconds = _fit(ann, cfg, train_ids=train_ids, out_dir=out_dir, device=device)
     tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
     shutil.copyfile(best, tmp)
     os.replace(tmp, out_dir / WEIGHTS)
-
-    evaluation = _evaluate(out_dir / WEIGHTS, data_yaml=data_yaml, cfg=cfg, device=device, project=runs,
-                           region_classes=region_classes, n_holdout=count(holdout_ids), n_train=count(train_ids))
+    if holdout_ids:
+        evaluation = _evaluate(out_dir / WEIGHTS, data_yaml=data_yaml, cfg=cfg, device=device,
+                               project=out_dir / "runs", region_classes=ann.region_classes,
+                               n_holdout=ann.count(holdout_ids), n_train=ann.count(train_ids))
+    else:
+        n_train = ann.count(train_ids)
+        evaluation = {"map50": None, "map50_95": None, "per_class": {
+            name: {"map50": None, "map50_95": None, "n_holdout_instances": 0, "n_train_instances": n_train.get(c, 0),
+                   "note": "nothing held out"} for c, name in enumerate(ann.region_classes)}}
     metrics = {
         "detector_key": key,
+        "evaluation": "holdout" if holdout_ids else "none",
         "model": cfg.model,
         "imgsz": cfg.imgsz,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
-        "region_classes": list(region_classes),
+        "region_classes": list(ann.region_classes),
         "train_ids": train_ids,
         "holdout_ids": holdout_ids,
         "n_train": len(train_ids),
@@ -427,10 +515,180 @@ def train_detector(
         **evaluation,
         "weights_sha256": sha256_file(out_dir / WEIGHTS),
         "train_seconds": round(train_seconds, 3),
-        "ultralytics_version": yolo.__version__,
+        "ultralytics_version": _ultralytics().__version__,
         "device": device,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    atomic_write_json(out_dir / METRICS, metrics)
+    return metrics
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def pool_folds(folds: list[dict], region_classes: list[str]) -> dict:
+    """Pool per-fold metrics: per class, the mean (and std, min, max) over the folds that hold an
+    instance of the class; overall ``map50``/``map50_95`` = mean of the per-class means over the
+    classes with a defined mean (Ultralytics' convention for one evaluation).
+
+    Args:
+        folds: Fold metrics, each with ``per_class[c]["map50"/"map50_95"]`` (``None`` = undefined).
+        region_classes: Class names to pool.
+
+    Returns:
+        ``{"map50", "map50_95", "per_class": {c: {"map50", "map50_95", "map50_spread",
+        "map50_95_spread", "n_folds", "n_holdout_instances"}}}``; spreads are dicts of mean, std
+        (population), min, max over folds; values in [0, 1] or ``None``.
+    """
+    per_class = {}
+    for c in region_classes:
+        got = [f["per_class"][c] for f in folds if f["per_class"][c]["map50"] is not None]
+        s50 = _spread([g["map50"] for g in got])
+        s = _spread([g["map50_95"] for g in got])
+        per_class[c] = {"map50": s50["mean"], "map50_95": s["mean"], "map50_spread": s50, "map50_95_spread": s,
+                        "n_folds": len(got),
+                        "n_holdout_instances": sum(f["per_class"][c]["n_holdout_instances"] for f in folds)}
+    defined = [v for v in per_class.values() if v["map50"] is not None]
+    return {
+        "map50": float(np.mean([v["map50"] for v in defined])) if defined else 0.0,
+        "map50_95": float(np.mean([v["map50_95"] for v in defined])) if defined else 0.0,
+        "per_class": per_class,
+    }
+
+
+def cross_validate_detector(
+    *,
+    manifest: pd.DataFrame,
+    label_files: dict[str, Path],
+    region_classes: list[str],
+    cfg: DetectorConfig,
+    out_dir: Path,
+    folds: int | None = None,
+    only_folds: list[int] | None = None,
+    unknown_class: Literal["error", "skip"] = "error",
+    annotated: Annotated | None = None,
+) -> dict:
+    """Grouped k-fold cross-validation of the detector recipe ``cfg`` over all annotated photos.
+
+    The annotated images are partitioned by :func:`grouped_folds` (over the manifest's ``group``
+    column, seeded by ``cfg.seed``); fold ``i`` trains on the other folds with :func:`fit_and_evaluate`
+    (weights, metrics, dataset and Ultralytics run under ``out_dir/fold-<i>``) and is evaluated on
+    fold ``i``. A fold finished earlier with the same recipe and ids is skipped, so an interrupted
+    run resumes. Pooled = :func:`pool_folds` (per class: mean over folds; overall: mean over classes).
+    No Ray.
+
+    Args:
+        manifest, label_files, region_classes, unknown_class: As for :func:`train_detector`.
+        cfg: Recipe; its ``cv_folds`` is the default ``k``.
+        out_dir: Work directory; ``out_dir/cv.json`` receives the returned dict (atomically).
+        folds: ``k``; default ``cfg.cv_folds``.
+        only_folds: Run only these fold indices (a pilot); the others are reported as missing.
+        annotated: Output of :func:`prepare_annotated` to reuse (else computed here).
+
+    Returns:
+        ``{"evaluation": "cv<k>", "k", "seed", "detector_key", "complete" (every fold ran),
+        "pooling", "map50", "map50_95", "per_class" (:func:`pool_folds`, over the folds that ran),
+        "folds": [{"fold", "holdout_ids", "n_train", "n_holdout", "map50", "map50_95", "per_class",
+        "train_seconds"}], "train_seconds" (sum)}``.
+
+    Raises:
+        ConfigError: ``k`` < 2 or more than the annotated photo groups.
+        ValueError: As :func:`prepare_annotated`.
+        LabelError: A label file has a bad line.
+    """
+    k = cfg.cv_folds if folds is None else folds
+    ann = annotated or prepare_annotated(manifest=manifest, label_files=label_files, region_classes=region_classes,
+                                         cfg=cfg, unknown_class=unknown_class)
+    parts = grouped_folds(ann.ids, ann.groups, k, cfg.seed)
+    key = detector_key(cfg, region_classes=ann.region_classes, label_files=ann.label_files)
+    out_dir = Path(out_dir).resolve()
+    done = []
+    for i, held in enumerate(parts):
+        if only_folds is not None and i not in only_folds:
+            continue
+        train_ids = sorted(set(ann.ids) - set(held))
+        m = fit_and_evaluate(ann, cfg, key=key, train_ids=train_ids, holdout_ids=held, out_dir=out_dir / f"fold-{i}")
+        done.append({"fold": i, "holdout_ids": held, "n_train": len(train_ids), "n_holdout": len(held),
+                     **{f: m[f] for f in ("map50", "map50_95", "per_class", "train_seconds")}})
+    result = {
+        "evaluation": f"cv{k}", "k": k, "seed": cfg.seed, "detector_key": key, "complete": len(done) == k,
+        "pooling": "per class: mean over the folds holding an instance of the class; overall: mean over classes",
+        **pool_folds(done, ann.region_classes),
+        "folds": done,
+        "train_seconds": round(sum(f["train_seconds"] for f in done), 3),
+    }
+    atomic_write_json(out_dir / "cv.json", result)
+    return result
+
+
+def train_detector(
+    *,
+    manifest: pd.DataFrame,
+    label_files: dict[str, Path],
+    region_classes: list[str],
+    cfg: DetectorConfig,
+    out_dir: Path,
+    unknown_class: Literal["error", "skip"] = "error",
+) -> dict:
+    """Train the region detector on the annotated manifest images and measure its mAP.
+
+    With ``cfg.cv_folds`` 0 the model trains on part of the photos and is evaluated on a held-out
+    part; with k ≥ 2 it is measured by k-fold cross-validation and refit on all photos (module
+    docstring). Pure: no Ray.
+
+    Args:
+        manifest: Manifest table (:mod:`mgfa_ray.manifest` columns; uses ``image_id``, ``path``
+            and, when present, ``group``). Images without a label file are ignored.
+        label_files: image_id → label file, YOLO txt or VOC xml (e.g. :func:`mgfa_ray.regions.index_labels`).
+            Label files of images not in the manifest are ignored.
+        region_classes: Region class names; a label line's class id ``i`` means
+            ``region_classes[i]``.
+        cfg: Detector settings (model, imgsz, epochs, batch, holdout_fraction, seed, cv_folds,
+            augmentation).
+        out_dir: Stage directory: ``weights.pt``, ``metrics.json``, ``dataset/`` and ``runs/``
+            (Ultralytics' run directory) are written here; with k-fold also ``cv/`` (the folds).
+        unknown_class: Policy for label lines whose class id is outside ``region_classes``:
+            ``error`` raises, ``skip`` drops the line with a warning naming file:line.
+
+    Returns:
+        The metrics dict, as written to ``out_dir/metrics.json`` (keys in the module docstring).
+
+    Raises:
+        ValueError: ``region_classes`` is empty; no manifest image has a label file; the annotated
+            images fall in fewer than 2 photo groups (nothing to hold out); an annotated image's
+            file is missing; ``cfg.model`` names a ``.pt`` file that does not exist.
+        ConfigError: ``cfg.cv_folds`` exceeds the annotated photo groups.
+        LabelError: A label file has a bad line (message names ``file:line``).
+    """
+    out_dir = Path(out_dir).resolve()
+    ann = prepare_annotated(manifest=manifest, label_files=label_files, region_classes=region_classes, cfg=cfg,
+                            unknown_class=unknown_class)
+    key = detector_key(cfg, region_classes=ann.region_classes, label_files=ann.label_files)
+    if cfg.cv_folds == 0:
+        train_ids, holdout_ids = _holdout_split(ann.ids, ann.groups, cfg.holdout_fraction, cfg.seed)
+        return fit_and_evaluate(ann, cfg, key=key, train_ids=train_ids, holdout_ids=holdout_ids, out_dir=out_dir)
+    # k-fold: measure on the folds (out_dir/cv/fold-<i>), then refit on every annotated photo.
+    stored = _stored_metrics(out_dir, key, ann.ids, [])
+    if stored is not None and stored.get("evaluation") == f"cv{cfg.cv_folds}":
+        log.info("detector %s already trained in %s; skipping", key, out_dir)
+        return stored
+    cv = cross_validate_detector(manifest=manifest, label_files=label_files, region_classes=region_classes,
+                                 cfg=cfg, out_dir=out_dir / "cv", annotated=ann)
+    refit = fit_and_evaluate(ann, cfg, key=key, train_ids=ann.ids, holdout_ids=[], out_dir=out_dir)
+    per_class = {c: {**refit["per_class"][c], **{f: cv["per_class"][c][f] for f in
+                     ("map50", "map50_95", "map50_spread", "map50_95_spread", "n_holdout_instances")}}
+                 for c in ann.region_classes}
+    for entry in per_class.values():
+        entry.pop("note", None)
+        if entry["map50"] is None:
+            entry["note"] = "no instance of this class in any fold: AP undefined"
+    metrics = {**refit, "evaluation": cv["evaluation"], "map50": cv["map50"], "map50_95": cv["map50_95"],
+               "per_class": per_class, "cv": {f: cv[f] for f in ("k", "pooling", "folds", "train_seconds")},
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(out_dir / METRICS, metrics)
     return metrics
 

@@ -17,8 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mgfa_ray.config import DetectorConfig
-from mgfa_ray.detector import detector_key, load_detector, predict_boxes, train_detector
+from pydantic import ValidationError
+
+from mgfa_ray.config import ConfigError, DetectorConfig
+from mgfa_ray.detector import (
+    cross_validate_detector, detector_key, grouped_folds, load_detector, predict_boxes, train_detector,
+)
+from mgfa_ray.io import sha256_file
 from mgfa_ray.regions import Box, LabelError
 
 REGION_CLASSES = ["vein", "contour"]
@@ -214,3 +219,107 @@ def test_too_few_annotated_images(tmp_path):
 
 def test_nothing_written_to_cwd(trained):
     assert trained["cwd_after"] == []
+
+
+# --- k-fold cross-validation (detector.cv_folds) ---------------------------------------------------
+
+CV_CFG = CFG.model_copy(update={"cv_folds": 2})
+
+
+def test_grouped_folds_partition_by_group():
+    ids = [f"img{i:02d}" for i in range(11)]
+    groups = {i: f"g{int(i[3:]) // 3}" for i in ids}  # groups of 3, 3, 3, 2
+    folds = grouped_folds(ids, groups, 3, seed=0)
+    assert len(folds) == 3 and all(f == sorted(f) and f for f in folds)
+    assert sorted(i for f in folds for i in f) == ids  # every image exactly once
+    fold_groups = [{groups[i] for i in f} for f in folds]
+    assert all(not (a & b) for n, a in enumerate(fold_groups) for b in fold_groups[n + 1:])  # disjoint by group
+    assert grouped_folds(ids, groups, 3, seed=0) == folds
+    assert any(grouped_folds(ids, groups, 3, seed=s) != folds for s in range(1, 5))
+    with pytest.raises(ConfigError, match=r"cv_folds = 5.*4 groups"):
+        grouped_folds(ids, groups, 5, seed=0)
+    with pytest.raises(ValidationError, match="cv_folds must be 0"):
+        DetectorConfig(cv_folds=1)
+
+
+def test_detector_key_includes_cv_and_augmentation_fields():
+    labels = label_files()
+    key = detector_key(CFG, region_classes=REGION_CLASSES, label_files=labels)
+    for change in ({"cv_folds": 2}, {"mosaic": 0.0}, {"scale": 0.3}, {"degrees": 10.0}, {"fliplr": 0.0},
+                   {"flipud": 0.5}):
+        assert detector_key(CFG.model_copy(update=change), region_classes=REGION_CLASSES, label_files=labels) != key
+    # Defaults stay out of the key: detectors trained before these fields existed keep their key.
+    assert key == detector_key(DetectorConfig(**{k: v for k, v in CFG.model_dump().items()
+                                                 if k in ("model", "imgsz", "epochs", "batch", "holdout_fraction",
+                                                          "conf", "seed")}),
+                               region_classes=REGION_CLASSES, label_files=labels)
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tmp_path_factory):
+    """train_detector with cv_folds=2 on the 6 photos: 2 fold trainings + 1 refit (1 epoch, 64 px)."""
+    labels = label_files()
+    manifest = manifest_for(list(labels))
+    out_dir = tmp_path_factory.mktemp("cv-detector")
+    metrics = train_detector(manifest=manifest, label_files=labels, region_classes=REGION_CLASSES, cfg=CV_CFG,
+                             out_dir=out_dir)
+    return dict(labels=labels, manifest=manifest, out_dir=out_dir, metrics=metrics)
+
+
+def test_cross_validation_folds_cover_every_image_once(cross_validated):
+    out_dir, labels, manifest = cross_validated["out_dir"], cross_validated["labels"], cross_validated["manifest"]
+    cv = json.loads((out_dir / "cv" / "cv.json").read_text())
+    assert (cv["evaluation"], cv["k"], cv["complete"]) == ("cv2", 2, True)
+    group = dict(zip(manifest["image_id"], manifest["group"]))
+    held = [f["holdout_ids"] for f in cv["folds"]]
+    assert sorted(i for h in held for i in h) == sorted(labels)
+    assert not {group[i] for i in held[0]} & {group[i] for i in held[1]}
+    for n, fold in enumerate(cv["folds"]):
+        fm = json.loads((out_dir / "cv" / f"fold-{n}" / "metrics.json").read_text())
+        assert fm["holdout_ids"] == fold["holdout_ids"] and not set(fm["train_ids"]) & set(fm["holdout_ids"])
+        assert set(fm["train_ids"]) | set(fm["holdout_ids"]) == set(labels)
+        assert fm["evaluation"] == "holdout" and set(fold["per_class"]) == set(REGION_CLASSES)
+    # Pooled per class = mean over the folds; overall = mean over the classes.
+    for c in REGION_CLASSES:
+        per_fold = [f["per_class"][c]["map50"] for f in cv["folds"]]
+        assert cv["per_class"][c]["map50"] == pytest.approx(np.mean(per_fold))
+        assert cv["per_class"][c]["map50_spread"]["min"] == pytest.approx(min(per_fold))
+        assert cv["per_class"][c]["n_holdout_instances"] == 6  # one box of each class per photo
+    assert cv["map50"] == pytest.approx(np.mean([cv["per_class"][c]["map50"] for c in REGION_CLASSES]))
+
+
+def test_cv_refit_on_all_publishes_cv_metrics(cross_validated):
+    out_dir, metrics, labels = cross_validated["out_dir"], cross_validated["metrics"], cross_validated["labels"]
+    cv = json.loads((out_dir / "cv" / "cv.json").read_text())
+    assert json.loads((out_dir / "metrics.json").read_text()) == metrics
+    assert metrics["evaluation"] == "cv2"
+    assert metrics["train_ids"] == sorted(labels) and metrics["holdout_ids"] == [] and metrics["n_train"] == 6
+    assert metrics["weights_sha256"] == sha256_file(out_dir / "weights.pt")
+    assert metrics["detector_key"] == detector_key(CV_CFG, region_classes=REGION_CLASSES, label_files=labels)
+    # The stage gate reads per_class[c]["map50"]: the cross-validated value, not the refit's.
+    assert metrics["map50"] == cv["map50"]
+    assert {c: metrics["per_class"][c]["map50"] for c in REGION_CLASSES} == \
+        {c: cv["per_class"][c]["map50"] for c in REGION_CLASSES}
+    assert [f["holdout_ids"] for f in metrics["cv"]["folds"]] == [f["holdout_ids"] for f in cv["folds"]]
+    # The refit trained on all six photos.
+    assert len(list((out_dir / "dataset" / "labels" / "train").glob("*.txt"))) == 6
+    # A rerun skips every training; the weights stay.
+    stamps = {p: p.stat().st_mtime_ns for p in [out_dir / "weights.pt", out_dir / "metrics.json",
+                                                 *(out_dir / "cv").glob("fold-*/weights.pt")]}
+    again = train_detector(manifest=cross_validated["manifest"], label_files=labels, region_classes=REGION_CLASSES,
+                           cfg=CV_CFG, out_dir=out_dir)
+    assert again == metrics and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_cross_validate_detector_resumes_from_finished_folds(cross_validated, tmp_path):
+    """Finished fold cells on disk are reused: a pilot of fold 0 over a finished fold 0 trains nothing."""
+    src = cross_validated["out_dir"] / "cv"
+    work = tmp_path / "cv"
+    shutil.copytree(src, work, symlinks=True)
+    shutil.rmtree(work / "fold-1")
+    before = (work / "fold-0" / "weights.pt").stat().st_mtime_ns
+    cv = cross_validate_detector(manifest=cross_validated["manifest"], label_files=cross_validated["labels"],
+                                 region_classes=REGION_CLASSES, cfg=CV_CFG, out_dir=work, only_folds=[0])
+    assert (cv["complete"], [f["fold"] for f in cv["folds"]]) == (False, [0])
+    assert (work / "fold-0" / "weights.pt").stat().st_mtime_ns == before and not (work / "fold-1").exists()
+    assert set(cv["per_class"]) == set(REGION_CLASSES) and set(cv["folds"][0]["per_class"]) == set(REGION_CLASSES)
