@@ -31,7 +31,7 @@ from common import REPO, new_document  # noqa: E402
 
 from mgfa_ray.config import DatasetConfig, DetectorConfig  # noqa: E402
 from mgfa_ray.detector import (  # noqa: E402
-    METRICS, _stored_metrics, cross_validate_detector, detector_key, grouped_folds, pool_folds, prepare_annotated,
+    _stored_metrics, cross_validate_detector, detector_key, grouped_folds, pool_folds, prepare_annotated,
 )
 from mgfa_ray.io import atomic_write_json, atomic_write_text  # noqa: E402
 from mgfa_ray.manifest import build_manifest  # noqa: E402
