@@ -105,7 +105,13 @@ class DetectorConfig(_Frozen):
     """Ultralytics YOLO region detector (paper Sec. III-A).
 
     Attributes:
-        model: Model YAML (``yolo11n.yaml``: built without weights) or a local ``.pt`` file.
+        model: Model YAML (``yolo11n.yaml``: built without weights; a YAML shipped in
+            ``mgfa_ray/detector_models`` by file name, e.g. ``yolo11n-mobilenetv2.yaml``; or a path)
+            or a local ``.pt`` file.
+        backbone_weights: ``None`` (the model's own initialisation) or a local torchvision
+            ``state_dict`` loaded into the model YAML's ``TorchVision`` backbone before training
+            (:mod:`mgfa_ray.detector_backbone`; e.g. the ImageNet MobileNetV2 features with
+            ``yolo11n-mobilenetv2.yaml``). Relative paths are relative to the working directory.
         imgsz: Train/inference input size in pixels (paper: 480).
         epochs: Training epochs.
         batch: Training batch size.
@@ -129,6 +135,7 @@ class DetectorConfig(_Frozen):
     """
 
     model: str = "yolo11n.yaml"
+    backbone_weights: str | None = None
     imgsz: int = Field(480, ge=32)
     epochs: int = Field(100, ge=1)
     batch: int = Field(8, ge=1)

@@ -99,6 +99,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, DetectorConfig
+from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
 
@@ -184,8 +185,9 @@ def _offline_fonts():
 
 
 def _model_identity(model: str) -> Any:
-    """``cfg.model`` as key material: a file is identified by name and content, not its path."""
-    p = Path(model).expanduser()
+    """``cfg.model`` or ``cfg.backbone_weights`` as key material: a file (or a shipped model YAML) is
+    identified by name and content, not its path."""
+    p = Path(model_source(model))
     if p.is_file():
         return {"name": p.name, "sha256": sha256_file(p)}
     return model
@@ -193,7 +195,7 @@ def _model_identity(model: str) -> Any:
 
 #: DetectorConfig fields that enter :func:`detector_key` only when they differ from their default (the
 #: default reproduces the training these keys identified before the field existed).
-_KEY_IF_SET = ("cv_folds", "mosaic", "scale", "degrees", "fliplr", "flipud")
+_KEY_IF_SET = ("cv_folds", "mosaic", "scale", "degrees", "fliplr", "flipud", "backbone_weights")
 
 
 def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files: dict[str, Path]) -> str:
@@ -201,10 +203,11 @@ def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files:
 
     The key hashes: the training fields of ``cfg`` (``model``, ``imgsz``, ``epochs``, ``batch``,
     ``holdout_fraction``, ``seed``, and ``cv_folds`` and the augmentation fields ``mosaic``,
-    ``scale``, ``degrees``, ``fliplr``, ``flipud`` when they differ from their defaults; ``conf`` is
+    ``scale``, ``degrees``, ``fliplr``, ``flipud``, ``backbone_weights`` when they differ from their defaults; ``conf`` is
     left out because it only filters predictions — the mask set id includes it), the region class names, the ``(image_id, sha256 of the label
-    file's bytes)`` pairs and :data:`RECIPE_VERSION`. A ``cfg.model`` naming an existing file
-    enters as its file name and content hash. No absolute path enters, so two machines with the
+    file's bytes)`` pairs and :data:`RECIPE_VERSION`. A ``cfg.model`` naming an existing file (or
+    a YAML shipped in ``mgfa_ray/detector_models``) and ``cfg.backbone_weights`` enter as their
+    file name and content hash. No absolute path enters, so two machines with the
     data under different roots get the same key. Image pixels are identified by image_id only.
 
     Args:
@@ -226,6 +229,8 @@ def detector_key(cfg: DetectorConfig, *, region_classes: list[str], label_files:
         if fields.get(name) == DetectorConfig.model_fields[name].default:
             fields.pop(name)
     fields["model"] = _model_identity(cfg.model)
+    if cfg.backbone_weights is not None:
+        fields["backbone_weights"] = _model_identity(cfg.backbone_weights)
     return sha256_json({
         "recipe": RECIPE_VERSION,
         "cfg": fields,
@@ -445,7 +450,10 @@ def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: 
     if runs.exists():
         shutil.rmtree(runs)
     yolo = _ultralytics()
-    model_src = str(Path(cfg.model).expanduser()) if Path(cfg.model).expanduser().is_file() else cfg.model
+    model_src = model_source(cfg.model)
+    if cfg.backbone_weights is not None:  # start from the YAML with its pretrained backbone loaded
+        model_src = str(write_initial_checkpoint(cfg.model, cfg.backbone_weights, nc=len(ann.region_classes),
+                                                 path=out_dir / "init.pt"))
     model = yolo.YOLO(model_src)
     t0 = time.perf_counter()
     with _offline_fonts():
@@ -504,6 +512,7 @@ def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids
         "detector_key": key,
         "evaluation": "holdout" if holdout_ids else "none",
         "model": cfg.model,
+        "backbone_weights": cfg.backbone_weights,
         "imgsz": cfg.imgsz,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
@@ -691,6 +700,24 @@ def train_detector(
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(out_dir / METRICS, metrics)
     return metrics
+
+
+def check_backbone_weights(cfg: DetectorConfig, *, nc: int) -> None:
+    """Check ``cfg.backbone_weights`` before any stage runs: when set, ``cfg.model`` must be a model
+    YAML with one ``TorchVision`` backbone that the file's ``state_dict`` fits
+    (:func:`mgfa_ray.detector_backbone.build_pretrained`; builds the model once on CPU, about 0.3 s).
+
+    Args:
+        cfg: Detector settings.
+        nc: Region classes.
+
+    Raises:
+        WeightsError: Naming ``detector.backbone_weights``, the file, what is wrong and what to do.
+    """
+    if cfg.backbone_weights is None:
+        return
+    _ultralytics()
+    build_pretrained(cfg.model, cfg.backbone_weights, nc=nc)
 
 
 def weights_digest(weights: str | Path) -> str:

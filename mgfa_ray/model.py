@@ -54,8 +54,9 @@ _WEIGHTS_HINT = ("give a state_dict saved with torch.save(model.state_dict(), PA
                  "model of this backbone, 'imagenet' (download), or null (random initialisation)")
 
 
-def _read_state(path: Path) -> dict:
-    """Load ``path`` with ``weights_only=True`` (never arbitrary pickled code)."""
+def _read_state(path: Path, *, hint: str = _WEIGHTS_HINT) -> dict:
+    """Load ``path`` with ``weights_only=True`` (never arbitrary pickled code); a failure is a
+    :class:`WeightsError` ending in ``hint`` (what to give instead)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
@@ -66,7 +67,7 @@ def _read_state(path: Path) -> dict:
             first = ("the file is not a torch.save file, or it holds Python objects other than tensors"
                      + (f" ({' '.join(why.group(1).split())})" if why else ""))
         raise WeightsError(f"weights file {path}: not a PyTorch state_dict that loads safely "
-                           f"(torch.load(weights_only=True) failed: {first}); {_WEIGHTS_HINT}") from None
+                           f"(torch.load(weights_only=True) failed: {first}); {hint}") from None
 
 
 def _read_weights(path: Path) -> dict:

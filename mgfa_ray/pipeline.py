@@ -42,12 +42,13 @@ from .config import (
     under,
     validate,
 )
-from .detector import train_detector
+from .detector import check_backbone_weights, train_detector
 from .errors import RunInterrupted, StageError
 from .io import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
+from .model import WeightsError
 from .regions import LabelError, index_labels, label_layout_hint, select_annotated
 from .search import create_search, export_search, run_search
 from .search_space import SearchSpace, load_search_space
@@ -89,6 +90,10 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
     )
     space = load_search_space(cfg.search.space, base=template)
     _check_job_weights(cfg, space, source=source)
+    try:
+        check_backbone_weights(cfg.detector, nc=len(cfg.regions.classes))
+    except WeightsError as err:
+        raise WeightsError(f"{source}: {err}") from None
     return space, template
 
 
