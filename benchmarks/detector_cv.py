@@ -52,6 +52,10 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "s320": ({"model": "yolo11s.yaml"}, "model scale s (about 3x the FLOPs of n)"),
     "flat": ({"mosaic": 0.0, "scale": 0.25, "flipud": 0.5},
              "no mosaic, gain ±25% (not ±50%), vertical flips: thin vein boxes stay thick enough, same cost"),
+    "mnv2": ({"model": "yolo11n-mobilenetv2.yaml", "epochs": 100,
+              "backbone_weights": str(REPO.parent / "shared" / "weights" / "mobilenet_v2-imagenet-features.pth")},
+             "YOLO11n neck and head on ImageNet MobileNetV2 features (detector.backbone_weights), 100 epochs "
+             "(an epoch costs about 1.3x the old one)"),
 }
 
 
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = new_document("detector_cv", settings={
         "k": args.k, "seed": OLD.seed, "n_photos": len(ann.ids), "n_groups": len(set(ann.groups.values())),
         "folds": grouped_folds(ann.ids, ann.groups, args.k, OLD.seed), "base_recipe": OLD.model_dump(mode="json"),
-        "threads": "torch default (2 cores, shared with other work)", "nice": 10,
+        "threads": os.environ.get("OMP_NUM_THREADS", "torch default"), "nice": 10,
     }, measured={
         "map50": "box mAP@0.5 of the last-epoch weights on the held-out fold (Ultralytics val), per class",
         "pooled": "per class: mean over the folds measured; overall: mean over the 2 classes",
