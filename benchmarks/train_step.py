@@ -6,7 +6,7 @@ One run measures, per backbone and on the same machine:
    :func:`mgfa_ray.model.build_backbone` + global average pooling + ``nn.Linear``, cross-entropy
    only. The input is a random uint8 batch (B, 3, resize, resize) already on the device; each step
    cuts a random ``crop`` window with a horizontal flip (p = 0.5) and normalises with the ImageNet
-   statistics, exactly the image half of :func:`mgfa_ray.trial.augment`, built from its parts
+   statistics, exactly the image half of :func:`mgfa_ray.augment.augment`, built from its parts
    (``augment`` always transforms masks too: the baseline does no mask work at all).
    Precision, memory format and gradient scaler come from :class:`mgfa_ray.trial.StepContext`,
    the optimizer from :func:`mgfa_ray.trial.make_optimizer`.
@@ -54,17 +54,8 @@ from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
 from mgfa_ray.model import build_backbone
 from mgfa_ray.regions import index_labels
-from mgfa_ray.trial import (
-    StepContext,
-    build_model,
-    cut_windows,
-    load_images,
-    make_optimizer,
-    normalise,
-    random_windows,
-    run_trial,
-    train_step,
-)
+from mgfa_ray.augment import cut_windows, normalise, random_windows
+from mgfa_ray.trial import StepContext, build_model, load_images, make_optimizer, run_trial, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 REGION_CLASSES = ["vein", "contour"]
@@ -94,7 +85,7 @@ MEASURED = {
     "backbone_only": (
         "SGD step of backbone + global average pool + Linear, cross-entropy only; input: random uint8 "
         "(B,3,resize,resize) already on the device; random crop+flip and ImageNet normalisation = the image half "
-        "of mgfa_ray.trial.augment (its random_windows, cut_windows, normalise; no mask work); autocast, memory format and grad scaler of "
+        "of mgfa_ray.augment.augment (its random_windows, cut_windows, normalise; no mask work); autocast, memory format and grad scaler of "
         "StepContext; SGD of make_optimizer. images/s = steps*B / wall time of a repeat (synchronised), median "
         "over repeats."
     ),
@@ -177,7 +168,7 @@ class BackboneClassifier(nn.Module):
 
 
 def crop_flip(images: torch.Tensor, *, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """The image half of :func:`mgfa_ray.trial.augment` (train mode), from its own parts: uint8
+    """The image half of :func:`mgfa_ray.augment.augment` (train mode), from its own parts: uint8
     (B, 3, R, R) → a random ``crop`` window, flipped with p = 0.5, as normalised float32
     (B, 3, crop, crop); the same RNG draws and the same single gather over the batch."""
     rows, cols = random_windows(len(images), side=images.shape[-1], crop=crop, generator=generator)

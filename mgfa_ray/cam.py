@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import eval_images, resize_images
 from .config import TrainConfig, validate
 from .io import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
 from .model import MGFAClassifier
-from .trial import build_model, crop_boxes, eval_images, load_checkpoint, load_images, resize_images
+from .trial import build_model, crop_boxes, load_checkpoint, load_images
 
 CamClass = Literal["predicted", "true"]
 
@@ -71,7 +72,7 @@ def raw_class_activation_maps(
     Args:
         model: The classifier; put in eval mode here. Its device is used.
         images: Normalised float images (B, 3, H_in, W_in), e.g. from
-            :func:`~mgfa_ray.trial.eval_images`.
+            :func:`~mgfa_ray.augment.eval_images`.
 
     Returns:
         ``(cams, logits, attention)``: float32 (B, num_classes, H, W), float32
@@ -97,7 +98,7 @@ def class_activation_maps(
 ) -> CamResult:
     """CAMs (Zhou et al., CVPR 2016) for the predicted class or given labels (paper Fig. 4).
 
-    The images go through the test-time transform (:func:`~mgfa_ray.trial.eval_images`: resize to
+    The images go through the test-time transform (:func:`~mgfa_ray.augment.eval_images`: resize to
     ``crop``, ImageNet normalisation); the CAM of the chosen class is ReLU'd, upsampled bilinearly
     to ``crop`` x ``crop`` and divided by its maximum per image.
 
@@ -150,7 +151,7 @@ def class_activation_maps(
 
 def display_images(images_u8: torch.Tensor, *, crop: int) -> torch.Tensor:
     """The photos as the model sees them: uint8 (B, 3, R, R) → uint8 (B, crop, crop, 3) (HWC),
-    the :func:`~mgfa_ray.trial.resize_images` test-time resize without the normalisation."""
+    the :func:`~mgfa_ray.augment.resize_images` test-time resize without the normalisation."""
     rgb = resize_images(images_u8, crop=crop).cpu().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     return rgb.permute(0, 2, 3, 1).contiguous()
 

@@ -3,6 +3,11 @@
 :func:`run_trial` maps a :class:`~mgfa_ray.config.TrainConfig` to per-epoch metrics and
 checkpoint states; it knows nothing of Ray (the search wraps it in :mod:`mgfa_ray.search`).
 
+Steps, one function each (in the style of torchvision's classification references):
+:func:`prepare` (device and seed, data, model, optimizer) → :func:`restore` (a checkpoint, when
+resuming) → per epoch :func:`train_one_epoch` → :func:`evaluate_split` → :func:`epoch_metrics`
+(the one place that names the metrics) → :func:`checkpoint_state` for the epoch callback.
+
 Data path: images are decoded once, optionally cropped to a region's box (``crop_to_region``: the
 masks get the same crop), resized to ``resize`` x ``resize`` and kept as uint8 (cached on disk
 when a cache directory is given); masks come from the mask set at their stored resolution.
@@ -10,7 +15,8 @@ Both go to the trial's device once. Each training batch gets a random ``crop`` x
 and a horizontal flip with p = 0.5 (paper Sec. IV-B), and the masks get exactly the same window and
 flip (after being resized to the image's size) before :func:`~mgfa_ray.model.gt_attention` pools
 them to the feature grid. Evaluation resizes the images to ``crop`` (paper: test resize 448) or
-takes their centre ``crop`` window (``eval_crop: center``, released code).
+takes their centre ``crop`` window (``eval_crop: center``, released code). The transforms are in
+:mod:`mgfa_ray.augment`.
 
 Optimisation: SGD with momentum and weight decay, step (×``lr_decay`` every ``lr_step`` epochs) or cosine
 schedule; on CUDA bf16 (or fp16 with a gradient scaler) autocast and channels-last; on CPU fp32,
@@ -32,6 +38,7 @@ import io
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .augment import augment, eval_images
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .io import atomic_write_bytes, is_uri, sha256_json
@@ -48,9 +56,6 @@ from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 from .worker import LastValue
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
 
@@ -146,115 +151,6 @@ def crop_masks(masks: np.ndarray, boxes: np.ndarray, *, upsample: int = 8) -> np
         window = m[..., y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
         out[i] = F.adaptive_avg_pool2d(window, r)[0].numpy()
     return out
-
-
-def augment(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    *,
-    crop: int,
-    train: bool,
-    generator: torch.Generator | None = None,
-    eval_crop: str = "resize",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the same geometric transform to images and their masks, then normalise the images.
-
-    Runs on the tensors' device (the GPU in CUDA trials); the random windows and flips are drawn
-    from ``generator`` on the CPU, so a seed gives the same augmentation on every device. The
-    crop and flip are one indexing operation over the batch (an exact copy of the pixels).
-
-    Args:
-        images: uint8 (B, 3, R, R).
-        masks: uint8 or float (B, K, M, M), values in [0, 1], covering the same full image; they
-            are resized to R x R (bilinear) before the window is cut.
-        crop: Output side in pixels, <= R.
-        train: Random ``crop`` window + horizontal flip (p = 0.5) if True, else the test input
-            of ``eval_crop``.
-        generator: RNG for the window and flip (CPU generator).
-        eval_crop: ``resize`` to ``crop`` (paper Sec. IV-B) or the ``center`` ``crop`` window
-            (released code).
-
-    Returns:
-        ``(x, m)``: float32 images (B, 3, crop, crop) normalised with ImageNet mean/std, and
-        float32 masks (B, K, crop, crop) in [0, 1], geometrically aligned with ``x``.
-
-    Raises:
-        ValueError: ``crop`` is larger than the images.
-    """
-    b, _, r, _ = images.shape
-    if crop > r:
-        raise ValueError(f"crop {crop} is larger than the {r} px images")
-    x = images.float().div_(255.0)
-    m = F.interpolate(masks.float(), size=(r, r), mode="bilinear", align_corners=False)
-    if train:
-        rows, cols = random_windows(b, side=r, crop=crop, generator=generator)
-        x, m = cut_windows(x, rows, cols), cut_windows(m, rows, cols)
-    elif eval_crop == "center":
-        x, m = _center(x, crop), _center(m, crop)
-    else:
-        x, m = _resize(x, crop), _resize(m, crop)
-    return normalise(x), m.clamp_(0.0, 1.0)
-
-
-def _center(x: torch.Tensor, side: int) -> torch.Tensor:
-    top = (x.shape[-1] - side) // 2
-    return x[..., top : top + side, top : top + side]
-
-
-def random_windows(
-    b: int, *, side: int, crop: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``crop`` x ``crop`` windows of ``side`` x ``side`` images, each flipped horizontally
-    with p = 0.5 (paper Sec. IV-B), as pixel indices for :func:`cut_windows`.
-
-    Draws, in this order, B tops, B lefts and B flips from ``generator`` (CPU).
-
-    Returns:
-        ``(rows, cols)``: int64 (B, crop) each, on the CPU; a flipped window's columns run right
-        to left.
-    """
-    tops = torch.randint(0, side - crop + 1, (b,), generator=generator)
-    lefts = torch.randint(0, side - crop + 1, (b,), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5
-    offsets = torch.arange(crop)
-    return tops[:, None] + offsets, lefts[:, None] + torch.where(flips[:, None], crop - 1 - offsets, offsets)
-
-
-def cut_windows(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``t[b][:, rows[b]][:, :, cols[b]]`` for every b in one indexing op (an exact copy of the
-    values): (B, C, R, R) and int64 (B, h), (B, w) → (B, C, h, w), on ``t``'s device."""
-    rows, cols = rows.to(t.device), cols.to(t.device)
-    b, c = t.shape[:2]
-    bi = torch.arange(b, device=t.device)[:, None, None, None]
-    ci = torch.arange(c, device=t.device)[None, :, None, None]
-    return t[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
-    if x.shape[-1] == side:
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Float images (B, 3, H, W) in [0, 1] → standardised with the ImageNet mean and std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def resize_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
-    """The test-time input (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, crop, crop) in
-    [0, 1]: resized (bilinear, antialiased; unchanged when R = crop), or with ``eval_crop="center"``
-    the centre window (released code)."""
-    x = images.float().div_(255.0)
-    return _center(x, crop) if eval_crop == "center" else _resize(x, crop)
-
-
-def eval_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
-    """Test-time input: :func:`resize_images`, then :func:`normalise`; the same images
-    :func:`augment` gives with ``train=False``."""
-    return normalise(resize_images(images, crop=crop, eval_crop=eval_crop))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
@@ -546,6 +442,189 @@ def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
     return data, class_names.tolist()
 
 
+@dataclass
+class Trial:
+    """Everything one trial trains and reports on, built by :func:`prepare`.
+
+    Attributes:
+        cfg: The trial configuration.
+        device: Where the data and the model live.
+        data: ``data[part] = (images uint8 (N, 3, R, R), masks (N, K, M, M) in [0, 1], labels int64
+            (N,))`` on ``device``, for ``train``, ``eval`` and possibly ``test`` (:func:`load_trial_data`).
+        class_names: ``class_names[label]``.
+        model: The classifier (:func:`build_model`) on ``device``, in ``ctx.memory_format``.
+        ctx: Precision, memory format, gradient scaler and loss weights (:class:`StepContext`).
+        optimizer: SGD of :func:`make_optimizer`.
+        scheduler: Its learning-rate schedule, stepped once per epoch.
+        generator: CPU RNG of the epoch orders, crops and flips, seeded with ``cfg.seed``.
+    """
+
+    cfg: TrainConfig
+    device: torch.device
+    data: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    class_names: list[str]
+    model: MGFAClassifier
+    ctx: StepContext
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+
+
+def trial_device(cfg: TrainConfig) -> torch.device:
+    """Seed torch's global RNG with ``cfg.seed``, set ``cfg.threads`` and pick the device.
+
+    ``device: auto`` is CUDA when available, else the CPU; on CUDA cuDNN autotuning is on (the
+    input shapes are fixed).
+
+    Raises:
+        ValueError: ``device: cuda`` but CUDA is not available.
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def prepare(cfg: TrainConfig, *, cache_dir: Path | None = None) -> Trial:
+    """Step 1 of :func:`run_trial`: device and seed (:func:`trial_device`), the data on the
+    device (:func:`load_trial_data`), the freshly initialised model, optimizer, schedule and the
+    augmentation generator.
+
+    Raises:
+        ValueError: As :func:`trial_device`, :func:`load_trial_data` and :func:`build_model`.
+    """
+    device = trial_device(cfg)
+    data, class_names = load_trial_data(cfg, device=device, cache_dir=cache_dir)
+    model = build_model(cfg, len(class_names)).to(device)
+    ctx = StepContext(cfg, device)
+    model = model.to(memory_format=ctx.memory_format)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    return Trial(cfg=cfg, device=device, data=data, class_names=class_names, model=model, ctx=ctx,
+                 optimizer=optimizer, scheduler=scheduler, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def restore(trial: Trial, state: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Step 2 of :func:`run_trial`: load a checkpoint state (:func:`checkpoint_state`) into
+    ``trial`` — model, optimizer, scheduler, gradient scaler, augmentation generator, torch's CPU
+    RNG (and CUDA RNGs on CUDA) — so training continues as if it had never stopped.
+
+    Returns:
+        ``(history, start)``: the metrics of the epochs already run, and the next epoch (1-based).
+    """
+    trial.model.load_state_dict(state["model"])
+    trial.optimizer.load_state_dict(state["optimizer"])
+    trial.scheduler.load_state_dict(state["scheduler"])
+    trial.ctx.scaler.load_state_dict(state.get("scaler") or {})
+    trial.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if trial.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return list(state["history"]), int(state["epoch"]) + 1
+
+
+def train_one_epoch(trial: Trial) -> tuple[dict[str, float], int]:
+    """Step 3 of :func:`run_trial`: one pass over the train split in a random order (from
+    ``trial.generator``), :func:`train_step` per batch of ``cfg.batch_size``, then one step of
+    the learning-rate schedule.
+
+    A last batch of a single image is skipped (BatchNorm cannot train on it) unless it is the
+    only one.
+
+    Returns:
+        ``(means, seen)``: the loss terms of :func:`~mgfa_ray.model.mgfa_loss` (``loss``,
+        ``loss_ce``, ``loss_region<i>``, unweighted) averaged over the ``seen`` images trained on.
+    """
+    cfg, generator = trial.cfg, trial.generator
+    images, masks, labels = trial.data["train"]
+    trial.model.train()
+    perm = torch.randperm(len(labels), generator=generator)
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    for s in range(0, len(labels), cfg.batch_size):
+        idx = perm[s : s + cfg.batch_size]
+        if len(idx) < 2 and seen:  # BatchNorm cannot train on a single image
+            continue
+        idx_d = idx.to(trial.device)
+        losses = train_step(trial.model, trial.optimizer, trial.ctx, images=images[idx_d], masks=masks[idx_d],
+                            labels=labels[idx_d], generator=generator)
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.double() * len(idx)
+        seen += len(idx)
+    trial.scheduler.step()
+    return {key: value.item() / seen for key, value in sums.items()}, seen
+
+
+def evaluate_split(trial: Trial, part: str) -> dict[str, Any]:
+    """Step 4 of :func:`run_trial`: :func:`evaluate` on ``trial.data[part]`` (``eval`` or
+    ``test``) with its masks, at the test-time input of ``cfg`` (``crop``, ``eval_crop``)."""
+    images, masks, labels = trial.data[part]
+    return evaluate(trial.model, images, labels, masks=masks, crop=trial.cfg.crop,
+                    num_classes=len(trial.class_names), ctx=trial.ctx)
+
+
+def epoch_metrics(
+    cfg: TrainConfig,
+    *,
+    epoch: int,
+    lr: float,
+    train: dict[str, float],
+    splits: dict[str, dict[str, Any]],
+    images_per_second: float,
+    epoch_seconds: float,
+) -> dict[str, Any]:
+    """Step 5 of :func:`run_trial`, and the one place that names the reported metrics (module
+    docstring): ``epoch``, ``lr``, ``train_loss``, ``train_loss_ce``, ``train_loss_<region>``;
+    ``eval_top1``, ``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce``,
+    ``eval_loss_<region>``, ``eval_flat_loss_<region>``; ``test_top1``, ``test_top5``,
+    ``test_loss_<region>``, ``test_flat_loss_<region>`` when ``splits`` has ``test``;
+    ``train_images_per_second`` and ``epoch_seconds`` — in this order (the columns of
+    ``metrics.csv``).
+
+    Args:
+        cfg: The trial configuration (its ``region_classes`` name the region terms, in order).
+        epoch: The epoch (1-based).
+        lr: The learning rate the epoch trained with.
+        train: Mean loss terms of :func:`train_one_epoch` (``loss``, ``loss_ce``, ``loss_region<i>``).
+        splits: :func:`evaluate` results by part: ``eval`` and optionally ``test``.
+        images_per_second: Training images per second of the epoch's training loop.
+        epoch_seconds: Wall time of the epoch, evaluation included.
+
+    Returns:
+        The epoch's metrics: a flat dict of floats (``epoch``: int).
+    """
+    regions = cfg.region_classes
+    metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_loss_ce": train["loss_ce"]}
+    metrics.update({f"train_loss_{region}": train[f"loss_region{i}"] for i, region in enumerate(regions)})
+    for part, ev in splits.items():
+        names = ("top1", "top5", "mean_class_top1", "loss_ce") if part == "eval" else ("top1", "top5")
+        metrics.update({f"{part}_{name}": ev[name] for name in names})
+        for i, region in enumerate(regions):
+            metrics[f"{part}_loss_{region}"] = ev["loss_region"][i]
+            metrics[f"{part}_flat_loss_{region}"] = ev["flat_loss_region"][i]
+    metrics["train_images_per_second"] = images_per_second
+    metrics["epoch_seconds"] = epoch_seconds
+    return metrics
+
+
+def checkpoint_state(trial: Trial, *, epoch: int, history: list[dict[str, Any]], ev: dict[str, Any]) -> dict[str, Any]:
+    """The state :func:`restore` resumes from after ``epoch`` (keys in :func:`load_checkpoint`),
+    with the eval split's per-class counts of :func:`evaluate` ``ev`` as ``eval_per_class``."""
+    cuda = trial.device.type == "cuda"
+    return {
+        "epoch": epoch, "model": trial.model.state_dict(), "optimizer": trial.optimizer.state_dict(),
+        "scheduler": trial.scheduler.state_dict(), "scaler": trial.ctx.scaler.state_dict(),
+        "generator": trial.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+        "history": history, "config": to_dict(trial.cfg),
+        "eval_per_class": {"class_name": trial.class_names, **ev["per_class"]},
+    }
+
+
 def run_trial(
     cfg: TrainConfig,
     *,
@@ -553,7 +632,9 @@ def run_trial(
     resume: dict[str, Any] | None = None,
     cache_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate the classifier of ``cfg`` for ``cfg.epochs`` epochs.
+    """Train and evaluate the classifier of ``cfg`` for ``cfg.epochs`` epochs: :func:`prepare`,
+    :func:`restore` (with ``resume``), then per epoch :func:`train_one_epoch`,
+    :func:`evaluate_split` and :func:`epoch_metrics`.
 
     The decoded images and masks are moved to the device once; augmentation runs there.
 
@@ -573,92 +654,21 @@ def run_trial(
         ValueError: The manifest or mask set is missing or does not fit the config (region kinds,
             image ids), the train or evaluation split is empty, or CUDA is requested but absent.
     """
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-
-    data, class_names = load_trial_data(cfg, device=device, cache_dir=cache_dir)
-    num_classes = len(class_names)
-
-    model = build_model(cfg, num_classes).to(device)
-    ctx = StepContext(cfg, device)
-    model = model.to(memory_format=ctx.memory_format)
-    optimizer, scheduler = make_optimizer(cfg, model)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    start = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        ctx.scaler.load_state_dict(resume.get("scaler") or {})
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if use_cuda and resume.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        history = list(resume["history"])
-        start = int(resume["epoch"]) + 1
-
-    train_images, train_masks, train_labels = data["train"]
-    n = len(train_labels)
+    trial = prepare(cfg, cache_dir=cache_dir)
+    history, start = restore(trial, resume) if resume is not None else ([], 1)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        perm = torch.randperm(n, generator=generator)
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        for s in range(0, n, cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            if len(idx) < 2 and seen:  # BatchNorm cannot train on a single image
-                continue
-            idx_d = idx.to(device)
-            losses = train_step(model, optimizer, ctx, images=train_images[idx_d], masks=train_masks[idx_d],
-                                labels=train_labels[idx_d], generator=generator)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.double() * len(idx)
-            seen += len(idx)
-        scheduler.step()
-        if use_cuda:
+        lr = trial.optimizer.param_groups[0]["lr"]
+        train, seen = train_one_epoch(trial)
+        if trial.device.type == "cuda":
             torch.cuda.synchronize()  # the clock must include the queued GPU work of the last steps
         train_seconds = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"].item() / seen,
-                                   "train_loss_ce": sums["loss_ce"].item() / seen}
-        for i, region in enumerate(cfg.region_classes):
-            metrics[f"train_loss_{region}"] = sums[f"loss_region{i}"].item() / seen
-        ev = evaluate(model, data["eval"][0], data["eval"][2], masks=data["eval"][1], crop=cfg.crop,
-                      num_classes=num_classes, ctx=ctx)
-        metrics.update(eval_top1=ev["top1"], eval_top5=ev["top5"], eval_mean_class_top1=ev["mean_class_top1"],
-                       eval_loss_ce=ev["loss_ce"])
-        for i, region in enumerate(cfg.region_classes):
-            metrics[f"eval_loss_{region}"] = ev["loss_region"][i]
-            metrics[f"eval_flat_loss_{region}"] = ev["flat_loss_region"][i]
-        if "test" in data:
-            te = evaluate(model, data["test"][0], data["test"][2], masks=data["test"][1], crop=cfg.crop,
-                          num_classes=num_classes, ctx=ctx)
-            metrics.update(test_top1=te["top1"], test_top5=te["top5"])
-            for i, region in enumerate(cfg.region_classes):
-                metrics[f"test_loss_{region}"] = te["loss_region"][i]
-                metrics[f"test_flat_loss_{region}"] = te["flat_loss_region"][i]
-        metrics["train_images_per_second"] = seen / train_seconds
-        metrics["epoch_seconds"] = time.perf_counter() - t0
+        splits = {part: evaluate_split(trial, part) for part in ("eval", "test") if part in trial.data}
+        metrics = epoch_metrics(cfg, epoch=epoch, lr=lr, train=train, splits=splits,
+                                images_per_second=seen / train_seconds, epoch_seconds=time.perf_counter() - t0)
         history.append(metrics)
         if on_epoch is not None:
-            state = {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": ctx.scaler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if use_cuda else None,
-                "history": history, "config": to_dict(cfg),
-                "eval_per_class": {"class_name": class_names, **ev["per_class"]},
-            }
-            on_epoch(metrics, state)
+            on_epoch(metrics, checkpoint_state(trial, epoch=epoch, history=history, ev=splits["eval"]))
     return history
 
 

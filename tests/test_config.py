@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from mgfa_ray.cli import main
 from mgfa_ray.config import (
@@ -108,7 +109,7 @@ def test_region_kinds_and_their_weights():
 
 def test_config_is_frozen_and_round_trips():
     p = TrainParams()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"(?s)lr.*Instance is frozen"):
         p.lr = 1.0
     assert TrainParams(**to_dict(p)) == p
 
