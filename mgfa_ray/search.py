@@ -286,13 +286,7 @@ def create_search(
     search_dir = location_join(storage_path, name) if is_uri(storage_path) else str(Path(storage_path).resolve() / name)
     cache_dir = str(Path(cache_dir).resolve()) if cache_dir and not is_uri(cache_dir) else cache_dir
     epochs = max_epochs or space.scheduler.max_epochs
-    if search.study_storage:
-        study_storage = search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
-    elif is_uri(storage_path):
-        raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
-                          "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
-    else:
-        study_storage = str(Path(search_dir) / "optuna.journal")
+    study_storage = _study_storage(search, storage_path=storage_path, search_dir=search_dir)
     record = SearchRecord(
         name=name, space_file=str(space_file), space=space, search=search, max_epochs=epochs,
         trial_base=trial_base(base, search=search, epochs=epochs),
@@ -302,29 +296,68 @@ def create_search(
         study=StudySource(storage=study_storage, study_name=name),
         runs=[RunRecord(name="run-0", num_samples=search.num_samples)],
     )
+    if _same_search_exists(search_dir, record):
+        return search_dir
+    _start_study(record, cache_dir=cache_dir)
+    _write_record(search_dir, record)
+    return search_dir
+
+
+def _study_storage(search: SearchConfig, *, storage_path: str, search_dir: str) -> str:
+    """The Optuna storage of a new search: ``search.study_storage`` (a path made absolute, an RDB
+    URL as is), else the journal ``<search_dir>/optuna.journal``.
+
+    Raises:
+        ConfigError: ``storage_path`` is an object store and ``search.study_storage`` is not set.
+    """
+    if search.study_storage:
+        return search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
+    if is_uri(storage_path):
+        raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
+                          "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
+    return str(Path(search_dir) / "optuna.journal")
+
+
+def _same_search_exists(search_dir: str, record: SearchRecord) -> bool:
+    """Whether ``search_dir`` holds a search with ``record``'s settings (runs aside), to be reused.
+    One with other settings is removed (:func:`_discard_search`, under the search lock) when none of
+    its trials reported an epoch; then, as with no search there, the answer is ``False``.
+
+    Raises:
+        ConfigError: The search there has other settings and trials that reported results (the
+            message lists each differing field, old and new value, and the choices).
+        LockedError: A live driver runs the search there.
+    """
     try:
         existing = read_record(search_dir)
     except ConfigError:
-        existing = None
-    if existing is not None:
-        differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
-                              record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
-        if not differ:
-            return search_dir
-        with DirectoryLock(search_dir, what="search"):  # never under a driver that runs it
-            results = _trials_with_results(existing)
-            if results:
-                shown = redact_location(search_dir)
-                raise ConfigError(
-                    f"{shown}: a search of this name exists, with {results} trial(s) that reported results, and "
-                    f"other settings: {'; '.join(differ)}. Keep it: restore the old values (then a rerun resumes it; "
-                    f"`mgfa-ray search resume {shown} --more-trials N` extends it); or start a new search: give the "
-                    "job another name, output_dir or search.storage_path")
-            print(f"search {redact_location(search_dir)}: no trial reported an epoch, so it is replaced by the new "
-                  f"settings ({'; '.join(differ)})", flush=True)
-            _discard_search(search_dir, existing)
+        return False
+    differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
+                          record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
+    if not differ:
+        return True
+    with DirectoryLock(search_dir, what="search"):  # never under a driver that runs it
+        results = _trials_with_results(existing)
+        if results:
+            shown = redact_location(search_dir)
+            raise ConfigError(
+                f"{shown}: a search of this name exists, with {results} trial(s) that reported results, and "
+                f"other settings: {'; '.join(differ)}. Keep it: restore the old values (then a rerun resumes it; "
+                f"`mgfa-ray search resume {shown} --more-trials N` extends it); or start a new search: give the "
+                "job another name, output_dir or search.storage_path")
+        print(f"search {redact_location(search_dir)}: no trial reported an epoch, so it is replaced by the new "
+              f"settings ({'; '.join(differ)})", flush=True)
+        _discard_search(search_dir, existing)
+    return False
+
+
+def _start_study(record: SearchRecord, *, cache_dir: str | None) -> None:
+    """Create the decoded-image cache directory (local ``cache_dir``) and the search's Optuna study
+    (or open it when it exists), and copy the warm-start study's finished trials into a study
+    without trials (``record.search.warm_start``)."""
     from .study import StudyRef, copy_trials
 
+    search = record.search
     if cache_dir and not is_uri(cache_dir):
         Path(cache_dir).mkdir(parents=True, exist_ok=True)  # exists: the trials may write it (_write_target)
     study = StudyRef(record.study.storage, record.study.study_name).load(create=True)
@@ -332,8 +365,6 @@ def create_search(
         copied = copy_trials(StudyRef(search.warm_start.storage, search.warm_start.study_name), study)
         print(f"warm start: {copied} trials from {search.warm_start.study_name!r} in {search.warm_start.storage}",
               flush=True)
-    _write_record(search_dir, record)
-    return search_dir
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
