@@ -52,8 +52,9 @@ from .config import (
     resolve_data_root,
     validate,
 )
+from .export import export_search
 from .io import atomic_write_bytes, atomic_write_json
-from .search import create_search, export_search, run_search
+from .search import create_search, run_search
 from .search_space import SchedulerSpec, SearchSpace
 
 BACKBONE = "backbone"

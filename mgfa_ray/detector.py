@@ -24,8 +24,11 @@ mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
    ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (both atomically; the metrics file is
    written last and marks the stage complete).
 
-These are named steps: :func:`prepare_annotated` (1), :func:`fit_and_evaluate` (3-4 for one split,
-training in ``_fit``). A rerun whose :func:`detector_key` and held-out split equal those recorded in
+These are named steps, each a function (its docstring says "Step n (name)"): 1 *prepare* —
+:func:`prepare_annotated` (1 above), ``_holdout_split`` (2) and, per split, ``_prepare_split`` (the
+dataset of 3); 2 *fit* — ``_fit`` (the training of 3); 3 *evaluate* — ``_evaluate_split`` (4);
+4 *publish* — ``_publish_weights``, then ``_publish_metrics`` (4). :func:`fit_and_evaluate` runs
+steps 1-4 for one split. A rerun whose :func:`detector_key` and held-out split equal those recorded in
 ``metrics.json`` and whose ``weights.pt`` still has the recorded SHA-256 skips training and returns
 the stored metrics.
 
@@ -473,7 +476,8 @@ def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: 
 
 def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids: list[str],
                      holdout_ids: list[str], out_dir: Path) -> dict:
-    """Steps 2-4 for one split: fit on ``train_ids``, evaluate on ``holdout_ids``, publish.
+    """Steps 1-4 for one split: prepare the dataset, fit on ``train_ids``, evaluate on
+    ``holdout_ids``, publish.
 
     Writes ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (module docstring keys; with
     ``holdout_ids`` empty — a refit on all photos — ``map50``/``map50_95``/``per_class`` mAPs are
@@ -485,29 +489,14 @@ def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids
     if stored is not None:
         log.info("detector %s already trained in %s; skipping", key, out_dir)
         return stored
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A stale metrics file must not outlive the weights it describes if this run dies midway.
-    (out_dir / METRICS).unlink(missing_ok=True)
-    # With nothing held out the val split repeats the training images: Ultralytics' dataset check
-    # wants one, and training never evaluates on it (val=False).
-    _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids or train_ids},
-                   image_of=ann.image_of, boxes_of=ann.boxes_of, region_classes=ann.region_classes)
+    _prepare_split(ann, train_ids=train_ids, holdout_ids=holdout_ids, out_dir=out_dir)
     device = _device()
     log.info("training detector %s on %d images (%d held out), device %s", key, len(train_ids),
              len(holdout_ids), device)
     data_yaml, best, train_seconds = _fit(ann, cfg, train_ids=train_ids, out_dir=out_dir, device=device)
-    tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
-    shutil.copyfile(best, tmp)
-    os.replace(tmp, out_dir / WEIGHTS)
-    if holdout_ids:
-        evaluation = _evaluate(out_dir / WEIGHTS, data_yaml=data_yaml, cfg=cfg, device=device,
-                               project=out_dir / "runs", region_classes=ann.region_classes,
-                               n_holdout=ann.count(holdout_ids), n_train=ann.count(train_ids))
-    else:
-        n_train = ann.count(train_ids)
-        evaluation = {"map50": None, "map50_95": None, "per_class": {
-            name: {"map50": None, "map50_95": None, "n_holdout_instances": 0, "n_train_instances": n_train.get(c, 0),
-                   "note": "nothing held out"} for c, name in enumerate(ann.region_classes)}}
+    weights = _publish_weights(best, out_dir)
+    evaluation = _evaluate_split(ann, cfg, weights, data_yaml=data_yaml, train_ids=train_ids,
+                                 holdout_ids=holdout_ids, device=device, out_dir=out_dir)
     metrics = {
         "detector_key": key,
         "evaluation": "holdout" if holdout_ids else "none",
@@ -522,12 +511,54 @@ def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids
         "n_train": len(train_ids),
         "n_holdout": len(holdout_ids),
         **evaluation,
-        "weights_sha256": sha256_file(out_dir / WEIGHTS),
+        "weights_sha256": sha256_file(weights),
         "train_seconds": round(train_seconds, 3),
         "ultralytics_version": _ultralytics().__version__,
         "device": device,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    return _publish_metrics(out_dir, metrics)
+
+
+def _prepare_split(ann: Annotated, *, train_ids: list[str], holdout_ids: list[str], out_dir: Path) -> None:
+    """Step 1 (prepare) for one split: remove a stale ``metrics.json`` and write the YOLO dataset
+    ``out_dir/dataset`` (train = ``train_ids``, val = ``holdout_ids``, or ``train_ids`` when
+    nothing is held out)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale metrics file must not outlive the weights it describes if this run dies midway.
+    (out_dir / METRICS).unlink(missing_ok=True)
+    # With nothing held out the val split repeats the training images: Ultralytics' dataset check
+    # wants one, and training never evaluates on it (val=False).
+    _build_dataset(out_dir / "dataset", splits={"train": train_ids, "val": holdout_ids or train_ids},
+                   image_of=ann.image_of, boxes_of=ann.boxes_of, region_classes=ann.region_classes)
+
+
+def _evaluate_split(ann: Annotated, cfg: DetectorConfig, weights: Path, *, data_yaml: Path, train_ids: list[str],
+                    holdout_ids: list[str], device: str, out_dir: Path) -> dict:
+    """Step 3 (evaluate): ``map50``, ``map50_95`` and ``per_class`` of ``weights`` on the held-out
+    images (:func:`_evaluate`); with nothing held out every mAP is ``None`` (note "nothing held out")."""
+    if holdout_ids:
+        return _evaluate(weights, data_yaml=data_yaml, cfg=cfg, device=device, project=out_dir / "runs",
+                         region_classes=ann.region_classes, n_holdout=ann.count(holdout_ids),
+                         n_train=ann.count(train_ids))
+    n_train = ann.count(train_ids)
+    return {"map50": None, "map50_95": None, "per_class": {
+        name: {"map50": None, "map50_95": None, "n_holdout_instances": 0, "n_train_instances": n_train.get(c, 0),
+               "note": "nothing held out"} for c, name in enumerate(ann.region_classes)}}
+
+
+def _publish_weights(best: Path, out_dir: Path) -> Path:
+    """Step 4 (publish), first half: copy the trained ``best`` weights to ``out_dir/weights.pt``
+    (atomically: copied beside it, then renamed); returns that path."""
+    tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
+    shutil.copyfile(best, tmp)
+    os.replace(tmp, out_dir / WEIGHTS)
+    return out_dir / WEIGHTS
+
+
+def _publish_metrics(out_dir: Path, metrics: dict) -> dict:
+    """Step 4 (publish), last: write ``out_dir/metrics.json`` atomically — the file that marks the
+    stage complete — and return ``metrics``."""
     atomic_write_json(out_dir / METRICS, metrics)
     return metrics
 
@@ -680,7 +711,16 @@ def train_detector(
     if cfg.cv_folds == 0:
         train_ids, holdout_ids = _holdout_split(ann.ids, ann.groups, cfg.holdout_fraction, cfg.seed)
         return fit_and_evaluate(ann, cfg, key=key, train_ids=train_ids, holdout_ids=holdout_ids, out_dir=out_dir)
-    # k-fold: measure on the folds (out_dir/cv/fold-<i>), then refit on every annotated photo.
+    return _train_cross_validated(ann, cfg, key=key, out_dir=out_dir, manifest=manifest, label_files=label_files,
+                                  region_classes=region_classes)
+
+
+def _train_cross_validated(ann: Annotated, cfg: DetectorConfig, *, key: str, out_dir: Path, manifest: pd.DataFrame,
+                           label_files: dict[str, Path], region_classes: list[str]) -> dict:
+    """:func:`train_detector` with ``cfg.cv_folds`` = k ≥ 2: evaluate by k-fold cross-validation
+    (``out_dir/cv/fold-<i>``), refit on every annotated photo (``out_dir``), publish the refit's
+    ``metrics.json`` with the cross-validated mAPs (:func:`_cv_metrics`). Skipped, returning the
+    stored metrics, when ``out_dir`` already holds this refit with ``evaluation`` ``cv<k>``."""
     stored = _stored_metrics(out_dir, key, ann.ids, [])
     if stored is not None and stored.get("evaluation") == f"cv{cfg.cv_folds}":
         log.info("detector %s already trained in %s; skipping", key, out_dir)
@@ -688,18 +728,23 @@ def train_detector(
     cv = cross_validate_detector(manifest=manifest, label_files=label_files, region_classes=region_classes,
                                  cfg=cfg, out_dir=out_dir / "cv", annotated=ann)
     refit = fit_and_evaluate(ann, cfg, key=key, train_ids=ann.ids, holdout_ids=[], out_dir=out_dir)
+    return _publish_metrics(out_dir, _cv_metrics(refit, cv, ann.region_classes))
+
+
+def _cv_metrics(refit: dict, cv: dict, region_classes: list[str]) -> dict:
+    """The refit's metrics with the cross-validated ``evaluation``, ``map50``, ``map50_95`` and
+    per-class mAPs of ``cv`` (:func:`cross_validate_detector`), its ``cv`` summary and a new
+    ``created`` time (module docstring)."""
     per_class = {c: {**refit["per_class"][c], **{f: cv["per_class"][c][f] for f in
                      ("map50", "map50_95", "map50_spread", "map50_95_spread", "n_holdout_instances")}}
-                 for c in ann.region_classes}
+                 for c in region_classes}
     for entry in per_class.values():
         entry.pop("note", None)
         if entry["map50"] is None:
             entry["note"] = "no instance of this class in any fold: AP undefined"
-    metrics = {**refit, "evaluation": cv["evaluation"], "map50": cv["map50"], "map50_95": cv["map50_95"],
-               "per_class": per_class, "cv": {f: cv[f] for f in ("k", "pooling", "folds", "train_seconds")},
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_json(out_dir / METRICS, metrics)
-    return metrics
+    return {**refit, "evaluation": cv["evaluation"], "map50": cv["map50"], "map50_95": cv["map50_95"],
+            "per_class": per_class, "cv": {f: cv[f] for f in ("k", "pooling", "folds", "train_seconds")},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def check_backbone_weights(cfg: DetectorConfig, *, nc: int) -> None:

@@ -687,6 +687,83 @@ def summarize(stats: list[dict], region_classes: list[str]) -> dict:
     }
 
 
+def _mask_rows(manifest: pd.DataFrame, source: BoxSource) -> pd.DataFrame:
+    """The manifest's ``image_id``, ``path``, ``label``, ``split``, sorted by ``image_id``; for the
+    ``labels`` source every label file is read here, so that its defects stop the stage before any
+    shard is computed.
+
+    Raises:
+        ValueError: The manifest repeats an image_id; ``unlabelled="error"`` and an image without
+            a label file.
+        LabelError: A bad label line, no label file matching any image, a VOC ``<size>`` unlike
+            its photo (as :func:`build_mask_set`).
+    """
+    rows = manifest[["image_id", "path", "label", "split"]].astype({"image_id": str, "path": str, "split": str})
+    rows = rows.sort_values("image_id", ignore_index=True)
+    if rows["image_id"].duplicated().any():
+        raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
+    if isinstance(source, LabelBoxes):  # bad label lines, missing files, wrong VOC sizes fail here, clearly
+        if (hint := label_layout_hint(dict(source.label_files), rows["image_id"].tolist())) is not None:
+            raise LabelError(hint)  # no file matches any image: a layout error, whatever the policy
+        check_voc_sizes(dict(source.label_files), dict(zip(rows["image_id"], rows["path"])))
+        source.boxes(rows["image_id"].tolist())
+    return rows
+
+
+def _pending_shards(fs, set_dir: str, parts: dict[int, pd.DataFrame]) -> list[int]:
+    """The shard indices of ``parts`` without a finished shard in ``set_dir``; a shard file there
+    that is unreadable or holds other images than planned is deleted."""
+    pending = []
+    for i, part in parts.items():
+        path = f"{set_dir}/{shard_name(i)}"
+        if _finished(fs, path, part["image_id"].tolist()) is None:
+            pending.append(i)
+            if fs_exists(fs, path):  # unreadable, or not its planned images: never a finished shard
+                try:
+                    fs.delete_file(path)
+                except FileNotFoundError:
+                    pass
+    return pending
+
+
+def _compute_shards(pending: list[int], parts: dict[int, pd.DataFrame], *, writer: dict,
+                    cfg: MasksConfig, executor: Literal["ray", "local"]) -> list[dict]:
+    """Write the ``pending`` shards with :class:`ShardWriter` (``writer`` its arguments), in this
+    process or on a Ray Data actor pool (:func:`_run_ray`); returns one result row per shard.
+
+    Raises:
+        RuntimeError: The Ray Data job failed (as :func:`build_mask_set`).
+    """
+    items = [{"shard": i, **{c: parts[i][c].tolist() for c in ("image_id", "path", "label", "split")}}
+             for i in pending]
+    if not items:
+        return []
+    if executor == "local":
+        return ShardWriter(**writer)(pd.DataFrame(items)).to_dict("records")
+    return _run_ray(items, writer, cfg)
+
+
+def _raise_if_corrupt(results: list[dict], *, fs, set_dir: str, set_location: str,
+                      cfg: MasksConfig) -> None:
+    """Under ``corrupt_images="error"``, stop when a shard recorded an image that cannot be decoded.
+
+    Raises:
+        ImageError: Naming up to five such images and how many more; the finished shards are kept
+            for a rerun (:func:`_abandon`, which deletes a set folder without any).
+    """
+    corrupt = [m for r in results for m in json.loads(r["corrupt"])]
+    if corrupt and cfg.corrupt_images == "error":
+        kept = _abandon(fs, set_dir)
+        raise ImageError(
+            f"{len(corrupt)} image(s) cannot be decoded: {'; '.join(corrupt[:5])}"
+            + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+            + ". Remove or replace them, or set masks.corrupt_images: record to record them in the mask set and "
+            "train without them"
+            + (f". The {kept} finished shard(s) in {set_location} are reused when the manifest is unchanged "
+               f"(images replaced under the same names)" if kept else "")
+        )
+
+
 def build_mask_set(
     *,
     manifest: pd.DataFrame,
@@ -736,54 +813,18 @@ def build_mask_set(
     if fs_exists(fs, f"{set_dir}/{METADATA}") and _intact(fs, set_dir, set_location):
         log.info("mask set %s is complete; skipping", set_location)
         return set_location
-    rows = manifest[["image_id", "path", "label", "split"]].astype({"image_id": str, "path": str, "split": str})
-    rows = rows.sort_values("image_id", ignore_index=True)
-    if rows["image_id"].duplicated().any():
-        raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
-    if isinstance(source, LabelBoxes):  # bad label lines, missing files, wrong VOC sizes fail here, clearly
-        if (hint := label_layout_hint(dict(source.label_files), rows["image_id"].tolist())) is not None:
-            raise LabelError(hint)  # no file matches any image: a layout error, whatever the policy
-        check_voc_sizes(dict(source.label_files), dict(zip(rows["image_id"], rows["path"])))
-        source.boxes(rows["image_id"].tolist())
-
+    rows = _mask_rows(manifest, source)
     fs.create_dir(set_dir, recursive=True)
     _clean_temporaries(fs, set_dir, published=False)
     plan = _plan(fs, set_dir, set_id=set_id, n_rows=len(rows), rows_per_shard=cfg.rows_per_shard)
     step = plan["rows_per_shard"]
     parts = {i: rows.iloc[i * step : (i + 1) * step] for i in range(plan["n_shards"])}
-    pending = []
-    for i, part in parts.items():
-        path = f"{set_dir}/{shard_name(i)}"
-        if _finished(fs, path, part["image_id"].tolist()) is None:
-            pending.append(i)
-            if fs_exists(fs, path):  # unreadable, or not its planned images: never a finished shard
-                try:
-                    fs.delete_file(path)
-                except FileNotFoundError:
-                    pass
+    pending = _pending_shards(fs, set_dir, parts)
     log.info("mask set %s: %d of %d shards to compute", set_id, len(pending), len(parts))
-    items = [{"shard": i, **{c: parts[i][c].tolist() for c in ("image_id", "path", "label", "split")}}
-             for i in pending]
     writer = {"source": source, "set_location": set_location, "num_classes": k, "resolution": cfg.resolution,
               "corrupt_images": cfg.corrupt_images}
-    if not items:
-        results = []
-    elif executor == "local":
-        results = ShardWriter(**writer)(pd.DataFrame(items)).to_dict("records")
-    else:
-        results = _run_ray(items, writer, cfg)
-
-    corrupt = [m for r in results for m in json.loads(r["corrupt"])]
-    if corrupt and cfg.corrupt_images == "error":
-        kept = _abandon(fs, set_dir)
-        raise ImageError(
-            f"{len(corrupt)} image(s) cannot be decoded: {'; '.join(corrupt[:5])}"
-            + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
-            + ". Remove or replace them, or set masks.corrupt_images: record to record them in the mask set and "
-            "train without them"
-            + (f". The {kept} finished shard(s) in {set_location} are reused when the manifest is unchanged "
-               f"(images replaced under the same names)" if kept else "")
-        )
+    results = _compute_shards(pending, parts, writer=writer, cfg=cfg, executor=executor)
+    _raise_if_corrupt(results, fs=fs, set_dir=set_dir, set_location=set_location, cfg=cfg)
     return _publish(fs, set_dir, set_location, parts=parts, metadata={
         "set_id": set_id,
         "source": source.kind,

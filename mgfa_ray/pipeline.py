@@ -44,13 +44,14 @@ from .config import (
 )
 from .detector import check_backbone_weights, train_detector
 from .errors import RunInterrupted, StageError
+from .export import export_search
 from .io import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
 from .model import WeightsError
 from .regions import LabelError, index_labels, label_layout_hint, select_annotated
-from .search import create_search, export_search, run_search
+from .search import create_search, run_search
 from .search_space import SearchSpace, load_search_space
 
 

@@ -245,6 +245,21 @@ def parse_voc_file(
     root = _read_xml(path)
     if root.tag != "annotation":
         raise LabelError(f"{path}:{root.line}: root element must be <annotation>, got <{root.tag}>")
+    dims = _voc_image_size(path, root)
+    boxes = []
+    for obj in (c for c in root.children if c.tag == "object"):
+        box = _voc_box(path, obj, dims=dims, classes=classes, unknown_class=unknown_class)
+        if box is not None:
+            boxes.append(box)
+    return boxes
+
+
+def _voc_image_size(path: Path, root: _Element) -> dict[str, float]:
+    """``{"width", "height"}`` of the image, in pixels, from the ``<size>`` of a VOC ``<annotation>``.
+
+    Raises:
+        LabelError: ``<size>``, ``<width>`` or ``<height>`` is missing, non-numeric or not positive.
+    """
     size = _need(path, root, "size")
     dims = {}
     for tag in ("width", "height"):
@@ -252,42 +267,51 @@ def parse_voc_file(
         dims[tag] = _number(path, el, "image")
         if dims[tag] <= 0:
             raise LabelError(f"{path}:{el.line}: image <{tag}> must be positive, got {el.text.strip()!r}")
+    return dims
+
+
+def _voc_box(path: Path, obj: _Element, *, dims: dict[str, float], classes: list[str],
+             unknown_class: Literal["error", "skip"]) -> Box | None:
+    """One VOC ``<object>`` as a normalised :class:`Box` (conversion in :func:`parse_voc_file`);
+    ``None`` when its class is unknown and ``unknown_class`` is ``skip`` (a ``UserWarning`` names
+    file:line, attributed to the caller of :func:`parse_voc_file`).
+
+    Raises:
+        LabelError: As :func:`parse_voc_file`, for this object.
+    """
+    name_el = _need(path, obj, "name")
+    name = name_el.text.strip()
+    if not name:
+        raise LabelError(f"{path}:{name_el.line}: <object> has an empty <name>")
+    bnd = _need(path, obj, "bndbox")
+    els = {k: _need(path, bnd, k) for k in ("xmin", "ymin", "xmax", "ymax")}
+    xy = {k: _number(path, el, "box coordinate") for k, el in els.items()}
+    if name not in classes:
+        msg = f"{path}:{name_el.line}: unknown region class {name!r}; allowed {classes}"
+        if unknown_class == "skip":
+            warnings.warn(msg + " (object skipped)", stacklevel=3)  # the caller of parse_voc_file
+            return None
+        raise LabelError(msg)
     img_w, img_h = dims["width"], dims["height"]
-    boxes = []
-    for obj in (c for c in root.children if c.tag == "object"):
-        name_el = _need(path, obj, "name")
-        name = name_el.text.strip()
-        if not name:
-            raise LabelError(f"{path}:{name_el.line}: <object> has an empty <name>")
-        bnd = _need(path, obj, "bndbox")
-        els = {k: _need(path, bnd, k) for k in ("xmin", "ymin", "xmax", "ymax")}
-        xy = {k: _number(path, el, "box coordinate") for k, el in els.items()}
-        if name not in classes:
-            msg = f"{path}:{name_el.line}: unknown region class {name!r}; allowed {classes}"
-            if unknown_class == "skip":
-                warnings.warn(msg + " (object skipped)", stacklevel=2)
-                continue
-            raise LabelError(msg)
-        for k, limit, dim in (("xmin", img_w, "width"), ("xmax", img_w, "width"),
-                              ("ymin", img_h, "height"), ("ymax", img_h, "height")):
-            if not 0.0 <= xy[k] <= limit:
-                raise LabelError(
-                    f"{path}:{els[k].line}: box lies outside the image: {k}={els[k].text.strip()} not in "
-                    f"[0, {dims[dim]:g}] (image {dim} in pixels)"
-                )
-        xmin, ymin, xmax, ymax = xy["xmin"], xy["ymin"], xy["xmax"], xy["ymax"]
-        if xmin >= xmax or ymin >= ymax:
+    for k, limit, dim in (("xmin", img_w, "width"), ("xmax", img_w, "width"),
+                          ("ymin", img_h, "height"), ("ymax", img_h, "height")):
+        if not 0.0 <= xy[k] <= limit:
             raise LabelError(
-                f"{path}:{bnd.line}: zero-size box (xmin={xmin:g}, xmax={xmax:g}, ymin={ymin:g}, ymax={ymax:g}); "
-                "need xmin < xmax and ymin < ymax"
+                f"{path}:{els[k].line}: box lies outside the image: {k}={els[k].text.strip()} not in "
+                f"[0, {dims[dim]:g}] (image {dim} in pixels)"
             )
-        where = f"{path}:{bnd.line}"
-        cx = _to_unit(((xmin + xmax) / 2.0 - 1.0) / img_w, "cx", where)
-        cy = _to_unit(((ymin + ymax) / 2.0 - 1.0) / img_h, "cy", where)
-        w = _to_unit((xmax - xmin) / img_w, "w", where)
-        h = _to_unit((ymax - ymin) / img_h, "h", where)
-        boxes.append(Box(classes.index(name), cx, cy, w, h))
-    return boxes
+    xmin, ymin, xmax, ymax = xy["xmin"], xy["ymin"], xy["xmax"], xy["ymax"]
+    if xmin >= xmax or ymin >= ymax:
+        raise LabelError(
+            f"{path}:{bnd.line}: zero-size box (xmin={xmin:g}, xmax={xmax:g}, ymin={ymin:g}, ymax={ymax:g}); "
+            "need xmin < xmax and ymin < ymax"
+        )
+    where = f"{path}:{bnd.line}"
+    cx = _to_unit(((xmin + xmax) / 2.0 - 1.0) / img_w, "cx", where)
+    cy = _to_unit(((ymin + ymax) / 2.0 - 1.0) / img_h, "cy", where)
+    w = _to_unit((xmax - xmin) / img_w, "w", where)
+    h = _to_unit((ymax - ymin) / img_h, "h", where)
+    return Box(classes.index(name), cx, cy, w, h)
 
 
 def parse_label_file(

@@ -16,7 +16,7 @@ object-store URI)::
 * :func:`tune_trainable` is the thin Ray wrapper of one trial: it validates the config, resumes
   from Ray's checkpoint, and reports every epoch's metrics with a checkpoint.
 * :func:`create_search` writes ``search.json``; :func:`run_search` runs (or resumes, or extends)
-  it; :func:`export_search` writes what users take away. A search directory is relocatable: it
+  it; :func:`mgfa_ray.export.export_search` writes what users take away. A search directory is relocatable: it
   refers to itself (and to its job's outputs) by relative paths only (:data:`PATH_FIELDS`), and
   a run stopped by Ctrl-C raises :class:`~mgfa_ray.errors.RunInterrupted` instead of exporting.
   The Optuna study is the record of every trial's state and value (kept in step with Ray by
@@ -25,7 +25,6 @@ object-store URI)::
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -37,12 +36,9 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from .config import ConfigError, SearchConfig, StudySource, TrainConfig, TrainParams, _Frozen, to_dict, validate
+from .config import ConfigError, SearchConfig, StudySource, TrainConfig, _Frozen, to_dict, validate
 from .io import (
     atomic_filesystem,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_yaml,
     fs_exists,
     fs_read,
     fs_write_atomic,
@@ -53,7 +49,7 @@ from .io import (
     resolve_location,
 )
 from .lock import DirectoryLock
-from .search_space import SearchSpace, define_by_run, trial_params
+from .search_space import SearchSpace, trial_params
 from .trial import load_checkpoint, run_trial
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -133,7 +129,8 @@ class SearchRecord(_Frozen):
         trial_base: The config every trial starts from (absolute data paths).
         export_base: The same with paths as the user gave them (what ``best_config.yaml`` holds).
         cache_dir: Decoded-image cache of the trials.
-        export_dir: Where :func:`export_search` writes by default (``<search dir>/export`` if None).
+        export_dir: Where :func:`mgfa_ray.export.export_search` writes by default (``<search dir>/export``
+            if None).
         study: The Optuna study.
         runs: The Ray experiments so far, in order.
         dir_relative: The :data:`PATH_FIELDS` that ``search.json`` holds relative to the search
@@ -249,21 +246,6 @@ def _write_target(search_dir: str, target: str | None) -> str | None:
     return target if inside or Path(target).is_dir() else None
 
 
-def default_export_dir(search_dir: str) -> Path:
-    """Where ``mgfa-ray search resume|export`` writes unless told: the job's export directory
-    recorded with the search (when it exists where the record now points), else
-    ``<search dir>/export``; for a search on an object store ``outputs/search_exports/<name>``."""
-    from .io import safe_stem
-
-    record = read_record(search_dir)
-    recorded = _write_target(search_dir, record.export_dir)
-    if recorded:
-        return Path(recorded)
-    if is_uri(search_dir):
-        return Path("outputs") / "search_exports" / safe_stem(search_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
-    return Path(search_dir) / "export"
-
-
 def create_search(
     *,
     name: str,
@@ -304,13 +286,7 @@ def create_search(
     search_dir = location_join(storage_path, name) if is_uri(storage_path) else str(Path(storage_path).resolve() / name)
     cache_dir = str(Path(cache_dir).resolve()) if cache_dir and not is_uri(cache_dir) else cache_dir
     epochs = max_epochs or space.scheduler.max_epochs
-    if search.study_storage:
-        study_storage = search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
-    elif is_uri(storage_path):
-        raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
-                          "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
-    else:
-        study_storage = str(Path(search_dir) / "optuna.journal")
+    study_storage = _study_storage(search, storage_path=storage_path, search_dir=search_dir)
     record = SearchRecord(
         name=name, space_file=str(space_file), space=space, search=search, max_epochs=epochs,
         trial_base=trial_base(base, search=search, epochs=epochs),
@@ -320,29 +296,68 @@ def create_search(
         study=StudySource(storage=study_storage, study_name=name),
         runs=[RunRecord(name="run-0", num_samples=search.num_samples)],
     )
+    if _same_search_exists(search_dir, record):
+        return search_dir
+    _start_study(record, cache_dir=cache_dir)
+    _write_record(search_dir, record)
+    return search_dir
+
+
+def _study_storage(search: SearchConfig, *, storage_path: str, search_dir: str) -> str:
+    """The Optuna storage of a new search: ``search.study_storage`` (a path made absolute, an RDB
+    URL as is), else the journal ``<search_dir>/optuna.journal``.
+
+    Raises:
+        ConfigError: ``storage_path`` is an object store and ``search.study_storage`` is not set.
+    """
+    if search.study_storage:
+        return search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
+    if is_uri(storage_path):
+        raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
+                          "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
+    return str(Path(search_dir) / "optuna.journal")
+
+
+def _same_search_exists(search_dir: str, record: SearchRecord) -> bool:
+    """Whether ``search_dir`` holds a search with ``record``'s settings (runs aside), to be reused.
+    One with other settings is removed (:func:`_discard_search`, under the search lock) when none of
+    its trials reported an epoch; then, as with no search there, the answer is ``False``.
+
+    Raises:
+        ConfigError: The search there has other settings and trials that reported results (the
+            message lists each differing field, old and new value, and the choices).
+        LockedError: A live driver runs the search there.
+    """
     try:
         existing = read_record(search_dir)
     except ConfigError:
-        existing = None
-    if existing is not None:
-        differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
-                              record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
-        if not differ:
-            return search_dir
-        with DirectoryLock(search_dir, what="search"):  # never under a driver that runs it
-            results = _trials_with_results(existing)
-            if results:
-                shown = redact_location(search_dir)
-                raise ConfigError(
-                    f"{shown}: a search of this name exists, with {results} trial(s) that reported results, and "
-                    f"other settings: {'; '.join(differ)}. Keep it: restore the old values (then a rerun resumes it; "
-                    f"`mgfa-ray search resume {shown} --more-trials N` extends it); or start a new search: give the "
-                    "job another name, output_dir or search.storage_path")
-            print(f"search {redact_location(search_dir)}: no trial reported an epoch, so it is replaced by the new "
-                  f"settings ({'; '.join(differ)})", flush=True)
-            _discard_search(search_dir, existing)
+        return False
+    differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
+                          record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
+    if not differ:
+        return True
+    with DirectoryLock(search_dir, what="search"):  # never under a driver that runs it
+        results = _trials_with_results(existing)
+        if results:
+            shown = redact_location(search_dir)
+            raise ConfigError(
+                f"{shown}: a search of this name exists, with {results} trial(s) that reported results, and "
+                f"other settings: {'; '.join(differ)}. Keep it: restore the old values (then a rerun resumes it; "
+                f"`mgfa-ray search resume {shown} --more-trials N` extends it); or start a new search: give the "
+                "job another name, output_dir or search.storage_path")
+        print(f"search {redact_location(search_dir)}: no trial reported an epoch, so it is replaced by the new "
+              f"settings ({'; '.join(differ)})", flush=True)
+        _discard_search(search_dir, existing)
+    return False
+
+
+def _start_study(record: SearchRecord, *, cache_dir: str | None) -> None:
+    """Create the decoded-image cache directory (local ``cache_dir``) and the search's Optuna study
+    (or open it when it exists), and copy the warm-start study's finished trials into a study
+    without trials (``record.search.warm_start``)."""
     from .study import StudyRef, copy_trials
 
+    search = record.search
     if cache_dir and not is_uri(cache_dir):
         Path(cache_dir).mkdir(parents=True, exist_ok=True)  # exists: the trials may write it (_write_target)
     study = StudyRef(record.study.storage, record.study.study_name).load(create=True)
@@ -350,8 +365,6 @@ def create_search(
         copied = copy_trials(StudyRef(search.warm_start.storage, search.warm_start.study_name), study)
         print(f"warm start: {copied} trials from {search.warm_start.study_name!r} in {search.warm_start.storage}",
               flush=True)
-    _write_record(search_dir, record)
-    return search_dir
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -625,127 +638,19 @@ def ray_trials(search_dir: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
-    """Write what users take away from a search; return its summary.
+#: Names that moved to :mod:`mgfa_ray.export` and are still importable from here (``mgfa_ray.cli``
+#: imports them from this module). Served lazily by :func:`__getattr__`: export imports this module.
+_MOVED_TO_EXPORT = ("export_search", "default_export_dir")
 
-    Writes to ``out_dir``:
 
-    * ``best_config.yaml`` — the best trial's full :class:`~mgfa_ray.config.TrainConfig`, which
-      ``mgfa-ray train --config`` accepts as is;
-    * ``best_checkpoint/checkpoint.pt`` — the best trial's last checkpoint;
-    * ``trials.parquet`` / ``trials.csv`` — one row per trial: Ray id, run, Optuna number, state
-      (COMPLETE / PRUNED / FAIL, from the study), Ray status, epochs run, the metric's last and
-      best value, test top-1, wall time, checkpoint, parameters;
-    * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric and the
-      worker it ran in (``setup_seconds``, ``worker_pid``, ``worker_trial``, its memory);
-    * ``trial_curves.png``, ``optimization_history.png``, ``param_importances.png``,
-      ``parallel_coordinate.png`` — every trial, pruned ones included (:mod:`mgfa_ray.plots`);
-    * ``summary.json``.
-
-    The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
-    trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
+def __getattr__(name: str) -> Any:
+    """``mgfa_ray.search.<name>`` for the names of :data:`_MOVED_TO_EXPORT` (PEP 562).
 
     Raises:
-        RuntimeError: No trial is COMPLETE (the message counts the trials' states).
+        AttributeError: Any other name this module does not define.
     """
-    import optuna
-    from optuna.trial import TrialState
+    if name in _MOVED_TO_EXPORT:
+        from . import export
 
-    from .study import StudyRef, best_trial, search_trials
-
-    record = read_record(search_dir)
-    metric = record.search.metric
-    study = StudyRef(record.study.storage, record.study.study_name).load()
-    trials = {t.user_attrs["ray_trial_id"]: t for t in search_trials(study)}
-    ray = ray_trials(search_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    param_names = list(TrainParams.model_fields)
-    rows, epochs = [], []
-    for r in ray.to_dict("records"):
-        t = trials.get(r["trial"])
-        history = r["history"]
-        params = trial_params(r["config"])
-        row = {
-            "trial": r["trial"], "run": r["run"], "optuna_trial": t.number if t else r["optuna_trial"],
-            "state": t.state.name if t else "UNKNOWN", "ray_status": r["ray_status"], "epochs_run": r["epochs_run"],
-            metric: t.value if t and t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
-            f"best_{metric}": float(history[metric].max()) if history is not None and len(history) else None,
-            "test_top1": float(history["test_top1"].iloc[-1]) if history is not None and "test_top1" in history else None,
-            "wall_seconds": r["wall_seconds"], "checkpoint": r["checkpoint"],
-        }
-        row.update({k: v for k, v in params.items() if k in param_names})
-        rows.append(row)
-        if history is not None and len(history):
-            keep = [c for c in history.columns if c.startswith(("train_", "eval_", "test_")) or c in
-                    ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s", "setup_seconds",
-                     "worker_pid", "worker_trial", "worker_rss_mb", "worker_cuda_allocated_mb")]
-            epochs.append(history[keep].assign(trial=r["trial"]))
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(["run", "optuna_trial"], ignore_index=True)
-    _write_table(table, out / "trials")
-    if epochs:
-        _write_table(pd.concat(epochs, ignore_index=True), out / "trial_epochs")
-
-    best = best_trial(study)
-    if best is None:
-        counts = table["state"].value_counts().to_dict() if len(table) else {}
-        raise RuntimeError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
-                           f"(states: {counts}); see {out / 'trials.csv'}")
-    best_rid = best.user_attrs["ray_trial_id"]
-    best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None
-    space = record.space
-    params = {**{k: v for k, v in best.params.items() if "/" not in k},
-              **define_by_run(optuna.trial.FixedTrial(best.params), space=space)}
-    best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
-    atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
-    best_ckpt = None
-    if best_row is not None and best_row["checkpoint"]:
-        best_ckpt = _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
-    from .plots import write_search_plots
-    from .status import rung_epochs
-
-    sched = record.space.scheduler
-    write_search_plots(search_trials(study), table, pd.concat(epochs, ignore_index=True) if epochs else None,
-                       metric=metric, out=out, milestones=rung_epochs(record.max_epochs, sched.grace_period,
-                                                                      sched.reduction_factor, sched.early_stopping))
-    states = table["state"].value_counts().to_dict()
-    summary = {
-        "search_dir": search_dir,
-        "study": record.study.model_dump(),
-        "runs": [r.model_dump() for r in record.runs],
-        "num_trials": len(table),
-        "states": {k: int(v) for k, v in states.items()},
-        "best_trial": best_rid,
-        "best_optuna_trial": best.number,
-        f"best_{metric}": best.value,
-        "best_test_top1": float(best_row["history"]["test_top1"].iloc[-1])
-        if best_row is not None and "test_top1" in best_row["history"] else None,
-        "best_checkpoint": str(best_ckpt) if best_ckpt else None,
-        "total_trial_epochs": int(table["epochs_run"].sum()),
-        "tensorboard_logdir": location_join(search_dir, "runs"),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
-
-
-def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
-    """Copy a trial checkpoint directory to ``dest``: copied in full beside it first, then swapped in."""
-    import shutil
-
-    import pyarrow.fs as pafs
-
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".best_checkpoint-"))
-    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
-
-
-def _write_table(df: pd.DataFrame, stem: Path) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
-    atomic_write_bytes(stem.with_suffix(".csv"), df.to_csv(index=False).encode())
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

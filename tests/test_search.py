@@ -8,7 +8,8 @@ import yaml
 from optuna.trial import TrialState
 
 from mgfa_ray.config import ConfigError, SearchConfig, TrainConfig, load_config
-from mgfa_ray.search import create_search, export_search, ray_trials, read_record, run_search
+from mgfa_ray.export import export_search
+from mgfa_ray.search import create_search, ray_trials, read_record, run_search
 from mgfa_ray.search_space import load_search_space
 from mgfa_ray.study import StudyRef, best_trial, search_trials
 from mgfa_ray.trial import load_checkpoint, run_trial

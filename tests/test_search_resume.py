@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from mgfa_ray.search import export_search, ray_trials, read_record
+from mgfa_ray.export import export_search
+from mgfa_ray.search import ray_trials, read_record
 from mgfa_ray.study import StudyRef, best_trial, search_trials
 
 DRIVER = Path(__file__).with_name("search_driver.py")

@@ -95,7 +95,7 @@ def test_export_plots_every_trial_pruned_included(watched_search, tmp_path):
 
     matplotlib.use("Agg")
     from mgfa_ray import plots
-    from mgfa_ray.search import export_search
+    from mgfa_ray.export import export_search
 
     search_dir, _ = watched_search
     export_search(search_dir, tmp_path)

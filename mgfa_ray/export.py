@@ -1,0 +1,226 @@
+"""The export of a search (the end of stage 6): what users take away from :mod:`mgfa_ray.search`.
+
+:func:`export_search` writes, in named steps:
+
+1. :func:`_trial_tables` reads every trial (Ray's folders via :func:`mgfa_ray.search.ray_trials`,
+   states and values from the Optuna study) into the ``trials`` and ``trial_epochs`` tables, which
+   are written first, so that a search with no COMPLETE trial still leaves them to look at;
+2. :func:`_choose_best` picks the best trial (:func:`mgfa_ray.study.best_trial`);
+3. :func:`_write_best` writes its config and copies its checkpoint;
+4. :func:`_write_plots` draws every trial (:mod:`mgfa_ray.plots`);
+5. :func:`_summary` is written last as ``summary.json``.
+
+:func:`default_export_dir` says where ``mgfa-ray search resume|export`` writes unless told.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import TrainConfig, TrainParams, to_dict, validate
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join
+from .search import SearchRecord, _write_target, ray_trials, read_record
+from .search_space import define_by_run, trial_params
+
+#: The per-epoch columns of ``trial_epochs`` besides every ``train_*``, ``eval_*`` and ``test_*`` metric.
+EPOCH_COLUMNS = ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s", "setup_seconds",
+                 "worker_pid", "worker_trial", "worker_rss_mb", "worker_cuda_allocated_mb")
+
+
+def default_export_dir(search_dir: str) -> Path:
+    """Where ``mgfa-ray search resume|export`` writes unless told: the job's export directory
+    recorded with the search (when it exists where the record now points), else
+    ``<search dir>/export``; for a search on an object store ``outputs/search_exports/<name>``.
+
+    Raises:
+        ConfigError: No search in ``search_dir`` (or its ``search.json`` is invalid).
+    """
+    from .io import safe_stem
+
+    record = read_record(search_dir)
+    recorded = _write_target(search_dir, record.export_dir)
+    if recorded:
+        return Path(recorded)
+    if is_uri(search_dir):
+        return Path("outputs") / "search_exports" / safe_stem(search_dir.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    return Path(search_dir) / "export"
+
+
+def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
+    """Write what users take away from a search; return its summary.
+
+    Writes to ``out_dir``:
+
+    * ``best_config.yaml`` — the best trial's full :class:`~mgfa_ray.config.TrainConfig`, which
+      ``mgfa-ray train --config`` accepts as is;
+    * ``best_checkpoint/checkpoint.pt`` — the best trial's last checkpoint;
+    * ``trials.parquet`` / ``trials.csv`` — one row per trial: Ray id, run, Optuna number, state
+      (COMPLETE / PRUNED / FAIL, from the study), Ray status, epochs run, the metric's last and
+      best value, test top-1, wall time, checkpoint, parameters;
+    * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric and the
+      worker it ran in (``setup_seconds``, ``worker_pid``, ``worker_trial``, its memory);
+    * ``trial_curves.png``, ``optimization_history.png``, ``param_importances.png``,
+      ``parallel_coordinate.png`` — every trial, pruned ones included (:mod:`mgfa_ray.plots`);
+    * ``summary.json``.
+
+    The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
+    trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
+
+    Raises:
+        RuntimeError: No trial is COMPLETE (the message counts the trials' states).
+    """
+    from .study import StudyRef
+
+    record = read_record(search_dir)
+    study = StudyRef(record.study.storage, record.study.study_name).load()
+    ray = ray_trials(search_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table, epochs = _trial_tables(ray, study, metric=record.search.metric)
+    _write_table(table, out / "trials")
+    if epochs is not None:
+        _write_table(epochs, out / "trial_epochs")
+    best, best_row = _choose_best(study, ray, table, search_dir=search_dir, record=record, out=out)
+    best_ckpt = _write_best(record, best, best_row, out)
+    _write_plots(study, table, epochs, record=record, out=out)
+    summary = _summary(search_dir, record, table, best, best_row, best_ckpt)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _trial_tables(ray: pd.DataFrame, study, *, metric: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Step 1 (read): the ``trials`` table (one row per Ray trial, sorted by run and Optuna number)
+    and the ``trial_epochs`` table (one row per trial and epoch; ``None`` when no trial reported an
+    epoch). ``ray`` is :func:`~mgfa_ray.search.ray_trials`; states and values come from ``study``."""
+    from .study import search_trials
+
+    trials = {t.user_attrs["ray_trial_id"]: t for t in search_trials(study)}
+    param_names = list(TrainParams.model_fields)
+    rows, epochs = [], []
+    for r in ray.to_dict("records"):
+        rows.append(_trial_row(r, trials.get(r["trial"]), metric=metric, param_names=param_names))
+        history = r["history"]
+        if history is not None and len(history):
+            keep = [c for c in history.columns if c.startswith(("train_", "eval_", "test_")) or c in EPOCH_COLUMNS]
+            epochs.append(history[keep].assign(trial=r["trial"]))
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(["run", "optuna_trial"], ignore_index=True)
+    return table, pd.concat(epochs, ignore_index=True) if epochs else None
+
+
+def _trial_row(r: dict[str, Any], t, *, metric: str, param_names: list[str]) -> dict[str, Any]:
+    """One row of ``trials``: the Ray trial ``r`` (a :func:`~mgfa_ray.search.ray_trials` record)
+    with its Optuna trial ``t`` (``None`` when the study has none: state ``UNKNOWN``)."""
+    from optuna.trial import TrialState
+
+    history = r["history"]
+    row = {
+        "trial": r["trial"], "run": r["run"], "optuna_trial": t.number if t else r["optuna_trial"],
+        "state": t.state.name if t else "UNKNOWN", "ray_status": r["ray_status"], "epochs_run": r["epochs_run"],
+        metric: t.value if t and t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+        f"best_{metric}": float(history[metric].max()) if history is not None and len(history) else None,
+        "test_top1": float(history["test_top1"].iloc[-1]) if history is not None and "test_top1" in history else None,
+        "wall_seconds": r["wall_seconds"], "checkpoint": r["checkpoint"],
+    }
+    row.update({k: v for k, v in trial_params(r["config"]).items() if k in param_names})
+    return row
+
+
+def _choose_best(study, ray: pd.DataFrame, table: pd.DataFrame, *, search_dir: str, record: SearchRecord,
+                 out: Path):
+    """Step 2 (choose): the best Optuna trial (:func:`mgfa_ray.study.best_trial`) and its row of
+    ``ray`` (``None`` when Ray's folders no longer hold it).
+
+    Raises:
+        RuntimeError: No trial is COMPLETE (the message counts the trials' states and names
+            ``trials.csv``).
+    """
+    from .study import best_trial
+
+    best = best_trial(study)
+    if best is None:
+        counts = table["state"].value_counts().to_dict() if len(table) else {}
+        raise RuntimeError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
+                           f"(states: {counts}); see {out / 'trials.csv'}")
+    best_rid = best.user_attrs["ray_trial_id"]
+    best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None
+    return best, best_row
+
+
+def _write_best(record: SearchRecord, best, best_row, out: Path) -> Path | None:
+    """Step 3 (best): write ``best_config.yaml`` (the record's ``export_base`` with the best
+    trial's parameters, validated) and copy its last checkpoint to ``best_checkpoint/``; returns
+    that directory, or ``None`` when the trial has no checkpoint."""
+    import optuna
+
+    params = {**{k: v for k, v in best.params.items() if "/" not in k},
+              **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)}
+    best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
+    atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
+    if best_row is not None and best_row["checkpoint"]:
+        return _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
+    return None
+
+
+def _write_plots(study, table: pd.DataFrame, epochs: pd.DataFrame | None, *, record: SearchRecord,
+                 out: Path) -> None:
+    """Step 4 (plots): every trial's curves and Optuna's plots into ``out`` (:mod:`mgfa_ray.plots`),
+    with the scheduler's rung epochs marked."""
+    from .plots import write_search_plots
+    from .status import rung_epochs
+    from .study import search_trials
+
+    sched = record.space.scheduler
+    write_search_plots(search_trials(study), table, epochs, metric=record.search.metric, out=out,
+                       milestones=rung_epochs(record.max_epochs, sched.grace_period, sched.reduction_factor,
+                                              sched.early_stopping))
+
+
+def _summary(search_dir: str, record: SearchRecord, table: pd.DataFrame, best, best_row,
+             best_ckpt: Path | None) -> dict[str, Any]:
+    """Step 5 (publish): the content of ``summary.json`` (what :func:`export_search` returns)."""
+    metric = record.search.metric
+    states = table["state"].value_counts().to_dict()
+    return {
+        "search_dir": search_dir,
+        "study": record.study.model_dump(),
+        "runs": [r.model_dump() for r in record.runs],
+        "num_trials": len(table),
+        "states": {k: int(v) for k, v in states.items()},
+        "best_trial": best.user_attrs["ray_trial_id"],
+        "best_optuna_trial": best.number,
+        f"best_{metric}": best.value,
+        "best_test_top1": float(best_row["history"]["test_top1"].iloc[-1])
+        if best_row is not None and "test_top1" in best_row["history"] else None,
+        "best_checkpoint": str(best_ckpt) if best_ckpt else None,
+        "total_trial_epochs": int(table["epochs_run"].sum()),
+        "tensorboard_logdir": location_join(search_dir, "runs"),
+    }
+
+
+def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
+    """Copy a trial checkpoint directory to ``dest``: copied in full beside it first, then swapped in."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".best_checkpoint-"))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _write_table(df: pd.DataFrame, stem: Path) -> None:
+    """Write ``df`` as ``<stem>.parquet`` and ``<stem>.csv`` (each atomically)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
+    atomic_write_bytes(stem.with_suffix(".csv"), df.to_csv(index=False).encode())
