@@ -196,12 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside Ray Tune's own handling (which ends in RunInterrupted)
         return _report(RunInterrupted("interrupted (Ctrl-C); run the same command again to continue where it "
                                       "stopped (`mgfa-ray train`: with --resume)"), RunInterrupted.exit_status)
-    # Not yet a UserError: library ValueErrors on bad values, RuntimeError when a stage produced
-    # nothing usable (e.g. every trial failed).
-    except ValueError as err:
-        return _report(err, 2)
-    except RuntimeError as err:
-        return _report(err, 1)
+    # Anything else (a ValueError from a library, CUDA out of memory, ...) is not the user's to
+    # mend in one line: it propagates with its traceback.
 
 
 def _report(err: BaseException, status: int) -> int:

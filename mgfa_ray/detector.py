@@ -99,6 +99,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, DetectorConfig
+from .errors import InputError
 from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
@@ -250,7 +251,7 @@ def _holdout_split(ids: list[str], groups: dict[str, str], fraction: float, seed
     for i in sorted(ids):
         by_group.setdefault(groups[i], []).append(i)
     if len(by_group) < 2:
-        raise ValueError(
+        raise InputError(
             f"{len(ids)} annotated image(s) in {len(by_group)} photo group(s): need at least 2 groups "
             f"to hold out at least one image and train on at least one"
         )
@@ -378,17 +379,17 @@ def prepare_annotated(*, manifest: pd.DataFrame, label_files: dict[str, Path], r
         LabelError: A label file has a bad line (message names ``file:line``).
     """
     if not region_classes:
-        raise ValueError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
+        raise InputError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
     ids = sorted(set(manifest["image_id"].astype(str)) & set(label_files))
     if not ids:
-        raise ValueError(
+        raise InputError(
             f"no manifest image has a label file ({len(manifest)} manifest images, "
             f"{len(label_files)} label files); check that label ids match manifest image_ids "
             f"(e.g. manifest {manifest['image_id'].iloc[0] if len(manifest) else None!r}, "
             f"labels {next(iter(sorted(label_files)), None)!r})"
         )
     if str(cfg.model).endswith(".pt") and not Path(cfg.model).expanduser().is_file():
-        raise ValueError(
+        raise InputError(
             f"detector model {cfg.model!r} is not a local file; offline, Ultralytics would try to "
             f"download it. Use a model YAML (e.g. 'yolo11n.yaml') or a path to an existing .pt file"
         )
@@ -401,7 +402,7 @@ def prepare_annotated(*, manifest: pd.DataFrame, label_files: dict[str, Path], r
     image_of = {i: Path(rows.at[i, "path"]).resolve() for i in ids}
     missing = [str(p) for p in image_of.values() if not p.is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
+        raise InputError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
     return Annotated(ids, used, boxes_of, groups, image_of, list(region_classes))
 
 
@@ -736,7 +737,7 @@ def weights_digest(weights: str | Path) -> str:
     ckpt = torch.load(Path(weights), map_location="cpu", weights_only=False)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is None:
-        raise ValueError(f"{weights} is not an Ultralytics checkpoint (no 'ema' or 'model' entry)")
+        raise InputError(f"{weights} is not an Ultralytics checkpoint (no 'ema' or 'model' entry)")
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -760,7 +761,7 @@ def load_detector(weights: Path, *, device: str = "cpu"):
     """
     weights = Path(weights)
     if not weights.is_file():
-        raise ValueError(f"detector weights {weights} do not exist; run the detector stage first")
+        raise InputError(f"detector weights {weights} do not exist; run the detector stage first")
     if device not in {"cpu", "cuda"}:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and _device() != "cuda":

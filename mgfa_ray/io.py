@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .errors import UserError
+from .errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def resolve_location(location: str | os.PathLike):
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise ValueError(f"cannot open storage location {redact_location(location)!r}: "
+        raise InputError(f"cannot open storage location {redact_location(location)!r}: "
                          f"{redact_text(str(err))}") from None
     return retrying_filesystem(fs), path
 
@@ -525,7 +525,7 @@ def storage_retry_s() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:  # also rejects nan
-        raise ValueError(f"{STORAGE_RETRY_ENV}={raw!r}: expected seconds >= 0")
+        raise InputError(f"{STORAGE_RETRY_ENV}={raw!r}: expected seconds >= 0")
     return value
 
 

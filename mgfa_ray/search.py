@@ -38,6 +38,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from .config import ConfigError, SearchConfig, StudySource, TrainConfig, TrainParams, _Frozen, to_dict, validate
+from .errors import InputError, StageError
 from .io import (
     atomic_filesystem,
     atomic_write_bytes,
@@ -437,7 +438,7 @@ def run_search(
     import ray
 
     if more_trials < 0:
-        raise ValueError(f"more_trials must be >= 0, got {more_trials}")
+        raise InputError(f"more_trials must be >= 0, got {more_trials}")
     read_record(search_dir)  # a clear error before anything starts
     with DirectoryLock(search_dir, what="search"):
         record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
@@ -569,7 +570,7 @@ def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path:
     """
     from ray.tune import ExperimentAnalysis
 
-    from .errors import RunInterrupted, StageError
+    from .errors import RunInterrupted
 
     run = record.runs[index]
     trials = ExperimentAnalysis(run_path, storage_filesystem=fs).trials
@@ -691,7 +692,7 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     best = best_trial(study)
     if best is None:
         counts = table["state"].value_counts().to_dict() if len(table) else {}
-        raise RuntimeError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
+        raise StageError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
                            f"(states: {counts}); see {out / 'trials.csv'}")
     best_rid = best.user_attrs["ray_trial_id"]
     best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None
