@@ -47,6 +47,7 @@ import yaml
 
 from .config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
 from .errors import RunInterrupted, UserError, debug_enabled
+from .runtime import configure
 
 
 def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -187,6 +188,7 @@ def _default_export_dir(search_dir: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mgfa-ray`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    configure()  # Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
     if args.debug:
         os.environ["MGFA_DEBUG"] = "1"  # also seen by Ray workers started from here
     try:

@@ -64,14 +64,19 @@ ids and per-fold metrics, train seconds); ``train_seconds`` is the refit's. With
   ``cuda``.
 * ``created`` — ISO 8601 UTC time the file was written.
 
-Offline operation. Importing this module sets, unless already set, ``YOLO_OFFLINE=1`` (no
-connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false`` (no ``pip install`` of
-missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory (Ultralytics' settings
-file and font cache stay out of the repository and out of ``~/.config``). Ultralytics reads these
-when it is first imported, so import this module before ``ultralytics``. In that private settings
-file telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) are switched off
-and ``runs_dir``/``weights_dir``/``datasets_dir`` point into it (Ultralytics' defaults derive from
-the git root of its own install — this repository when the virtualenv lives inside it).
+Offline operation. Importing this module changes nothing. Every function here that imports
+Ultralytics first calls :func:`mgfa_ray.runtime.configure`, which sets, unless already set,
+``YOLO_OFFLINE=1`` (no connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false``
+(no ``pip install`` of missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory
+(Ultralytics' settings file and font cache stay out of the repository and out of
+``~/.config``). Ultralytics reads these when it is first imported, so code that imports
+``ultralytics`` itself calls ``configure()`` first (the ``mgfa-ray`` command line, the Ray trainable
+and the mask actors do; an earlier import is logged as a warning). While Ultralytics trains,
+evaluates, loads or predicts here (:func:`_private_settings`), its settings in that private
+directory have telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) switched
+off and ``runs_dir``/``weights_dir``/``datasets_dir`` pointing into it (Ultralytics' defaults
+derive from the git root of its own install — this repository when the virtualenv lives inside
+it); they are changed in memory only, never in the settings file, and restored afterwards.
 Training and evaluation pass ``plots=False`` and absolute ``project=`` paths (a relative one
 resolves under ``runs_dir``, or under pytest under ``site-packages/tests/tmp/runs``); training
 passes ``amp=False`` (on a GPU the AMP check downloads ``yolo26n.pt`` into ``weights_dir``);
@@ -89,6 +94,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,10 +105,11 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, DetectorConfig
-from .errors import InputError
 from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
+from .errors import InputError
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
+from .runtime import YOLO_ENV_DEFAULTS, configure
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +119,6 @@ RECIPE_VERSION = 1
 METRICS = "metrics.json"
 WEIGHTS = "weights.pt"
 
-# Ultralytics reads these once, at its first import (``ultralytics.utils``).
-_ENV_DEFAULTS = {
-    "YOLO_OFFLINE": "1",
-    "YOLO_AUTOINSTALL": "false",
-    "YOLO_CONFIG_DIR": str(Path(tempfile.gettempdir()) / f"mgfa-ray-ultralytics-{os.getuid()}"),
-}
-for _k, _v in _ENV_DEFAULTS.items():
-    os.environ.setdefault(_k, _v)
 _OFF_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 
 
@@ -129,26 +128,63 @@ def _truthy(value: str | None) -> bool:
 
 
 def _ultralytics():
-    """Import Ultralytics with offline-safe settings; returns the ``ultralytics`` module."""
+    """Import Ultralytics after :func:`mgfa_ray.runtime.configure` (offline); returns the module."""
+    configure()
     import ultralytics
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    if Path(USER_CONFIG_DIR).parent != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
+        log.warning(
+            "ultralytics was imported before mgfa_ray.runtime.configure(); its settings live in %s "
+            "(call configure() first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
+        )
+    return ultralytics
+
+
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_saved: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _private_settings():
+    """Within the block Ultralytics' settings have telemetry and the integrations off and its
+    default directories in the private config dir (see the module doc, "Offline operation").
+
+    Only the settings of the private ``YOLO_CONFIG_DIR`` that :func:`mgfa_ray.runtime.configure`
+    sets are changed (a user's own ``$YOLO_CONFIG_DIR`` is left as it is), and only in memory:
+    Ultralytics' ``SETTINGS.update`` would rewrite its settings file. Ultralytics reads them when
+    a trainer starts (integration callbacks) and when it resolves files (``weights_dir``). Blocks
+    may nest and overlap across threads: the first to enter changes the settings, the last to
+    leave restores them.
+    """
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
     config_dir = Path(USER_CONFIG_DIR).parent
-    if config_dir != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
-        log.warning(
-            "ultralytics was imported before mgfa_ray.detector; its settings live in %s "
-            "(import mgfa_ray.detector first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
-        )
-    elif config_dir == Path(_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
-        # Our private settings: no telemetry, and no integration callbacks (the Ray Tune one warns
-        # outside a Tune trial; the others would log to external services).
-        # Default directories point into our private dir too: Ultralytics derives them from the git
-        # root of its own install, which is this repository when the virtualenv lives in it.
-        wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
-        wanted.update({k: str(config_dir / k.removesuffix("_dir")) for k in ("runs_dir", "weights_dir", "datasets_dir")})
-        if any(SETTINGS.get(k) != v for k, v in wanted.items()):
-            SETTINGS.update(wanted)
-    return ultralytics
+    if config_dir != Path(YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
+        yield
+        return
+    global _settings_users
+    with _settings_lock:
+        if _settings_users == 0:
+            # No telemetry, and no integration callbacks (the Ray Tune one warns outside a Tune
+            # trial; the others would log to external services). Default directories point into
+            # the private dir: Ultralytics derives them from the git root of its own install,
+            # which is this repository when the virtualenv lives in it.
+            wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
+            wanted.update({k: str(config_dir / k.removesuffix("_dir"))
+                           for k in ("runs_dir", "weights_dir", "datasets_dir")})
+            _settings_saved.clear()
+            _settings_saved.update({k: SETTINGS[k] for k in wanted if k in SETTINGS})
+            dict.update(SETTINGS, wanted)  # dict's own update: in memory, the file untouched
+        _settings_users += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                dict.update(SETTINGS, _settings_saved)
 
 
 @contextlib.contextmanager
@@ -322,8 +358,8 @@ def _evaluate(weights: Path, *, data_yaml: Path, cfg: DetectorConfig, device: st
               region_classes: list[str], n_holdout: dict[int, int], n_train: dict[int, int]) -> dict:
     """Held-out box mAP of ``weights``: overall and per region class."""
     yolo = _ultralytics()
-    model = yolo.YOLO(str(weights))
-    with _offline_fonts():
+    with _private_settings(), _offline_fonts():
+        model = yolo.YOLO(str(weights))
         m = model.val(data=str(data_yaml), split="val", imgsz=cfg.imgsz, batch=cfg.batch, device=device,
                       workers=0, plots=False, save_json=False, project=str(project), name="holdout",
                       exist_ok=True, verbose=False)
@@ -455,9 +491,9 @@ def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: 
     if cfg.backbone_weights is not None:  # start from the YAML with its pretrained backbone loaded
         model_src = str(write_initial_checkpoint(cfg.model, cfg.backbone_weights, nc=len(ann.region_classes),
                                                  path=out_dir / "init.pt"))
-    model = yolo.YOLO(model_src)
-    t0 = time.perf_counter()
-    with _offline_fonts():
+    with _private_settings(), _offline_fonts():
+        model = yolo.YOLO(model_src)
+        t0 = time.perf_counter()
         model.train(
             data=str(out_dir / "dataset" / "data.yaml"), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
             seed=cfg.seed, deterministic=True, device=device, workers=0 if device == "cpu" else 4,
@@ -768,7 +804,8 @@ def load_detector(weights: Path, *, device: str = "cpu"):
         log.warning("CUDA requested for the detector but not available; using CPU")
         device = "cpu"
     yolo = _ultralytics()
-    model = yolo.YOLO(str(weights.resolve()), task="detect")
+    with _private_settings():
+        model = yolo.YOLO(str(weights.resolve()), task="detect")
     model.to(device)
     # Sticky predict arguments: device, and an absolute (never created) save directory so that
     # Ultralytics does not resolve a relative ``runs/`` path.
@@ -808,7 +845,8 @@ def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -
     # rect=False: every image is letterboxed to the full imgsz square, as in training. With
     # Ultralytics' default (rect=True) a batch of same-shaped images is padded only to a multiple of
     # the stride while a mixed batch is padded to the square, so boxes depended on batch company.
-    results = model.predict(bgr, imgsz=imgsz, conf=conf, rect=False, verbose=False, save=False)
+    with _private_settings():
+        results = model.predict(bgr, imgsz=imgsz, conf=conf, rect=False, verbose=False, save=False)
     out = []
     for r in results:
         xywhn = r.boxes.xywhn.cpu().numpy().astype(float)

@@ -24,11 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from .errors import InputError, UserError
+from .runtime import umask
 
 log = logging.getLogger(__name__)
-
-_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -50,7 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -348,7 +346,7 @@ class _RenameOnClose:
         if not _complete_state_file(os.path.basename(self.path), self.tmp):
             os.unlink(self.tmp)  # keep the last complete version
             return
-        os.chmod(self.tmp, 0o666 & ~_UMASK)
+        os.chmod(self.tmp, 0o666 & ~umask())
         os.replace(self.tmp, self.path)
 
 

@@ -123,6 +123,7 @@ from PIL import Image
 
 from .config import MasksConfig
 from .errors import InputError, StageError, UserError
+from .runtime import configure
 from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
 from .manifest import ImageError, image_problem, sniff_bytes
 from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
@@ -462,6 +463,7 @@ class ShardWriter:
 
     def __init__(self, *, source: BoxSource, set_location: str, num_classes: int, resolution: int,
                  corrupt_images: Literal["error", "record"] = "error"):
+        configure()  # this (actor) process: Ultralytics offline (mgfa_ray.runtime)
         self.fs, self.dir = resolve_location(set_location)
         self.compute = MaskComputer(source, num_classes=num_classes, resolution=resolution,
                                     corrupt_images=corrupt_images)
