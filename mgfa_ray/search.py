@@ -54,6 +54,7 @@ from .io import (
     resolve_location,
 )
 from .lock import DirectoryLock
+from .runtime import configure
 from .search_space import SearchSpace, define_by_run, trial_params
 from .trial import load_checkpoint, run_trial
 
@@ -83,6 +84,7 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
 
     from .worker import release_trial_memory, start_trial
 
+    configure()  # this worker process: Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
     started, clock = time.time(), time.perf_counter()
     release_trial_memory()  # what a trial stopped by the scheduler held while its thread unwound
     worker = start_trial()
@@ -448,9 +450,6 @@ def run_search(
         StudyRef(record.study.storage, record.study.study_name).load()
         if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
             ray.init(include_dashboard=False, configure_logging=False)
-        # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
-        # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
         for i in range(len(record.runs)):
             _fit_run(search_dir, record, i, trainable=trainable,
                      errored=errored if i == len(record.runs) - 1 else "skip")
@@ -527,7 +526,8 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
-        tuner.fit()
+        with _snapshot_period(search.snapshot_period_s):
+            tuner.fit()
         return run_path, fs
     study = StudyRef(record.study.storage, record.study.study_name)
     sched = record.space.scheduler
@@ -556,8 +556,26 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
             verbose=1,
         ),
     )
-    tuner.fit()
+    with _snapshot_period(search.snapshot_period_s):
+        tuner.fit()
     return run_path, fs
+
+
+@contextmanager
+def _snapshot_period(seconds: float):
+    """Within the block Ray Tune snapshots its experiment state every ``seconds`` (0: after every
+    controller step) — ``$TUNE_GLOBAL_CHECKPOINT_S``, which Ray reads when ``Tuner.fit`` starts its
+    controller. A value the user set in the environment wins; the variable is restored afterwards.
+    """
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path: str, fs, *, stopped: bool) -> None:
