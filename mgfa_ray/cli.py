@@ -31,7 +31,9 @@ Subcommands:
 
 Bad input (config, data root, labels, masks) prints one ``error: ...`` line naming the file and field
 and exits with status 2; a stage whose output is unusable exits with 1, an interrupted run with 130
-(:mod:`mgfa_ray.errors`). ``--debug`` (or ``MGFA_DEBUG=1``) prints the traceback too.
+(:mod:`mgfa_ray.errors`). ``--debug`` (or ``MGFA_DEBUG=1``) prints the traceback too. Only the
+project's own errors (:class:`~mgfa_ray.errors.UserError` and its subclasses) are reported that way;
+any other exception (a bug, CUDA out of memory) ends the command with its traceback.
 """
 
 from __future__ import annotations
