@@ -52,6 +52,7 @@ from .config import (
     resolve_data_root,
     validate,
 )
+from .errors import InputError
 from .export import export_search
 from .io import atomic_write_bytes, atomic_write_json
 from .search import create_search, run_search
@@ -463,7 +464,7 @@ def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_d
     import ray
 
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise InputError(f"--seeds must be >= 1, got {seeds}")
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,7 +58,7 @@ def augment(
     """
     b, _, r, _ = images.shape
     if crop > r:
-        raise ValueError(f"crop {crop} is larger than the {r} px images")
+        raise InputError(f"crop {crop} is larger than the {r} px images")
     x = images.float().div_(255.0)
     m = F.interpolate(masks.float(), size=(r, r), mode="bilinear", align_corners=False)
     if train:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .augment import eval_images, resize_images
 from .config import TrainConfig, validate
+from .errors import InputError
 from .io import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
 from .model import MGFAClassifier
@@ -253,14 +254,14 @@ def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[
     path = _checkpoint_path(checkpoint)
     state = load_checkpoint(path)
     if "config" not in state or "head.weight" not in state["model"]:
-        raise ValueError(f"checkpoint {path} has no config or no classifier head")
+        raise InputError(f"checkpoint {path} has no config or no classifier head")
     cfg = validate(TrainConfig, state["config"], source=f"{path} (config)")
     num_classes = int(state["model"]["head.weight"].shape[0])
     model = build_model(cfg.model_copy(update={"weights": None}), num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path}: weights do not fit the {cfg.backbone} model of its config: {err}"
         ) from None
     names = list((state.get("eval_per_class") or {}).get("class_name") or [])
@@ -310,9 +311,9 @@ def render_cams(
     try:
         device_type = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"invalid torch device {device!r}") from None
+        raise InputError(f"invalid torch device {device!r}") from None
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise InputError(f"device {device!r} requested but CUDA is not available")
     path = _checkpoint_path(checkpoint)
     model, cfg, class_names = load_trained_model(path, device=device)
     manifest_path = Path(manifest) if manifest is not None else Path(cfg.manifest)
@@ -320,7 +321,7 @@ def render_cams(
                          source=f"manifest {manifest_path}")
     labels = torch.tensor(rows["label"].to_numpy(dtype="int64"))
     if len(labels) and int(labels.max()) >= len(class_names):
-        raise ValueError(f"manifest {manifest_path} has label {int(labels.max())} but the model has "
+        raise InputError(f"manifest {manifest_path} has label {int(labels.max())} but the model has "
                          f"{len(class_names)} classes")
     # A model trained on crops (crop_to_region) is explained on the same crops.
     boxes = crop_boxes(cfg, rows["image_id"].tolist()) if cfg.crop_to_region is not None else None

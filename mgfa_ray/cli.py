@@ -31,7 +31,9 @@ Subcommands:
 
 Bad input (config, data root, labels, masks) prints one ``error: ...`` line naming the file and field
 and exits with status 2; a stage whose output is unusable exits with 1, an interrupted run with 130
-(:mod:`mgfa_ray.errors`). ``--debug`` (or ``MGFA_DEBUG=1``) prints the traceback too.
+(:mod:`mgfa_ray.errors`). ``--debug`` (or ``MGFA_DEBUG=1``) prints the traceback too. Only the
+project's own errors (:class:`~mgfa_ray.errors.UserError` and its subclasses) are reported that way;
+any other exception (a bug, CUDA out of memory) ends the command with its traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import yaml
 
 from .config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
 from .errors import RunInterrupted, UserError, debug_enabled
+from .runtime import configure
 
 
 def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -179,7 +182,7 @@ def load_job(path: Path, overrides: list[str] = (), *, output_dir: Path | None =
 
 
 def _default_export_dir(search_dir: str) -> Path:
-    from .search import default_export_dir
+    from .export import default_export_dir
 
     return default_export_dir(search_dir)
 
@@ -187,6 +190,7 @@ def _default_export_dir(search_dir: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mgfa-ray`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    configure()  # Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
     if args.debug:
         os.environ["MGFA_DEBUG"] = "1"  # also seen by Ray workers started from here
     try:
@@ -196,12 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside Ray Tune's own handling (which ends in RunInterrupted)
         return _report(RunInterrupted("interrupted (Ctrl-C); run the same command again to continue where it "
                                       "stopped (`mgfa-ray train`: with --resume)"), RunInterrupted.exit_status)
-    # Not yet a UserError: library ValueErrors on bad values, RuntimeError when a stage produced
-    # nothing usable (e.g. every trial failed).
-    except ValueError as err:
-        return _report(err, 2)
-    except RuntimeError as err:
-        return _report(err, 1)
+    # Anything else (a ValueError from a library, CUDA out of memory, ...) is not the user's to
+    # mend in one line: it propagates with its traceback.
 
 
 def _report(err: BaseException, status: int) -> int:
@@ -330,7 +330,8 @@ def _search_command(args: argparse.Namespace) -> int:
         return 0
     if args.search_command == "dashboard":
         return _dashboard(args.dir, host=args.host, port=args.port)
-    from .search import export_search, run_search
+    from .export import export_search
+    from .search import run_search
 
     if args.search_command == "resume":
         run_search(args.dir, more_trials=args.more_trials, errored=args.errored)

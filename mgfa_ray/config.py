@@ -400,6 +400,11 @@ class SearchConfig(_Frozen):
         warm_start: An earlier study whose finished trials seed this search's sampler.
         max_failures: Times Ray retries a failed trial from its last checkpoint.
         checkpoints_to_keep: Checkpoints kept per trial (>= 2: DESIGN.md §4.7).
+        snapshot_period_s: Seconds between Ray Tune's snapshots of the experiment state (its
+            ``TUNE_GLOBAL_CHECKPOINT_S``, applied only while the search runs), >= 0. 0 (default):
+            after every controller step, so a driver killed at any moment resumes from the trials
+            Ray had at that moment (Ray's own default snapshots every >= 10 s). A
+            ``$TUNE_GLOBAL_CHECKPOINT_S`` set in the environment wins.
         reuse_workers: Run the next trial in the worker process of a finished one (Ray Tune's
             ``reuse_actors``) instead of starting a fresh process: the worker keeps torch, CUDA,
             the decoded images and the backbone weights loaded, and every trial still starts from
@@ -421,6 +426,7 @@ class SearchConfig(_Frozen):
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=2)
     reuse_workers: bool = True
+    snapshot_period_s: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _gpus(self) -> "SearchConfig":

@@ -67,14 +67,19 @@ ids and per-fold metrics, train seconds); ``train_seconds`` is the refit's. With
   ``cuda``.
 * ``created`` — ISO 8601 UTC time the file was written.
 
-Offline operation. Importing this module sets, unless already set, ``YOLO_OFFLINE=1`` (no
-connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false`` (no ``pip install`` of
-missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory (Ultralytics' settings
-file and font cache stay out of the repository and out of ``~/.config``). Ultralytics reads these
-when it is first imported, so import this module before ``ultralytics``. In that private settings
-file telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) are switched off
-and ``runs_dir``/``weights_dir``/``datasets_dir`` point into it (Ultralytics' defaults derive from
-the git root of its own install — this repository when the virtualenv lives inside it).
+Offline operation. Importing this module changes nothing. Every function here that imports
+Ultralytics first calls :func:`mgfa_ray.runtime.configure`, which sets, unless already set,
+``YOLO_OFFLINE=1`` (no connectivity probe, telemetry or update check), ``YOLO_AUTOINSTALL=false``
+(no ``pip install`` of missing extras) and ``YOLO_CONFIG_DIR`` to a per-user temporary directory
+(Ultralytics' settings file and font cache stay out of the repository and out of
+``~/.config``). Ultralytics reads these when it is first imported, so code that imports
+``ultralytics`` itself calls ``configure()`` first (the ``mgfa-ray`` command line, the Ray trainable
+and the mask actors do; an earlier import is logged as a warning). While Ultralytics trains,
+evaluates, loads or predicts here (:func:`_private_settings`), its settings in that private
+directory have telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) switched
+off and ``runs_dir``/``weights_dir``/``datasets_dir`` pointing into it (Ultralytics' defaults
+derive from the git root of its own install — this repository when the virtualenv lives inside
+it); they are changed in memory only, never in the settings file, and restored afterwards.
 Training and evaluation pass ``plots=False`` and absolute ``project=`` paths (a relative one
 resolves under ``runs_dir``, or under pytest under ``site-packages/tests/tmp/runs``); training
 passes ``amp=False`` (on a GPU the AMP check downloads ``yolo26n.pt`` into ``weights_dir``);
@@ -92,6 +97,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -103,8 +109,10 @@ import pandas as pd
 
 from .config import ConfigError, DetectorConfig
 from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
+from .errors import InputError
 from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
+from .runtime import YOLO_ENV_DEFAULTS, configure
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +122,6 @@ RECIPE_VERSION = 1
 METRICS = "metrics.json"
 WEIGHTS = "weights.pt"
 
-# Ultralytics reads these once, at its first import (``ultralytics.utils``).
-_ENV_DEFAULTS = {
-    "YOLO_OFFLINE": "1",
-    "YOLO_AUTOINSTALL": "false",
-    "YOLO_CONFIG_DIR": str(Path(tempfile.gettempdir()) / f"mgfa-ray-ultralytics-{os.getuid()}"),
-}
-for _k, _v in _ENV_DEFAULTS.items():
-    os.environ.setdefault(_k, _v)
 _OFF_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 
 
@@ -131,26 +131,63 @@ def _truthy(value: str | None) -> bool:
 
 
 def _ultralytics():
-    """Import Ultralytics with offline-safe settings; returns the ``ultralytics`` module."""
+    """Import Ultralytics after :func:`mgfa_ray.runtime.configure` (offline); returns the module."""
+    configure()
     import ultralytics
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    if Path(USER_CONFIG_DIR).parent != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
+        log.warning(
+            "ultralytics was imported before mgfa_ray.runtime.configure(); its settings live in %s "
+            "(call configure() first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
+        )
+    return ultralytics
+
+
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_saved: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _private_settings():
+    """Within the block Ultralytics' settings have telemetry and the integrations off and its
+    default directories in the private config dir (see the module doc, "Offline operation").
+
+    Only the settings of the private ``YOLO_CONFIG_DIR`` that :func:`mgfa_ray.runtime.configure`
+    sets are changed (a user's own ``$YOLO_CONFIG_DIR`` is left as it is), and only in memory:
+    Ultralytics' ``SETTINGS.update`` would rewrite its settings file. Ultralytics reads them when
+    a trainer starts (integration callbacks) and when it resolves files (``weights_dir``). Blocks
+    may nest and overlap across threads: the first to enter changes the settings, the last to
+    leave restores them.
+    """
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
     config_dir = Path(USER_CONFIG_DIR).parent
-    if config_dir != Path(os.environ["YOLO_CONFIG_DIR"]).expanduser():
-        log.warning(
-            "ultralytics was imported before mgfa_ray.detector; its settings live in %s "
-            "(import mgfa_ray.detector first to keep them in $YOLO_CONFIG_DIR)", USER_CONFIG_DIR
-        )
-    elif config_dir == Path(_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
-        # Our private settings: no telemetry, and no integration callbacks (the Ray Tune one warns
-        # outside a Tune trial; the others would log to external services).
-        # Default directories point into our private dir too: Ultralytics derives them from the git
-        # root of its own install, which is this repository when the virtualenv lives in it.
-        wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
-        wanted.update({k: str(config_dir / k.removesuffix("_dir")) for k in ("runs_dir", "weights_dir", "datasets_dir")})
-        if any(SETTINGS.get(k) != v for k, v in wanted.items()):
-            SETTINGS.update(wanted)
-    return ultralytics
+    if config_dir != Path(YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
+        yield
+        return
+    global _settings_users
+    with _settings_lock:
+        if _settings_users == 0:
+            # No telemetry, and no integration callbacks (the Ray Tune one warns outside a Tune
+            # trial; the others would log to external services). Default directories point into
+            # the private dir: Ultralytics derives them from the git root of its own install,
+            # which is this repository when the virtualenv lives in it.
+            wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
+            wanted.update({k: str(config_dir / k.removesuffix("_dir"))
+                           for k in ("runs_dir", "weights_dir", "datasets_dir")})
+            _settings_saved.clear()
+            _settings_saved.update({k: SETTINGS[k] for k in wanted if k in SETTINGS})
+            dict.update(SETTINGS, wanted)  # dict's own update: in memory, the file untouched
+        _settings_users += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                dict.update(SETTINGS, _settings_saved)
 
 
 @contextlib.contextmanager
@@ -253,7 +290,7 @@ def _holdout_split(ids: list[str], groups: dict[str, str], fraction: float, seed
     for i in sorted(ids):
         by_group.setdefault(groups[i], []).append(i)
     if len(by_group) < 2:
-        raise ValueError(
+        raise InputError(
             f"{len(ids)} annotated image(s) in {len(by_group)} photo group(s): need at least 2 groups "
             f"to hold out at least one image and train on at least one"
         )
@@ -324,8 +361,8 @@ def _evaluate(weights: Path, *, data_yaml: Path, cfg: DetectorConfig, device: st
               region_classes: list[str], n_holdout: dict[int, int], n_train: dict[int, int]) -> dict:
     """Held-out box mAP of ``weights``: overall and per region class."""
     yolo = _ultralytics()
-    model = yolo.YOLO(str(weights))
-    with _offline_fonts():
+    with _private_settings(), _offline_fonts():
+        model = yolo.YOLO(str(weights))
         m = model.val(data=str(data_yaml), split="val", imgsz=cfg.imgsz, batch=cfg.batch, device=device,
                       workers=0, plots=False, save_json=False, project=str(project), name="holdout",
                       exist_ok=True, verbose=False)
@@ -381,17 +418,17 @@ def prepare_annotated(*, manifest: pd.DataFrame, label_files: dict[str, Path], r
         LabelError: A label file has a bad line (message names ``file:line``).
     """
     if not region_classes:
-        raise ValueError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
+        raise InputError("region_classes is empty; name at least one region class (e.g. ['vein', 'contour'])")
     ids = sorted(set(manifest["image_id"].astype(str)) & set(label_files))
     if not ids:
-        raise ValueError(
+        raise InputError(
             f"no manifest image has a label file ({len(manifest)} manifest images, "
             f"{len(label_files)} label files); check that label ids match manifest image_ids "
             f"(e.g. manifest {manifest['image_id'].iloc[0] if len(manifest) else None!r}, "
             f"labels {next(iter(sorted(label_files)), None)!r})"
         )
     if str(cfg.model).endswith(".pt") and not Path(cfg.model).expanduser().is_file():
-        raise ValueError(
+        raise InputError(
             f"detector model {cfg.model!r} is not a local file; offline, Ultralytics would try to "
             f"download it. Use a model YAML (e.g. 'yolo11n.yaml') or a path to an existing .pt file"
         )
@@ -404,7 +441,7 @@ def prepare_annotated(*, manifest: pd.DataFrame, label_files: dict[str, Path], r
     image_of = {i: Path(rows.at[i, "path"]).resolve() for i in ids}
     missing = [str(p) for p in image_of.values() if not p.is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
+        raise InputError(f"{len(missing)} annotated image file(s) do not exist, e.g. {missing[:3]}")
     return Annotated(ids, used, boxes_of, groups, image_of, list(region_classes))
 
 
@@ -457,9 +494,9 @@ def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: 
     if cfg.backbone_weights is not None:  # start from the YAML with its pretrained backbone loaded
         model_src = str(write_initial_checkpoint(cfg.model, cfg.backbone_weights, nc=len(ann.region_classes),
                                                  path=out_dir / "init.pt"))
-    model = yolo.YOLO(model_src)
-    t0 = time.perf_counter()
-    with _offline_fonts():
+    with _private_settings(), _offline_fonts():
+        model = yolo.YOLO(model_src)
+        t0 = time.perf_counter()
         model.train(
             data=str(out_dir / "dataset" / "data.yaml"), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
             seed=cfg.seed, deterministic=True, device=device, workers=0 if device == "cpu" else 4,
@@ -781,7 +818,7 @@ def weights_digest(weights: str | Path) -> str:
     ckpt = torch.load(Path(weights), map_location="cpu", weights_only=False)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is None:
-        raise ValueError(f"{weights} is not an Ultralytics checkpoint (no 'ema' or 'model' entry)")
+        raise InputError(f"{weights} is not an Ultralytics checkpoint (no 'ema' or 'model' entry)")
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -805,14 +842,15 @@ def load_detector(weights: Path, *, device: str = "cpu"):
     """
     weights = Path(weights)
     if not weights.is_file():
-        raise ValueError(f"detector weights {weights} do not exist; run the detector stage first")
+        raise InputError(f"detector weights {weights} do not exist; run the detector stage first")
     if device not in {"cpu", "cuda"}:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and _device() != "cuda":
         log.warning("CUDA requested for the detector but not available; using CPU")
         device = "cpu"
     yolo = _ultralytics()
-    model = yolo.YOLO(str(weights.resolve()), task="detect")
+    with _private_settings():
+        model = yolo.YOLO(str(weights.resolve()), task="detect")
     model.to(device)
     # Sticky predict arguments: device, and an absolute (never created) save directory so that
     # Ultralytics does not resolve a relative ``runs/`` path.
@@ -852,7 +890,8 @@ def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -
     # rect=False: every image is letterboxed to the full imgsz square, as in training. With
     # Ultralytics' default (rect=True) a batch of same-shaped images is padded only to a multiple of
     # the stride while a mixed batch is padded to the square, so boxes depended on batch company.
-    results = model.predict(bgr, imgsz=imgsz, conf=conf, rect=False, verbose=False, save=False)
+    with _private_settings():
+        results = model.predict(bgr, imgsz=imgsz, conf=conf, rect=False, verbose=False, save=False)
     out = []
     for r in results:
         xywhn = r.boxes.xywhn.cpu().numpy().astype(float)

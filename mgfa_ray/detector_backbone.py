@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .model import WeightsError, _read_state
+from .runtime import configure
 
 #: Model YAMLs shipped with mgfa-ray; ``detector.model`` names them by file name.
 MODELS_DIR = Path(__file__).resolve().parent / "detector_models"
@@ -57,6 +58,7 @@ def model_source(model: str) -> str:
 
 def _torchvision_layer(model: nn.Module) -> tuple[nn.Module, list[Any]]:
     """The one ``TorchVision`` layer of an Ultralytics model and its YAML args."""
+    configure()  # Ultralytics offline, before its first import
     from ultralytics.nn.modules import TorchVision
 
     rows = model.yaml["backbone"] + model.yaml["head"]
@@ -159,6 +161,7 @@ def build_pretrained(model: str, weights: str | Path, *, nc: int) -> nn.Module:
     Raises:
         WeightsError: As :func:`load_backbone_weights`; also when ``model`` is not a YAML file.
     """
+    configure()  # Ultralytics offline, before its first import
     from ultralytics.nn.tasks import DetectionModel
 
     src = model_source(model)
@@ -179,6 +182,7 @@ def write_initial_checkpoint(model: str, weights: str | Path, *, nc: int, path: 
     Raises:
         WeightsError: As :func:`build_pretrained`.
     """
+    configure()  # Ultralytics offline, before its first import
     import ultralytics
 
     net = build_pretrained(model, weights, nc=nc)

@@ -17,6 +17,14 @@ class UserError(Exception):
     exit_status = 2
 
 
+class InputError(UserError, ValueError):
+    """A file, location, id or value the user gave is missing or unusable (a checkpoint that does
+    not exist, an image id not in the manifest, a split without images): exit status 2.
+
+    Also a ``ValueError``, as these problems were before they had their own type.
+    """
+
+
 class StageError(UserError, RuntimeError):
     """A stage ran but its output is unusable (a weak detector, empty masks, every trial failed).
 

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from .config import TrainConfig, TrainParams, to_dict, validate
+from .errors import StageError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join
 from .search import SearchRecord, _write_target, ray_trials, read_record
 from .search_space import define_by_run, trial_params
@@ -72,7 +73,7 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
 
     Raises:
-        RuntimeError: No trial is COMPLETE (the message counts the trials' states).
+        StageError: No trial is COMPLETE (the message counts the trials' states).
     """
     from .study import StudyRef
 
@@ -138,7 +139,7 @@ def _choose_best(study, ray: pd.DataFrame, table: pd.DataFrame, *, search_dir: s
     ``ray`` (``None`` when Ray's folders no longer hold it).
 
     Raises:
-        RuntimeError: No trial is COMPLETE (the message counts the trials' states and names
+        StageError: No trial is COMPLETE (the message counts the trials' states and names
             ``trials.csv``).
     """
     from .study import best_trial
@@ -146,7 +147,7 @@ def _choose_best(study, ray: pd.DataFrame, table: pd.DataFrame, *, search_dir: s
     best = best_trial(study)
     if best is None:
         counts = table["state"].value_counts().to_dict() if len(table) else {}
-        raise RuntimeError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
+        raise StageError(f"no trial of {search_dir} trained {record.max_epochs} epochs without error "
                            f"(states: {counts}); see {out / 'trials.csv'}")
     best_rid = best.user_attrs["ray_trial_id"]
     best_row = ray.loc[ray["trial"] == best_rid].iloc[0] if (ray["trial"] == best_rid).any() else None

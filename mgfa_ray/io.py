@@ -23,12 +23,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .errors import UserError
+from .errors import InputError, UserError
+from .runtime import umask
 
 log = logging.getLogger(__name__)
-
-_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -50,7 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -273,7 +271,7 @@ def resolve_location(location: str | os.PathLike):
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise ValueError(f"cannot open storage location {redact_location(location)!r}: "
+        raise InputError(f"cannot open storage location {redact_location(location)!r}: "
                          f"{redact_text(str(err))}") from None
     return retrying_filesystem(fs), path
 
@@ -348,7 +346,7 @@ class _RenameOnClose:
         if not _complete_state_file(os.path.basename(self.path), self.tmp):
             os.unlink(self.tmp)  # keep the last complete version
             return
-        os.chmod(self.tmp, 0o666 & ~_UMASK)
+        os.chmod(self.tmp, 0o666 & ~umask())
         os.replace(self.tmp, self.path)
 
 
@@ -525,7 +523,7 @@ def storage_retry_s() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:  # also rejects nan
-        raise ValueError(f"{STORAGE_RETRY_ENV}={raw!r}: expected seconds >= 0")
+        raise InputError(f"{STORAGE_RETRY_ENV}={raw!r}: expected seconds >= 0")
     return value
 
 

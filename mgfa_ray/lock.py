@@ -18,6 +18,13 @@ to ``driver.lock``: ``link`` fails when the name exists). An object store has no
 through pyarrow, so there the driver writes its lock, waits ``settle_s`` and reads it back: of
 two drivers starting within that window the last writer wins and the other stops. S3 and its
 clones read their own writes consistently, which this relies on.
+
+A driver that loses its lock (its heartbeat finds another driver's record in the file, e.g. one
+that took the lock over after this driver's host was unreachable for ``stale_after_s``) stops:
+the heartbeat thread records the loss and, when the lock was taken in the main thread, sends that
+thread SIGINT as Ctrl-C would (Ray Tune saves and stops its experiment on it); leaving the ``with`` block
+then raises :class:`LockedError` naming the new holder. :meth:`DirectoryLock.check` raises the
+same error at once, for drivers that poll.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -74,7 +82,8 @@ class DirectoryLock:
     Raises:
         ValueError: ``heartbeat_s`` <= 0 or ``stale_after_s`` <= ``heartbeat_s``.
         LockedError: On enter, when a live driver holds the lock (the message names its host, pid,
-            start time and the lock file).
+            start time and the lock file); on exit (and from :meth:`check`), when this driver lost
+            the lock while it ran (the message names the lock file and the new holder).
     """
 
     def __init__(self, location: str, *, what: str = "search", heartbeat_s: float = 10.0,
@@ -90,6 +99,10 @@ class DirectoryLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._main_thread: int | None = None  # taken in the main thread: its id, interrupted on a loss
+        self.lost: dict[str, Any] | None = None
+        """The record found in the lock file when this driver lost the lock ({} when it was
+        removed); None while the lock is held."""
 
     # --- the record ---
 
@@ -125,6 +138,20 @@ class DirectoryLock:
             f"on one {self.what} would corrupt each other's state: wait for it to finish or stop it. A lock "
             f"left by a driver that died is taken over at once on the same host, and after "
             f"{self.stale_after_s:.0f} s without heartbeat from another host.", holder)
+
+    def _lost_error(self) -> LockedError:
+        holder = self.lost or {}
+        who = (f"pid {holder.get('pid')} on host {holder.get('host')!r}" if holder.get("token")
+               else "nobody (the lock file was removed or replaced)")
+        return LockedError(
+            f"{self.what} {self.location}: this driver lost its lock {self.display} while it ran; it is now held by "
+            f"{who}, so this driver stopped (two drivers on one {self.what} would corrupt each other's state). "
+            f"Check that driver; once it has finished, run the same command again to continue.", holder)
+
+    def check(self) -> None:
+        """Raise :class:`LockedError` (naming the new holder) when this driver lost the lock."""
+        if self.lost is not None:
+            raise self._lost_error()
 
     # --- acquire / heartbeat / release ---
 
@@ -195,6 +222,9 @@ class DirectoryLock:
         else:
             raise self._locked_error(self._read() or {})
         self._stop.clear()
+        self.lost = None
+        main = threading.main_thread()
+        self._main_thread = main.ident if threading.current_thread() is main else None
         self._thread = threading.Thread(target=self._beat, name="mgfa-lock-heartbeat", daemon=True)
         self._thread.start()
 
@@ -203,7 +233,11 @@ class DirectoryLock:
             try:
                 holder = self._read()
                 if holder is None or holder.get("token") != self.token:
-                    log.error("lost the lock %s to %s; this driver should stop", self.display, holder)
+                    self.lost = holder or {}
+                    log.error("lost the lock %s to %s; stopping this driver", self.display, holder)
+                    if self._main_thread is not None and not self._stop.is_set():
+                        # As Ctrl-C (a real signal, so a blocking call returns): Ray Tune saves and stops.
+                        signal.pthread_kill(self._main_thread, signal.SIGINT)
                     return
                 fs_write_atomic(self.fs, self.path, json.dumps(self._record()).encode())
             except OSError as err:  # the store is away: the next beat tries again
@@ -226,5 +260,11 @@ class DirectoryLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except KeyboardInterrupt:  # the heartbeat's interrupt, delivered during release
+            if self.lost is None:
+                raise
+        if self.lost is not None and (exc is None or isinstance(exc, (KeyboardInterrupt, UserError))):
+            raise self._lost_error() from exc

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .config import ConfigError, DatasetConfig
-from .errors import UserError
+from .errors import InputError, UserError
 from .io import atomic_write_bytes, sha256_json
 
 COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
@@ -268,14 +268,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"manifest {path} does not exist; run the job's manifest stage first")
+        raise InputError(f"manifest {path} does not exist; run the job's manifest stage first")
     df = pq.read_table(path).to_pandas()
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"manifest {path}: missing columns {missing}")
+        raise InputError(f"manifest {path}: missing columns {missing}")
     dup = df["image_id"][df["image_id"].duplicated()]
     if len(dup):
-        raise ValueError(f"manifest {path}: duplicated image_id {dup.iloc[0]!r}")
+        raise InputError(f"manifest {path}: duplicated image_id {dup.iloc[0]!r}")
     return df
 
 
@@ -303,18 +303,18 @@ def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split
     if image_ids is not None:
         image_ids = list(dict.fromkeys(image_ids))
         if not image_ids:
-            raise ValueError("no image ids given")
+            raise InputError("no image ids given")
         known = set(df["image_id"])
         unknown = [i for i in image_ids if i not in known]
         if unknown:
-            raise ValueError(f"image id {unknown[0]!r} is not in {source}"
+            raise InputError(f"image id {unknown[0]!r} is not in {source}"
                              + (f" ({len(unknown)} unknown ids)" if len(unknown) > 1 else ""))
         return df.set_index("image_id").loc[image_ids].reset_index()
     if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
+        raise InputError(f"count must be >= 1, got {count}")
     pool = df if split is None else df[df["split"] == split]
     if pool.empty:
-        raise ValueError(f"split {split!r} has no images in {source} (splits: {sorted(df['split'].unique())})")
+        raise InputError(f"split {split!r} has no images in {source} (splits: {sorted(df['split'].unique())})")
     if seed is None:
         return pool.head(count)
     return pool.sample(n=min(count, len(pool)), random_state=seed).sort_values("image_id", kind="stable")

@@ -21,6 +21,7 @@ import pandas as pd
 
 from .cam import figure_png
 from .io import atomic_write_bytes, atomic_write_json, safe_stem
+from .errors import InputError
 from .manifest import read_manifest, select_images
 from .masks import decode_rgb, read_metadata, read_rows
 
@@ -143,13 +144,13 @@ def render_mask_figures(
     meta = read_metadata(location)
     manifest = manifest if manifest is not None else meta.get("manifest")
     if manifest is None:
-        raise ValueError(f"mask set {location} records no manifest; pass one (--manifest)")
+        raise InputError(f"mask set {location} records no manifest; pass one (--manifest)")
     chosen = select_images(read_manifest(manifest), image_ids=list(image_ids) if image_ids else None, split=split,
                            count=count, seed=seed, source=f"manifest {manifest}")
     rows = read_rows(location, columns=["image_id", "boxes", "masks", "error"]).set_index("image_id")
     missing = [i for i in chosen["image_id"] if i not in rows.index]
     if missing:
-        raise ValueError(f"mask set {location} has no row for {missing[:3]} (another manifest?)")
+        raise InputError(f"mask set {location} has no row for {missing[:3]} (another manifest?)")
     k, r = len(meta["region_classes"]), int(meta["mask_resolution"])
     out = Path(out_dir) if out_dir is not None else Path("outputs") / "mask_figures" / meta["set_id"]
     written: list[Path] = []

@@ -122,7 +122,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .config import MasksConfig
-from .errors import UserError
+from .errors import InputError, StageError, UserError
+from .runtime import configure
 from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
 from .manifest import ImageError, image_problem, sniff_bytes
 from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
@@ -207,17 +208,17 @@ def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
         with open(path, "rb") as f:  # read once: the path may be a pipe
             data = f.read()
     except OSError as err:
-        raise ValueError(f"cannot decode image {path}: cannot be read ({err.strerror or err})") from None
+        raise ImageError(f"cannot decode image {path}: cannot be read ({err.strerror or err})") from None
     reason = sniff_bytes(data[:8])
     if reason is not None:
-        raise ValueError(f"cannot decode image {path}: {reason}")
+        raise ImageError(f"cannot decode image {path}: {reason}")
     try:
         with Image.open(io.BytesIO(data)) as img:
             if max_side is not None:
                 img.draft("RGB", (max_side, max_side))
             return np.asarray(img.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - the decode boundary: whatever fails here is this file
-        raise ValueError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
+        raise ImageError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ class LabelBoxes:
         files = dict(self.label_files)
         missing = [i for i in image_ids if i not in files]
         if missing and self.unlabelled == "error":
-            raise ValueError(
+            raise InputError(
                 f"{len(missing)} manifest image(s) have no label file, e.g. {missing[:3]}; with regions.source: "
                 f"labels every image needs one (or set regions.unlabelled: empty)"
             )
@@ -462,6 +463,7 @@ class ShardWriter:
 
     def __init__(self, *, source: BoxSource, set_location: str, num_classes: int, resolution: int,
                  corrupt_images: Literal["error", "record"] = "error"):
+        configure()  # this (actor) process: Ultralytics offline (mgfa_ray.runtime)
         self.fs, self.dir = resolve_location(set_location)
         self.compute = MaskComputer(source, num_classes=num_classes, resolution=resolution,
                                     corrupt_images=corrupt_images)
@@ -492,7 +494,7 @@ class ShardWriter:
                 data = _shard_bytes(table, self.compute.num_classes, self.compute.resolution)
                 existing = create_once(self.fs, f"{self.dir}/{name}", data)
                 if existing is not None and not _same_rows(existing, data):
-                    raise RuntimeError(
+                    raise StageError(
                         f"mask set {self.dir}: {name} was written meanwhile by another writer of this set with "
                         f"other content than computed here; two writers disagree (a detector that is not "
                         f"deterministic across machines or devices?). Kept the first; run one writer per set, "
@@ -701,7 +703,7 @@ def _mask_rows(manifest: pd.DataFrame, source: BoxSource) -> pd.DataFrame:
     rows = manifest[["image_id", "path", "label", "split"]].astype({"image_id": str, "path": str, "split": str})
     rows = rows.sort_values("image_id", ignore_index=True)
     if rows["image_id"].duplicated().any():
-        raise ValueError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
+        raise InputError(f"manifest repeats image_id {rows['image_id'][rows['image_id'].duplicated()].iloc[0]!r}")
     if isinstance(source, LabelBoxes):  # bad label lines, missing files, wrong VOC sizes fail here, clearly
         if (hint := label_layout_hint(dict(source.label_files), rows["image_id"].tolist())) is not None:
             raise LabelError(hint)  # no file matches any image: a layout error, whatever the policy
@@ -897,7 +899,7 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
     try:
         return ds.take_all()
     except Exception as err:  # a worker died or raised: what finished is on disk
-        raise RuntimeError(f"mask precompute failed ({type(err).__name__}: {err}); finished shards are kept, "
+        raise StageError(f"mask precompute failed ({type(err).__name__}: {err}); finished shards are kept, "
                            f"a rerun computes the rest") from err
 
 
@@ -908,7 +910,7 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
     for i, part in parts.items():
         shard_stats = _finished(fs, f"{set_dir}/{shard_name(i)}", part["image_id"].tolist())
         if shard_stats is None:
-            raise RuntimeError(f"mask set {set_location}: {shard_name(i)} is missing or does not hold its "
+            raise StageError(f"mask set {set_location}: {shard_name(i)} is missing or does not hold its "
                                f"{len(part)} planned images")
         rows_per_shard[shard_name(i)] = shard_stats["rows"]
         shard_bytes[shard_name(i)] = shard_stats["bytes"]
@@ -916,7 +918,7 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
         stats.append(shard_stats)
     extra = [n for n in fs_list(fs, set_dir) if n.endswith(".parquet") and n not in rows_per_shard]
     if extra:
-        raise RuntimeError(f"mask set {set_location}: unexpected shard files {extra[:3]}")
+        raise StageError(f"mask set {set_location}: unexpected shard files {extra[:3]}")
     region_classes = metadata["region_classes"]
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -932,7 +934,7 @@ def _publish(fs, set_dir: str, set_location: str, *, parts: dict[int, pd.DataFra
     existing = create_once(fs, f"{set_dir}/{METADATA}", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     if existing is not None:
         if json.loads(existing).get("rows_per_shard") != rows_per_shard:
-            raise RuntimeError(f"mask set {set_location}: another writer published it with shards "
+            raise StageError(f"mask set {set_location}: another writer published it with shards "
                                f"{json.loads(existing).get('rows_per_shard')}, this one found {rows_per_shard}")
         log.info("mask set %s was published meanwhile by another writer; keeping its metadata", set_location)
     _clean_temporaries(fs, set_dir, published=True)

@@ -181,7 +181,7 @@ def build_backbone(name: str, weights: str | None, *, output_stride: int = 32) -
         try:
             model = build(weights=getattr(torchvision.models, enum_name).DEFAULT)
         except Exception as err:  # URLError, HTTPError, RuntimeError from the hub download
-            raise ValueError(
+            raise WeightsError(
                 f"could not download ImageNet weights for {name} ({err.__class__.__name__}: {err}); "
                 f"offline, set 'weights' to a local state_dict file instead"
             ) from None

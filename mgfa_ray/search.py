@@ -37,6 +37,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from .config import ConfigError, SearchConfig, StudySource, TrainConfig, _Frozen, to_dict, validate
+from .errors import InputError, StageError
 from .io import (
     atomic_filesystem,
     fs_exists,
@@ -49,6 +50,7 @@ from .io import (
     resolve_location,
 )
 from .lock import DirectoryLock
+from .runtime import configure
 from .search_space import SearchSpace, trial_params
 from .trial import load_checkpoint, run_trial
 
@@ -78,6 +80,7 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
 
     from .worker import release_trial_memory, start_trial
 
+    configure()  # this worker process: Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
     started, clock = time.time(), time.perf_counter()
     release_trial_memory()  # what a trial stopped by the scheduler held while its thread unwound
     worker = start_trial()
@@ -450,7 +453,7 @@ def run_search(
     import ray
 
     if more_trials < 0:
-        raise ValueError(f"more_trials must be >= 0, got {more_trials}")
+        raise InputError(f"more_trials must be >= 0, got {more_trials}")
     read_record(search_dir)  # a clear error before anything starts
     with DirectoryLock(search_dir, what="search"):
         record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
@@ -460,9 +463,6 @@ def run_search(
         StudyRef(record.study.storage, record.study.study_name).load()
         if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
             ray.init(include_dashboard=False, configure_logging=False)
-        # Snapshot Ray's experiment state at every controller step, so that a driver killed at any
-        # moment resumes from the trials Ray had at that moment (Ray's default: every >= 10 s).
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
         for i in range(len(record.runs)):
             _fit_run(search_dir, record, i, trainable=trainable,
                      errored=errored if i == len(record.runs) - 1 else "skip")
@@ -539,7 +539,8 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
-        tuner.fit()
+        with _snapshot_period(search.snapshot_period_s):
+            tuner.fit()
         return run_path, fs
     study = StudyRef(record.study.storage, record.study.study_name)
     sched = record.space.scheduler
@@ -568,8 +569,26 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
             verbose=1,
         ),
     )
-    tuner.fit()
+    with _snapshot_period(search.snapshot_period_s):
+        tuner.fit()
     return run_path, fs
+
+
+@contextmanager
+def _snapshot_period(seconds: float):
+    """Within the block Ray Tune snapshots its experiment state every ``seconds`` (0: after every
+    controller step) — ``$TUNE_GLOBAL_CHECKPOINT_S``, which Ray reads when ``Tuner.fit`` starts its
+    controller. A value the user set in the environment wins; the variable is restored afterwards.
+    """
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path: str, fs, *, stopped: bool) -> None:
@@ -582,7 +601,7 @@ def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path:
     """
     from ray.tune import ExperimentAnalysis
 
-    from .errors import RunInterrupted, StageError
+    from .errors import RunInterrupted
 
     run = record.runs[index]
     trials = ExperimentAnalysis(run_path, storage_filesystem=fs).trials
@@ -636,21 +655,3 @@ def ray_trials(search_dir: str) -> pd.DataFrame:
                 "checkpoint_fs": fs, "config": trial.config,
             })
     return pd.DataFrame(rows)
-
-
-#: Names that moved to :mod:`mgfa_ray.export` and are still importable from here (``mgfa_ray.cli``
-#: imports them from this module). Served lazily by :func:`__getattr__`: export imports this module.
-_MOVED_TO_EXPORT = ("export_search", "default_export_dir")
-
-
-def __getattr__(name: str) -> Any:
-    """``mgfa_ray.search.<name>`` for the names of :data:`_MOVED_TO_EXPORT` (PEP 562).
-
-    Raises:
-        AttributeError: Any other name this module does not define.
-    """
-    if name in _MOVED_TO_EXPORT:
-        from . import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,6 +47,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .errors import UserError
+from .runtime import configure
 from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ WARM_START_ATTR = "warm_start_from"
 
 SESSION = uuid.uuid4().hex
 """This driver process's token: trials it claimed carry it in ``driver_session``."""
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 
 class DamagedJournalError(UserError):
     """An Optuna journal file damaged other than by a torn last record (which is repaired): the
@@ -152,6 +150,7 @@ class StudyRef:
             DamagedJournalError: The journal is damaged other than by a torn last record.
             KeyError: ``create`` is false and the journal file does not exist.
         """
+        configure()  # Optuna's log level (mgfa_ray.runtime), before the first study opens
         if "://" in self.storage:
             return optuna.storages.RDBStorage(self.storage)
         from optuna.storages.journal import JournalFileBackend

@@ -50,7 +50,7 @@ from PIL import Image
 
 from .augment import augment, eval_images
 from .config import TrainConfig, to_dict
-from .errors import UserError
+from .errors import InputError, UserError
 from .io import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
@@ -271,10 +271,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
-        raise ValueError(f"{path} is not an mgfa-ray trial checkpoint")
+        raise InputError(f"{path} is not an mgfa-ray trial checkpoint")
     return state
 
 
@@ -424,7 +424,7 @@ def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
     for name in ("train", "eval"):
         if parts[name].empty:
             split = "train" if name == "train" else cfg.eval_split
-            raise ValueError(f"manifest {cfg.manifest}: split {split!r} is empty")
+            raise InputError(f"manifest {cfg.manifest}: split {split!r} is empty")
     used = pd.concat(list(parts.values()), ignore_index=True)  # disjoint splits: each image once
     masks, _ = read_masks(cfg.masks, image_ids=used["image_id"].tolist(), region_classes=cfg.region_classes,
                           labels=used["label"].tolist())
@@ -484,7 +484,7 @@ def trial_device(cfg: TrainConfig) -> torch.device:
         torch.set_num_threads(cfg.threads)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise InputError("device 'cuda' requested but CUDA is not available")
     if use_cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     return torch.device("cuda" if use_cuda else "cpu")

@@ -11,15 +11,25 @@ from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
 from mgfa_ray.regions import index_labels
+from mgfa_ray.runtime import configure
 
 REPO = Path(__file__).resolve().parents[1]
 REGION_CLASSES = ["vein", "contour"]
 
-# Credentials for the S3 API server the object-storage tests start on loopback (moto accepts any).
-# Set before any Ray cluster starts, so Ray workers inherit them; never a real account.
-for _k, _v in {"AWS_ACCESS_KEY_ID": "mgfa-test", "AWS_SECRET_ACCESS_KEY": "mgfa-test",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-    os.environ.setdefault(_k, _v)
+
+
+def pytest_configure(config):
+    """The test process's set-up, before any test module is collected (imported).
+
+    Credentials for the S3 API server the object-storage tests start on loopback (moto accepts
+    any), set before any Ray cluster starts so Ray workers inherit them; never a real account. And
+    :func:`mgfa_ray.runtime.configure`, as the ``mgfa-ray`` command line does, since tests also
+    import Ultralytics themselves.
+    """
+    for key, value in {"AWS_ACCESS_KEY_ID": "mgfa-test", "AWS_SECRET_ACCESS_KEY": "mgfa-test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        os.environ.setdefault(key, value)
+    configure()
 
 
 @pytest.fixture(scope="session")

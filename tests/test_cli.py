@@ -119,3 +119,23 @@ def test_masks_build_stops_after_the_mask_set(ray_cluster, data_root, tmp_path):
     assert json.loads(meta.read_text())["rows"] == 8
     assert (out / "manifest.parquet").is_file()
     assert not (out / "search").exists() and not (out / "export").exists() and not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   ValueError("a bug's bad value")])
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, capsys, error):
+    """Only the project's own errors (UserError) become one ``error:`` line; others propagate."""
+    from mgfa_ray import cli
+    from mgfa_ray.errors import InputError, StageError
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_dispatch", fail)
+    with pytest.raises(type(error), match=str(error).split(".")[0]):
+        main(["detector", "eval", str(JOB)])
+    assert "error:" not in capsys.readouterr().err
+    for own, status in ((InputError("no such image id"), 2), (StageError("every trial failed"), 1)):
+        monkeypatch.setattr(cli, "_dispatch", lambda args, own=own: (_ for _ in ()).throw(own))
+        assert main(["detector", "eval", str(JOB)]) == status
+        assert _error_line(capsys) == f"error: {own}"

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-import mgfa_ray.detector  # noqa: F401  (Ultralytics' offline settings before its first import)
 from mgfa_ray.cli import main
 from mgfa_ray.config import DetectorConfig
 from mgfa_ray.detector import detector_key, train_detector

@@ -88,3 +88,21 @@ def test_lock_on_an_object_store(s3_server):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="heartbeat_s=5"):
         DirectoryLock(str(tmp_path), heartbeat_s=5, stale_after_s=5)
+
+
+def test_a_driver_that_loses_its_lock_stops_naming_the_new_holder(tmp_path):
+    other = {"token": "theirs", "host": "node-7.cluster", "pid": 4321, "pid_started": 1.0,
+             "started": time.time(), "heartbeat": time.time()}
+    t0 = time.monotonic()
+    with pytest.raises(LockedError, match=r"lost its lock .*driver.lock.* held by pid 4321 on host 'node-7.cluster'") \
+            as err:
+        with DirectoryLock(str(tmp_path), heartbeat_s=0.2, stale_after_s=1.0) as lock:
+            lock.check()  # still ours
+            (tmp_path / LOCK_FILE).write_text(json.dumps(other))  # another driver took it over
+            time.sleep(30)  # the driver's work: interrupted at the next heartbeat
+    assert time.monotonic() - t0 < 10
+    assert err.value.holder["token"] == "theirs" and isinstance(err.value.__cause__, KeyboardInterrupt)
+    assert lock.lost == other
+    with pytest.raises(LockedError, match="lost its lock"):
+        lock.check()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == "theirs"  # theirs is left in place

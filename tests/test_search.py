@@ -194,3 +194,23 @@ def test_scheduler_tells_complete_pruned_or_fail_by_epochs_and_value(tmp_path):
     assert (done.state, done.value, done.intermediate_values) == (TrialState.COMPLETE, 0.6, {1: 0.2, 2: 0.4, 3: 0.6})
     assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.3)
     assert diverged.state == TrialState.FAIL
+
+
+def test_snapshot_period_is_set_only_around_the_fit(monkeypatch):
+    import os
+
+    from mgfa_ray.search import _snapshot_period
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    assert SearchConfig(space="s.yaml").snapshot_period_s == 0  # default: after every controller step
+    with _snapshot_period(0.0):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "0"
+    with _snapshot_period(12.5):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "12.5"
+    assert "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ  # restored: not for the whole process
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")  # the user's own value wins, and stays
+    with _snapshot_period(0.0):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "auto"
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "auto"
+    with pytest.raises(ValueError):
+        SearchConfig(space="s.yaml", snapshot_period_s=-1)

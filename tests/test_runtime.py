@@ -1,0 +1,84 @@
+"""Process set-up is explicit: importing mgfa_ray changes nothing; mgfa_ray.runtime.configure() does it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mgfa_ray import runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import json, logging, os, pkgutil, importlib, sys
+import mgfa_ray
+
+def state():
+    return {"env": {k: os.environ.get(k) for k in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR",
+                                                   "TUNE_GLOBAL_CHECKPOINT_S")},
+            "optuna_level": logging.getLogger("optuna").level, "ultralytics": "ultralytics" in sys.modules}
+
+before = state()
+for m in pkgutil.iter_modules(mgfa_ray.__path__):
+    importlib.import_module(f"mgfa_ray.{m.name}")
+imported = state()
+from mgfa_ray.runtime import configure
+configure(); configure()
+print(json.dumps({"before": before, "imported": imported, "configured": state()}))
+"""
+
+
+def test_importing_changes_nothing_and_configure_sets_up_the_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "TUNE_GLOBAL"))}
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["imported"]["env"] == doc["before"]["env"] == {k: None for k in doc["before"]["env"]}
+    assert not doc["imported"]["ultralytics"]
+    assert doc["imported"]["optuna_level"] != 30  # Optuna's own INFO, untouched by imports
+    assert doc["configured"]["env"] == {**runtime.YOLO_ENV_DEFAULTS, "TUNE_GLOBAL_CHECKPOINT_S": None}
+    assert doc["configured"]["optuna_level"] == 30  # logging.WARNING
+
+
+def test_umask_is_read_without_changing_it():
+    previous = os.umask(0o027)
+    try:
+        runtime.umask.cache_clear()
+        assert runtime.umask() == 0o027
+        assert os.umask(0o027) == 0o027  # unchanged by reading it
+    finally:
+        os.umask(previous)
+        runtime.umask.cache_clear()
+
+
+def test_umask_without_proc_is_read_from_a_probe_file(monkeypatch):
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    previous = os.umask(0o077)
+    monkeypatch.setattr(runtime, "open", no_proc, raising=False)
+    try:
+        runtime.umask.cache_clear()
+        assert runtime.umask() == 0o077
+    finally:
+        os.umask(previous)
+        runtime.umask.cache_clear()
+
+
+def test_ultralytics_settings_are_private_only_within_the_block_and_never_written():
+    from mgfa_ray.detector import _private_settings, _ultralytics
+
+    _ultralytics()
+    from ultralytics.utils import SETTINGS
+
+    before, file_before = dict(SETTINGS), SETTINGS.file.read_bytes()
+    with _private_settings():
+        with _private_settings():  # nested (or another thread's): one patch
+            assert SETTINGS["raytune"] is False and SETTINGS["sync"] is False
+        assert SETTINGS["raytune"] is False  # still inside the outer block
+        assert SETTINGS["weights_dir"] == str(Path(runtime.YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]) / "weights")
+    assert dict(SETTINGS) == before
+    assert SETTINGS.file.read_bytes() == file_before
