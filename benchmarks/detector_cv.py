@@ -42,7 +42,7 @@ REGION_CLASSES = ["vein", "contour"]
 OLD = DetectorConfig(model="yolo11n.yaml", imgsz=320, epochs=150, batch=8, holdout_fraction=0.25, conf=0.1, seed=0)
 #: name → (changes to OLD, why).
 RECIPES: dict[str, tuple[dict, str]] = {
-    "old": ({}, "jobs/leafsnap20.yaml before: yolo11n, imgsz 320, 150 epochs, default augmentation"),
+    "old": ({}, "jobs/leafsnap20.yaml's recipe: yolo11n, imgsz 320, 150 epochs, default augmentation"),
     "r480": ({"imgsz": 480, "epochs": 100}, "the paper's 480 px, fewer epochs to stay near 1.5x the old cost"),
     "flipud": ({"flipud": 0.5}, "leaves lie in any orientation: vertical flips too"),
     "r480e150": ({"imgsz": 480, "epochs": 150}, "480 px at the old epoch count"),
@@ -91,7 +91,8 @@ def table(doc: dict) -> str:
     when = f"{created[0]} to {created[-1]}" if created else doc["created_utc"]
     lines = [f"# Detector recipes, grouped {k}-fold cross-validation on leafsnap20-regions (40 photos)", "",
              f"Cells finished {when} on {doc['machine']['cpu_model']} ({doc['machine']['cpus_usable']} "
-             f"usable cores shared with other work, `nice -n 10`, CPU); table written by `{doc['command']}` "
+             f"usable cores shared with other work, `nice -n 10`, CPU); table written by "
+             f"`{doc['command'].split(' --note')[0]}` (notes below) "
              f"(every command that ran cells: cv.json `runs`). Same folds for every recipe "
              f"(seed {doc['settings']['seed']}, 10 photos held out per fold). mAP@0.5 per class: mean ± std over "
              f"the folds measured (min–max); overall = mean of the two classes. Fold 0: the pilot column, "
