@@ -94,8 +94,8 @@ def test_bad_settings_are_refused(tmp_path):
 def test_a_driver_that_loses_its_lock_stops_naming_the_new_holder(tmp_path):
     other = {"token": "theirs", "host": "node-7.cluster", "pid": 4321, "pid_started": 1.0,
              "started": time.time(), "heartbeat": time.time()}
-    # A plain driver's SIGINT handler. Ray Tune installs its own at Tuner.fit and leaves it, so after
-    # an in-process search earlier in the session SIGINT would only ask Tune to stop.
+    # A plain driver's SIGINT handler: in the full suite an earlier test left another one (Ray Tune
+    # replaces it during a fit), and the heartbeat's SIGINT then did not interrupt the sleep.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _lose_the_lock(tmp_path, other)
