@@ -97,7 +97,8 @@ def read_backbone_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(model: nn.Module, weights: str | Path) -> int:
+def load_backbone_weights(model: nn.Module, weights: str | Path, *,
+                          state: dict[str, torch.Tensor] | None = None) -> int:
     """Copy a torchvision ``state_dict`` into ``model``'s ``TorchVision`` backbone layer, in place.
 
     The file is read with ``torch.load(weights_only=True)`` and loaded into a fresh torchvision
@@ -111,6 +112,8 @@ def load_backbone_weights(model: nn.Module, weights: str | Path) -> int:
             truncate, split).
         weights: Path of the state_dict (keys as torchvision's model of that name, e.g.
             ``features.0.0.weight`` for ``mobilenet_v2``).
+        state: The file's state_dict when the caller has read it already
+            (:func:`read_backbone_state`); else it is read here.
 
     Returns:
         The number of tensors copied.
@@ -128,7 +131,7 @@ def load_backbone_weights(model: nn.Module, weights: str | Path) -> int:
         raise WeightsError(f"detector.backbone_weights: the model YAML's TorchVision layer ({name}) has unwrap "
                            f"false; only unwrapped backbones are supported")
     path = Path(weights).expanduser()
-    state = read_backbone_state(path)
+    state = read_backbone_state(path) if state is None else state
     net = torchvision.models.get_model(name, weights=None)
     try:
         result = net.load_state_dict(state, strict=False)
@@ -168,9 +171,9 @@ def build_pretrained(model: str, weights: str | Path, *, nc: int) -> nn.Module:
     if not (src.endswith((".yaml", ".yml")) and Path(src).is_file()):
         raise WeightsError(f"detector.backbone_weights needs detector.model to be a model YAML file with a "
                            f"TorchVision backbone (e.g. yolo11n-mobilenetv2.yaml), got {model!r}")
-    read_backbone_state(Path(weights).expanduser())  # a bad file fails before the (slower) model build
+    state = read_backbone_state(Path(weights).expanduser())  # a bad file fails before the (slower) build
     net = DetectionModel(src, nc=nc, verbose=False)
-    load_backbone_weights(net, weights)
+    load_backbone_weights(net, weights, state=state)
     return net
 
 
