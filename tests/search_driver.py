@@ -14,6 +14,9 @@ whose Optuna number has a file ``fail-<n>`` there raises once at epoch 2 (the fi
 to a file per trial, so tests can count what ran, where ``node-<optuna number>`` holds the Ray
 node id the trial runs on (written when an epoch starts), and where ``span-<optuna number>`` holds
 ``<start> <end> <pid>``: the Unix times the trainable started and returned, and its process.
+``MGFA_STANDIN_BARRIER=N`` (with the log directory) makes every trial, once started, wait until N
+trials have started (or 120 s have passed) before its first epoch, so a test of how many trials Ray
+runs at once does not depend on how fast a loaded machine starts their workers.
 
 ``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
 GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
@@ -57,6 +60,8 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
     log_dir = os.environ.get("MGFA_STANDIN_LOG")
     q = quality(config)
     begin = time.time()
+    if log_dir and os.environ.get("MGFA_STANDIN_BARRIER"):
+        _wait_for_starts(Path(log_dir), number, int(os.environ["MGFA_STANDIN_BARRIER"]))
     for epoch in range(start, int(base["epochs"]) + 1):
         if log_dir:
             import ray
@@ -80,6 +85,14 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
                         checkpoint=tune.Checkpoint.from_directory(d))
     if log_dir:
         (Path(log_dir) / f"span-{number}").write_text(f"{begin} {time.time()} {os.getpid()}")
+
+
+def _wait_for_starts(log_dir: Path, number, n: int, timeout: float = 120.0) -> None:
+    """Mark this trial started, then wait until ``n`` trials have (a barrier; gives up after ``timeout``)."""
+    (log_dir / f"started-{number}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(log_dir.glob("started-*"))) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def space_doc(max_epochs: int, early_stopping: bool = True) -> dict:

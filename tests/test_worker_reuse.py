@@ -98,10 +98,13 @@ def test_reused_ray_worker_gives_bit_identical_trial(ray_cluster, tiny_train_con
 @pytest.mark.slow
 def test_fractional_gpus_pack_four_trials_at_once(tmp_path):
     """8 stand-in trials, each 0.5 CPU and 0.25 GPU, on a cluster of 4 CPUs and 1 GPU: the GPU
-    allows 4 at once (the CPUs 8), so exactly 4 run together, and reused workers serve them."""
+    allows 4 at once (the CPUs 8), so exactly 4 run together, and reused workers serve them. Each
+    trial waits until 4 have started (a barrier): were Ray to run only 3 at once, the barrier would
+    time out and the spans overlap 3 deep; were it to run 5, they would overlap 5 deep."""
     log = tmp_path / "log"
     log.mkdir()
-    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "1.5", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": ""}
+    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "1.5", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": "",
+           "MGFA_STANDIN_BARRIER": "4"}
     created = subprocess.run([sys.executable, str(DRIVER), "create", str(tmp_path / "searches"), "--num-samples", "8",
                               "--max-epochs", "2", "--max-concurrent", "8", "--no-early-stopping",
                               "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.25"],
