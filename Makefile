@@ -24,10 +24,14 @@ smoke: $(VENV)/.installed
 
 # tests/test_dashboard.py drives headless Chromium (Debian's package); installed here when absent,
 # and skipped with its reason where that is not possible (no root, no package mirror).
+# The tests mostly wait (for Ray to start, for trials, for killed drivers): two pytest-xdist workers keep
+# both cores busy. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: tests/test_dashboard.py will be skipped"
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 gpu-wheels: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpu_wheels.py --out .gpu/wheels
