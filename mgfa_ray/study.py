@@ -570,15 +570,15 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
             return TrialScheduler.STOP
         if not self.early_stopping or step >= self.max_epochs or not math.isfinite(value):
             return TrialScheduler.CONTINUE
-        return self._decide(number)
+        return self._decide(number, int(step))
 
-    def _decide(self, number: int) -> str:
-        """ASHA's decision for trial ``number`` after its latest value, its new rungs (and a stop)
+    def _decide(self, number: int, step: int) -> str:
+        """ASHA's decision for trial ``number`` after its value at ``step``, its new rungs (and a stop)
         recorded in the study before Ray hears it."""
         stop, rungs = self.asha.decide(self.opened.frozen(number), self.study.get_trials(deepcopy=False))
         attrs = rung_attrs(rungs)
         if stop:
-            attrs[STOP_ATTR] = int(self.opened.frozen(number).last_step)
+            attrs[STOP_ATTR] = step
         self.opened.set_user_attrs(number, attrs)
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
