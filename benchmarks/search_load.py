@@ -355,12 +355,10 @@ def gpu_memory_mib() -> list[int] | str:
 def _quiet_address_file() -> None:
     """``Cluster`` writes (and on shutdown deletes) /tmp/ray/ray_current_cluster, through which a plain
     ``ray.init()`` anywhere on the machine would join this cluster: other users' Ray runs share the
-    machine, so this process does neither."""
-    import ray._common.utils
-    import ray._private.utils
+    machine, so this process does neither (:func:`mgfa_ray.compat.suppress_cluster_address_file`)."""
+    from mgfa_ray.compat import suppress_cluster_address_file
 
-    ray._private.utils.write_ray_address = lambda *a, **k: None
-    ray._common.utils.reset_ray_address = lambda *a, **k: None
+    suppress_cluster_address_file()
 
 
 def one_search(s: dict[str, Any], mode: str) -> dict[str, Any]:

@@ -290,8 +290,9 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
 def define_by_run(trial, *, space: SearchSpace) -> dict[str, Any]:
     """Optuna define-by-run function: suggest every searched parameter of ``space``.
 
-    Used through ``functools.partial`` by Ray's ``OptunaSearch``; it lives in this importable
-    module so the searcher can be pickled and restored (DESIGN.md §4.3).
+    Called on each asked trial by :class:`mgfa_ray.study.StudySearch` (:func:`mgfa_ray.study.sample_config`).
+    Searcher states pickled before that held it through :func:`optuna_space`, so it stays in this
+    importable module.
 
     Returns:
         Constants to add to the config: the simplex weights and the fixed parameters.
@@ -331,5 +332,6 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def optuna_space(space: SearchSpace):
-    """The define-by-run callable for ``OptunaSearch(space=...)``."""
+    """The define-by-run callable of ``space`` (``functools.partial`` of :func:`define_by_run`), as
+    searcher states pickled by mgfa-ray before ``StudySearch`` became a plain Ray ``Searcher`` hold it."""
     return functools.partial(define_by_run, space=space)

@@ -9,18 +9,21 @@ holds everything needed to pick up after a crash:
 * every Optuna trial carries the user attributes ``ray_trial_id`` (the Ray trial running it) and
   ``driver_session`` (the driver process that last claimed it); every Ray trial's config carries
   its Optuna trial number under :data:`OPTUNA_TRIAL_KEY`;
-* :class:`StudySearch` (an ``OptunaSearch``) asks the study for new trials; after a driver crash it
+* :class:`StudySearch` (a Ray ``Searcher``) asks the study for new trials; after a driver crash it
   first hands out *orphans* — RUNNING trials that the restored Ray experiment does not know (the
   driver died after asking Optuna but before Ray's experiment snapshot recorded the trial), so no
   trial is lost or run twice;
-* :class:`StudyScheduler` (a Ray ``TrialScheduler``) writes every epoch's metric as an intermediate
-  value, stops trials with Optuna's ``SuccessiveHalvingPruner`` — asynchronous successive halving
-  (ASHA, Li et al., MLSys 2020) computed from the study, so its rungs survive a driver restart,
-  whereas Ray's ``ASHAScheduler`` starts empty on ``Tuner.restore`` — and tells the final state:
-  COMPLETE (ran ``max_epochs``, with its last value), PRUNED (stopped early, value = last
+* :class:`StudyScheduler` (a Ray ``FIFOScheduler``) writes every epoch's metric as an intermediate
+  value, stops trials by asynchronous successive halving (ASHA, Li et al., MLSys 2020;
+  :mod:`mgfa_ray.asha`) computed from rungs recorded in the study, so they survive a driver
+  restart, whereas Ray's ``ASHAScheduler`` starts empty on ``Tuner.restore`` — and tells the final
+  state: COMPLETE (ran ``max_epochs``, with its last value), PRUNED (stopped early, value = last
   intermediate value), FAIL (errored after Ray's retries). A trial Ray runs again after an error
   (``resume_errored`` / ``restart_errored``) gets a fresh Optuna trial with the same parameters
   (Optuna's own convention: system attribute ``failed_trial``), so it ends COMPLETE or PRUNED too.
+
+Both use Ray and Optuna through their public APIs only (:class:`OpenStudy`); what has no public
+route is in :mod:`mgfa_ray.compat`.
 
 A trial whose outcome reached the study before the crash but not Ray's snapshot is rerun by Ray
 from its last checkpoint; the scheduler replays the recorded decision (PRUNED → stop,
@@ -29,12 +32,10 @@ COMPLETE → run to the end) and never rewrites a finished trial.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
-import posixpath
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,11 +45,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
+from .asha import STOP_ATTR, Asha, is_rung_attr, rung_attrs, rung_values
+from .compat import legacy_asha_settings, legacy_metric, move_trial_storage, running_trial, trial_experiment_path
 from .errors import UserError
 from .runtime import configure
-from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
+from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, define_by_run
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,11 @@ class StudyRef:
         Raises:
             DamagedJournalError: See :meth:`open_storage`.
         """
-        storage = self.open_storage(create=create)
+        return self.load_from(self.open_storage(create=create), sampler=sampler, create=create)
+
+    def load_from(self, storage: optuna.storages.BaseStorage, *, sampler: optuna.samplers.BaseSampler | None = None,
+                  create: bool = False) -> optuna.Study:
+        """:meth:`load` on a storage object from :meth:`open_storage`."""
         if create:
             return optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
                                        sampler=sampler, load_if_exists=True)
@@ -227,35 +234,81 @@ def _number_by_ray_id(study: optuna.Study, ray_trial_id: str) -> int | None:
     return max(numbers) if numbers else None
 
 
+class OpenStudy:
+    """A study and the storage object it was opened on, which addresses its trials by number.
+
+    Everything goes through public API: ``optuna.Study`` for ask/tell/get_trials and the public
+    methods of the ``BaseStorage`` the project opened itself (:meth:`StudyRef.open_storage`) for
+    what a ``Study`` has no method for (a user attribute, an intermediate value or a new RUNNING
+    trial, by trial number). For an RDB URL the study reads through Optuna's cache of *finished*
+    trials; the writes here only touch unfinished ones, so both views agree.
+
+    Args:
+        ref: Where the study lives.
+        sampler: The sampler of ``study`` (``None``: Optuna's default).
+        create: Create the study if absent (else a missing one is a ``KeyError``).
+    """
+
+    def __init__(self, ref: StudyRef, *, sampler: optuna.samplers.BaseSampler | None = None, create: bool = False):
+        self.storage = ref.open_storage(create=create)
+        self.study = ref.load_from(self.storage, sampler=sampler, create=create)
+        self.study_id = self.storage.get_study_id_from_name(ref.study_name)
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number``."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def frozen(self, number: int) -> FrozenTrial:
+        """Trial ``number`` as the storage holds it now."""
+        return self.storage.get_trial(self.trial_id(number))
+
+    def set_user_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        """Set user attributes of (unfinished) trial ``number``."""
+        tid = self.trial_id(number)
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(tid, key, value)
+
+    def report(self, number: int, step: int, value: float) -> None:
+        """Record (or overwrite) the intermediate value of (unfinished) trial ``number`` at ``step``."""
+        self.storage.set_trial_intermediate_value(self.trial_id(number), step, value)
+
+    def add_running(self, template: FrozenTrial) -> int:
+        """Add a trial (from ``optuna.trial.create_trial(state=RUNNING, ...)``); returns its number."""
+        return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
+
+    def running_trial(self, number: int) -> optuna.trial.Trial:
+        """An ``optuna.trial.Trial`` on RUNNING trial ``number`` (to complete its parameters)."""
+        return running_trial(self.study, self.trial_id(number))
+
+
 class _StudyUser:
     """Shared by searcher and scheduler: the study, opened lazily in the driver and never pickled
     (Ray pickles both into the experiment; the storage is reconnected after a restore)."""
 
+    study_ref: StudyRef
+    _study_sampler: optuna.samplers.BaseSampler | None
+    _open: OpenStudy | None
+    _trial_numbers: dict[str, int]
+
     def _init_study(self, ref: StudyRef, sampler: optuna.samplers.BaseSampler | None) -> None:
         self.study_ref = ref
         self._study_sampler = sampler
-        self._study_obj: optuna.Study | None = None
-        self._trial_numbers: dict[str, int] = {}
+        self._open = None
+        self._trial_numbers = {}
 
     @property
-    def study(self) -> optuna.Study:
-        if self._study_obj is None:
+    def opened(self) -> OpenStudy:
+        """The open study: where the search's :func:`bound_study` says, else ``study_ref``."""
+        if self._open is None:
             bound = _BOUND.get(self.study_ref.study_name)
             # Never the pickled path of a moved search; a bound study exists (create_search made it).
             ref = bound.study if bound else self.study_ref
-            self._study_obj = ref.load(sampler=self._study_sampler, create=bound is None)
-        return self._study_obj
+            self._open = OpenStudy(ref, sampler=self._study_sampler, create=bound is None)
+        return self._open
 
-    def _storage_id(self, number: int) -> int:
-        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-
-    def _frozen(self, number: int) -> FrozenTrial:
-        return self.study._storage.get_trial(self._storage_id(number))
-
-    def _set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
-        tid = self._storage_id(number)
-        for k, v in attrs.items():
-            self.study._storage.set_trial_user_attr(tid, k, v)
+    @property
+    def study(self) -> optuna.Study:
+        return self.opened.study
 
     def _number_of(self, trial_id: str, config: dict[str, Any] | None) -> int | None:
         if trial_id in self._trial_numbers:
@@ -267,14 +320,36 @@ class _StudyUser:
             self._trial_numbers[trial_id] = number
         return number
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_study_obj"] = None
-        return state
+
+def unflatten(params: dict[str, Any], sep: str = "/") -> dict[str, Any]:
+    """``{"a/b": 1, "c": 2}`` → ``{"a": {"b": 1}, "c": 2}`` (Optuna names nested config keys so)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        *heads, last = key.split(sep)
+        node = out
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[last] = value
+    return out
 
 
-class StudySearch(_StudyUser, OptunaSearch):
-    """Ray Tune searcher over a persistent Optuna study (an ``OptunaSearch`` that survives crashes).
+def sample_config(trial: optuna.trial.Trial, space: SearchSpace) -> dict[str, Any]:
+    """Suggest ``space`` on ``trial`` (:func:`~mgfa_ray.search_space.define_by_run`): its parameters
+    (``simplex/u<i>`` nested under ``simplex``) and the constants it adds (simplex weights, fixed
+    parameters). A parameter the trial already holds keeps its value."""
+    constants = define_by_run(trial, space=space)
+    return {**unflatten(dict(trial.params)), **constants}
+
+
+STATE_FORMAT = 2
+"""Format of a pickled :class:`StudySearch` / :class:`StudyScheduler` state. Format 1 (no
+``format`` key) is the ``__dict__`` of the classes before them (an ``OptunaSearch`` subclass and a
+``FIFOScheduler`` holding an Optuna pruner); it is still read."""
+
+
+class StudySearch(_StudyUser, Searcher):
+    """Ray Tune searcher over a persistent Optuna study (public ``Searcher`` API; the study through
+    ``ask``, ``enqueue_trial`` and :class:`OpenStudy`).
 
     Args:
         space: The validated search space; its ``points_to_evaluate`` are enqueued once per study
@@ -291,46 +366,49 @@ class StudySearch(_StudyUser, OptunaSearch):
     """
 
     def __init__(self, *, space: SearchSpace, study: StudyRef, metric: str, sampler: str, seed: int, run: str):
-        sampler_obj = make_sampler(sampler, seed)
-        self._init_study(study, sampler_obj)
+        Searcher.__init__(self, metric=metric, mode="max")
+        self._init_study(study, make_sampler(sampler, seed))
         self.space_spec = space
         self.run = run
-        OptunaSearch.__init__(self, space=optuna_space(space), metric=metric, mode="max", sampler=sampler_obj,
-                              study_name=study.study_name, storage=None)
+        self._enqueue_points()
 
-    # Ray calls this when the Tuner starts: it would create an in-memory study and enqueue the
-    # points on every run. Our study is persistent; points go in once.
-    def _setup_study(self, mode):
-        self._ot_study = None
+    def _enqueue_points(self) -> None:
+        """Enqueue the space's points not yet in the study (once per study, not per run). A point
+        enqueued before a crash and not yet asked is found by Optuna's own ``skip_if_exists``."""
         study = self.study
-        # A point enqueued before a crash and not yet asked waits with its values in fixed_params.
-        tried = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+        tried = [t.params for t in study.get_trials(deepcopy=False)]
         for point in self.space_spec.optuna_points():
             if not any(_same_params(point, p) for p in tried):
-                study.enqueue_trial(point)
+                study.enqueue_trial(point, skip_if_exists=True)
                 tried.append(point)
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        study = self.study
-        orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        """The space, metric and mode are the searcher's own: a Tune config cannot replace them."""
+        return False
+
+    def _orphan(self) -> FrozenTrial | None:
+        """The oldest RUNNING trial of this run that no live driver claims: asked before a driver
+        crash, never recorded by Ray's snapshot."""
+        orphans = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.user_attrs.get(SESSION_ATTR) != SESSION and t.user_attrs.get(RUN_ATTR, self.run) == self.run]
-        if orphans:
-            orphan = min(orphans, key=lambda t: t.number)
-            number = orphan.number
+        return min(orphans, key=lambda t: t.number) if orphans else None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        orphan = self._orphan()
+        if orphan is not None:
             # Suggesting again returns the values the orphan already holds and samples any the
             # crash left unsampled.
-            params = self._suggest_from_define_by_run_func(self._space, optuna.trial.Trial(study, orphan._trial_id))
+            number = orphan.number
+            ot_trial = self.opened.running_trial(number)
             log.warning("trial %s takes over Optuna trial %d (asked before a driver crash; Ray never recorded it)",
                         trial_id, number)
         else:
-            ot_trial = study.ask()
+            ot_trial = self.study.ask()
             number = ot_trial.number
-            params = self._suggest_from_define_by_run_func(self._space, ot_trial)
-        self._set_attrs(number, {RAY_TRIAL_ATTR: trial_id, SESSION_ATTR: SESSION, RUN_ATTR: self.run})
+        config = sample_config(ot_trial, self.space_spec)
+        self.opened.set_user_attrs(number, {RAY_TRIAL_ATTR: trial_id, SESSION_ATTR: SESSION, RUN_ATTR: self.run})
         self._trial_numbers[trial_id] = number
-        from ray.tune.utils.util import unflatten_dict
-
-        return {**unflatten_dict(params), OPTUNA_TRIAL_KEY: number}
+        return {**config, OPTUNA_TRIAL_KEY: number}
 
     # The scheduler records results and final states (it sees the result that made it stop a
     # trial, which Ray withholds from the searcher); the searcher only suggests.
@@ -339,6 +417,21 @@ class StudySearch(_StudyUser, OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "study_ref": self.study_ref, "sampler": self._study_sampler,
+                "space": self.space_spec, "run": self.run, "metric": self.metric,
+                "trial_numbers": dict(self._trial_numbers)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:  # format 1: OptunaSearch's __dict__ (see STATE_FORMAT)
+            state = {"study_ref": state["study_ref"], "sampler": state.get("_study_sampler"),
+                     "space": state["space_spec"], "run": state["run"], "metric": legacy_metric(state),
+                     "trial_numbers": state.get("_trial_numbers", {})}
+        Searcher.__init__(self, metric=state["metric"], mode="max")
+        self._init_study(state["study_ref"], state["sampler"])
+        self._trial_numbers.update(state["trial_numbers"])
+        self.space_spec, self.run = state["space"], state["run"]
 
     def save(self, checkpoint_path: str) -> None:
         import pickle
@@ -350,7 +443,7 @@ class StudySearch(_StudyUser, OptunaSearch):
         import pickle
 
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            self.__setstate__(pickle.load(f))
 
 
 def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -367,7 +460,8 @@ def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 class StudyScheduler(_StudyUser, FIFOScheduler):
-    """Ray Tune scheduler that keeps the study in step with Ray and stops trials by ASHA.
+    """Ray Tune scheduler that keeps the study in step with Ray and stops trials by ASHA
+    (:class:`mgfa_ray.asha.Asha`, its rungs recorded in the study).
 
     Args:
         study: Where the study lives.
@@ -382,15 +476,36 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
     def __init__(self, *, study: StudyRef, metric: str, max_epochs: int, grace_period: int, reduction_factor: int,
                  early_stopping: bool = True):
         FIFOScheduler.__init__(self)
-        self._metric, self._mode = metric, "max"
         self._init_study(study, None)
+        self.metric_name = metric
         self.max_epochs = max_epochs
         self.early_stopping = early_stopping
-        self.pruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=grace_period, reduction_factor=reduction_factor, min_early_stopping_rate=0)
+        self.asha = Asha(min_resource=grace_period, reduction_factor=reduction_factor)
+
+    @property
+    def metric(self) -> str:
+        return self.metric_name
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
+        """The metric (maximised) is the scheduler's own; Tune's (the same) is accepted."""
         return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "study_ref": self.study_ref, "metric": self.metric_name,
+                "max_epochs": self.max_epochs, "early_stopping": self.early_stopping, "asha": self.asha,
+                "trial_numbers": dict(self._trial_numbers)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:  # format 1: a FIFOScheduler with an Optuna pruner
+            min_resource, reduction_factor = legacy_asha_settings(state["pruner"])
+            state = {"study_ref": state["study_ref"], "metric": legacy_metric(state),
+                     "max_epochs": state["max_epochs"], "early_stopping": state["early_stopping"],
+                     "asha": Asha(min_resource=min_resource, reduction_factor=reduction_factor),
+                     "trial_numbers": state.get("_trial_numbers", {})}
+        self._init_study(state["study_ref"], None)
+        self._trial_numbers.update(state["trial_numbers"])
+        self.metric_name, self.max_epochs = state["metric"], state["max_epochs"]
+        self.early_stopping, self.asha = state["early_stopping"], state["asha"]
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._keep_in_experiment(trial)
@@ -398,7 +513,7 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
         if number is None:
             log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
             return
-        frozen = self._frozen(number)
+        frozen = self.opened.frozen(number)
         if trial.status in ("TERMINATED", "ERROR"):  # restored as finished: Ray will not run it
             if frozen.state == TrialState.RUNNING:  # its end reached Ray's snapshot but not the study
                 if trial.status == "ERROR":
@@ -407,71 +522,75 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
                     self.on_trial_complete(tune_controller, trial, trial.last_result)
             return
         if frozen.state == TrialState.RUNNING:
-            self._set_attrs(number, {RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION})
+            self.opened.set_user_attrs(number, {RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION})
         elif frozen.state == TrialState.FAIL:
-            # Ray runs an errored trial again: same id from its checkpoint (resume_errored), or a
-            # new id from scratch (restart_errored). A fresh Optuna trial records the new attempt.
-            resumed = frozen.user_attrs.get(RAY_TRIAL_ATTR) == trial.trial_id
-            storage = self.study._storage
-            template = optuna.trial.create_trial(
-                state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
-                intermediate_values=frozen.intermediate_values if resumed else None,
-                user_attrs={**frozen.user_attrs, RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION},
-                system_attrs={"failed_trial": frozen.number,
-                              **({k: v for k, v in frozen.system_attrs.items() if k.startswith("completed_rung_")}
-                                 if resumed else {})},
-            )
-            tid = storage.create_new_trial(self.study._study_id, template_trial=template)
-            new_number = storage.get_trial_number_from_id(tid)
-            self._trial_numbers[trial.trial_id] = new_number
-            log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
+            self._retry(frozen, trial.trial_id)
+
+    def _retry(self, frozen: FrozenTrial, ray_trial_id: str) -> None:
+        """Ray runs errored Optuna trial ``frozen`` again: with the same id from its checkpoint
+        (``resume_errored``: its intermediate values and rungs go on), or with a new id from scratch
+        (``restart_errored``). A fresh Optuna trial records the new attempt (Optuna's convention:
+        system attribute ``failed_trial``, read by ``RetryFailedTrialCallback.retried_trial_number``)."""
+        resumed = frozen.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id
+        kept = {k: v for k, v in frozen.user_attrs.items() if not is_rung_attr(k)}
+        rungs = rung_attrs(rung_values(frozen)) if resumed else {}
+        template = optuna.trial.create_trial(
+            state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
+            intermediate_values=frozen.intermediate_values if resumed else None,
+            user_attrs={**kept, **rungs, RAY_TRIAL_ATTR: ray_trial_id, SESSION_ATTR: SESSION},
+            system_attrs={"failed_trial": frozen.number},
+        )
+        new_number = self.opened.add_running(template)
+        self._trial_numbers[ray_trial_id] = new_number
+        log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
 
     def _keep_in_experiment(self, trial) -> None:
-        """Give a new trial of a moved experiment the experiment's storage as it is now.
-
-        Works around Ray 2.60: after ``Tuner.restore`` of an experiment directory moved or copied
-        elsewhere, Ray re-points the restored trials (``TuneController._restore_trials`` calls
-        ``Trial.set_storage``) but creates new trials from the Experiment pickled in its search
-        generator's state, i.e. in the old directory: they write there, or fail where it is
-        gone. The same re-pointing as Ray's is done here, before the trial ever starts.
-        """
+        """Give a new trial of a moved experiment the experiment's storage as it is now
+        (:func:`mgfa_ray.compat.move_trial_storage`: Ray creates the new trials of a restored, moved
+        experiment in its old directory), before the trial ever starts."""
         bound = _BOUND.get(self.study_ref.study_name)
-        storage = getattr(trial, "storage", None)
-        if bound is None or bound.experiment_path is None or storage is None:
+        if bound is None or bound.experiment_path is None:
             return
-        if storage.experiment_fs_path != bound.experiment_path:
-            moved = copy.copy(storage)
-            moved.storage_fs_path = posixpath.dirname(bound.experiment_path)
-            moved.experiment_dir_name = posixpath.basename(bound.experiment_path)
-            trial.set_storage(moved)
+        current = trial_experiment_path(trial)
+        if current is not None and current != bound.experiment_path:
+            move_trial_storage(trial, bound.experiment_path)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         number = self._number_of(trial.trial_id, trial.config)
-        value, step = result.get(self._metric), result.get("training_iteration")
+        value, step = result.get(self.metric_name), result.get("training_iteration")
         if number is None or value is None or step is None:
             return TrialScheduler.CONTINUE
-        tid = self._storage_id(number)
-        frozen = self.study._storage.get_trial(tid)
+        frozen = self.opened.frozen(number)
         if frozen.state == TrialState.PRUNED:  # decided before a driver crash: decide the same
             return TrialScheduler.STOP
         if frozen.state != TrialState.RUNNING:
             return TrialScheduler.CONTINUE
-        self.study._storage.set_trial_intermediate_value(tid, int(step), float(value))
+        self.opened.report(number, int(step), float(value))
+        if STOP_ATTR in frozen.user_attrs and step >= frozen.user_attrs[STOP_ATTR]:  # decided before a crash
+            return TrialScheduler.STOP
         if not self.early_stopping or step >= self.max_epochs or not math.isfinite(value):
             return TrialScheduler.CONTINUE
-        if self.pruner.prune(self.study, self.study._storage.get_trial(tid)):
-            return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        return self._decide(number, int(step))
+
+    def _decide(self, number: int, step: int) -> str:
+        """ASHA's decision for trial ``number`` after its value at ``step``, its new rungs (and a stop)
+        recorded in the study before Ray hears it."""
+        stop, rungs = self.asha.decide(self.opened.frozen(number), self.study.get_trials(deepcopy=False))
+        attrs = rung_attrs(rungs)
+        if stop:
+            attrs[STOP_ATTR] = step
+        self.opened.set_user_attrs(number, attrs)
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         number = self._number_of(trial.trial_id, trial.config)
         if number is None:
             return
-        frozen = self._frozen(number)
+        frozen = self.opened.frozen(number)
         if frozen.state != TrialState.RUNNING:
             return
         epochs = int((result or {}).get("training_iteration") or 0)
-        value = (result or {}).get(self._metric)
+        value = (result or {}).get(self.metric_name)
         if epochs >= self.max_epochs and value is not None:
             if math.isfinite(value):
                 self.study.tell(number, float(value))
@@ -489,7 +608,7 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
         if trial.status == "ERROR" and trial.should_recover():
             return
         number = self._number_of(trial.trial_id, trial.config)
-        if number is not None and self._frozen(number).state == TrialState.RUNNING:
+        if number is not None and self.opened.frozen(number).state == TrialState.RUNNING:
             self.study.tell(number, state=TrialState.FAIL)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
@@ -513,8 +632,8 @@ def copy_trials(source: StudyRef, target: optuna.Study) -> int:
         target.add_trial(optuna.trial.create_trial(
             state=t.state, value=t.value, params=t.params, distributions=t.distributions,
             intermediate_values=t.intermediate_values,
-            user_attrs={WARM_START_ATTR: f"{source.storage} {source.study_name} #{t.number}"},
-            system_attrs={k: v for k, v in t.system_attrs.items() if k.startswith("completed_rung_")},
+            user_attrs={WARM_START_ATTR: f"{source.storage} {source.study_name} #{t.number}",
+                        **rung_attrs(rung_values(t))},
         ))
         copied += 1
     return copied

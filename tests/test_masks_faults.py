@@ -205,10 +205,11 @@ def pool_actor(exclude_pid: int | None = None) -> tuple[str, int] | None:
     """``(actor_id, pid)`` of this cluster's live mask-writer actor (from the cluster's own actor
     table, so never another cluster's process), or None."""
     import ray
-    from ray._private import state
+
+    from mgfa_ray.compat import actor_table
 
     job = ray.get_runtime_context().job_id
-    for actor_id, info in state.actors(job_id=job, actor_state_name="ALIVE").items():
+    for actor_id, info in actor_table(job_id=job, state="ALIVE").items():
         if "ShardWriter" in info["ActorClassName"] and info["Pid"] and info["Pid"] != exclude_pid:
             return actor_id, info["Pid"]
     return None
@@ -243,9 +244,9 @@ def test_killed_mask_actor_is_restarted_and_the_same_call_completes(ray_cluster,
         pipe.release()
     assert not build.is_alive() and build.error is None, build.error
     assert build.result == str(location / Path(reference[0]).name)
-    from ray._private import state
+    from mgfa_ray.compat import actor_table
 
-    assert state.actors(actor_id=actor_id)["NumRestarts"] >= 1  # the same actor, restarted, not a new one
+    assert actor_table(actor_id=actor_id)["NumRestarts"] >= 1  # the same actor, restarted, not a new one
     assert new_pid != pid
     assert_complete_and_equal(build.result, df, reference[1])
 

@@ -1,0 +1,140 @@
+"""Every use of Ray, Optuna or pyarrow beyond their public API, in one place.
+
+The rest of ``mgfa_ray`` talks to Ray through ``Searcher`` / ``TrialScheduler`` / ``Tuner``, to
+Optuna through ``Study.ask`` / ``tell`` / ``enqueue_trial`` / ``get_trials`` and the public methods
+of the ``BaseStorage`` object it opens itself, and to pyarrow through ``pyarrow.fs``. What has no
+public route is here, one function per assumption, each docstring naming the private API it relies
+on and why. ``tests/test_adapter_contract.py`` checks every assumption against the installed
+versions and fails naming the library, its version and the function below: on an upgrade, that
+test says what to rewrite.
+
+Verified with Ray 2.60, Optuna 5.0, pyarrow 26.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LEGACY_RUNG_PREFIX = "completed_rung_"
+"""Optuna's ``SuccessiveHalvingPruner`` keeps trial ``t``'s value at rung ``k`` in its system
+attribute ``completed_rung_<k>`` (``optuna/pruners/_successive_halving.py``)."""
+
+
+def running_trial(study, trial_id: int):
+    """An ``optuna.trial.Trial`` for a RUNNING trial the study already holds (storage id ``trial_id``,
+    from the public ``BaseStorage.get_trial_id_from_study_id_trial_number``).
+
+    Private use: Optuna documents the ``Trial(study, trial_id)`` constructor but says "direct use
+    of this constructor is not recommended" (``ask`` is the public way to get a ``Trial``, and only
+    for a new trial). A driver killed between ``ask`` and Ray's snapshot leaves a RUNNING trial with
+    part of its parameters sampled; suggesting on this object returns the values it holds and
+    samples the rest, so the trial is completed instead of lost (``mgfa_ray.study.StudySearch``).
+    """
+    import optuna
+
+    return optuna.trial.Trial(study, trial_id)
+
+
+def legacy_rung_values(trial) -> dict[int, float]:
+    """``{rung: value}`` from Optuna's own rung bookkeeping on ``trial`` (a ``FrozenTrial``).
+
+    Private use: the system attributes ``completed_rung_<k>`` are internal to Optuna's
+    ``SuccessiveHalvingPruner``. mgfa-ray before its own rung attributes (``mgfa_ray.asha``) stopped
+    trials with that pruner, so a study started then holds its rungs only there; reading them keeps
+    an older search's (or warm-start source's) rungs when it is resumed or copied.
+    """
+    out = {}
+    for key, value in trial.system_attrs.items():
+        if key.startswith(LEGACY_RUNG_PREFIX) and key[len(LEGACY_RUNG_PREFIX):].isdigit():
+            out[int(key[len(LEGACY_RUNG_PREFIX):])] = float(value)
+    return out
+
+
+def legacy_metric(state: dict[str, Any]) -> str | None:
+    """The metric of a pickled searcher state written by mgfa-ray before ``StudySearch`` was a plain
+    Ray ``Searcher`` (it subclassed ``OptunaSearch`` and pickled its ``__dict__``).
+
+    Private use: Ray's ``Searcher`` keeps its metric in the instance attribute ``_metric``.
+    """
+    return state.get("_metric")
+
+
+def legacy_asha_settings(pruner) -> tuple[int, int]:
+    """``(min_resource, reduction_factor)`` of an Optuna ``SuccessiveHalvingPruner`` unpickled from a
+    scheduler state written by mgfa-ray before ``StudyScheduler`` owned its ASHA settings.
+
+    Private use: the pruner keeps them in its instance attributes ``_min_resource`` and
+    ``_reduction_factor`` (read from the unpickled ``__dict__``).
+    """
+    attrs = vars(pruner)
+    return int(attrs["_min_resource"]), int(attrs["_reduction_factor"])
+
+
+def trial_experiment_path(trial) -> str | None:
+    """The experiment directory (path on its storage filesystem) a Ray trial writes to, or ``None``
+    when the trial has no storage yet.
+
+    Private use: ``Trial.storage`` is a ``ray.train._internal.storage.StorageContext`` (no public
+    type); ``experiment_fs_path`` is its attribute.
+    """
+    storage = getattr(trial, "storage", None)
+    return None if storage is None else storage.experiment_fs_path
+
+
+def move_trial_storage(trial, experiment_path: str) -> None:
+    """Point a Ray trial (and its checkpoints) at the experiment directory ``experiment_path``, the
+    same re-pointing Ray does for the trials it restores.
+
+    Private use: Ray 2.60, after ``Tuner.restore`` of an experiment directory moved or copied,
+    re-points the restored trials (``TuneController._restore_trials`` calls ``Trial.set_storage``)
+    but creates new trials from the ``Experiment`` pickled in its search generator's state, i.e. in
+    the old directory. Fixing that needs a copy of the trial's ``StorageContext`` (private type)
+    with ``storage_fs_path`` / ``experiment_dir_name`` changed, given to ``Trial.set_storage``
+    (developer API, taking that private type).
+    """
+    import copy
+    import posixpath
+
+    moved = copy.copy(trial.storage)
+    moved.storage_fs_path = posixpath.dirname(experiment_path)
+    moved.experiment_dir_name = posixpath.basename(experiment_path)
+    trial.set_storage(moved)
+
+
+def s3_options(fs) -> dict[str, Any]:
+    """The constructor keyword arguments of a ``pyarrow.fs.S3FileSystem`` (to build the same one
+    with one option changed).
+
+    Private use: pyarrow exposes no getter for them; ``S3FileSystem.__reduce__()`` returns
+    ``(S3FileSystem._reconstruct, (kwargs,))``, the way pyarrow pickles the filesystem.
+    """
+    return dict(fs.__reduce__()[1][0])
+
+
+def suppress_cluster_address_file() -> None:
+    """Stop ``ray.cluster_utils.Cluster`` in this process from writing (and deleting on shutdown)
+    ``/tmp/ray/ray_current_cluster``, through which a plain ``ray.init()`` anywhere on the machine
+    would join it (benchmarks that share the machine with other users' Ray runs).
+
+    Private use: ``Cluster`` calls ``ray._private.utils.write_ray_address`` and
+    ``ray._common.utils.reset_ray_address``; no public option turns that off. Both are replaced by
+    no-ops for the rest of the process.
+    """
+    import ray._common.utils
+    import ray._private.utils
+
+    ray._private.utils.write_ray_address = lambda *a, **k: None
+    ray._common.utils.reset_ray_address = lambda *a, **k: None
+
+
+def actor_table(*, actor_id: str | None = None, job_id=None, state: str | None = None) -> dict:
+    """Ray's actor table as ``ray._private.state.actors`` gives it: one actor's record (``actor_id``)
+    or ``{actor_id: record}`` filtered by ``job_id`` and ``state`` (e.g. ``"ALIVE"``); records hold
+    ``ActorClassName``, ``Pid``, ``NumRestarts``. For failure tests only.
+
+    Private use: the public ``ray.util.state`` API needs the dashboard, which the tests' clusters do
+    not start; ``ray._private.state.actors`` reads the cluster's own GCS table.
+    """
+    from ray._private import state as ray_state
+
+    return ray_state.actors(actor_id=actor_id, job_id=job_id, actor_state_name=state)
