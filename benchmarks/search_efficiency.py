@@ -249,7 +249,7 @@ def run_method(name: str, method: str, seed: int, s: dict[str, Any], data: dict[
                           cpus_per_trial=s["cpus_per_trial"], seed=seed,
                           sampler="random" if method == "random" else "tpe", max_failures=0)
     base = TrainConfig(manifest=data["manifest"], masks=data["masks"], region_classes=REGION_CLASSES,
-                       backbone=s["backbone"], weights=None, resize=s["resize"], crop=s["crop"],
+                       backbone=s["backbone"], weights=None, resize=s["resize"], train_crop=s["crop"],
                        batch_size=s["batch_size"], lr_schedule=s["lr_schedule"], device="cpu", precision="fp32",
                        seed=seed)
     search_dir = create_search(name=name, space=load_search_space(space_file, base=base), space_file=str(space_file),

@@ -226,7 +226,7 @@ def backbone_only_step(cfg: TrainConfig, s: dict[str, Any], device: torch.device
     labels = torch.randint(0, s["classes"], (b,), device=device)
 
     def step() -> None:
-        x = crop_flip(images, crop=cfg.crop, generator=generator)
+        x = crop_flip(images, crop=cfg.train_crop, generator=generator)
         with ctx.autocast():
             logits = model(ctx.inputs(x))
         loss = F.cross_entropy(logits.float(), labels)
@@ -340,7 +340,7 @@ def run(s: dict[str, Any]) -> dict[str, Any]:
     for backbone in s["backbones"]:
         cfg = TrainConfig(
             manifest=data["manifest"], masks=data["masks"], region_classes=REGION_CLASSES, backbone=backbone,
-            weights=None, resize=s["resize"], crop=s["crop"], batch_size=s["batch_size"],
+            weights=None, resize=s["resize"], train_crop=s["crop"], batch_size=s["batch_size"],
             epochs=1 + max(0, s["real_epochs"]), precision=s["precision"], channels_last=s["channels_last"],
             device=device.type, threads=s["threads"], seed=s["seed"],
         )

@@ -160,7 +160,7 @@ def one_search(s: dict[str, Any], setting: str, trials: int, work: Path) -> dict
              configure_logging=False, log_to_driver=False)
     resources = ray.cluster_resources()
     base = TrainConfig(manifest=s["manifest"], masks=s["masks"], backbone=s["backbone"], weights=s["weights"],
-                       resize=s["resize"], crop=s["crop"], epochs=s["epochs"], batch_size=s["batch_size"],
+                       resize=s["resize"], train_crop=s["crop"], epochs=s["epochs"], batch_size=s["batch_size"],
                        eval_split="val", device=s["device"], lr_schedule="cosine")
     space_file = work / f"space-{setting}-{trials}.yaml"
     space_file.write_text(yaml.safe_dump({

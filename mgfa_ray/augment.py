@@ -1,11 +1,11 @@
 """The trial's image transforms: one geometric transform for an image batch and its region masks.
 
-Training (paper Sec. IV-B): each image gets a random ``crop`` x ``crop`` window and a horizontal
-flip with p = 0.5; its masks, resized to the image's size, get exactly the same window and flip, so
-the ground-truth attention (:func:`~mgfa_ray.model.gt_attention`, Eq. 7) stays aligned with the
-pixels. Test time: the images are resized to ``crop`` (paper: test resize 448) or cut to their
-centre ``crop`` window (``eval_crop: center``, released code). Images are then standardised with
-the ImageNet mean and std.
+Training (paper Sec. IV-B): each image gets a random ``train_crop`` x ``train_crop`` window and a
+horizontal flip with p = 0.5; its masks, resized to the image's size, get exactly the same window
+and flip, so the ground-truth attention (:func:`~mgfa_ray.model.gt_attention`, Eq. 7) stays aligned
+with the pixels. Test time: the images are resized to ``eval_size`` (paper: test resize 448) or cut
+to their centre ``eval_size`` window (``eval_crop: center``, released code). Images are then
+standardised with the ImageNet mean and std. The functions here take that output side as ``size``.
 
 Everything runs on the tensors' device; the random draws come from a CPU generator, so a seed gives
 the same augmentation on every device. Used by :mod:`mgfa_ray.trial` (training and evaluation) and
@@ -27,7 +27,7 @@ def augment(
     images: torch.Tensor,
     masks: torch.Tensor,
     *,
-    crop: int,
+    size: int,
     train: bool,
     generator: torch.Generator | None = None,
     eval_crop: str = "resize",
@@ -42,32 +42,33 @@ def augment(
         images: uint8 (B, 3, R, R).
         masks: uint8 or float (B, K, M, M), values in [0, 1], covering the same full image; they
             are resized to R x R (bilinear) before the window is cut.
-        crop: Output side in pixels, <= R.
-        train: Random ``crop`` window + horizontal flip (p = 0.5) if True, else the test input
+        size: Output side in pixels, <= R: the training crop with ``train``, else the evaluation
+            size.
+        train: Random ``size`` window + horizontal flip (p = 0.5) if True, else the test input
             of ``eval_crop``.
         generator: RNG for the window and flip (CPU generator).
-        eval_crop: ``resize`` to ``crop`` (paper Sec. IV-B) or the ``center`` ``crop`` window
+        eval_crop: ``resize`` to ``size`` (paper Sec. IV-B) or the ``center`` ``size`` window
             (released code).
 
     Returns:
-        ``(x, m)``: float32 images (B, 3, crop, crop) normalised with ImageNet mean/std, and
-        float32 masks (B, K, crop, crop) in [0, 1], geometrically aligned with ``x``.
+        ``(x, m)``: float32 images (B, 3, size, size) normalised with ImageNet mean/std, and
+        float32 masks (B, K, size, size) in [0, 1], geometrically aligned with ``x``.
 
     Raises:
-        ValueError: ``crop`` is larger than the images.
+        InputError: ``size`` is larger than the images.
     """
     b, _, r, _ = images.shape
-    if crop > r:
-        raise InputError(f"crop {crop} is larger than the {r} px images")
+    if size > r:
+        raise InputError(f"{'crop' if train else 'evaluation size'} {size} is larger than the {r} px images")
     x = images.float().div_(255.0)
     m = F.interpolate(masks.float(), size=(r, r), mode="bilinear", align_corners=False)
     if train:
-        rows, cols = random_windows(b, side=r, crop=crop, generator=generator)
+        rows, cols = random_windows(b, side=r, crop=size, generator=generator)
         x, m = cut_windows(x, rows, cols), cut_windows(m, rows, cols)
     elif eval_crop == "center":
-        x, m = _center(x, crop), _center(m, crop)
+        x, m = _center(x, size), _center(m, size)
     else:
-        x, m = _resize(x, crop), _resize(m, crop)
+        x, m = _resize(x, size), _resize(m, size)
     return normalise(x), m.clamp_(0.0, 1.0)
 
 
@@ -118,15 +119,15 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def resize_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
-    """The test-time input (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, crop, crop) in
-    [0, 1]: resized (bilinear, antialiased; unchanged when R = crop), or with ``eval_crop="center"``
+def resize_images(images: torch.Tensor, *, size: int, eval_crop: str = "resize") -> torch.Tensor:
+    """The test-time input (paper Sec. IV-B): uint8 (B, 3, R, R) → float32 (B, 3, size, size) in
+    [0, 1]: resized (bilinear, antialiased; unchanged when R = size), or with ``eval_crop="center"``
     the centre window (released code)."""
     x = images.float().div_(255.0)
-    return _center(x, crop) if eval_crop == "center" else _resize(x, crop)
+    return _center(x, size) if eval_crop == "center" else _resize(x, size)
 
 
-def eval_images(images: torch.Tensor, *, crop: int, eval_crop: str = "resize") -> torch.Tensor:
+def eval_images(images: torch.Tensor, *, size: int, eval_crop: str = "resize") -> torch.Tensor:
     """Test-time input: :func:`resize_images`, then :func:`normalise`; the same images
     :func:`augment` gives with ``train=False``."""
-    return normalise(resize_images(images, crop=crop, eval_crop=eval_crop))
+    return normalise(resize_images(images, size=size, eval_crop=eval_crop))

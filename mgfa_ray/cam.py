@@ -42,15 +42,15 @@ CamClass = Literal["predicted", "true"]
 
 
 class CamResult(NamedTuple):
-    """Output of :func:`class_activation_maps` for a batch of B images at ``crop`` x ``crop``.
+    """Output of :func:`class_activation_maps` for a batch of B images at ``size`` x ``size``.
 
     Attributes:
-        cams: float32 (B, crop, crop) in [0, 1]: the CAM of ``classes`` after ReLU and bilinear
+        cams: float32 (B, size, size) in [0, 1]: the CAM of ``classes`` after ReLU and bilinear
             upsampling, divided by its per-image maximum (an all-zero map stays zero).
         classes: int64 (B,): the class each CAM is for (``predicted`` unless labels were given).
         predicted: int64 (B,): argmax of the logits.
         confidence: float32 (B,) in [0, 1]: softmax probability of ``predicted``.
-        attention: float32 (B, K, crop, crop): the attention maps M_k (Eq. 4) upsampled
+        attention: float32 (B, K, size, size): the attention maps M_k (Eq. 4) upsampled
             bilinearly, on the activation's scale (softmax maps are not renormalised).
     """
 
@@ -93,20 +93,21 @@ def class_activation_maps(
     model: MGFAClassifier,
     images_u8: torch.Tensor,
     *,
-    crop: int,
+    size: int,
     labels: torch.Tensor | None = None,
     batch_size: int = 16,
 ) -> CamResult:
     """CAMs (Zhou et al., CVPR 2016) for the predicted class or given labels (paper Fig. 4).
 
     The images go through the test-time transform (:func:`~mgfa_ray.augment.eval_images`: resize to
-    ``crop``, ImageNet normalisation); the CAM of the chosen class is ReLU'd, upsampled bilinearly
-    to ``crop`` x ``crop`` and divided by its maximum per image.
+    ``size``, ImageNet normalisation); the CAM of the chosen class is ReLU'd, upsampled bilinearly
+    to ``size`` x ``size`` and divided by its maximum per image.
 
     Args:
         model: A trained :class:`~mgfa_ray.model.MGFAClassifier` (eval mode is set here).
         images_u8: uint8 (B, 3, R, R) RGB images, values in [0, 255].
-        crop: Side of the model input and of the returned maps, in pixels.
+        size: Side of the model input and of the returned maps, in pixels (the config's
+            ``eval_input_size``).
         labels: int64 (B,) classes to explain; ``None`` explains the predicted classes.
         batch_size: Images per forward pass.
 
@@ -129,31 +130,31 @@ def class_activation_maps(
             raise ValueError(f"label {int(bad[0])} is outside [0, {num_classes})")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in CamResult._fields}
     for s in range(0, len(images_u8), batch_size):
-        x = eval_images(images_u8[s : s + batch_size], crop=crop)
+        x = eval_images(images_u8[s : s + batch_size], size=size)
         raw, logits, attention = raw_class_activation_maps(model, x)
         raw, logits, attention = raw.cpu(), logits.cpu(), attention.float().cpu()
         probs = logits.softmax(dim=1)
         confidence, predicted = probs.max(dim=1)
         classes = predicted if labels is None else labels[s : s + batch_size]
         cam = raw[torch.arange(len(classes)), classes].clamp_min(0.0)[:, None]  # ReLU, (b, 1, H, W)
-        cam = F.interpolate(cam, size=(crop, crop), mode="bilinear", align_corners=False)[:, 0]
+        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         cam = cam / cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
         parts["cams"].append(cam.float())
         parts["classes"].append(classes)
         parts["predicted"].append(predicted)
         parts["confidence"].append(confidence.float())
-        parts["attention"].append(F.interpolate(attention, size=(crop, crop), mode="bilinear", align_corners=False))
+        parts["attention"].append(F.interpolate(attention, size=(size, size), mode="bilinear", align_corners=False))
     if not parts["cams"]:
         k = model.attention.num_regions
-        return CamResult(torch.zeros(0, crop, crop), torch.zeros(0, dtype=torch.int64),
-                         torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0, k, crop, crop))
+        return CamResult(torch.zeros(0, size, size), torch.zeros(0, dtype=torch.int64),
+                         torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0, k, size, size))
     return CamResult(*(torch.cat(parts[k]) for k in CamResult._fields))
 
 
-def display_images(images_u8: torch.Tensor, *, crop: int) -> torch.Tensor:
-    """The photos as the model sees them: uint8 (B, 3, R, R) → uint8 (B, crop, crop, 3) (HWC),
+def display_images(images_u8: torch.Tensor, *, size: int) -> torch.Tensor:
+    """The photos as the model sees them: uint8 (B, 3, R, R) → uint8 (B, size, size, 3) (HWC),
     the :func:`~mgfa_ray.augment.resize_images` test-time resize without the normalisation."""
-    rgb = resize_images(images_u8, crop=crop).cpu().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    rgb = resize_images(images_u8, size=size).cpu().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     return rgb.permute(0, 2, 3, 1).contiguous()
 
 
@@ -326,8 +327,9 @@ def render_cams(
     # A model trained on crops (crop_to_region) is explained on the same crops.
     boxes = crop_boxes(cfg, rows["image_id"].tolist()) if cfg.crop_to_region is not None else None
     images = load_images(rows["path"].tolist(), size=cfg.resize, boxes=boxes)
-    result = class_activation_maps(model, images, crop=cfg.crop, labels=labels if cam_class == "true" else None)
-    photos = display_images(images, crop=cfg.crop).numpy()
+    result = class_activation_maps(model, images, size=cfg.eval_input_size,
+                                   labels=labels if cam_class == "true" else None)
+    photos = display_images(images, size=cfg.eval_input_size).numpy()
 
     out = Path(out_dir) if out_dir is not None else path.parent / "cam"
     written: list[Path] = []

@@ -43,11 +43,12 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
+from .config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
 from .errors import RunInterrupted, UserError, debug_enabled
 from .runtime import configure
 
@@ -139,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_job(path: Path, overrides: list[str] = (), *, output_dir: Path | None = None) -> JobConfig:
+def load_job(path: Path, overrides: Sequence[str] = (), *, output_dir: Path | None = None) -> JobConfig:
     """The job file ``path`` with ``--set KEY=VALUE`` overrides applied, validated as one document.
 
     Args:
@@ -174,6 +175,10 @@ def load_job(path: Path, overrides: list[str] = (), *, output_dir: Path | None =
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section with fields")
             node = child
+        if parts[:-1] == ["train"]:  # a renamed key, old or current name, replaces both (RENAMED_TRAIN_KEYS)
+            for old, new in RENAMED_TRAIN_KEYS.items():
+                if parts[-1] in (old, new):
+                    node.pop(new if parts[-1] == old else old, None)
         node[parts[-1]] = value
     if output_dir is not None:
         data["output_dir"] = str(output_dir)

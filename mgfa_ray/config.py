@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 
@@ -32,11 +32,42 @@ class ConfigError(UserError, ValueError):
     """A configuration file or value is invalid; the message names the file and field."""
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """The one base of every configuration and record model of the project: unknown keys are
+    rejected (``extra="forbid"``) and instances are immutable (``frozen=True``; derive changed
+    copies with ``model_copy(update=...)``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetConfig(_Frozen):
+RENAMED_TRAIN_KEYS: dict[str, str] = {"crop": "train_crop"}
+"""Keys of :class:`TrainParams` renamed since files were first written, old → current. The old
+key is still read wherever trial parameters are (a job's ``train``, a trial config, an exported
+``best_config.yaml``, a search record's ``trial_base``, a search space's parameter names), so a
+file or a search written before the rename keeps working; every file written uses the current
+name."""
+
+
+def current_train_keys(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` (trial parameters) with the keys of :data:`RENAMED_TRAIN_KEYS` under their
+    current names. Where both the old and the current key are given the current one wins, so
+    parameters that override a base dict written with current names must pass through here
+    first (:func:`mgfa_ray.search_space.trial_params` and the command line's ``--set`` do)."""
+    out = dict(params)
+    for old, new in RENAMED_TRAIN_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
+TrainParamsDict = Annotated[dict[str, Any], AfterValidator(current_train_keys)]
+"""Trial parameters kept as a plain dict in a record (a search's ``trial_base``), read with current
+key names (:func:`current_train_keys`): a record written before a rename compares equal to the
+same settings written after it, so a rerun of its job resumes the search."""
+
+
+class DatasetConfig(FrozenModel):
     """Where the images are and how the manifest splits them.
 
     Attributes:
@@ -71,7 +102,7 @@ class DatasetConfig(_Frozen):
         return self
 
 
-class RegionsConfig(_Frozen):
+class RegionsConfig(FrozenModel):
     """Hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.regions`).
 
     Attributes:
@@ -101,7 +132,7 @@ class RegionsConfig(_Frozen):
     unlabelled: Literal["error", "empty"] = "error"
 
 
-class DetectorConfig(_Frozen):
+class DetectorConfig(FrozenModel):
     """Ultralytics YOLO region detector (paper Sec. III-A).
 
     Attributes:
@@ -157,7 +188,7 @@ class DetectorConfig(_Frozen):
         return self
 
 
-class MasksConfig(_Frozen):
+class MasksConfig(FrozenModel):
     """Ray Data mask precompute (:mod:`mgfa_ray.masks`).
 
     Attributes:
@@ -196,7 +227,7 @@ class MasksConfig(_Frozen):
     max_empty_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class RegionWeights(_Frozen):
+class RegionWeights(FrozenModel):
     """Weights of one region kind beyond the paper's two (``TrainParams.extra_regions``).
 
     Attributes:
@@ -208,7 +239,7 @@ class RegionWeights(_Frozen):
     mask_loss: float = Field(ge=0.0)
 
 
-class TrainParams(_Frozen):
+class TrainParams(FrozenModel):
     """Hyperparameters of one trial: model, augmentation, optimisation and the paper's weights.
 
     Paper defaults (Pan et al., DICTA 2021, Sec. IV-B and Eq. 5-8) are the field defaults.
@@ -218,7 +249,10 @@ class TrainParams(_Frozen):
         weights: ``None`` (random init), ``"imagenet"`` (torchvision download, online only) or a
             path to a local ``state_dict`` file.
         resize: Side in pixels images are resized to before the random crop (paper: 512).
-        crop: Side of the random training crop and of the test resize (paper: 448).
+        train_crop: Side of the random training crop in pixels, <= ``resize`` (paper: 448).
+            Files written before it had this name give it as ``crop`` (:data:`RENAMED_TRAIN_KEYS`).
+        eval_size: Side of the test-time input in pixels, <= ``resize``; ``None`` (default): the
+            ``train_crop`` (paper: both 448). See :attr:`TrainParams.eval_input_size`.
         epochs: Training epochs.
         batch_size: Images per step.
         lr: Initial SGD learning rate (paper: 0.003).
@@ -250,8 +284,9 @@ class TrainParams(_Frozen):
             clutter around it (a colour chart, a ruler) cannot identify the class. ``None``: the
             whole photo. A photo without that region keeps its whole frame.
         crop_margin: Margin added on each side of that box, as a fraction of its width / height.
-        eval_crop: Test-time input: ``resize`` (paper: the image resized to ``crop``) or
-            ``center`` (released code: the ``resize`` image's centre ``crop`` window).
+        eval_crop: How the test-time input is made: ``resize`` (paper: the image resized to
+            ``eval_size``) or ``center`` (released code: the ``resize`` image's centre window of
+            ``eval_size``).
         eval_split: Manifest split evaluated each epoch (the search metric).
         precision: CUDA autocast dtype: ``bf16`` (default), ``fp16`` (with a gradient scaler,
             saved in checkpoints) or ``fp32``. CPU always runs fp32.
@@ -264,7 +299,8 @@ class TrainParams(_Frozen):
     backbone: Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     weights: str | None = None
     resize: int = Field(512, ge=16)
-    crop: int = Field(448, ge=16)
+    train_crop: int = Field(448, ge=16)
+    eval_size: int | None = Field(None, ge=16)
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.003, gt=0.0)
@@ -295,6 +331,16 @@ class TrainParams(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return current_train_keys(data) if isinstance(data, Mapping) else data
+
+    @property
+    def eval_input_size(self) -> int:
+        """Side in pixels of the test-time input: ``eval_size``, else ``train_crop``."""
+        return self.train_crop if self.eval_size is None else self.eval_size
+
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
         weights = [self.alpha, self.beta, self.gamma, *(r.feature for r in self.extra_regions)]
@@ -304,8 +350,10 @@ class TrainParams(_Frozen):
             raise ValueError(
                 f"{names} must equal 1 (paper Eq. 6), got {' + '.join(map(str, weights))} = {total}"
             )
-        if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must be <= resize ({self.resize})")
+        if self.train_crop > self.resize:
+            raise ValueError(f"train_crop ({self.train_crop}) must be <= resize ({self.resize})")
+        if self.eval_input_size > self.resize:
+            raise ValueError(f"eval_size ({self.eval_size}) must be <= resize ({self.resize})")
         return self
 
 
@@ -324,7 +372,7 @@ class TrainConfig(TrainParams):
     masks: str
     region_classes: list[str] = ["vein", "contour"]
 
-    def with_paths(self, convert) -> "TrainConfig":
+    def with_paths(self, convert: Callable[[str], str]) -> "TrainConfig":
         """A copy with ``convert(path) -> str`` applied to the manifest, masks and a weights file
         (``weights`` other than a file path, i.e. ``None`` or ``"imagenet"``, is kept)."""
         update = {"manifest": convert(self.manifest), "masks": convert(self.masks)}
@@ -364,7 +412,7 @@ class TrainConfig(TrainParams):
         return self
 
 
-class StudySource(_Frozen):
+class StudySource(FrozenModel):
     """An earlier Optuna study to warm-start from.
 
     Attributes:
@@ -377,7 +425,7 @@ class StudySource(_Frozen):
     study_name: str
 
 
-class SearchConfig(_Frozen):
+class SearchConfig(FrozenModel):
     """Ray Tune + Optuna search settings of a job.
 
     Attributes:
@@ -399,7 +447,8 @@ class SearchConfig(_Frozen):
             an object store (a journal needs POSIX file locks).
         warm_start: An earlier study whose finished trials seed this search's sampler.
         max_failures: Times Ray retries a failed trial from its last checkpoint.
-        checkpoints_to_keep: Checkpoints kept per trial (>= 2: DESIGN.md §4.7).
+        checkpoints_to_keep: Checkpoints kept per trial, >= 2: with 1, Ray Tune re-snapshots the
+            experiment over and over (ray-project/ray#31613).
         snapshot_period_s: Seconds between Ray Tune's snapshots of the experiment state (its
             ``TUNE_GLOBAL_CHECKPOINT_S``, applied only while the search runs), >= 0. 0 (default):
             after every controller step, so a driver killed at any moment resumes from the trials
@@ -435,7 +484,7 @@ class SearchConfig(_Frozen):
         return self
 
 
-class AblationConfig(_Frozen):
+class AblationConfig(FrozenModel):
     """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.ablation`).
 
     Attributes:
@@ -455,7 +504,7 @@ class AblationConfig(_Frozen):
     max_concurrent: int | None = Field(None, ge=1)
 
 
-class JobConfig(_Frozen):
+class JobConfig(FrozenModel):
     """A whole job: manifest → detector → masks → search → export (``mgfa-ray run``).
 
     Attributes:

@@ -898,7 +898,7 @@ def predict_boxes(model, images: list[np.ndarray], *, imgsz: int, conf: float) -
         cls = r.boxes.cls.cpu().numpy().astype(int)
         score = r.boxes.conf.cpu().numpy().astype(float)
         out.append([
-            Box(int(c), *(float(np.clip(v, 0.0, 1.0)) for v in xywh), conf=float(s))
-            for c, xywh, s in zip(cls, xywhn, score)
+            Box(int(c), float(cx), float(cy), float(w), float(h), conf=float(s))
+            for c, (cx, cy, w, h), s in zip(cls, np.clip(xywhn, 0.0, 1.0), score)
         ])
     return out

@@ -56,8 +56,13 @@ def model_source(model: str) -> str:
     return model
 
 
-def _torchvision_layer(model: nn.Module) -> tuple[nn.Module, list[Any]]:
-    """The one ``TorchVision`` layer of an Ultralytics model and its YAML args."""
+def _torchvision_layer(model: Any) -> tuple[Any, list[Any]]:
+    """The one ``TorchVision`` layer of an Ultralytics model and its YAML args.
+
+    ``model`` is an ``ultralytics.nn.tasks.DetectionModel`` and the layer an Ultralytics
+    ``TorchVision`` module: both are typed ``Any`` because the attributes used here (``yaml``,
+    ``model``, the layer's ``m``) are set at run time and reach a type checker only through
+    ``nn.Module.__getattr__`` (typed ``Tensor | Module``)."""
     configure()  # Ultralytics offline, before its first import
     from ultralytics.nn.modules import TorchVision
 

@@ -160,8 +160,8 @@ def _write_best(record: SearchRecord, best, best_row, out: Path) -> Path | None:
     that directory, or ``None`` when the trial has no checkpoint."""
     import optuna
 
-    params = {**{k: v for k, v in best.params.items() if "/" not in k},
-              **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)}
+    params = trial_params({**{k: v for k, v in best.params.items() if "/" not in k},
+                           **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)})
     best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
     atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
     if best_row is not None and best_row["checkpoint"]:

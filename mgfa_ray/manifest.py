@@ -29,6 +29,7 @@ import io
 import random
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -279,7 +280,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split: str | None = None,
+def select_images(df: pd.DataFrame, *, image_ids: Sequence[str] | None = None, split: str | None = None,
                   count: int = 8, seed: int | None = None, source: str = "manifest") -> pd.DataFrame:
     """Rows of a manifest chosen for a figure command (``mgfa-ray cam``, ``mgfa-ray masks show``).
 
@@ -301,15 +302,15 @@ def select_images(df: pd.DataFrame, *, image_ids: list[str] | None = None, split
     """
     df = df.sort_values("image_id", kind="stable")
     if image_ids is not None:
-        image_ids = list(dict.fromkeys(image_ids))
-        if not image_ids:
+        ids = list(dict.fromkeys(image_ids))
+        if not ids:
             raise InputError("no image ids given")
         known = set(df["image_id"])
-        unknown = [i for i in image_ids if i not in known]
+        unknown = [i for i in ids if i not in known]
         if unknown:
             raise InputError(f"image id {unknown[0]!r} is not in {source}"
                              + (f" ({len(unknown)} unknown ids)" if len(unknown) > 1 else ""))
-        return df.set_index("image_id").loc[image_ids].reset_index()
+        return df.set_index("image_id").loc[ids].reset_index()
     if count < 1:
         raise InputError(f"count must be >= 1, got {count}")
     pool = df if split is None else df[df["split"] == split]

@@ -86,7 +86,9 @@ def mask_summary(location: str | Path) -> dict:
     Returns:
         The metadata's ``summary`` (:func:`mgfa_ray.masks.summarize`) plus ``boxes_per_image``
         ``{min, median, max}`` over all images, ``per_class[name]["mean_boxes_per_image"]``,
-        and ``set_id``, ``source``, ``detector_key``, ``mask_resolution``, ``rows``.
+        and ``set_id``, ``source`` (``detector`` | ``labels``), ``box_source`` (the id of the
+        detector, or ``labels-<hash>`` of the label files, the boxes came from; the metadata's
+        ``detector_key``), ``mask_resolution``, ``rows``.
 
     Raises:
         ValueError: Not a complete mask set.
@@ -98,7 +100,8 @@ def _summary(meta: dict, boxes: pd.Series) -> dict:
     """:func:`mask_summary` from the set's metadata and its ``boxes`` column."""
     counts = np.array([len(b) for b in boxes])
     classes = np.concatenate([np.asarray([b[0] for b in bs], dtype=int) for bs in boxes] or [np.zeros(0, int)])
-    summary = {k: meta[k] for k in ("set_id", "source", "detector_key", "mask_resolution", "rows")}
+    summary = {"set_id": meta["set_id"], "source": meta["source"], "box_source": meta["detector_key"],
+               "mask_resolution": meta["mask_resolution"], "rows": meta["rows"]}
     summary.update(meta["summary"])
     summary["boxes_per_image"] = {"min": int(counts.min()), "median": float(np.median(counts)),
                                   "max": int(counts.max())}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +252,7 @@ class MaskAttention(nn.Module):
 
 
 def fuse_features(
-    features: torch.Tensor, attention: torch.Tensor, *, alpha: float, region_weights: tuple[float, ...]
+    features: torch.Tensor, attention: torch.Tensor, *, alpha: float, feature_weights: tuple[float, ...]
 ) -> torch.Tensor:
     """Eq. 5-6: F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, generalised to K region kinds as
     F_final = α·F + Σ_k w_k·(M_k ⊙ F) with (w_0, w_1, ...) = (β, γ, ...).
@@ -264,15 +264,15 @@ def fuse_features(
         features: F, (B, C, H, W) float.
         attention: M, (B, K, H, W), same dtype; each map broadcasts over the C channels.
         alpha: Weight of the plain features, >= 0.
-        region_weights: One weight per region kind (length K), >= 0; with ``alpha`` they sum to 1
-            (checked by :class:`MGFAClassifier`).
+        feature_weights: (β, γ, ...), one per region kind (length K), >= 0; with ``alpha`` they
+            sum to 1 (checked by :class:`MGFAClassifier`).
 
     Returns:
         F_final, (B, C, H, W), same dtype as ``features``.
     """
-    assert attention.shape[1] == len(region_weights), (attention.shape, region_weights)
+    assert attention.shape[1] == len(feature_weights), (attention.shape, feature_weights)
     out = features if alpha == 1 else alpha * features
-    for k, w in enumerate(region_weights):
+    for k, w in enumerate(feature_weights):
         if w:
             out = out + w * attention[:, k : k + 1] * features
     return out
@@ -286,14 +286,14 @@ class MGFAClassifier(nn.Module):
         num_features: C.
         num_classes: Number of categories.
         num_regions: K region kinds.
-        alpha, region_weights: Eq. 5-6 weights α and (β, γ, ...), one per region kind;
+        alpha, feature_weights: Eq. 5-6 weights α and (β, γ, ...), one per region kind;
             non-negative, summing to 1.
         activation, shared_conv: See :class:`MaskAttention`.
         attention_bias: The attention's 1x1 conv has a bias (released code: no).
         head_bias: The linear classifier has a bias (released code: no).
 
     Raises:
-        ValueError: A negative weight, weights that do not sum to 1, or a region-weight count
+        ValueError: A negative weight, weights that do not sum to 1, or a feature-weight count
             different from ``num_regions``.
     """
 
@@ -305,16 +305,16 @@ class MGFAClassifier(nn.Module):
         num_classes: int,
         num_regions: int,
         alpha: float,
-        region_weights: tuple[float, ...],
+        feature_weights: tuple[float, ...],
         activation: Activation = "softmax",
         shared_conv: bool = False,
         attention_bias: bool = True,
         head_bias: bool = True,
     ):
         super().__init__()
-        weights = (alpha, *region_weights)
-        if len(region_weights) != num_regions:
-            raise ValueError(f"need {num_regions} region weights, got {region_weights}")
+        weights = (alpha, *feature_weights)
+        if len(feature_weights) != num_regions:
+            raise ValueError(f"need {num_regions} feature weights (one per region kind), got {feature_weights}")
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"feature weights must be >= 0 and sum to 1 (Eq. 6), got {weights}")
         self.backbone = backbone
@@ -322,7 +322,7 @@ class MGFAClassifier(nn.Module):
                                        bias=attention_bias)
         self.head = nn.Linear(num_features, num_classes, bias=head_bias)
         self.alpha = alpha
-        self.region_weights = tuple(region_weights)
+        self.feature_weights = tuple(feature_weights)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H_in, W_in), normalised float → backbone features F (B, C, H, W)."""
@@ -332,7 +332,7 @@ class MGFAClassifier(nn.Module):
         """Features F (B, C, H, W) → (F_final (B, C, H, W) of Eq. 5-6, attention maps (B, K, H, W)
         of Eq. 2-4); what the head pools, and what class activation maps weight."""
         attention = self.attention(features)
-        return fuse_features(features, attention, alpha=self.alpha, region_weights=self.region_weights), attention
+        return fuse_features(features, attention, alpha=self.alpha, feature_weights=self.feature_weights), attention
 
     def forward_head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features F (B, C, H, W) → (logits (B, num_classes), attention maps (B, K, H, W))."""
@@ -393,41 +393,48 @@ def mgfa_loss(
     labels: torch.Tensor,
     attention: torch.Tensor,
     target: torch.Tensor,
-    region_weights: tuple[float, ...],
+    mask_loss_weights: Mapping[str, float],
     mu: float,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 7-8: L = Σ_k w_k·L_k + μ·L_ce, with L_k = mean over H*W of (M_gt,k − M_k)².
+    """Eq. 7-8: L = Σ_k w_k·L_k + μ·L_ce, with L_k = mean over H*W of (M_gt,k − M_k)² the mask
+    loss of region kind k.
 
     Args:
         logits: (B, num_classes) float.
         labels: (B,) int64 class indices.
         attention: Predicted maps (B, K, H, W).
         target: Ground-truth maps (B, K, H, W) from :func:`gt_attention`.
-        region_weights: (δ, λ, ...) one per region kind; a weight of 0 removes that term from
-            the total.
+        mask_loss_weights: ``{region kind: weight}``, (δ, λ, ...) in the channel order of
+            ``attention`` (K entries, e.g. ``{"vein": 0.1, "contour": 0.1}``); a weight of 0
+            removes that term from the total.
         mu: Weight of the cross-entropy term, >= 0; 0 removes it.
 
     Returns:
-        ``{"loss": total, "loss_ce": L_ce, "loss_region<k>": L_k ...}``, scalar float32 tensors;
-        the per-term values are unweighted and always computed so they can be reported.
+        ``{"loss_ce": L_ce, "loss_<kind>": L_k for each region kind, "loss": total}``, scalar
+        float32 tensors; the per-term values are unweighted and always computed so they can be
+        reported. These are the names the trial reports with a ``train_`` / ``eval_`` prefix
+        (:func:`mgfa_ray.trial.epoch_metrics`).
 
     Raises:
-        ValueError: ``attention`` and ``target`` differ in shape (region kinds or grid), or the
-            number of weights is not K.
+        ValueError: ``attention`` and ``target`` differ in shape (region kinds or grid), the
+            number of weights is not K, or a region kind is named ``ce`` (its term would be
+            the cross-entropy's name).
     """
     if attention.shape != target.shape:
         raise ValueError(
             f"attention maps {tuple(attention.shape)} and ground-truth maps {tuple(target.shape)} differ (B, K, H, W): "
             f"the masks' region kinds or grid do not match the model"
         )
-    if len(region_weights) != attention.shape[1]:
-        raise ValueError(f"need one loss weight per region kind ({attention.shape[1]}), got {region_weights}")
+    if len(mask_loss_weights) != attention.shape[1]:
+        raise ValueError(f"need one loss weight per region kind ({attention.shape[1]}), got {dict(mask_loss_weights)}")
+    if "ce" in mask_loss_weights:
+        raise ValueError("a region kind cannot be named 'ce': its loss would be named like the cross-entropy (loss_ce)")
     ce = F.cross_entropy(logits, labels)
     per_region = ((target.float() - attention.float()) ** 2).mean(dim=(0, 2, 3))  # Eq. 7, (K,)
     out = {"loss_ce": ce}
     total = mu * ce if mu else torch.zeros((), device=logits.device)
-    for k, w in enumerate(region_weights):
-        out[f"loss_region{k}"] = per_region[k]
+    for k, (kind, w) in enumerate(mask_loss_weights.items()):
+        out[f"loss_{kind}"] = per_region[k]
         if w:
             total = total + w * per_region[k]
     out["loss"] = total

@@ -54,6 +54,10 @@ from .regions import LabelError, index_labels, label_layout_hint, select_annotat
 from .search import create_search, run_search
 from .search_space import SearchSpace, load_search_space
 
+WeakPolicy = Literal["stop", "accept", "warn"]
+"""What a stage gate does with a weak detector or mask set: ``stop`` the job, ``accept`` it (the
+job's ``--accept-weak``), or ``warn`` and go on (smoke runs)."""
+
 
 def smoke_config(cfg: JobConfig) -> JobConfig:
     """The job shrunk to a CI-sized run: 3 classes x 8 photos, 1 detector epoch, 64 px, 2 trials
@@ -63,7 +67,7 @@ def smoke_config(cfg: JobConfig) -> JobConfig:
     d["dataset"].update(max_classes=3, max_per_class=8)
     d["detector"].update(epochs=1, imgsz=64, batch=4)
     d["masks"].update(num_actors=1, batch_size=8)
-    d["train"].update(resize=72, crop=64, batch_size=8)
+    d["train"].update(resize=72, train_crop=64, eval_size=None, batch_size=8)
     d["search"].update(num_samples=2)
     return validate(JobConfig, d, source="smoke config")
 
@@ -228,7 +232,7 @@ def job_mask_root(cfg: JobConfig, out: Path) -> str:
 
 def prepare_detector(
     cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float],
-    weak: Literal["stop", "accept", "warn"] = "warn", accepted: list[str] | None = None,
+    weak: WeakPolicy = "warn", accepted: list[str] | None = None,
 ) -> tuple[Any, dict[str, Any] | None, DetectorBoxes | LabelBoxes]:
     """Stages 1-3 of a job: manifest and detector (or the label files as they are), each skipped
     when already done (``mgfa-ray detector train JOB`` stops here).
@@ -279,7 +283,7 @@ def prepare_detector(
 
 def prepare_data(
     cfg: JobConfig, *, data_root: Path, out: Path, timings: dict[str, float],
-    weak: Literal["stop", "accept", "warn"] = "warn", accepted: list[str] | None = None,
+    weak: WeakPolicy = "warn", accepted: list[str] | None = None,
 ) -> tuple[TrainConfig, dict[str, Any] | None, str, dict[str, Any]]:
     """Stages 1-4 of a job: manifest, detector (or the label files as they are) and mask set,
     each skipped when already done; starts Ray (local, or the cluster of ``$RAY_ADDRESS``).
@@ -373,12 +377,12 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accep
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
-        weak = "warn" if smoke else "accept" if accept_weak else "stop"
+        weak: WeakPolicy = "warn" if smoke else "accept" if accept_weak else "stop"
         return _run_stages(cfg, space, data_root=data_root, out=out, smoke=smoke, weak=weak, until=until)
 
 
 def _run_stages(cfg: JobConfig, space: SearchSpace, *, data_root: Path, out: Path, smoke: bool,
-                weak: Literal["stop", "accept", "warn"], until: str = "search") -> dict[str, Any]:
+                weak: WeakPolicy, until: str = "search") -> dict[str, Any]:
     timings: dict[str, float] = {}
     accepted: list[str] = []
     if until == "detector":

@@ -208,12 +208,15 @@ def _importances(trials: list[FrozenTrial], metric: str, first_rung: int):
 
 def _parallel(trials: list[FrozenTrial], metric: str, first_rung: int):
     import optuna.visualization.matplotlib as ovm
+    from matplotlib.figure import Figure
 
     study = _study_at(trials, first_rung)
     if not study.trials:
         raise ValueError(f"no trial reached epoch {first_rung}")
     ax = ovm.plot_parallel_coordinate(study, target_name=f"{metric} at epoch {first_rung}")
     fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+    if not isinstance(fig, Figure):  # a subfigure's axes: size the figure that holds it
+        fig = fig.get_figure(root=True)
     fig.set_size_inches(10, 6)
     ax.set_title(f"parallel coordinates: all {len(study.trials)} trials, {metric} at epoch {first_rung} (first rung)")
     return fig

@@ -439,9 +439,12 @@ def check_voc_sizes(label_files: Mapping[str, str | Path], image_paths: Mapping[
         size = root.find("size")
         if root.tag != "annotation" or size is None:
             continue  # the parser reports it
+        width, height = size.find("width"), size.find("height")
+        if width is None or height is None:
+            continue  # the parser reports it
         try:
-            xw, xh = (float(size.find(t).text) for t in ("width", "height"))
-        except (AttributeError, ValueError):
+            xw, xh = float(width.text), float(height.text)
+        except ValueError:
             continue  # the parser reports it
         if (xw, xh) == (w, h) or min(xw, xh) <= 0:
             continue

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from .config import ConfigError, SearchConfig, StudySource, TrainConfig, _Frozen, to_dict, validate
+from .config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, TrainParamsDict, to_dict, validate
 from .errors import InputError, StageError
 from .io import (
     atomic_filesystem,
@@ -113,14 +113,14 @@ def trial_base(base: TrainConfig, *, search: SearchConfig, epochs: int) -> dict[
     return {**to_dict(base), "epochs": epochs, "threads": max(1, int(search.cpus_per_trial))}
 
 
-class RunRecord(_Frozen):
+class RunRecord(FrozenModel):
     """One Ray Tune experiment of a search: ``runs/<name>`` with ``num_samples`` trials."""
 
     name: str
     num_samples: int
 
 
-class SearchRecord(_Frozen):
+class SearchRecord(FrozenModel):
     """``search.json``: everything resume, extend and export need, written before any trial runs.
 
     Attributes:
@@ -146,8 +146,8 @@ class SearchRecord(_Frozen):
     space: SearchSpace
     search: SearchConfig
     max_epochs: int
-    trial_base: dict[str, Any]
-    export_base: dict[str, Any]
+    trial_base: TrainParamsDict
+    export_base: TrainParamsDict
     cache_dir: str | None = None
     export_dir: str | None = None
     study: StudySource

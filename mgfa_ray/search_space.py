@@ -30,24 +30,19 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .config import ConfigError, TrainParams, load_yaml, validate
+from .config import RENAMED_TRAIN_KEYS, ConfigError, FrozenModel, TrainParams, current_train_keys, load_yaml, validate
 
 SIMPLEX_KEY = "simplex"
 OPTUNA_TRIAL_KEY = "optuna_trial"
 """Ray config key holding the Optuna trial number of a Ray trial (:mod:`mgfa_ray.study`)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class FloatRange(FrozenModel):
+    """A float range ``low < high``: what :class:`Uniform` and :class:`LogUniform` share."""
 
-
-class Uniform(_Strict):
-    """``{type: uniform, low, high}``: a float drawn uniformly from [low, high), low < high."""
-
-    type: Literal["uniform"]
     low: float
     high: float
 
@@ -58,7 +53,13 @@ class Uniform(_Strict):
         return self
 
 
-class LogUniform(Uniform):
+class Uniform(FloatRange):
+    """``{type: uniform, low, high}``: a float drawn uniformly from [low, high), low < high."""
+
+    type: Literal["uniform"]
+
+
+class LogUniform(FloatRange):
     """``{type: log_uniform, low, high}``: a float uniform in log space, 0 < low < high."""
 
     type: Literal["log_uniform"]
@@ -70,7 +71,7 @@ class LogUniform(Uniform):
         return self
 
 
-class IntRange(_Strict):
+class IntRange(FrozenModel):
     """``{type: int, low, high, log}``: an integer in [low, high], optionally log-spaced (low > 0)."""
 
     type: Literal["int"]
@@ -87,7 +88,7 @@ class IntRange(_Strict):
         return self
 
 
-class Categorical(_Strict):
+class Categorical(FrozenModel):
     """``{type: categorical, choices: [...]}``: one of at least one listed value."""
 
     type: Literal["categorical"]
@@ -157,7 +158,7 @@ def _point_error(name: str, value: Any, dist: Any) -> str | None:
     return None
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(FrozenModel):
     """ASHA settings in epochs (Li et al., MLSys 2020): ``max_epochs`` >= 1,
     1 <= ``grace_period`` <= ``max_epochs``, integer ``reduction_factor`` >= 2 (rungs at
     grace_period x reduction_factor^k epochs; at each rung a trial continues only in the top
@@ -175,7 +176,7 @@ class SchedulerSpec(_Strict):
         return self
 
 
-class SearchSpace(_Strict):
+class SearchSpace(FrozenModel):
     """A validated search space (see the module docstring for the YAML schema)."""
 
     scheduler: SchedulerSpec
@@ -194,7 +195,7 @@ class SearchSpace(_Strict):
 
     @model_validator(mode="after")
     def _names(self):
-        known = set(TrainParams.model_fields)
+        known = set(TrainParams.model_fields) | set(RENAMED_TRAIN_KEYS)  # a space written before a rename
         for name in [*self.simplex, *self.parameters]:
             if name not in known:
                 raise ValueError(f"parameter {name!r} is not a trial parameter; known: {sorted(known)}")
@@ -271,7 +272,7 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
     simplex_mid = {k: 1.0 / len(space.simplex) for k in space.simplex}
     probes: list[tuple[str, dict]] = []
     for name, dist in space.parameters.items():
-        if isinstance(dist, (Uniform, IntRange)):
+        if isinstance(dist, (FloatRange, IntRange)):
             probes += [(f"parameters.{name}.low", {name: dist.low}), (f"parameters.{name}.high", {name: dist.high})]
         elif isinstance(dist, Categorical):
             probes += [(f"parameters.{name}.choices", {name: c}) for c in dist.choices]
@@ -279,7 +280,7 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
             probes.append((f"parameters.{name}", {name: dist}))
     probes += [(f"points_to_evaluate[{i}]", p) for i, p in enumerate(space.points_to_evaluate)]
     for where, values in probes:
-        trial = {**base_dict, **simplex_mid, **space.fixed(), **values}
+        trial = {**base_dict, **current_train_keys({**simplex_mid, **space.fixed(), **values})}
         try:
             validate(type(base), trial, source=f"{path}: {where}")
         except ConfigError as err:
@@ -327,8 +328,9 @@ def simplex_from_cuts(cuts: list[float]) -> list[float]:
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """A Ray trial config without the simplex cut variables and the Optuna trial number: only
-    TrainParams fields remain."""
-    return {k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)}
+    TrainParams fields remain, under their current names (:func:`~mgfa_ray.config.current_train_keys`:
+    a space written before a rename samples the old name)."""
+    return current_train_keys({k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)})
 
 
 def optuna_space(space: SearchSpace):

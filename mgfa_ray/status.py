@@ -93,6 +93,7 @@ def _open_study(storage: str, study_name: str) -> tuple[optuna.Study, ReadOnlyJo
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
         # sqlite would create an empty database file on connecting
         raise UserError(f"{storage}: the search's study database does not exist")
+    backend: optuna.storages.BaseStorage
     if "://" in storage:
         backend = optuna.storages.RDBStorage(storage, skip_table_creation=True, skip_compatibility_check=True)
     else:
@@ -151,15 +152,14 @@ def _params(trial: FrozenTrial, space) -> dict[str, Any]:
 def _rate(trials: list[FrozenTrial], now: float) -> float | None:
     """Seconds per trial epoch: finished trials' run time over their epochs; while none has
     finished, running trials' time so far over their epochs. ``None`` before any epoch."""
-    done = [t for t in trials if t.state.is_finished() and t.datetime_start and t.datetime_complete
+    done = [(t.datetime_complete.timestamp() - t.datetime_start.timestamp(), len(t.intermediate_values))
+            for t in trials if t.state.is_finished() and t.datetime_start and t.datetime_complete
             and t.intermediate_values]
-    if done:
-        spent = sum(t.datetime_complete.timestamp() - t.datetime_start.timestamp() for t in done)
-        epochs = sum(len(t.intermediate_values) for t in done)
-    else:
-        running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start and t.intermediate_values]
-        spent = sum(now - t.datetime_start.timestamp() for t in running)
-        epochs = sum(len(t.intermediate_values) for t in running)
+    if not done:
+        done = [(now - t.datetime_start.timestamp(), len(t.intermediate_values))
+                for t in trials if t.state == TrialState.RUNNING and t.datetime_start and t.intermediate_values]
+    spent = sum(seconds for seconds, _ in done)
+    epochs = sum(n for _, n in done)
     return spent / epochs if epochs else None
 
 

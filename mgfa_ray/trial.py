@@ -11,19 +11,20 @@ resuming) → per epoch :func:`train_one_epoch` → :func:`evaluate_split` → :
 Data path: images are decoded once, optionally cropped to a region's box (``crop_to_region``: the
 masks get the same crop), resized to ``resize`` x ``resize`` and kept as uint8 (cached on disk
 when a cache directory is given); masks come from the mask set at their stored resolution.
-Both go to the trial's device once. Each training batch gets a random ``crop`` x ``crop`` window
-and a horizontal flip with p = 0.5 (paper Sec. IV-B), and the masks get exactly the same window and
-flip (after being resized to the image's size) before :func:`~mgfa_ray.model.gt_attention` pools
-them to the feature grid. Evaluation resizes the images to ``crop`` (paper: test resize 448) or
-takes their centre ``crop`` window (``eval_crop: center``, released code). The transforms are in
-:mod:`mgfa_ray.augment`.
+Both go to the trial's device once. Each training batch gets a random ``train_crop`` x ``train_crop``
+window and a horizontal flip with p = 0.5 (paper Sec. IV-B), and the masks get exactly the same
+window and flip (after being resized to the image's size) before :func:`~mgfa_ray.model.gt_attention`
+pools them to the feature grid. Evaluation resizes the images to ``eval_size`` (default: the
+``train_crop``; paper: test resize 448) or takes their centre ``eval_size`` window (``eval_crop:
+center``, released code). The transforms are in :mod:`mgfa_ray.augment`.
 
 Optimisation: SGD with momentum and weight decay, step (×``lr_decay`` every ``lr_step`` epochs) or cosine
 schedule; on CUDA bf16 (or fp16 with a gradient scaler) autocast and channels-last; on CPU fp32,
 deterministic for a seed, and a resumed run is bit-identical to an uninterrupted one.
 
 Metrics reported every epoch: ``epoch``, ``lr``, ``train_loss`` and its terms ``train_loss_ce``,
-``train_loss_<region>`` (unweighted, every term even when its weight is 0), ``eval_top1``,
+``train_loss_<region>`` (the terms of :func:`~mgfa_ray.model.mgfa_loss` with a ``train_`` prefix:
+unweighted, every term even when its weight is 0), ``eval_top1``,
 ``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce`` and ``eval_loss_<region>`` (Eq. 7 error
 of the attention maps against the ground-truth maps) and ``eval_flat_loss_<region>`` (the same
 error of a flat map at the ground truth's mean: the attention follows the masks where its error is
@@ -94,7 +95,7 @@ def load_images(
             w, h = rgb.size
             rgb = rgb.crop((round(x0 * w), round(y0 * h), max(round(x1 * w), round(x0 * w) + 1),
                             max(round(y1 * h), round(y0 * h) + 1)))
-        out[i] = np.asarray(rgb.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+        out[i] = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     if cache is not None:
         buf = io.BytesIO()
         np.save(buf, out)
@@ -163,7 +164,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
     backbone, channels = build_backbone(cfg.backbone, cfg.weights, output_stride=cfg.output_stride)
     return MGFAClassifier(
         backbone, num_features=channels, num_classes=num_classes, num_regions=len(cfg.region_classes),
-        alpha=cfg.alpha, region_weights=cfg.feature_weights(), activation=cfg.activation,
+        alpha=cfg.alpha, feature_weights=cfg.feature_weights(), activation=cfg.activation,
         shared_conv=cfg.shared_conv, attention_bias=cfg.attention_bias, head_bias=cfg.head_bias,
     )
 
@@ -179,6 +180,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
         ``(optimizer, scheduler)``.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     else:
@@ -203,7 +205,7 @@ class StepContext:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if cuda else None
         self.memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
-        self.region_w = cfg.mask_loss_weights()
+        self.mask_loss_weights = dict(zip(cfg.region_classes, cfg.mask_loss_weights()))
 
     def autocast(self):
         """The autocast context of the forward pass (disabled on CPU and for fp32)."""
@@ -239,12 +241,12 @@ def train_step(
         The detached loss terms of :func:`~mgfa_ray.model.mgfa_loss` (scalar tensors on the device;
         no host synchronisation).
     """
-    x, m = augment(images, masks, crop=ctx.cfg.crop, train=True, generator=generator)
+    x, m = augment(images, masks, size=ctx.cfg.train_crop, train=True, generator=generator)
     with ctx.autocast():
         logits, attention = model(ctx.inputs(x))
     target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
     losses = mgfa_loss(logits=logits.float(), labels=labels, attention=attention.float(), target=target,
-                       region_weights=ctx.region_w, mu=ctx.cfg.mu)
+                       mask_loss_weights=ctx.mask_loss_weights, mu=ctx.cfg.mu)
     optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(losses["loss"]).backward()
     ctx.scaler.step(optimizer)
@@ -284,7 +286,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    crop: int,
+    size: int,
     num_classes: int,
     ctx: StepContext,
     masks: torch.Tensor | None = None,
@@ -297,7 +299,7 @@ def evaluate(
         model: The classifier on ``ctx.device`` (put in eval mode here).
         images: uint8 (N, 3, R, R) on ``ctx.device``.
         labels: int64 (N,) in [0, num_classes).
-        crop: Test resize side in pixels.
+        size: Side of the test-time input in pixels (the config's ``eval_input_size``).
         num_classes: Number of classes (top-5 becomes top-``num_classes`` when there are fewer).
         ctx: Device, precision and activation.
         masks: Optional (N, K, M, M) region masks in [0, 1] of the same images; they get the
@@ -307,10 +309,11 @@ def evaluate(
     Returns:
         ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
         (top-1 averaged over the classes present), ``per_class``: ``{"correct": [...],
-        "total": [...]}``, one entry per class, and with ``masks`` ``loss_region``: the Eq. 7 error
-        per region kind (list of K floats), and ``flat_loss_region``: the same error of a flat map
+        "total": [...]}``, one entry per class, and with ``masks`` for each region kind of
+        ``ctx.cfg.region_classes`` ``loss_<kind>``: its Eq. 7 error (the mask loss of
+        :func:`~mgfa_ray.model.mgfa_loss`) and ``flat_loss_<kind>``: the same error of a flat map
         at each ground-truth map's mean (its variance over H*W) — the attention follows the masks
-        where ``loss_region`` is below it.
+        where ``loss_<kind>`` is below it.
     """
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
@@ -324,9 +327,9 @@ def evaluate(
     for s in range(0, len(labels), batch_size):
         y = labels[s : s + batch_size]
         if masks is None:
-            x = eval_images(images[s : s + batch_size], crop=crop, eval_crop=eval_crop)
+            x = eval_images(images[s : s + batch_size], size=size, eval_crop=eval_crop)
         else:  # the same images as eval_images, and the masks resized alike
-            x, m = augment(images[s : s + batch_size], masks[s : s + batch_size], crop=crop, train=False,
+            x, m = augment(images[s : s + batch_size], masks[s : s + batch_size], size=size, train=False,
                            eval_crop=eval_crop)
         with ctx.autocast():
             logits, attention = model(ctx.inputs(x))
@@ -349,8 +352,8 @@ def evaluate(
         "per_class": {"correct": correct_l, "total": total_l},
     }
     if masks is not None:
-        out["loss_region"] = (region_sum / n).tolist()
-        out["flat_loss_region"] = (flat_sum / n).tolist()
+        for kind, err, flat in zip(ctx.cfg.region_classes, (region_sum / n).tolist(), (flat_sum / n).tolist()):
+            out[f"loss_{kind}"], out[f"flat_loss_{kind}"] = err, flat
     return out
 
 
@@ -359,7 +362,12 @@ def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
 
     Returns:
         float64 (N, 4) normalised ``(x0, y0, x1, y1)``, aligned with ``image_ids``.
+
+    Raises:
+        ValueError: ``cfg.crop_to_region`` is not set (there is no region to crop to).
     """
+    if cfg.crop_to_region is None:
+        raise ValueError("crop_boxes needs a config with crop_to_region set")
     rows = read_rows(cfg.masks, columns=["image_id", "boxes"]).set_index("image_id")
     return region_boxes(rows.loc[image_ids, "boxes"].tolist(), region=cfg.region_classes.index(cfg.crop_to_region),
                         margin=cfg.crop_margin)
@@ -537,7 +545,7 @@ def train_one_epoch(trial: Trial) -> tuple[dict[str, float], int]:
 
     Returns:
         ``(means, seen)``: the loss terms of :func:`~mgfa_ray.model.mgfa_loss` (``loss``,
-        ``loss_ce``, ``loss_region<i>``, unweighted) averaged over the ``seen`` images trained on.
+        ``loss_ce``, ``loss_<kind>``, unweighted) averaged over the ``seen`` images trained on.
     """
     cfg, generator = trial.cfg, trial.generator
     images, masks, labels = trial.data["train"]
@@ -561,9 +569,9 @@ def train_one_epoch(trial: Trial) -> tuple[dict[str, float], int]:
 
 def evaluate_split(trial: Trial, part: str) -> dict[str, Any]:
     """Step 4 of :func:`run_trial`: :func:`evaluate` on ``trial.data[part]`` (``eval`` or
-    ``test``) with its masks, at the test-time input of ``cfg`` (``crop``, ``eval_crop``)."""
+    ``test``) with its masks, at the test-time input of ``cfg`` (``eval_size``, ``eval_crop``)."""
     images, masks, labels = trial.data[part]
-    return evaluate(trial.model, images, labels, masks=masks, crop=trial.cfg.crop,
+    return evaluate(trial.model, images, labels, masks=masks, size=trial.cfg.eval_input_size,
                     num_classes=len(trial.class_names), ctx=trial.ctx)
 
 
@@ -589,7 +597,7 @@ def epoch_metrics(
         cfg: The trial configuration (its ``region_classes`` name the region terms, in order).
         epoch: The epoch (1-based).
         lr: The learning rate the epoch trained with.
-        train: Mean loss terms of :func:`train_one_epoch` (``loss``, ``loss_ce``, ``loss_region<i>``).
+        train: Mean loss terms of :func:`train_one_epoch` (``loss``, ``loss_ce``, ``loss_<kind>``).
         splits: :func:`evaluate` results by part: ``eval`` and optionally ``test``.
         images_per_second: Training images per second of the epoch's training loop.
         epoch_seconds: Wall time of the epoch, evaluation included.
@@ -597,15 +605,15 @@ def epoch_metrics(
     Returns:
         The epoch's metrics: a flat dict of floats (``epoch``: int).
     """
-    regions = cfg.region_classes
-    metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_loss_ce": train["loss_ce"]}
-    metrics.update({f"train_loss_{region}": train[f"loss_region{i}"] for i, region in enumerate(regions)})
+    mask_losses = [f"loss_{region}" for region in cfg.region_classes]
+    metrics: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    metrics.update({f"train_{name}": train[name] for name in ("loss", "loss_ce", *mask_losses)})
     for part, ev in splits.items():
         names = ("top1", "top5", "mean_class_top1", "loss_ce") if part == "eval" else ("top1", "top5")
         metrics.update({f"{part}_{name}": ev[name] for name in names})
-        for i, region in enumerate(regions):
-            metrics[f"{part}_loss_{region}"] = ev["loss_region"][i]
-            metrics[f"{part}_flat_loss_{region}"] = ev["flat_loss_region"][i]
+        for name in mask_losses:
+            metrics[f"{part}_{name}"] = ev[name]
+            metrics[f"{part}_flat_{name}"] = ev[f"flat_{name}"]
     metrics["train_images_per_second"] = images_per_second
     metrics["epoch_seconds"] = epoch_seconds
     return metrics
@@ -663,7 +671,8 @@ def run_trial(
         if trial.device.type == "cuda":
             torch.cuda.synchronize()  # the clock must include the queued GPU work of the last steps
         train_seconds = time.perf_counter() - t0
-        splits = {part: evaluate_split(trial, part) for part in ("eval", "test") if part in trial.data}
+        splits: dict[str, dict[str, Any]] = {part: evaluate_split(trial, part) for part in ("eval", "test")
+                                             if part in trial.data}
         metrics = epoch_metrics(cfg, epoch=epoch, lr=lr, train=train, splits=splits,
                                 images_per_second=seen / train_seconds, epoch_seconds=time.perf_counter() - t0)
         history.append(metrics)

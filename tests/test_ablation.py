@@ -126,7 +126,7 @@ def _tiny_job(tmp_path: Path) -> Path:
     job["dataset"].update(max_classes=3, max_per_class=8, val_fraction=0.25, test_fraction=0.25)
     job["regions"].update(source="labels", unlabelled="empty")
     job["masks"].update(num_actors=1, resolution=32)
-    job["train"].update(weights=None, resize=72, crop=64, batch_size=8, epochs=2, lr=0.01, momentum=0.9,
+    job["train"].update(weights=None, resize=72, train_crop=64, batch_size=8, epochs=2, lr=0.01, momentum=0.9,
                         output_stride=16, crop_to_region="contour")
     job["search"].update(max_concurrent=2)
     job["ablation"] = {"rows": ["backbone", "all"], "seeds": 2, "formulations": ["softmax_scaled"]}

@@ -21,10 +21,10 @@ def trained_run(tiny_train_config, tmp_path):
     return tmp_path / "checkpoint.pt", cfg, read_manifest(cfg.manifest)
 
 
-def _hand_model(alpha: float, region_weights: tuple[float, ...]) -> MGFAClassifier:
+def _hand_model(alpha: float, feature_weights: tuple[float, ...]) -> MGFAClassifier:
     # Identity backbone: the "images" are the feature map F itself (B, C=2, H, W).
-    model = MGFAClassifier(nn.Identity(), num_features=2, num_classes=2, num_regions=len(region_weights),
-                           alpha=alpha, region_weights=region_weights)
+    model = MGFAClassifier(nn.Identity(), num_features=2, num_classes=2, num_regions=len(feature_weights),
+                           alpha=alpha, feature_weights=feature_weights)
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
         model.head.bias.copy_(torch.tensor([10.0, -7.0]))
@@ -58,7 +58,7 @@ def test_cam_spatial_mean_equals_logit_minus_bias_on_a_trained_model(trained_run
     model, _, names = load_trained_model(ckpt)
     assert len(names) == 3 and names[0] == manifest.sort_values("label")["class_name"].iloc[0]
     images = load_images(manifest["path"].head(6).tolist(), size=cfg.resize)
-    x = eval_images(images, crop=cfg.crop)
+    x = eval_images(images, size=cfg.eval_input_size)
     cams, logits, attention = raw_class_activation_maps(model, x)
     with torch.no_grad():
         model_logits, model_attention = model(x)
@@ -67,17 +67,17 @@ def test_cam_spatial_mean_equals_logit_minus_bias_on_a_trained_model(trained_run
     assert cams.shape == (6, 3, 2, 2)  # 64 px / 32
     torch.testing.assert_close(cams.mean(dim=(2, 3)), model_logits - model.head.bias.detach(), atol=1e-5, rtol=1e-5)
 
-    result = class_activation_maps(model, images, crop=cfg.crop)
-    assert result.cams.shape == (6, cfg.crop, cfg.crop) and result.cams.dtype == torch.float32
+    result = class_activation_maps(model, images, size=cfg.eval_input_size)
+    assert result.cams.shape == (6, cfg.eval_input_size, cfg.eval_input_size) and result.cams.dtype == torch.float32
     assert result.cams.min() >= 0 and torch.allclose(result.cams.flatten(1).amax(1), torch.ones(6))
     assert torch.equal(result.predicted, model_logits.argmax(1)) and torch.equal(result.classes, result.predicted)
     torch.testing.assert_close(result.confidence, model_logits.softmax(1).amax(1))
-    assert result.attention.shape == (6, 2, cfg.crop, cfg.crop)
+    assert result.attention.shape == (6, 2, cfg.eval_input_size, cfg.eval_input_size)
     labels = torch.tensor([2, 1, 0, 2, 1, 0])
-    chosen = class_activation_maps(model, images, crop=cfg.crop, labels=labels)
+    chosen = class_activation_maps(model, images, size=cfg.eval_input_size, labels=labels)
     assert torch.equal(chosen.classes, labels) and torch.equal(chosen.predicted, result.predicted)
     with pytest.raises(ValueError, match="label 3"):
-        class_activation_maps(model, images, crop=cfg.crop, labels=torch.tensor([3, 0, 0, 0, 0, 0]))
+        class_activation_maps(model, images, size=cfg.eval_input_size, labels=torch.tensor([3, 0, 0, 0, 0, 0]))
 
 
 def test_cli_writes_one_png_per_requested_image(trained_run, tmp_path, capsys):

@@ -14,9 +14,11 @@ from mgfa_ray.config import (
     RegionWeights,
     TrainConfig,
     TrainParams,
+    current_train_keys,
     load_config,
     resolve_data_root,
     to_dict,
+    validate,
 )
 from mgfa_ray.pipeline import check_job
 
@@ -36,7 +38,8 @@ def test_paper_jobs_use_the_papers_settings():
     for name, kinds in (("cotton80_paper", 1), ("soylocal_paper", 2)):
         cfg = load_config(JobConfig, REPO / "jobs" / f"{name}.yaml")
         t = cfg.train
-        assert (t.backbone, t.resize, t.crop, t.lr, t.momentum, t.lr_step) == ("resnet50", 512, 448, 0.003, 0.938, 100)
+        assert (t.backbone, t.resize, t.train_crop, t.lr, t.momentum, t.lr_step) == ("resnet50", 512, 448, 0.003, 0.938, 100)
+        assert t.eval_input_size == 448 and t.eval_crop == "resize"  # test: resized to 448
         assert cfg.detector.imgsz == 480 and cfg.dataset.layout == "ufg" and len(cfg.regions.classes) == kinds
         assert cfg.regions.max_images == {1: 30, 2: 70}[kinds]
 
@@ -79,8 +82,43 @@ def test_simplex_and_ranges_are_checked():
         TrainParams(alpha=0.5, beta=0.5, gamma=0.2)
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         TrainParams(alpha=1.2, beta=-0.2, gamma=0.0)
-    with pytest.raises(ValueError, match="crop"):
-        TrainParams(resize=64, crop=96)
+    with pytest.raises(ValueError, match=r"train_crop \(96\) must be <= resize \(64\)"):
+        TrainParams(resize=64, train_crop=96)
+    with pytest.raises(ValueError, match=r"eval_size \(96\) must be <= resize \(64\)"):
+        TrainParams(resize=64, train_crop=48, eval_size=96)
+
+
+def test_training_crop_and_evaluation_size_and_the_old_crop_key():
+    """``crop`` was both the training crop and the test size: now ``train_crop`` and ``eval_size``
+    (default: the training crop, as before). A file written with ``crop`` still loads, as the
+    training crop, and what is written back uses the new names."""
+    assert TrainParams(train_crop=96, resize=128).eval_input_size == 96  # eval_size None follows train_crop
+    assert TrainParams(train_crop=96, eval_size=112, resize=128).eval_input_size == 112
+    old = validate(TrainParams, {"resize": 128, "crop": 96}, source="old.yaml")
+    assert old == TrainParams(resize=128, train_crop=96) and old.eval_input_size == 96
+    assert "crop" not in to_dict(old) and to_dict(old)["train_crop"] == 96 and to_dict(old)["eval_size"] is None
+    with pytest.raises(ConfigError, match=r"old.yaml: invalid configuration\n  train_crop: .*greater than or equal to 16"):
+        validate(TrainParams, {"crop": 8}, source="old.yaml")
+    # A base written with the new names, overridden by a search space or record of the old: the
+    # override passes through current_train_keys first, and the current name wins over a stale old one.
+    base = to_dict(TrainParams(resize=128, train_crop=96))
+    assert validate(TrainParams, {**base, **current_train_keys({"crop": 64})}).train_crop == 64
+    assert validate(TrainParams, {"resize": 128, "crop": 112, "train_crop": 64}).train_crop == 64
+    assert current_train_keys({"crop": 64, "lr": 0.1}) == {"lr": 0.1, "train_crop": 64}
+
+
+def test_job_with_the_old_crop_key_and_a_set_override_of_either_name(tmp_path):
+    from mgfa_ray.cli import load_job
+
+    doc = yaml.safe_load((REPO / "jobs" / "leafsnap20.yaml").read_text())
+    doc["train"]["crop"] = doc["train"].pop("train_crop")  # a job file written before the rename
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert load_job(path).train.train_crop == 112
+    assert load_job(path, ["train.train_crop=96"]).train.train_crop == 96
+    doc["train"]["train_crop"] = doc["train"].pop("crop")
+    path.write_text(yaml.safe_dump(doc))
+    assert load_job(path, ["train.crop=96"]).train.train_crop == 96  # the old name on the command line
 
 
 def test_region_kinds_and_their_weights():
@@ -136,6 +174,6 @@ def test_search_config_resources_and_checkpoints():
     with pytest.raises(ValueError, match="gpus_per_trial above 1 must be a whole number, got 1.5"):
         SearchConfig(space="s.yaml", gpus_per_trial=1.5)
     with pytest.raises(ValueError, match="checkpoints_to_keep"):
-        SearchConfig(space="s.yaml", checkpoints_to_keep=1)  # DESIGN.md §4.7
+        SearchConfig(space="s.yaml", checkpoints_to_keep=1)  # with 1 Ray re-snapshots repeatedly (ray#31613)
     with pytest.raises(ValueError, match="sampler"):
         SearchConfig(space="s.yaml", sampler="grid")

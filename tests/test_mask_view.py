@@ -49,6 +49,9 @@ def test_masks_command_writes_figures_and_summary(label_mask_set, tiny_manifest,
     rows = read_rows(label_mask_set)
     counts = [len(b) for b in rows["boxes"]]
     assert summary["rows"] == len(df) == 24
+    meta = read_metadata(label_mask_set)  # boxes from label files: the box source is labels-<hash>, not a detector
+    assert summary["source"] == "labels" and summary["box_source"] == meta["detector_key"]
+    assert summary["box_source"].startswith("labels-")
     assert summary["boxes_per_image"] == {"min": min(counts), "median": float(np.median(counts)), "max": max(counts)}
     assert summary["images_without_box"] == sum(c == 0 for c in counts) > 0
     veins = sum(sum(1 for b in bs if b[0] == 0) for bs in rows["boxes"])

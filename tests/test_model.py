@@ -39,25 +39,31 @@ def test_attention_sigmoid_and_shared_conv():
 def test_fuse_alpha_one_is_identity_and_beta_selects_attended_location():
     f = torch.randn(2, 3, 4, 4)
     att = torch.rand(2, 2, 4, 4)
-    torch.testing.assert_close(fuse_features(f, att, alpha=1.0, region_weights=(0.0, 0.0)), f)
+    torch.testing.assert_close(fuse_features(f, att, alpha=1.0, feature_weights=(0.0, 0.0)), f)
     one_hot = torch.zeros(2, 2, 4, 4)
     one_hot[:, 0, 1, 3] = 1.0
-    out = fuse_features(f, one_hot, alpha=0.0, region_weights=(1.0, 0.0))
+    out = fuse_features(f, one_hot, alpha=0.0, feature_weights=(1.0, 0.0))
     assert torch.equal(out[:, :, 1, 3], f[:, :, 1, 3])
     out[:, :, 1, 3] = 0
     assert torch.count_nonzero(out) == 0
 
 
-def test_loss_with_zero_region_weights_is_cross_entropy_and_terms_reported():
+def test_loss_with_zero_mask_loss_weights_is_cross_entropy_and_terms_reported():
     logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
     att, tgt = torch.rand(4, 2, 3, 3), torch.rand(4, 2, 3, 3)
-    out = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt, region_weights=(0.0, 0.0), mu=1.0)
+    out = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt,
+                    mask_loss_weights={"vein": 0.0, "contour": 0.0}, mu=1.0)
+    assert list(out) == ["loss_ce", "loss_vein", "loss_contour", "loss"]  # the names trials report, prefixed
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, labels))
     expected = ((tgt - att) ** 2).mean(dim=(0, 2, 3))  # Eq. 7
-    torch.testing.assert_close(out["loss_region0"], expected[0])
-    torch.testing.assert_close(out["loss_region1"], expected[1])
-    weighted = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt, region_weights=(0.1, 0.2), mu=0.5)
+    torch.testing.assert_close(out["loss_vein"], expected[0])
+    torch.testing.assert_close(out["loss_contour"], expected[1])
+    weighted = mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt,
+                         mask_loss_weights={"vein": 0.1, "contour": 0.2}, mu=0.5)
     torch.testing.assert_close(weighted["loss"], 0.5 * out["loss_ce"] + 0.1 * expected[0] + 0.2 * expected[1])  # Eq. 8
+    with pytest.raises(ValueError, match="cannot be named 'ce'"):
+        mgfa_loss(logits=logits, labels=labels, attention=att, target=tgt, mask_loss_weights={"ce": 0.1, "x": 0.1},
+                  mu=1.0)
 
 
 def test_gt_attention_normalisation_matches_activation():
@@ -90,7 +96,7 @@ def test_every_parameter_gets_a_gradient(name, weights, activation, shared):
     released = weights == (0.65, 0.35)
     backbone, c = build_backbone(name, None, output_stride=16)
     model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=k, alpha=weights[0],
-                           region_weights=weights[1:], activation=activation, shared_conv=shared,
+                           feature_weights=weights[1:], activation=activation, shared_conv=shared,
                            attention_bias=not released, head_bias=not released)
     assert (model.attention.conv.bias is None, model.head.bias is None) == (released, released)
     x = torch.randn(2, 3, 64, 64)
@@ -98,7 +104,7 @@ def test_every_parameter_gets_a_gradient(name, weights, activation, shared):
     assert logits.shape == (2, 3) and att.shape == (2, k, 4, 4)
     tgt = gt_attention(torch.rand(2, k, 16, 16), grid=(4, 4), activation=activation)
     loss = mgfa_loss(logits=logits, labels=torch.tensor([0, 2]), attention=att, target=tgt,
-                     region_weights=(0.1,) * k, mu=1.0)
+                     mask_loss_weights={f"kind{i}": 0.1 for i in range(k)}, mu=1.0)
     loss["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
@@ -108,14 +114,14 @@ def test_backbone_only_weights_give_the_plain_classifier():
     """Table III 'backbone': alpha = 1 and no mask loss is exactly backbone → pool → linear with CE."""
     backbone, c = build_backbone("resnet18", None)
     model = MGFAClassifier(backbone, num_features=c, num_classes=3, num_regions=2, alpha=1.0,
-                           region_weights=(0.0, 0.0)).eval()
+                           feature_weights=(0.0, 0.0)).eval()
     x = torch.randn(2, 3, 64, 64)
     logits, att = model(x)
     plain = model.head(model.backbone(x).mean(dim=(2, 3)))
     assert torch.equal(logits, plain)
     labels = torch.tensor([1, 2])
     out = mgfa_loss(logits=logits, labels=labels, attention=att, target=torch.zeros_like(att),
-                    region_weights=(0.0, 0.0), mu=1.0)
+                    mask_loss_weights={"vein": 0.0, "contour": 0.0}, mu=1.0)
     assert torch.equal(out["loss"], F.cross_entropy(plain, labels))
 
 
@@ -123,21 +129,21 @@ def test_mismatched_masks_are_rejected():
     att = torch.rand(2, 2, 4, 4)
     with pytest.raises(ValueError, match="region kinds or grid"):
         mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
-                  target=torch.rand(2, 1, 4, 4), region_weights=(0.1, 0.1), mu=1.0)
+                  target=torch.rand(2, 1, 4, 4), mask_loss_weights={"vein": 0.1, "contour": 0.1}, mu=1.0)
     with pytest.raises(ValueError, match="region kinds or grid"):
         mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
-                  target=torch.rand(2, 2, 7, 7), region_weights=(0.1, 0.1), mu=1.0)
+                  target=torch.rand(2, 2, 7, 7), mask_loss_weights={"vein": 0.1, "contour": 0.1}, mu=1.0)
     with pytest.raises(ValueError, match="coarser than the feature grid"):
         gt_attention(torch.rand(2, 2, 4, 4), grid=(7, 7), activation="softmax")
 
 
 def test_classifier_rejects_weights_off_the_simplex():
     with pytest.raises(ValueError, match="sum to 1"):
-        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, region_weights=(0.5, 0.2))
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, feature_weights=(0.5, 0.2))
     with pytest.raises(ValueError, match="sum to 1"):
-        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=1.2, region_weights=(-0.2, 0.0))
-    with pytest.raises(ValueError, match="need 2 region weights"):
-        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, region_weights=(0.5,))
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=1.2, feature_weights=(-0.2, 0.0))
+    with pytest.raises(ValueError, match="need 2 feature weights"):
+        MGFAClassifier(nn.Identity(), num_features=4, num_classes=2, num_regions=2, alpha=0.5, feature_weights=(0.5,))
 
 
 def test_local_weights_file_loads_and_bad_file_is_rejected(tmp_path, mobilenet_weights):
@@ -159,7 +165,7 @@ def test_local_weights_file_loads_and_bad_file_is_rejected(tmp_path, mobilenet_w
 def test_backbones_give_stride_32_feature_maps(name):
     backbone, c = build_backbone(name, None)
     model = MGFAClassifier(backbone, num_features=c, num_classes=2, num_regions=2, alpha=0.3,
-                           region_weights=(0.5, 0.2)).eval()
+                           feature_weights=(0.5, 0.2)).eval()
     with torch.no_grad():
         features = model.forward_features(torch.randn(1, 3, 64, 96))
         logits, att = model.forward_head(features)
@@ -192,7 +198,7 @@ def test_scaled_softmax_with_uniform_attention_gives_the_features_exactly():
     f = torch.randn(2, 6, 4, 5)
     m = _uniform_attention(2, "softmax_scaled")(f)
     assert torch.equal(m, torch.ones_like(m))
-    out = fuse_features(f, m, alpha=0.3, region_weights=(0.5, 0.2))
+    out = fuse_features(f, m, alpha=0.3, feature_weights=(0.5, 0.2))
     torch.testing.assert_close(out, f)
     # A non-uniform scaled map still averages 1 over H*W (the feature's scale).
     att = MaskAttention(2, activation="softmax_scaled")
@@ -205,7 +211,7 @@ def test_attention_branch_scale_relative_to_the_features(activation, scale):
     β·scale times the pooled features — 1/(H*W) for the printed softmax (here 4 x 5)."""
     f = torch.randn(3, 6, 4, 5)
     m = _uniform_attention(1, activation)(f)
-    branch = fuse_features(f, m, alpha=0.0, region_weights=(1.0,)).mean(dim=(2, 3))
+    branch = fuse_features(f, m, alpha=0.0, feature_weights=(1.0,)).mean(dim=(2, 3))
     torch.testing.assert_close(branch, scale * f.mean(dim=(2, 3)))
 
 

@@ -22,7 +22,7 @@ def test_augment_moves_masks_exactly_with_the_image():
     images = pattern.expand(4, 3, r, r).contiguous()
     masks = (pattern.float() / 255.0).expand(4, 1, r, r).contiguous()
     g = torch.Generator().manual_seed(3)
-    x, m = augment(images, masks, crop=9, train=True, generator=g)
+    x, m = augment(images, masks, size=9, train=True, generator=g)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     pixels = ((x * std + mean) * 255).round()
@@ -35,12 +35,12 @@ def test_batched_crop_and_flip_equal_per_image_slicing():
     g = torch.Generator().manual_seed(5)
     images = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8, generator=g)
     masks = torch.rand(6, 2, 12, 12, generator=g)
-    x, m = augment(images, masks, crop=7, train=True, generator=torch.Generator().manual_seed(1))
+    x, m = augment(images, masks, size=7, train=True, generator=torch.Generator().manual_seed(1))
     draw = torch.Generator().manual_seed(1)  # the same draws, in augment's order
     tops, lefts = torch.randint(0, 6, (6,), generator=draw), torch.randint(0, 6, (6,), generator=draw)
     flips = torch.rand(6, generator=draw) < 0.5
     assert 0 < flips.sum() < 6  # both cases are exercised
-    ref_x, _ = augment(images, masks, crop=12, train=False)  # normalised, uncropped
+    ref_x, _ = augment(images, masks, size=12, train=False)  # normalised, uncropped
     for i in range(6):
         win = ref_x[i, :, tops[i] : tops[i] + 7, lefts[i] : lefts[i] + 7]
         mwin = masks[i, :, tops[i] : tops[i] + 7, lefts[i] : lefts[i] + 7]
@@ -54,7 +54,7 @@ def test_augment_flip_and_crop_of_a_box_mask():
     images[:, 0, 2:4, 1:3] = 255  # a box in the red channel...
     masks = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
     masks[:, 0, 2:4, 1:3] = 1  # ...and the same box as a mask
-    x, m = augment(images, masks, crop=6, train=True, generator=torch.Generator().manual_seed(0))
+    x, m = augment(images, masks, size=6, train=True, generator=torch.Generator().manual_seed(0))
     red = x[:, 0] > 0
     assert torch.equal(red, m[:, 0] > 0.5)
     assert len({tuple(r.nonzero()[0].tolist()) for r in red if r.any()}) > 1  # windows differ
@@ -101,7 +101,7 @@ def test_evaluate_counts_top1_top5_and_per_class_on_known_logits(tiny_train_conf
         def forward(self, x):
             return logits[: len(x)], torch.zeros(len(x), 0, 1, 1)
 
-    ev = evaluate(Fixed(), torch.zeros(6, 3, 8, 8, dtype=torch.uint8), labels, crop=8, num_classes=7,
+    ev = evaluate(Fixed(), torch.zeros(6, 3, 8, 8, dtype=torch.uint8), labels, size=8, num_classes=7,
                   ctx=StepContext(tiny_train_config, torch.device("cpu")), batch_size=4)
     assert ev["top1"] == pytest.approx(2 / 6) and ev["top5"] == pytest.approx(4 / 6)
     assert ev["mean_class_top1"] == pytest.approx(1 / 5)  # class 0 all right, classes 3-6 all wrong
@@ -119,7 +119,7 @@ def test_eval_attention_error_is_eq7_on_the_eval_split(tiny_train_config, tmp_pa
     model, cfg, _ = load_trained_model(tmp_path)
     val = read_manifest(cfg.manifest).query("split == 'val'")
     masks, _ = read_masks(cfg.masks, image_ids=val["image_id"].tolist(), region_classes=cfg.region_classes)
-    x, m = augment(load_images(val["path"].tolist(), size=cfg.resize), torch.from_numpy(masks), crop=cfg.crop,
+    x, m = augment(load_images(val["path"].tolist(), size=cfg.resize), torch.from_numpy(masks), size=cfg.eval_input_size,
                    train=False)
     with torch.no_grad():
         _, att = model(x)
@@ -272,8 +272,26 @@ def test_lr_decay_and_center_eval_crop(tiny_train_config):
         scheduler.step()
     assert lrs == pytest.approx([0.0008, 0.0008, 0.0008 * 0.13, 0.0008 * 0.13, 0.0008 * 0.13 ** 2])
     images = torch.randint(0, 256, (2, 3, 72, 72), dtype=torch.uint8)
-    centre = eval_images(images, crop=64, eval_crop="center")
-    whole = eval_images(images, crop=72)
+    centre = eval_images(images, size=64, eval_crop="center")
+    whole = eval_images(images, size=72)
     assert torch.equal(centre, whole[..., 4:68, 4:68])
-    x, m = augment(images, torch.ones(2, 1, 8, 8), crop=64, train=False, eval_crop="center")
+    x, m = augment(images, torch.ones(2, 1, 8, 8), size=64, train=False, eval_crop="center")
     assert torch.equal(x, centre) and m.shape == (2, 1, 64, 64)
+
+
+def test_training_crop_and_evaluation_size_are_separate_inputs(tiny_train_config):
+    """train_crop sizes the training windows, eval_size the test-time input (both the old
+    ``crop`` before); the metrics name the mask loss of each region kind like mgfa_loss does."""
+    from mgfa_ray.trial import evaluate_split, prepare, train_one_epoch
+
+    cfg = tiny_train_config.model_copy(update={"train_crop": 48, "eval_size": 64})
+    trial = prepare(cfg)
+    sides: list[tuple[int, ...]] = []
+    trial.model.register_forward_pre_hook(lambda module, args: sides.append(tuple(args[0].shape[-2:])))
+    train, _ = train_one_epoch(trial)
+    assert set(sides) == {(48, 48)}
+    assert set(train) == {"loss", "loss_ce", "loss_vein", "loss_contour"}
+    sides.clear()
+    ev = evaluate_split(trial, "eval")
+    assert set(sides) == {(64, 64)}
+    assert {"loss_vein", "flat_loss_vein", "loss_contour", "flat_loss_contour"} <= set(ev)
