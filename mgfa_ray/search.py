@@ -642,10 +642,10 @@ def ray_trials(search_dir: str) -> pd.DataFrame:
         frames = analysis.trial_dataframes
         for trial in analysis.trials:
             history = frames.get(trial.trial_id)
+            epochs, last = 0, None
             if history is not None and len(history):
                 history = history.sort_values("training_iteration").drop_duplicates("training_iteration", keep="last")
-            epochs = int(history["training_iteration"].max()) if history is not None and len(history) else 0
-            last = history.iloc[-1] if epochs else None
+                epochs, last = int(history["training_iteration"].max()), history.iloc[-1]
             rows.append({
                 "trial": trial.trial_id, "run": run.name, "optuna_trial": trial.config.get("optuna_trial"),
                 "ray_status": trial.status, "epochs_run": epochs,
