@@ -52,7 +52,6 @@ from .io import (
 from .lock import DirectoryLock
 from .runtime import configure
 from .search_space import SearchSpace, trial_params
-from .trial import load_checkpoint, run_trial
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "search.json"
@@ -75,9 +74,10 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
         base: The rest of the :class:`~mgfa_ray.config.TrainConfig` (data paths, defaults).
         cache_dir: Decoded-image cache shared by the trials.
     """
-    import torch
+    import torch  # here, not at the top: the driver and the stand-in trials of the tests never need torch
     from ray import tune
 
+    from .trial import load_checkpoint, run_trial
     from .worker import release_trial_memory, start_trial
 
     configure()  # this worker process: Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
