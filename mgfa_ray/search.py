@@ -10,7 +10,7 @@ object-store URI)::
                          trial with its checkpoints (>= 2 kept), progress.csv, result.json and
                          TensorBoard event files
     runs/run-1/ …        one experiment per extension (``--more-trials N``): Ray freezes
-                         num_samples on restore (DESIGN.md §4.4), so an extension is a new Tuner
+                         num_samples on restore (``Tuner.restore`` keeps the TuneConfig), so an extension is a new Tuner
                          on the same study
 
 * :func:`tune_trainable` is the thin Ray wrapper of one trial: it validates the config, resumes

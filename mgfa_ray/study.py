@@ -1,10 +1,11 @@
 """The Optuna side of the search: one persistent study that Ray Tune's trials are kept in step with.
 
 Ray 2.60's ``OptunaSearch`` keeps the trial ↔ study mapping only in the driver's memory and runs
-Optuna with a no-op pruner, which breaks a search that must survive crashes (DESIGN.md §4: a
-restarted trial's new id is a ``KeyError`` (§4.1), a trial retried to success stays FAIL (§4.2),
-an early-stopped trial is told COMPLETE with its truncated score (§4.5)). Here the study itself
-holds everything needed to pick up after a crash:
+Optuna with a no-op pruner, which breaks a search that must survive crashes: a restarted
+trial's new id is a ``KeyError`` in its ``on_trial_result``, a trial retried to success stays FAIL,
+and an early-stopped trial is told COMPLETE with its truncated score (read in Ray's
+``ray/tune/search/optuna/optuna_search.py``). Here the study itself holds everything needed to
+pick up after a crash:
 
 * every Optuna trial carries the user attributes ``ray_trial_id`` (the Ray trial running it) and
   ``driver_session`` (the driver process that last claimed it); every Ray trial's config carries
