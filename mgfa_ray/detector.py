@@ -110,7 +110,7 @@ import pandas as pd
 from .config import ConfigError, DetectorConfig
 from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
 from .errors import InputError
-from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
+from .storage import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
 from .runtime import YOLO_ENV_DEFAULTS, configure
 

@@ -49,7 +49,7 @@ another set, never a mix. The content does not depend on ``batch_size``, ``rows_
 number of actors (tested).
 
 Location: a local or NFS directory, or an object-store URI such as
-``s3://bucket/prefix?endpoint_override=http://host:9000`` (:func:`mgfa_ray.io.resolve_location`).
+``s3://bucket/prefix?endpoint_override=http://host:9000`` (:func:`mgfa_ray.storage.resolve_location`).
 
 Shard schema (``shard-NNNNN.parquet``, one row per manifest image; plain pyarrow reads it):
 
@@ -124,7 +124,7 @@ from PIL import Image
 from .config import MasksConfig
 from .errors import InputError, StageError, UserError
 from .runtime import configure
-from .io import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
+from .storage import fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location, sha256_file, sha256_json
 from .manifest import ImageError, image_problem, sniff_bytes
 from .regions import Box, LabelError, check_voc_sizes, label_layout_hint, parse_label_file
 
@@ -520,7 +520,7 @@ def create_once(fs, path: str, data: bytes) -> bytes | None:
     hard-linked to ``path``: ``link`` fails when the name exists, so of two writers exactly one
     creates the file, and no reader sees part of it (a filesystem without hard links falls back to
     a check, then a rename). Object store: pyarrow has no exclusive create, so the name is checked,
-    then :func:`mgfa_ray.io.fs_write_atomic` uploads the file whole; two writers racing in between
+    then :func:`mgfa_ray.storage.fs_write_atomic` uploads the file whole; two writers racing in between
     both upload it and the last upload stays.
 
     Returns:

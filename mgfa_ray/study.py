@@ -48,6 +48,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .errors import UserError
 from .runtime import configure
+from .storage import is_uri
 from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, optuna_space
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class StudyRef:
             KeyError: ``create`` is false and the journal file does not exist.
         """
         configure()  # Optuna's log level (mgfa_ray.runtime), before the first study opens
-        if "://" in self.storage:
+        if is_uri(self.storage):  # an RDB URL
             return optuna.storages.RDBStorage(self.storage)
         from optuna.storages.journal import JournalFileBackend
 

@@ -34,7 +34,7 @@ import pytest
 import mgfa_ray.masks as mask_stage
 from mgfa_ray.config import DetectorConfig, MasksConfig
 from mgfa_ray.detector import train_detector
-from mgfa_ray.io import fs_list, resolve_location
+from mgfa_ray.storage import fs_list, resolve_location
 from mgfa_ray.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,
