@@ -115,7 +115,8 @@ def redact_location(location: str | os.PathLike) -> str:
 def redact_text(text: str) -> str:
     """``text`` (an error message, a log line) with every URI in it passed through
     :func:`redact_location` and any remaining ``<secret param>=<value>`` hidden."""
-    return _SECRET_ASSIGN.sub(lambda m: f"{m.group(1)}={REDACTED}", _URI.sub(lambda m: redact_location(m.group(0)), text))
+    text = _URI.sub(lambda m: redact_location(m.group(0)), text)
+    return _SECRET_ASSIGN.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
 
 
 def redact_tree(obj: Any) -> Any:

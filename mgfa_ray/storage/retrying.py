@@ -130,7 +130,11 @@ class _UploadOnClose:
 
 @functools.cache
 def _retrying_handler_base():
-    """The handler class, built once on first use (pyarrow is imported lazily by this module)."""
+    """The handler class, built once on first use (pyarrow is imported lazily by this package).
+
+    Longer than a screen because it is one class: pyarrow's ``FileSystemHandler`` interface, each
+    method a line or two.
+    """
     import pyarrow as pa
     import pyarrow.fs as pafs
 
