@@ -265,9 +265,8 @@ class MaskComputer:
                 good = [im for im in decoded if not isinstance(im, str)]
                 found = iter(predict_boxes(self._model, good, imgsz=src.imgsz, conf=src.conf))
                 for im in decoded:
-                    bad = isinstance(im, str)
-                    boxes.append([] if bad else next(found))
-                    errors.append(im if bad else None)
+                    boxes.append([] if isinstance(im, str) else next(found))
+                    errors.append(im if isinstance(im, str) else None)
         return boxes, errors
 
     def __call__(self, rows: pd.DataFrame) -> tuple[pd.DataFrame | None, list[str]]:
