@@ -69,8 +69,12 @@ RECIPE_VERSION = 2
 METADATA = "metadata.json"
 #: The set's sharding, written first.
 PLAN = "plan.json"
+#: File in a job's mask directory naming the set its last run built
+#: (:func:`mgfa_ray.mask_writer.write_current_set`).
+CURRENT = "CURRENT"
 #: Key of the shard statistics in each shard's Parquet footer metadata (JSON).
 STATS_KEY = b"mgfa_ray.shard_stats"
+#: The columns of every shard (the table in the module docstring).
 SHARD_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("label", pa.int64()),
@@ -86,7 +90,8 @@ class MaskSetError(UserError, ValueError):
     """A mask set cannot be used as it is: incomplete, damaged (a shard missing, truncated, of
     another size or row count than ``metadata.json`` records), or not the one the trial needs. The
     message names the set (and the shard or image) and says what to do; a damaged set is rebuilt
-    by rerunning the job (:func:`mgfa_ray.mask_writer.build_mask_set` checks every shard before trusting a set)."""
+    by rerunning the job (:func:`mgfa_ray.mask_writer.build_mask_set` checks every shard before
+    trusting a set)."""
 
 
 def shard_name(index: int) -> str:
@@ -112,7 +117,3 @@ def read_json(fs, path: str) -> dict | None:
     if not fs_exists(fs, path):
         return None
     return json.loads(fs_read(fs, path))
-
-
-CURRENT = "CURRENT"
-"""File in a job's mask directory naming the set its last run built (:func:`mgfa_ray.mask_writer.write_current_set`)."""
