@@ -33,7 +33,7 @@ from mgfa_ray.config import DatasetConfig, DetectorConfig  # noqa: E402
 from mgfa_ray.detector import (  # noqa: E402
     _stored_metrics, cross_validate_detector, detector_key, grouped_folds, pool_folds, prepare_annotated,
 )
-from mgfa_ray.io import atomic_write_json, atomic_write_text  # noqa: E402
+from mgfa_ray.storage import atomic_write_json, atomic_write_text  # noqa: E402
 from mgfa_ray.manifest import build_manifest  # noqa: E402
 from mgfa_ray.regions import index_labels, select_annotated  # noqa: E402
 

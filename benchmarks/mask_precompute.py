@@ -86,7 +86,7 @@ from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, resolve_data_root
 from mgfa_ray.detector import METRICS, load_detector, predict_boxes  # (Ultralytics offline: mgfa_ray.runtime)
-from mgfa_ray.io import atomic_write_json, sha256_file
+from mgfa_ray.storage import atomic_write_json, sha256_file
 from mgfa_ray.manifest import build_manifest, manifest_hash
 from mgfa_ray.masks import SHARD_SCHEMA, DetectorBoxes, build_mask_set, decode_rgb, rasterize, read_rows
 

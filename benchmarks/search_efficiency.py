@@ -41,7 +41,7 @@ import yaml
 from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, SearchConfig, TrainConfig, resolve_data_root
-from mgfa_ray.io import atomic_write_json
+from mgfa_ray.storage import atomic_write_json
 from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
 from mgfa_ray.regions import index_labels

@@ -604,7 +604,7 @@ def summarise_search(s: dict[str, Any], t0: float, t1: float, trials: list[dict[
 def child_main(s: dict[str, Any]) -> None:
     settings_json, result_json = s["_one_search"]
     settings = json.loads(Path(settings_json).read_text())
-    from mgfa_ray.io import atomic_write_json
+    from mgfa_ray.storage import atomic_write_json
 
     res = one_search(settings, s["_mode"])
     atomic_write_json(result_json, res)
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     if "_one_search" in settings:
         child_main(settings)
         return
-    from mgfa_ray.io import atomic_write_json
+    from mgfa_ray.storage import atomic_write_json
 
     doc = run(settings)
     atomic_write_json(settings["out"], doc)

@@ -49,7 +49,7 @@ from common import new_document
 from torch import nn
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
-from mgfa_ray.io import atomic_write_json
+from mgfa_ray.storage import atomic_write_json
 from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
 from mgfa_ray.model import build_backbone

@@ -254,7 +254,7 @@ def _quarters(values: list[float]) -> dict[str, Any]:
 
 def child_main(s: dict[str, Any]) -> None:
     """``--one-search SETTINGS SETTING RESULT``: one search in this fresh process, result as JSON."""
-    from mgfa_ray.io import atomic_write_json
+    from mgfa_ray.storage import atomic_write_json
 
     settings_json, setting, result_json = s["_one_search"]
     settings = json.loads(Path(settings_json).read_text())
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if s["_one_search"]:
         child_main(s)
         return
-    from mgfa_ray.io import atomic_write_json
+    from mgfa_ray.storage import atomic_write_json
 
     doc = run(s)
     atomic_write_json(s["out"], doc)

@@ -54,7 +54,7 @@ from .config import (
 )
 from .errors import InputError
 from .export import export_search
-from .io import atomic_write_bytes, atomic_write_json
+from .storage import atomic_write_bytes, atomic_write_json
 from .search import create_search, run_search
 from .search_space import SchedulerSpec, SearchSpace
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .augment import eval_images, resize_images
 from .config import TrainConfig, validate
 from .errors import InputError
-from .io import atomic_write_bytes, safe_stem
+from .storage import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
 from .model import MGFAClassifier
 from .trial import build_model, crop_boxes, load_checkpoint, load_images
@@ -284,7 +284,7 @@ def render_cams(
 ) -> list[Path]:
     """``mgfa-ray cam``: CAM figures (paper Fig. 4) of a trained run, one PNG per image.
 
-    Each ``<out_dir>/<safe image id>.png`` (see :func:`~mgfa_ray.io.safe_stem`) shows the photo at the model's
+    Each ``<out_dir>/<safe image id>.png`` (see :func:`~mgfa_ray.storage.safe_stem`) shows the photo at the model's
     input size, its CAM and the attention maps of every region kind, titled with the true and
     predicted class and the softmax confidence. Files are written atomically.
 

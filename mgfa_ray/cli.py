@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(err: BaseException, status: int) -> int:
     """Print ``error: <message>`` (after the traceback with ``--debug``/``MGFA_DEBUG=1``); return ``status``."""
-    from .io import redact_text
+    from .storage import redact_text
 
     if debug_enabled():
         print(redact_text("".join(traceback.format_exception(err))), file=sys.stderr, end="")
@@ -221,7 +221,7 @@ def _report(err: BaseException, status: int) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; return the exit status."""
-    from .io import take_credentials
+    from .storage import take_credentials
 
     for name in ("dir", "set", "manifest"):  # locations given on the command line: keys to the environment
         if isinstance(getattr(args, name, None), str):

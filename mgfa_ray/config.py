@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .storage import is_uri
 
 DATA_ROOT_ENV = "MGFA_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
@@ -609,7 +610,7 @@ def resolve_data_root(configured: str | None) -> Path:
 def absolute(path: str) -> str:
     """``path`` made absolute against the working directory (Ray runs trials elsewhere); a URI
     (``s3://...``) is returned unchanged."""
-    if "://" in path:
+    if is_uri(path):
         return path
     return str(Path(path).expanduser().resolve())
 
@@ -617,7 +618,7 @@ def absolute(path: str) -> str:
 def relative_to_cwd(path: str) -> str:
     """``path`` relative to the working directory when it lies below it, else unchanged (URIs
     too); keeps exported configs portable between clones."""
-    if "://" in path:
+    if is_uri(path):
         return path
     p, cwd = Path(path).resolve(), Path.cwd().resolve()
     return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path

@@ -110,7 +110,7 @@ import pandas as pd
 from .config import ConfigError, DetectorConfig
 from .detector_backbone import build_pretrained, model_source, write_initial_checkpoint
 from .errors import InputError
-from .io import atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
+from .storage import atomic_write_bytes, atomic_write_json, atomic_write_yaml, safe_stem, sha256_file, sha256_json
 from .regions import Box, parse_label_file
 from .runtime import YOLO_ENV_DEFAULTS, configure
 
@@ -586,11 +586,8 @@ def _evaluate_split(ann: Annotated, cfg: DetectorConfig, weights: Path, *, data_
 
 def _publish_weights(best: Path, out_dir: Path) -> Path:
     """Step 4 (publish), first half: copy the trained ``best`` weights to ``out_dir/weights.pt``
-    (atomically: copied beside it, then renamed); returns that path."""
-    tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
-    shutil.copyfile(best, tmp)
-    os.replace(tmp, out_dir / WEIGHTS)
-    return out_dir / WEIGHTS
+    (atomically: :func:`mgfa_ray.storage.atomic_write_bytes`); returns that path."""
+    return atomic_write_bytes(out_dir / WEIGHTS, Path(best).read_bytes())
 
 
 def _publish_metrics(out_dir: Path, metrics: dict) -> dict:

@@ -20,7 +20,7 @@ name) or one of Ultralytics' own (``yolo11n.yaml``); :func:`model_source` resolv
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from .model import WeightsError, _read_state
 from .runtime import configure
+from .storage import atomic_write_bytes
 
 #: Model YAMLs shipped with mgfa-ray; ``detector.model`` names them by file name.
 MODELS_DIR = Path(__file__).resolve().parent / "detector_models"
@@ -185,7 +186,7 @@ def build_pretrained(model: str, weights: str | Path, *, nc: int) -> nn.Module:
 def write_initial_checkpoint(model: str, weights: str | Path, *, nc: int, path: Path) -> Path:
     """Save :func:`build_pretrained`'s model as an Ultralytics checkpoint for ``YOLO(path).train``.
 
-    Written atomically (temp file, then rename). Returns ``path``.
+    Written atomically (:func:`mgfa_ray.storage.atomic_write_bytes`). Returns ``path``.
 
     Raises:
         WeightsError: As :func:`build_pretrained`.
@@ -194,9 +195,6 @@ def write_initial_checkpoint(model: str, weights: str | Path, *, nc: int, path: 
     import ultralytics
 
     net = build_pretrained(model, weights, nc=nc)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"model": net, "train_args": {}, "version": ultralytics.__version__}, tmp)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    torch.save({"model": net, "train_args": {}, "version": ultralytics.__version__}, buf)
+    return atomic_write_bytes(path, buf.getvalue())

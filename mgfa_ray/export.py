@@ -24,7 +24,7 @@ import pandas as pd
 
 from .config import TrainConfig, TrainParams, to_dict, validate
 from .errors import StageError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join
+from .storage import atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir
 from .search import SearchRecord, _write_target, ray_trials, read_record
 from .search_space import define_by_run, trial_params
 
@@ -41,7 +41,7 @@ def default_export_dir(search_dir: str) -> Path:
     Raises:
         ConfigError: No search in ``search_dir`` (or its ``search.json`` is invalid).
     """
-    from .io import safe_stem
+    from .storage import safe_stem
 
     record = read_record(search_dir)
     recorded = _write_target(search_dir, record.export_dir)
@@ -206,17 +206,13 @@ def _summary(search_dir: str, record: SearchRecord, table: pd.DataFrame, best, b
 
 
 def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
-    """Copy a trial checkpoint directory to ``dest``: copied in full beside it first, then swapped in."""
-    import shutil
-
+    """Copy a trial checkpoint directory to ``dest``: copied in full beside it first, then swapped in
+    (:func:`mgfa_ray.storage.publish_dir`)."""
     import pyarrow.fs as pafs
 
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".best_checkpoint-"))
     pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    return publish_dir(tmp, dest)
 
 
 def _write_table(df: pd.DataFrame, stem: Path) -> None:

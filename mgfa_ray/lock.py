@@ -40,7 +40,7 @@ import time
 import uuid
 from typing import Any
 
-from .io import fs_read, fs_write_atomic, location_join, resolve_location
+from .storage import create_local_once, fs_read, fs_write_atomic, location_join, resolve_location
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -156,21 +156,9 @@ class DirectoryLock:
     # --- acquire / heartbeat / release ---
 
     def _publish_exclusive(self, record: dict[str, Any]) -> bool:
-        """Local/NFS: create the lock file only if absent, complete from its first byte."""
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{LOCK_FILE}.{self.token}")
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        """Local/NFS: create the lock file only if absent, complete from its first byte
+        (:func:`mgfa_ray.storage.create_local_once`: a complete temporary hard-linked to the name)."""
+        return create_local_once(self.path, json.dumps(record).encode())
 
     def _remove_stale(self, holder: dict[str, Any]) -> bool:
         """Local/NFS: move the stale lock ``holder`` aside; False when the file there is no longer

@@ -39,7 +39,7 @@ from PIL import Image
 
 from .config import ConfigError, DatasetConfig
 from .errors import InputError, UserError
-from .io import atomic_write_bytes, sha256_json
+from .storage import atomic_write_bytes, sha256_json
 
 COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .cam import figure_png
-from .io import atomic_write_bytes, atomic_write_json, safe_stem
+from .storage import atomic_write_bytes, atomic_write_json, safe_stem
 from .errors import InputError
 from .manifest import read_manifest, select_images
 from .masks import decode_rgb, read_metadata, read_rows

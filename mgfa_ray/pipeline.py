@@ -45,7 +45,7 @@ from .config import (
 from .detector import check_backbone_weights, train_detector
 from .errors import RunInterrupted, StageError
 from .export import export_search
-from .io import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
+from .storage import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
@@ -201,7 +201,7 @@ def _gate(problem: str | None, *, stage: str, weak: str, accepted: list[str]) ->
 
 def take_job_credentials(cfg: JobConfig) -> JobConfig:
     """``cfg`` with the keys that its storage locations carry moved to this process's environment
-    (:func:`mgfa_ray.io.take_credentials`): ``masks.location``, ``search.storage_path``,
+    (:func:`mgfa_ray.storage.take_credentials`): ``masks.location``, ``search.storage_path``,
     ``search.study_storage`` and ``search.warm_start.storage``. Nothing the job writes, logs or
     prints can then hold them; call before Ray starts, so that its local workers inherit them.
 

@@ -29,7 +29,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from .io import atomic_write_bytes
+from .storage import atomic_write_bytes
 
 STATE_STYLE = {  # colour, stop marker
     "COMPLETE": ("tab:blue", "o"),

@@ -38,7 +38,7 @@ import pandas as pd
 
 from .config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, TrainParamsDict, to_dict, validate
 from .errors import InputError, StageError
-from .io import (
+from .storage import (
     atomic_filesystem,
     fs_exists,
     fs_read,
@@ -52,6 +52,7 @@ from .io import (
 from .lock import DirectoryLock
 from .runtime import configure
 from .search_space import SearchSpace, trial_params
+from .tune_state import complete_state_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "search.json"
@@ -314,7 +315,7 @@ def _study_storage(search: SearchConfig, *, storage_path: str, search_dir: str) 
         ConfigError: ``storage_path`` is an object store and ``search.study_storage`` is not set.
     """
     if search.study_storage:
-        return search.study_storage if "://" in search.study_storage else str(Path(search.study_storage).resolve())
+        return search.study_storage if is_uri(search.study_storage) else str(Path(search.study_storage).resolve())
     if is_uri(storage_path):
         raise ConfigError(f"search.study_storage: required when storage_path is an object store ({storage_path}); "
                           "give an RDB URL (sqlite:///…, postgresql://…) or a journal file on local disk or NFS")
@@ -529,7 +530,7 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
 
     search, run = record.search, record.runs[index]
     fs, runs_path = resolve_location(location_join(search_dir, "runs"))
-    fs = atomic_filesystem(fs)  # a driver killed mid-snapshot must not leave a truncated state file
+    fs = atomic_filesystem(fs, accept=complete_state_file)  # never a truncated or half-read state file
     run_path = location_join(runs_path, run.name)
     fn = tune.with_resources(
         tune.with_parameters(trainable or tune_trainable, base=record.trial_base,

@@ -37,7 +37,7 @@ from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import UserError
-from .io import fs_read, is_uri, location_join, resolve_location
+from .storage import fs_read, is_uri, location_join, resolve_location
 
 
 class ReadOnlyJournal(BaseJournalBackend):
@@ -94,7 +94,7 @@ def _open_study(storage: str, study_name: str) -> tuple[optuna.Study, ReadOnlyJo
         # sqlite would create an empty database file on connecting
         raise UserError(f"{storage}: the search's study database does not exist")
     backend: optuna.storages.BaseStorage
-    if "://" in storage:
+    if is_uri(storage):  # an RDB URL
         backend = optuna.storages.RDBStorage(storage, skip_table_creation=True, skip_compatibility_check=True)
     else:
         journal = ReadOnlyJournal(storage)
@@ -137,7 +137,7 @@ def _driver(search_dir: str) -> dict[str, Any] | None:
 def study_location(search_dir: str, storage: str) -> str:
     """The study storage of a record: an RDB URL or absolute path as recorded; a relative journal
     path is relative to the search directory."""
-    if "://" in storage or Path(storage).is_absolute() or is_uri(search_dir):
+    if is_uri(storage) or Path(storage).is_absolute() or is_uri(search_dir):
         return storage
     return str(Path(search_dir) / storage)
 

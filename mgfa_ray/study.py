@@ -53,6 +53,7 @@ from .compat import legacy_asha_settings, legacy_metric, move_trial_storage, run
 from .errors import UserError
 from .runtime import configure
 from .search_space import OPTUNA_TRIAL_KEY, SearchSpace, define_by_run
+from .storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class StudyRef:
             KeyError: ``create`` is false and the journal file does not exist.
         """
         configure()  # Optuna's log level (mgfa_ray.runtime), before the first study opens
-        if "://" in self.storage:
+        if is_uri(self.storage):  # an RDB URL
             return optuna.storages.RDBStorage(self.storage)
         from optuna.storages.journal import JournalFileBackend
 

@@ -52,7 +52,7 @@ from PIL import Image
 from .augment import augment, eval_images
 from .config import TrainConfig, to_dict
 from .errors import InputError, UserError
-from .io import atomic_write_bytes, is_uri, sha256_json
+from .storage import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
@@ -701,7 +701,7 @@ def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache
         UserError: ``resume`` and ``out_dir`` holds no checkpoint (nothing to resume).
     """
 
-    from .io import atomic_write_json, atomic_write_yaml
+    from .storage import atomic_write_json, atomic_write_yaml
 
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint.pt"

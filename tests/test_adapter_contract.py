@@ -272,20 +272,11 @@ def _violations(path: Path, owned: set[str], root: Path = PACKAGE.parent) -> lis
     return out
 
 
-PENDING_AT_MERGE = {"fs.__reduce__": "io.py's atomic/retrying S3 filesystem: becomes compat.s3_options(fs) when "
-                                     "issue 16 item 1 (the storage package, another branch) is merged"}
-"""Private uses in files another branch rewrites at the same time, matched by expression text (the
-file may move). Each entry must still be found (else: delete it here)."""
-
-
 def test_no_module_outside_compat_touches_a_private_api():
     owned = _project_private_names()
     found = [v for path in _modules() for v in _violations(path, owned)]
-    pending = {p for p in PENDING_AT_MERGE if any(f": {p} " in v for v in found)}
-    found = [v for v in found if not any(f": {p} " in v for p in pending)]
     assert not found, ("private Ray / Optuna / pyarrow API outside mgfa_ray/compat.py (move it there, with a "
                        "contract test here):\n" + "\n".join(found))
-    assert pending == set(PENDING_AT_MERGE), f"no longer found, delete from PENDING_AT_MERGE: {set(PENDING_AT_MERGE) - pending}"
 
 
 def test_the_scan_catches_what_it_is_for(tmp_path):

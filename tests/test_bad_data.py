@@ -157,7 +157,7 @@ def test_any_decode_failure_is_a_corrupt_image(tmp_path, content, monkeypatch):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=rf"cannot decode image {bad}: "):
         decode_rgb(str(bad))
-    monkeypatch.setattr("mgfa_ray.masks.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+    monkeypatch.setattr("mgfa_ray.box_sources.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
     good = next((REPO.parent / "shared" / "data" / "leafsnap20").glob("*/*.jpg"))
     with pytest.raises(ValueError, match="ModuleNotFoundError"):  # a plugin lookup failing on a good file
         decode_rgb(str(good))

@@ -23,7 +23,7 @@ from mgfa_ray.config import ConfigError, DetectorConfig
 from mgfa_ray.detector import (
     cross_validate_detector, detector_key, grouped_folds, load_detector, predict_boxes, train_detector,
 )
-from mgfa_ray.io import sha256_file
+from mgfa_ray.storage import sha256_file
 from mgfa_ray.regions import Box, LabelError
 
 REGION_CLASSES = ["vein", "contour"]

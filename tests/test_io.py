@@ -1,11 +1,12 @@
-"""Atomic writes: a reader sees the old file or the new one, never a part; modes as open() gives."""
+"""The storage package: atomic writes (a reader sees the old file or the new one, never a part; modes as
+open() gives), create-once, directory publishing, object-store outages."""
 
 import os
 import stat
 
 import pytest
 
-from mgfa_ray.io import atomic_write_bytes, atomic_write_json
+from mgfa_ray.storage import atomic_write_bytes, atomic_write_json
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -26,6 +27,89 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+def test_create_once_of_racing_writers_exactly_one_wins_and_the_others_read_its_bytes(tmp_path):
+    """The one publish primitive in create-once mode (mask shards, plan and metadata, the driver
+    lock): writers of different bytes racing on one name; one creates it, every other one gets the
+    winner's bytes back, the file is never replaced and no temporary is left."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from mgfa_ray.storage import create_once
+
+    fs = pafs.LocalFileSystem()
+    for round_ in range(20):
+        path = str(tmp_path / f"r{round_}" / "shard.bin")
+        start = threading.Barrier(6)
+        results: dict[int, bytes | None] = {}
+
+        def write(i, path=path, start=start, results=results):
+            start.wait()
+            results[i] = create_once(fs, path, f"writer {i} ".encode() * 1000)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for i, r in results.items() if r is None]
+        assert len(winners) == 1, results.keys()
+        won = f"writer {winners[0]} ".encode() * 1000
+        assert all(r == won for r in results.values() if r is not None)
+        assert open(path, "rb").read() == won
+        assert os.listdir(os.path.dirname(path)) == ["shard.bin"]  # no temporary left
+
+
+@pytest.mark.parametrize("mode", ["replace", "create_once"])
+def test_a_writer_killed_before_the_rename_leaves_the_final_name_as_it_was(tmp_path, mode):
+    """SIGKILL after the temporary is written in full, before it is renamed or linked: the old file
+    (replace) or no file (create once) under the final name, only a hidden temporary beside it; a
+    later writer publishes normally."""
+    import signal
+    import subprocess
+    import sys
+
+    from mgfa_ray.storage import atomic_write_bytes, create_local_once
+
+    path = tmp_path / "f.bin"
+    if mode == "replace":
+        path.write_bytes(b"old")
+    call = "atomic_write_bytes(p, d)" if mode == "replace" else "create_local_once(p, d)"
+    code = ("import os, signal, sys\n"
+            "from mgfa_ray.storage import atomic_write_bytes, create_local_once\n"
+            "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # the crash: data written, not published\n"
+            f"p, d = sys.argv[1], b'new' * 100000\n{call}\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if mode == "replace":
+        assert path.read_bytes() == b"old"
+        assert names[1:] == ["f.bin"] and names[0].startswith(".f.bin.") and names[0].endswith(".tmp"), names
+    else:
+        assert len(names) == 1 and names[0].startswith(".f.bin.") and names[0].endswith(".tmp"), names
+    (tmp_path / names[0]).unlink()
+    if mode == "replace":
+        atomic_write_bytes(path, b"next")
+    else:
+        assert create_local_once(path, b"next") and not create_local_once(path, b"other")
+    assert path.read_bytes() == b"next" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_publish_dir_swaps_a_complete_directory_in(tmp_path):
+    """A checkpoint directory published over an older one: the new content under the name, the old
+    one gone, nothing left aside."""
+    from mgfa_ray.storage import publish_dir
+
+    final = tmp_path / "best_checkpoint"
+    for content in (b"first", b"second"):
+        tmp = tmp_path / ".best_checkpoint-tmp"
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "checkpoint.pt").write_bytes(content)
+        assert publish_dir(tmp, final) == final
+        assert (final / "sub" / "checkpoint.pt").read_bytes() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best_checkpoint"]
+
+
 def test_atomic_filesystem_shows_only_complete_files(tmp_path):
     """What Ray writes through the search's storage filesystem: a writer killed before close leaves
     the old file (here: none) under the final name, never a truncated one; copies and pickling work."""
@@ -33,7 +117,7 @@ def test_atomic_filesystem_shows_only_complete_files(tmp_path):
 
     import pyarrow.fs as pafs
 
-    from mgfa_ray.io import atomic_filesystem
+    from mgfa_ray.storage import atomic_filesystem
 
     fs = atomic_filesystem(pafs.LocalFileSystem())
     (tmp_path / "state.json").write_text("old")
@@ -53,14 +137,16 @@ def test_atomic_filesystem_shows_only_complete_files(tmp_path):
 
 def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
     """Ray uploads its experiment state while rewriting it; a copy read half written (empty, cut
-    JSON, cut pickle) must not replace the last whole one."""
+    JSON, cut pickle) must not replace the last whole one. The storage package knows no Ray file:
+    the search layer's hook (mgfa_ray.tune_state) does, and the wrapper pickles with it."""
     import pickle
 
     import pyarrow.fs as pafs
 
-    from mgfa_ray.io import atomic_filesystem
+    from mgfa_ray.storage import atomic_filesystem
+    from mgfa_ray.tune_state import complete_state_file
 
-    fs = atomic_filesystem(pafs.LocalFileSystem())
+    fs = pickle.loads(pickle.dumps(atomic_filesystem(pafs.LocalFileSystem(), accept=complete_state_file)))
 
     def write(name, data):
         with fs.open_output_stream(str(tmp_path / name)) as f:
@@ -89,7 +175,7 @@ def test_object_store_calls_wait_through_a_restart(restartable_s3):
     import threading
     import time
 
-    from mgfa_ray.io import fs_read, fs_write_atomic, resolve_location
+    from mgfa_ray.storage import fs_read, fs_write_atomic, resolve_location
 
     fs, root = resolve_location(restartable_s3.uri("outage-unit", "x"))
     fs_write_atomic(fs, f"{root}/before", b"kept")
@@ -107,7 +193,7 @@ def test_object_store_calls_wait_through_a_restart(restartable_s3):
 def test_object_store_outage_past_the_window_is_a_clear_error(restartable_s3, monkeypatch):
     import pyarrow.fs as pafs
 
-    from mgfa_ray.io import StorageUnavailableError, fs_write_atomic, resolve_location
+    from mgfa_ray.storage import StorageUnavailableError, fs_write_atomic, resolve_location
 
     monkeypatch.setenv("MGFA_STORAGE_RETRY_S", "1")
     fs, root = resolve_location(restartable_s3.uri("outage-unit2", "x"))
@@ -121,7 +207,7 @@ def test_object_store_outage_past_the_window_is_a_clear_error(restartable_s3, mo
 
 
 def test_bad_storage_retry_setting_is_refused(monkeypatch):
-    from mgfa_ray.io import storage_retry_s
+    from mgfa_ray.storage import storage_retry_s
 
     monkeypatch.setenv("MGFA_STORAGE_RETRY_S", "-3")
     with pytest.raises(ValueError, match="MGFA_STORAGE_RETRY_S='-3'"):

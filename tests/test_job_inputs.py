@@ -155,7 +155,7 @@ def _all_text(root: Path) -> str:
 def test_keys_in_storage_uris_reach_no_file_and_no_message(tmp_path, capsys, monkeypatch):
     """Defect 8: job.yaml held the keys of masks.location / search.storage_path verbatim."""
     from mgfa_ray.config import ConfigError
-    from mgfa_ray.io import redact_location, redact_text, take_credentials
+    from mgfa_ray.storage import redact_location, redact_text, take_credentials
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(k, "before")  # restored after the test: the keys go to this process's environment

@@ -19,7 +19,7 @@ import torch
 
 from mgfa_ray.config import DetectorConfig, MasksConfig
 from mgfa_ray.detector import train_detector, weights_digest
-from mgfa_ray.io import sha256_file
+from mgfa_ray.storage import sha256_file
 from mgfa_ray.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,

@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mgfa_ray.masks as mask_stage
+import mgfa_ray.mask_writer as mask_writer
 from mgfa_ray.config import DetectorConfig, MasksConfig
 from mgfa_ray.detector import train_detector
-from mgfa_ray.io import fs_list, resolve_location
+from mgfa_ray.storage import fs_list, resolve_location
 from mgfa_ray.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,
@@ -352,13 +352,13 @@ def test_shard_that_keeps_killing_its_actor_fails_clearly_then_a_rerun_completes
     """A shard whose actor dies every time it takes it (as an image that crashes the decoder would)
     ends the call after ACTOR_RESTARTS restarts with a clear error instead of looping (Ray Data's
     default restarts forever); finished shards are kept and a rerun completes the set."""
-    monkeypatch.setattr(mask_stage, "ACTOR_RESTARTS", 2)  # the bound under test, small to keep the test short
+    monkeypatch.setattr(mask_writer, "ACTOR_RESTARTS", 2)  # the bound under test, small to keep the test short
     df, _ = tiny_manifest
     pipe, location, build = start_piped_build(df, tiny_detector, tmp_path)
     kills, pid = 0, None
     try:
         wait_for(lambda: shards_present(location, range(3)), "shards 0-2", build=build)
-        while build.is_alive() and kills <= mask_stage.ACTOR_RESTARTS + 1:
+        while build.is_alive() and kills <= mask_writer.ACTOR_RESTARTS + 1:
             found = wait_for(lambda p=pid: pool_actor(exclude_pid=p) or not build.is_alive(), "live mask actor")
             if found is True:
                 break
@@ -373,7 +373,7 @@ def test_shard_that_keeps_killing_its_actor_fails_clearly_then_a_rerun_completes
     finally:
         pipe.release()
     assert not build.is_alive()
-    assert kills == mask_stage.ACTOR_RESTARTS + 1, f"the call ended after {kills} kills: {build.error!r}"
+    assert kills == mask_writer.ACTOR_RESTARTS + 1, f"the call ended after {kills} kills: {build.error!r}"
     assert isinstance(build.error, RuntimeError), build.error
     assert "finished shards are kept, a rerun computes the rest" in str(build.error)
     (set_dir,) = location.iterdir()

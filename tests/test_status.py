@@ -119,7 +119,7 @@ def test_export_plots_every_trial_pruned_included(watched_search, tmp_path):
 def test_status_of_a_search_on_object_storage(watched_search, s3_server):
     """The search directory on an S3 server (moto, loopback), its study in the journal the record
     names: the same status, read through pyarrow's S3 filesystem."""
-    from mgfa_ray.io import fs_write_atomic, location_join, resolve_location
+    from mgfa_ray.storage import fs_write_atomic, location_join, resolve_location
 
     search_dir, _ = watched_search
     uri = s3_server("status", "searches/standin")
