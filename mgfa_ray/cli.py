@@ -68,6 +68,11 @@ def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``mgfa-ray`` command line (argparse): every command, its options and their help.
+
+    Length: the whole command tree in one place, one statement per option, so ``--help`` and this
+    function read alike.
+    """
     p = argparse.ArgumentParser(prog="mgfa-ray", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error as well (same as MGFA_DEBUG=1)")

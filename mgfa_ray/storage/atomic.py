@@ -281,7 +281,7 @@ class _PublishOnClose:
 def _atomic_local_handler_base():
     """The handler class, built once on first use (pyarrow is imported lazily by this package).
 
-    Longer than a screen because it is one class: pyarrow's ``FileSystemHandler`` interface, each
+    Length: one class, pyarrow's ``FileSystemHandler`` interface, each
     method a line or two.
     """
     import pyarrow.fs as pafs

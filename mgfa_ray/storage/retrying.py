@@ -133,7 +133,7 @@ class _UploadOnClose:
 def _retrying_handler_base():
     """The handler class, built once on first use (pyarrow is imported lazily by this package).
 
-    Longer than a screen because it is one class: pyarrow's ``FileSystemHandler`` interface, each
+    Length: one class, pyarrow's ``FileSystemHandler`` interface, each
     method a line or two.
     """
     import pyarrow as pa
