@@ -25,9 +25,10 @@ smoke: $(VENV)/.installed
 
 # tests/test_dashboard.py drives headless Chromium (Debian's package); installed here when absent,
 # and skipped with its reason where that is not possible (no root, no package mirror).
-# The tests mostly wait (for Ray to start, for trials, for killed drivers): two pytest-xdist workers keep
-# both cores busy. TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs the tests in two pytest-xdist workers: 16 min instead of ~24 on 2 cores (they mostly
+# wait for Ray and killed drivers), but in its first full run one worker process exited mid-test
+# (tests/test_masks_faults.py, cause not found yet; README "Tests"), so CI runs them in one process.
+TEST_WORKERS ?= 0
 
 test: $(VENV)/.installed
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \

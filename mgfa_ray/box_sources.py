@@ -119,8 +119,10 @@ class DetectorBoxes:
     kind = "detector"
 
     @property
-    def source_id(self) -> str:
-        """The value of every row's ``detector`` column."""
+    def box_source(self) -> str:
+        """Id of this box source: the detector key. Stored in every row's ``detector`` column and in
+        the set's ``metadata.json`` as ``detector_key`` (on-disk names kept from before label files
+        could be a box source)."""
         return self.detector_key
 
     def identity(self) -> dict:
@@ -160,8 +162,9 @@ class LabelBoxes:
                    unknown_class, unlabelled)
 
     @property
-    def source_id(self) -> str:
-        """``labels-<16 hex digits>`` of the label files' content (every row's ``detector`` value)."""
+    def box_source(self) -> str:
+        """Id of this box source: ``labels-<16 hex digits>`` of the label files' content (stored as
+        :attr:`DetectorBoxes.box_source` is)."""
         return "labels-" + sha256_json(self.identity())[:16]
 
     def identity(self) -> dict:
@@ -193,14 +196,14 @@ class LabelBoxes:
 BoxSource = DetectorBoxes | LabelBoxes
 
 
-def mask_rows(rows: pd.DataFrame, boxes: list[list[Box]], *, source_id: str, num_classes: int, resolution: int,
+def mask_rows(rows: pd.DataFrame, boxes: list[list[Box]], *, box_source: str, num_classes: int, resolution: int,
               errors: list[str | None] | None = None) -> pd.DataFrame:
     """Shard rows (schema in the module docstring) for manifest rows and their boxes.
 
     Args:
         rows: Manifest rows (image_id, label, split).
         boxes: Per row, its region boxes.
-        source_id: Id of the box source, stored in the ``detector`` column.
+        box_source: Id of the box source (``BoxSource.box_source``), stored in the ``detector`` column.
         num_classes: K region classes.
         resolution: R, mask side in pixels.
         errors: Per row, ``None`` or why the image could not be decoded.
@@ -217,7 +220,7 @@ def mask_rows(rows: pd.DataFrame, boxes: list[list[Box]], *, source_id: str, num
         "split": rows["split"].astype(str).to_numpy(),
         "boxes": [[[float(b.cls), b.cx, b.cy, b.w, b.h, b.conf] for b in bs] for bs in boxes],
         "masks": [rasterize(bs, num_classes=num_classes, resolution=resolution).tobytes() for bs in boxes],
-        "detector": [source_id] * len(rows),
+        "detector": [box_source] * len(rows),
         "error": errors if errors is not None else [None] * len(rows),
     })
 
@@ -235,7 +238,7 @@ class MaskComputer:
     def __init__(self, source: BoxSource, *, num_classes: int, resolution: int,
                  corrupt_images: Literal["error", "record"] = "error"):
         self.source = source
-        self.source_id = source.source_id  # once: for label files it hashes every file
+        self.box_source = source.box_source  # once: for label files it hashes every file
         self.num_classes, self.resolution, self.corrupt_images = num_classes, resolution, corrupt_images
         self._model = None
 
@@ -290,5 +293,5 @@ class MaskComputer:
         corrupt = [e for e in errors if e is not None]
         if corrupt and self.corrupt_images == "error":
             return None, corrupt
-        return mask_rows(rows, boxes, source_id=self.source_id, num_classes=self.num_classes,
+        return mask_rows(rows, boxes, box_source=self.box_source, num_classes=self.num_classes,
                          resolution=self.resolution, errors=errors), corrupt

@@ -42,7 +42,8 @@ rows, boxes, images without any box, per region class the images with a region a
 coverage), so the set summary is built from footers alone.
 
 ``metadata.json``: schema_version, set_id, source (``detector`` | ``labels``), detector_key (the
-box source id), detector_weights_digest (detector source), imgsz, conf, manifest_hash, manifest
+box source id, ``BoxSource.box_source``: a detector key or ``labels-<hash>``; the name predates
+label files), detector_weights_digest (detector source), imgsz, conf, manifest_hash, manifest
 (informational path), mask_resolution, region_classes, corrupt_images (policy), corrupt (image_ids
 recorded as corrupt), rows, rows_per_shard {file: rows}, shard_bytes {file: size in bytes},
 shard_sha256 {file: SHA-256 hex digest}, summary (:func:`mgfa_ray.mask_writer.summarize`),

@@ -442,7 +442,7 @@ def _start(fs, set_dir: str, rows: pd.DataFrame, *, set_id: str, cfg: MasksConfi
 def _source_metadata(source: BoxSource, identity: dict) -> dict:
     """The ``metadata.json`` fields of the box source (:mod:`mgfa_ray.mask_format`); ``identity`` is
     ``source.identity()``, computed once (for label files it hashes every file)."""
-    return {"source": source.kind, "detector_key": source.source_id,
+    return {"source": source.kind, "detector_key": source.box_source,
             "detector_weights_digest": identity.get("weights_digest"), "imgsz": identity.get("imgsz"),
             "conf": identity.get("conf")}
 
