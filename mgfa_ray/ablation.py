@@ -56,6 +56,7 @@ from .errors import InputError
 from .export import export_search
 from .storage import atomic_write_bytes, atomic_write_json
 from .search import create_search, run_search
+from .runtime import ensure_ray
 from .search_space import SchedulerSpec, SearchSpace
 
 BACKBONE = "backbone"
@@ -465,8 +466,7 @@ def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_d
 
     if seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {seeds}")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    ensure_ray()
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0
     cpus = float(cfg.threads or 1)
     search = SearchConfig(space="<seeds>", num_samples=seeds, max_concurrent=seeds, cpus_per_trial=cpus,

@@ -82,7 +82,7 @@ from .mask_format import (
     shard_name,
 )
 from .regions import LabelError, check_voc_sizes, label_layout_hint
-from .runtime import configure
+from .runtime import configure, ensure_ray
 from .storage import create_once, fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location
 
 log = logging.getLogger(__name__)
@@ -486,6 +486,7 @@ def _run_ray(items: list[dict], writer: dict, cfg: MasksConfig) -> list[dict]:
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    ensure_ray()  # not Ray Data's own start, which would add the dashboard
     if isinstance(writer["source"], DetectorBoxes):  # the actors' device and decode threads
         writer = {**writer, "source": dataclasses.replace(
             writer["source"], device="cuda" if cfg.gpus_per_actor > 0 else "cpu",

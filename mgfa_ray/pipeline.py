@@ -51,6 +51,7 @@ from .manifest import build_manifest, check_images, manifest_hash, write_manifes
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
 from .model import WeightsError
 from .regions import LabelError, index_labels, label_layout_hint, select_annotated
+from .runtime import ensure_ray
 from .search import create_search, run_search
 from .search_space import SearchSpace, load_search_space
 
@@ -310,13 +311,10 @@ def prepare_data(
         StageError: ``weak="stop"`` and a stage gate failed (the message gives the numbers per
             class and the remedies); the finished stages are kept.
     """
-    import ray
-
     accepted = [] if accepted is None else accepted
     manifest, det, source = prepare_detector(cfg, data_root=data_root, out=out, timings=timings, weak=weak,
                                              accepted=accepted)
-    if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
-        ray.init(include_dashboard=False, configure_logging=False)
+    ensure_ray()
 
     t = _banner("masks")
     mask_root = job_mask_root(cfg, out)

@@ -18,12 +18,12 @@ later calls return at once.
   so :func:`configure` must run before that import (see :mod:`mgfa_ray.detector`, "Offline
   operation"). Ray workers inherit the driver's environment.
 * Optuna's log level to WARNING (no line per trial on stderr).
-* reads the process umask once (:func:`umask`), for the mode of atomically written files.
+
+Ray is started or joined in one place, :func:`ensure_ray`, by the stages that need it.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 import threading
@@ -53,28 +53,15 @@ def configure() -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        umask()
         _configured = True
 
 
-@functools.cache
-def umask() -> int:
-    """The process umask (e.g. 0o022), read once, without changing it.
+def ensure_ray() -> None:
+    """Connect this process to Ray unless it already is: to the cluster ``$RAY_ADDRESS`` names, else
+    the one ``ray start`` runs on this machine, else a new local cluster (``ray.init``'s own order),
+    without the dashboard. The stages that use Ray (masks, search, seeds) call it; nothing else
+    starts Ray, so a process that called ``ray.init`` itself keeps its cluster."""
+    import ray
 
-    ``os.umask`` can only be read by setting it, which for a moment gives every thread of the
-    process another umask; so the value is read from ``/proc/self/status`` (``Umask:``, Linux
-    4.7+), else from the mode of a file created for the purpose in a fresh temporary directory.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with tempfile.TemporaryDirectory(prefix="mgfa-umask-") as d:
-        fd = os.open(os.path.join(d, "probe"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777)
-        try:
-            return 0o777 & ~os.fstat(fd).st_mode
-        finally:
-            os.close(fd)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)

@@ -50,7 +50,7 @@ from .storage import (
     resolve_location,
 )
 from .lock import DirectoryLock
-from .runtime import configure
+from .runtime import configure, ensure_ray
 from .search_space import SearchSpace, trial_params
 from .tune_state import complete_state_file
 
@@ -451,8 +451,6 @@ def run_search(
         StorageUnavailableError: The object store holding the search stayed unreachable for
             ``$MGFA_STORAGE_RETRY_S`` seconds; rerun once it is back.
     """
-    import ray
-
     if more_trials < 0:
         raise InputError(f"more_trials must be >= 0, got {more_trials}")
     read_record(search_dir)  # a clear error before anything starts
@@ -462,8 +460,7 @@ def run_search(
 
         # The study opens (a torn journal record dropped, other damage named) before Ray starts.
         StudyRef(record.study.storage, record.study.study_name).load()
-        if not ray.is_initialized():  # a local cluster, or the one named by $RAY_ADDRESS
-            ray.init(include_dashboard=False, configure_logging=False)
+        ensure_ray()
         for i in range(len(record.runs)):
             _fit_run(search_dir, record, i, trainable=trainable,
                      errored=errored if i == len(record.runs) - 1 else "skip")

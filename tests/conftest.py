@@ -74,13 +74,25 @@ def tiny_train_config(tiny_manifest, label_mask_set) -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster shared by the tests that need one (started the way users start it)."""
+def _shared_ray():
+    """The local Ray cluster of this test process and its GCS address (see :func:`ray_cluster`)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # never a `ray start` cluster
-    yield ray
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # never a `ray start` cluster
+    yield ray, context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_shared_ray):
+    """A local Ray cluster shared by the tests that need one (started the way users start it).
+
+    Fails the test when an earlier test shut that cluster down: Ray Data would otherwise start a
+    cluster of its own, unseen, and the test would run on it."""
+    ray, address = _shared_ray
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == address, \
+        "an earlier test shut down the shared Ray cluster (tests/conftest.py: ray_cluster); shut down only what you start"
+    return ray
 
 
 @pytest.fixture(scope="session")

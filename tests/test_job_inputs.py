@@ -108,11 +108,13 @@ def test_weak_detector_stops_the_job_before_the_masks_and_accept_weak_goes_on(tm
     # Accepted knowingly: the kept detector is not retrained, a warning is printed, the masks stage
     # starts (and fails here on a mask location that is a file, before any search).
     (tmp_path / "not-a-directory").write_text("")
+    started_here = not ray.is_initialized()  # else the session's shared cluster (conftest.ray_cluster): keep it
     try:
         with contextlib.suppress(OSError):  # the mask directory cannot be created
             assert main(["run", str(job), "--accept-weak"]) != 0
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
     out = capsys.readouterr()
     assert "warning: weak detector accepted (--accept-weak): detector too weak" in out.out
     assert "=== mgfa-ray: masks ===" in out.out and "=== mgfa-ray: detector ===" in out.out

@@ -43,31 +43,6 @@ def test_importing_changes_nothing_and_configure_sets_up_the_process():
     assert doc["configured"]["optuna_level"] == 30  # logging.WARNING
 
 
-def test_umask_is_read_without_changing_it():
-    previous = os.umask(0o027)
-    try:
-        runtime.umask.cache_clear()
-        assert runtime.umask() == 0o027
-        assert os.umask(0o027) == 0o027  # unchanged by reading it
-    finally:
-        os.umask(previous)
-        runtime.umask.cache_clear()
-
-
-def test_umask_without_proc_is_read_from_a_probe_file(monkeypatch):
-    def no_proc(path, *args, **kwargs):
-        raise FileNotFoundError(path)
-
-    previous = os.umask(0o077)
-    monkeypatch.setattr(runtime, "open", no_proc, raising=False)
-    try:
-        runtime.umask.cache_clear()
-        assert runtime.umask() == 0o077
-    finally:
-        os.umask(previous)
-        runtime.umask.cache_clear()
-
-
 def test_ultralytics_settings_are_private_only_within_the_block_and_never_written():
     from mgfa_ray.detector import _private_settings, _ultralytics
 
