@@ -170,6 +170,35 @@ def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
                                                           "search_gen_state-x.json", "searcher-state-x.pkl"]
 
 
+def test_object_store_uploads_keep_the_last_whole_ray_state_file(s3_server):
+    """The same on an object store (a real S3 API server): through the retrying filesystem with the
+    search layer's hook, a state file read half written is not uploaded over the last whole one,
+    and the hook survives pickling (Ray ships the filesystem to its workers)."""
+    import pickle
+
+    from mgfa_ray.storage import atomic_filesystem, resolve_location
+    from mgfa_ray.tune_state import complete_state_file
+
+    fs, root = resolve_location(s3_server("state-files", "run"))
+    fs = pickle.loads(pickle.dumps(atomic_filesystem(fs, accept=complete_state_file)))
+
+    def write(name, data):
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            f.write(data)
+
+    def read(name):
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            return f.read()
+
+    whole = b'{"trial_data": []}'
+    write("experiment_state-x.json", whole)
+    for cut in (b"", b'{"trial_da'):
+        write("experiment_state-x.json", cut)
+    assert read("experiment_state-x.json") == whole
+    write("result.json", b'{"a"')  # other files: whatever was written
+    assert read("result.json") == b'{"a"'
+
+
 def test_object_store_calls_wait_through_a_restart(restartable_s3):
     """A write started while the store is down completes once it is back; nothing is lost."""
     import threading

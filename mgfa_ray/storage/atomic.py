@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from .files import fs_exists, fs_read
+from .retrying import with_accept
 
 #: ``accept(final_name, temporary_path) -> bool`` of :func:`atomic_filesystem`: whether a file
 #: completely written through the filesystem is published (True) or dropped, keeping the last one.
@@ -364,8 +365,9 @@ def _atomic_local_handler(accept: AcceptFile | None = None):
 def atomic_filesystem(fs, *, accept: AcceptFile | None = None):
     """``fs`` made safe against a writer killed mid-file: a local filesystem (NFS included) is
     wrapped so every file written through it appears only complete (temporary file, fsync,
-    rename); other filesystems are returned as they are (an object-store upload appears only once
-    complete).
+    rename); an object store's upload appears only once complete anyway, and a retrying one
+    (:func:`mgfa_ray.storage.retrying_filesystem`) gets ``accept`` for its uploads; other
+    filesystems are returned as they are.
 
     Args:
         fs: A pyarrow filesystem.
@@ -383,4 +385,4 @@ def atomic_filesystem(fs, *, accept: AcceptFile | None = None):
 
     if isinstance(fs, pafs.LocalFileSystem):
         return pafs.PyFileSystem(_atomic_local_handler(accept))
-    return fs
+    return with_accept(fs, accept) if accept is not None else fs

@@ -98,10 +98,15 @@ def _retry(what: str, call, *, retry_s: float):
 
 class _UploadOnClose:
     """A binary file buffered locally (in memory up to 64 MiB, then a temporary file) and uploaded
-    in one piece on close, with retries; the object appears only when the upload completes."""
+    in one piece on close, with retries; the object appears only when the upload completes.
 
-    def __init__(self, fs, path: str, metadata, retry_s: float):
-        self._fs, self.path, self._metadata, self._retry_s = fs, path, metadata, retry_s
+    With ``accept`` (the hook of :func:`mgfa_ray.storage.atomic_filesystem`), a file of at most
+    64 MiB is uploaded only if ``accept(base name, local copy)`` is true; otherwise the object
+    already there is kept (a larger file is uploaded unchecked: the hook is for small state files).
+    """
+
+    def __init__(self, fs, path: str, metadata, retry_s: float, accept=None):
+        self._fs, self.path, self._metadata, self._retry_s, self._accept = fs, path, metadata, retry_s, accept
         self._buf = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 — closed in close()
         self.closed = False
 
@@ -119,12 +124,24 @@ class _UploadOnClose:
         with self._fs.open_output_stream(self.path, metadata=self._metadata) as out:
             shutil.copyfileobj(self._buf, out, 8 << 20)
 
+    def _accepted(self) -> bool:
+        if self._accept is None or self._buf.tell() > 64 << 20:
+            return True
+        self._buf.seek(0)
+        with tempfile.NamedTemporaryFile(prefix=".mgfa-upload-", suffix=".tmp") as copy:
+            shutil.copyfileobj(self._buf, copy)
+            copy.flush()
+            return bool(self._accept(self.path.rstrip("/").rsplit("/", 1)[-1], copy.name))
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            _retry(f"write {self.path}", self._upload, retry_s=self._retry_s)
+            if self._accepted():
+                _retry(f"write {self.path}", self._upload, retry_s=self._retry_s)
+            else:
+                log.warning("not uploaded, incomplete: %s (the last complete copy is kept)", self.path)
         finally:
             self._buf.close()
 
@@ -144,14 +161,15 @@ def _retrying_handler_base():
         an outage (:func:`_retry`). Reads download the whole object first and writes upload it on
         close, so a connection lost halfway repeats the whole transfer, never a part of it."""
 
-        def __init__(self, fs, retry_s: float):
-            self.fs, self.retry_s = fs, retry_s
+        def __init__(self, fs, retry_s: float, accept=None):
+            self.fs, self.retry_s, self.accept = fs, retry_s, accept
 
         def __reduce__(self):
-            return (_retrying_handler, (self.fs, self.retry_s))
+            return (_retrying_handler, (self.fs, self.retry_s, self.accept))
 
         def __eq__(self, other):
-            return isinstance(other, RetryingHandler) and self.fs.equals(other.fs) and self.retry_s == other.retry_s
+            return (isinstance(other, RetryingHandler) and self.fs.equals(other.fs) and self.retry_s == other.retry_s
+                    and self.accept is other.accept)
 
         def __ne__(self, other):
             return not self == other
@@ -214,7 +232,7 @@ def _retrying_handler_base():
             return self._download(path)
 
         def open_output_stream(self, path, metadata):
-            return pa.PythonFile(_UploadOnClose(self.fs, path, metadata, self.retry_s), mode="w")
+            return pa.PythonFile(_UploadOnClose(self.fs, path, metadata, self.retry_s, self.accept), mode="w")
 
         def open_append_stream(self, path, metadata):
             return self._call(f"append to {path}", self.fs.open_append_stream, path, metadata=metadata)
@@ -222,8 +240,18 @@ def _retrying_handler_base():
     return RetryingHandler
 
 
-def _retrying_handler(fs, retry_s: float):
-    return _retrying_handler_base()(fs, retry_s)
+def _retrying_handler(fs, retry_s: float, accept=None):
+    return _retrying_handler_base()(fs, retry_s, accept)
+
+
+def with_accept(fs, accept):
+    """The retrying filesystem ``fs`` with the upload hook ``accept`` (see :class:`_UploadOnClose`);
+    any other filesystem as it is."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, _retrying_handler_base()):
+        return pafs.PyFileSystem(_retrying_handler(fs.handler.fs, fs.handler.retry_s, accept))
+    return fs
 
 
 def retrying_filesystem(fs, *, retry_s: float | None = None):
