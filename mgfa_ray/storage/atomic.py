@@ -123,6 +123,18 @@ class _TempFile:
             return True
 
 
+def _written(path: str | os.PathLike, data: bytes) -> _TempFile:
+    """A temporary beside ``path`` holding all of ``data``, not yet published (its ``commit``
+    fsyncs and renames or links it); none is left if writing fails."""
+    tmp = _TempFile(path)
+    try:
+        tmp.write(data)
+    except BaseException:
+        tmp.discard()
+        raise
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to the local ``path`` atomically (temporary beside it, fsync, rename).
 
@@ -134,13 +146,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         The destination as a ``Path``; its mode is what ``open()`` would give (0o666 less the
         umask). On failure the old file (if any) is kept and no temporary is left.
     """
-    tmp = _TempFile(path)
-    try:
-        tmp.write(data)
-    except BaseException:
-        tmp.discard()
-        raise
-    tmp.commit()
+    _written(path, data).commit()
     return Path(path)
 
 
@@ -188,13 +194,7 @@ def create_local_once(path: str | os.PathLike, data: bytes) -> bool:
         True when this call created the file; False when a file was there (also when another
         writer's clean-up removed this call's temporary, which it does only once the file exists).
     """
-    tmp = _TempFile(path)
-    try:
-        tmp.write(data)
-    except BaseException:
-        tmp.discard()
-        raise
-    return tmp.commit(once=True)
+    return _written(path, data).commit(once=True)
 
 
 def create_once(fs, path: str, data: bytes) -> bytes | None:
