@@ -138,3 +138,18 @@ def actor_table(*, actor_id: str | None = None, job_id=None, state: str | None =
     from ray._private import state as ray_state
 
     return ray_state.actors(actor_id=actor_id, job_id=job_id, actor_state_name=state)
+
+
+def scheduler_trial(trial_id: str):
+    """A stand-in for Ray Tune's ``Trial`` that a ``TrialScheduler`` of the ASHA family
+    (``AsyncHyperBandScheduler`` / ``ASHAScheduler``) accepts outside a Tune run: its
+    ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete`` read only ``trial.trial_id``
+    (Ray 2.60, ``ray/tune/schedulers/async_hyperband.py``). Used by
+    :class:`mgfa_ray.replay.RayStockPolicy` to replay Ray's stock scheduler on recorded curves.
+
+    Private assumption: a real ``Trial`` needs a registered trainable and storage; nothing public
+    builds one detached from a run.
+    """
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trial_id=trial_id)

@@ -1,0 +1,123 @@
+"""The simulator of asynchronous workers (mgfa_ray.replay) on a hand-made table of curves whose
+ASHA decisions are worked out by hand in each test's docstring."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from mgfa_ray.asha import Asha
+from mgfa_ray.replay import Curve, CurveTable, RayStockPolicy, SequencePolicy, StudyPolicy, simulate
+from mgfa_ray.search_space import SearchSpace
+
+# Four configurations, four epochs of one second each. With ASHA (grace 1, factor 2) the rungs are
+# epochs 1 and 2 (epoch 4 ends the trial):
+#   A continues (alone at both rungs) and runs 4 epochs;
+#   B (0.3 at epoch 1, below A's 0.5 among 2 values) stops after 1;
+#   C (0.6, best of 3 at epoch 1) goes on, then 0.5 < A's 0.6 at epoch 2 stops it after 2;
+#   D (0.2, below the second best 0.5 of 4 values at epoch 1) stops after 1.
+VALUES = {"A": [0.5, 0.6, 0.7, 0.8], "B": [0.3, 0.4, 0.5, 0.6], "C": [0.6, 0.5, 0.9, 0.9], "D": [0.2, 0.9, 0.9, 0.9]}
+LR = {"A": 1e-3, "B": 1e-2, "C": 3e-2, "D": 1e-1}
+EXPECTED_EPOCHS = {"A": 4, "B": 1, "C": 2, "D": 1}
+
+
+def space() -> SearchSpace:
+    return SearchSpace.model_validate({"scheduler": {"max_epochs": 4},
+                                       "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 1e-1}}})
+
+
+def table() -> CurveTable:
+    rows = [{"config": k, "epoch": e + 1, "eval_top1": v, "test_top1": v - 0.1, "epoch_seconds": 1.0,
+             "setup_seconds": 0.0, "param/lr": LR[k]} for k, vs in VALUES.items() for e, v in enumerate(vs)]
+    return CurveTable.from_frame(pd.DataFrame(rows), space=space())
+
+
+def curves() -> list[Curve]:
+    return [Curve(values=tuple(v), epoch_seconds=(1.0,) * 4, key=k) for k, v in VALUES.items()]
+
+
+def epochs_by_key(runs) -> dict:
+    return {r.key: r.epochs for r in runs}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fixed_sequence_stops_where_asha_says(workers):
+    """One worker: A ends at t=4, B at 5, C at 7, D at 8. Two workers: A and B start at 0, B stops
+    at t=1 and C starts, C stops at t=3 and D starts, D stops at t=4 beside A's last epoch."""
+    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(min_resource=1, reduction_factor=2))
+    events, runs = simulate(policy, workers=workers, max_trials=4)
+    assert epochs_by_key(runs) == EXPECTED_EPOCHS
+    assert [r.stopped for r in runs] == [False, True, True, True]
+    assert [e.cumulative_epochs for e in events] == list(range(1, 9))
+    ends = {r.key: max(e.t for e in events if e.trial == r.trial) for r in runs}
+    assert ends == ({"A": 4.0, "B": 5.0, "C": 7.0, "D": 8.0} if workers == 1 else
+                    {"A": 4.0, "B": 1.0, "C": 3.0, "D": 4.0})
+    assert [e.t for e in events] == sorted(e.t for e in events)
+    assert not policy.cut_short
+
+
+def test_without_asha_every_trial_runs_its_curve_and_time_and_compute_add_up():
+    events, runs = simulate(SequencePolicy(curves(), max_epochs=4, asha=None), workers=2, max_trials=4)
+    assert epochs_by_key(runs) == {k: 4 for k in VALUES}
+    assert events[-1].t == 8.0 and events[-1].compute_seconds == 16.0
+
+
+def test_epoch_budget_stops_the_replay_at_exactly_that_many_epochs():
+    events, runs = simulate(SequencePolicy(curves(), max_epochs=4, asha=None), workers=2, max_total_epochs=6)
+    assert len(events) == 6 and len(runs) == 2 and epochs_by_key(runs) == {"A": 3, "B": 3}
+
+
+def test_a_curve_cut_short_by_the_live_run_is_flagged():
+    """B recorded only 1 epoch (the live run stopped it); without ASHA the replay would go on."""
+    cut = curves()
+    cut[1] = Curve(values=(0.3,), epoch_seconds=(1.0,), key="B")
+    policy = SequencePolicy(cut, max_epochs=4, asha=None)
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert policy.cut_short == {1} and epochs_by_key(runs)["B"] == 1
+
+
+def test_brackets_raise_the_first_rung():
+    """Two brackets, round robin: A and C in bracket 0 (rungs 1, 2), B and D in bracket 1 (rung 2):
+    B alone at epoch 2 goes on to 4; D's 0.9 at epoch 2 beats B's 0.4 and goes on; C stops at
+    epoch 2 below A's 0.6."""
+    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(min_resource=1, reduction_factor=2), brackets=2)
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert epochs_by_key(runs) == {"A": 4, "B": 4, "C": 2, "D": 4}
+
+
+def test_nearest_configuration_answers_a_proposal():
+    t = table()
+    assert [t.curve_for({"lr": x}).key for x in (1e-3, 1.5e-3, 8e-3, 2.5e-2, 0.09)] == ["A", "A", "B", "C", "D"]
+    assert t.curves[0].test == pytest.approx((0.4, 0.5, 0.6, 0.7))
+
+
+def test_study_policy_decides_as_the_sequence_on_the_table_points():
+    """The project's policy (sampler + ASHA in the study), proposals enqueued at the table's own
+    points: the same decisions as the fixed sequence, and the study holds them (A COMPLETE with
+    its last value, the rest PRUNED)."""
+    policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
+                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES])
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert epochs_by_key(runs) == EXPECTED_EPOCHS
+    states = [t.state.name for t in policy.study.trials]
+    assert states == ["COMPLETE", "PRUNED", "PRUNED", "PRUNED"] and policy.study.trials[0].value == 0.8
+
+
+def test_ray_stock_policy_stops_the_same_trials_but_tells_optuna_complete():
+    """Ray's ASHAScheduler reaches the same stops on this table; Ray's OptunaSearch then tells the
+    study every stopped trial COMPLETE with its early value (what Ray Tune does)."""
+    np.random.seed(0)
+    policy = RayStockPolicy(table(), seed=0, grace_period=1, reduction_factor=2, max_t=4,
+                            points_to_evaluate=[{"lr": LR[k]} for k in VALUES])
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert epochs_by_key(runs) == EXPECTED_EPOCHS
+    study = policy.study
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert [t.value for t in study.trials] == [0.8, 0.3, 0.5, 0.2]
+
+
+def test_simulate_rejects_no_limit():
+    with pytest.raises(ValueError, match="limit"):
+        simulate(SequencePolicy(curves(), max_epochs=4, asha=None), workers=1)
