@@ -49,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from .config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
-from .errors import RunInterrupted, UserError, debug_enabled
+from .errors import InputError, RunInterrupted, UserError, debug_enabled
 from .runtime import configure
 
 
@@ -125,6 +125,17 @@ def _parser() -> argparse.ArgumentParser:
                                                   "running or finished search (read-only)")
     status.add_argument("dir", help="search directory or URI")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    replay = search_sub.add_parser(
+        "replay", help="replay a search's recorded trials under other ASHA settings: what each would stop, keep "
+                       "and find (exact where the curves exist)")
+    replay.add_argument("dir", help="search directory or URI")
+    replay.add_argument("--grace-period", type=int, nargs="+", metavar="E",
+                        help="first rungs to try, in epochs (0: no early stopping; default: the search's)")
+    replay.add_argument("--reduction-factor", type=int, nargs="+", metavar="F",
+                        help="reduction factors to try (default: the search's)")
+    replay.add_argument("--brackets", type=int, nargs="+", metavar="B", help="Hyperband brackets to try (default 1)")
+    replay.add_argument("--workers", type=int, default=None, help="trials at once (default: the search's max_concurrent)")
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
     dash = search_sub.add_parser("dashboard", help="serve the search's Optuna study in optuna-dashboard "
                                                    "(pip install 'mgfa-ray[dashboard]')")
     dash.add_argument("dir", help="search directory or URI")
@@ -331,7 +342,7 @@ def _detector_eval(job: JobConfig, *, as_json: bool) -> int:
 
 
 def _search_command(args: argparse.Namespace) -> int:
-    """``search resume|export|status|dashboard DIR``."""
+    """``search resume|export|status|replay|dashboard DIR``."""
     if args.search_command == "status":
         from .status import format_status, search_status
 
@@ -340,6 +351,16 @@ def _search_command(args: argparse.Namespace) -> int:
         return 0
     if args.search_command == "dashboard":
         return _dashboard(args.dir, host=args.host, port=args.port)
+    if args.search_command == "replay":
+        from .search_replay import format_replay, replay_search
+
+        try:
+            report = replay_search(args.dir, grace_periods=args.grace_period, reduction_factors=args.reduction_factor,
+                                   brackets=args.brackets, workers=args.workers)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        print(json.dumps(report, indent=2) if args.json else format_replay(report))
+        return 0
     from .export import export_search
     from .search import run_search
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -67,6 +68,13 @@ class Curve:
         if not self.values or len(self.epoch_seconds) != len(self.values):
             raise ValueError(f"curve {self.key!r}: {len(self.values)} values and {len(self.epoch_seconds)} "
                              "epoch times; need as many, at least one")
+
+
+def ray_epoch_seconds(time_total_s) -> list[float]:
+    """Per-epoch seconds as the worker spent them: differences of Ray's ``time_total_s`` (the
+    first includes the trial's set-up; each its evaluation, checkpoint and report)."""
+    total = [float(x) for x in time_total_s]
+    return [max(b - a, 1e-9) for a, b in zip([0.0, *total], total)]
 
 
 def _unit(space: SearchSpace, params: dict[str, Any]) -> np.ndarray:
@@ -122,15 +130,21 @@ class CurveTable:
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, *, space: SearchSpace, metric: str = "eval_top1",
-                   test_metric: str | None = "test_top1") -> CurveTable:
-        """A table from its long form: one row per (``config``, ``epoch``) with ``metric``,
-        ``epoch_seconds``, ``setup_seconds`` and ``param/<name>`` columns (the Parquet file of
-        ``benchmarks/curve_table.py``).
+                   test_metric: str | None = "test_top1", clock: str = "ray") -> CurveTable:
+        """A table from its long form: one row per (``config``, ``epoch``) with ``metric``, the
+        clock's columns and ``param/<name>`` columns (the Parquet file of ``benchmarks/curve_table.py``).
+
+        Args:
+            clock: ``ray``: an epoch costs the difference of Ray's ``time_total_s`` (set-up in the
+                first; evaluation, checkpoint and report in each), ``trial``: the trial function's
+                ``epoch_seconds`` after ``setup_seconds``.
 
         Raises:
-            ValueError: A configuration whose epochs are not 1..n, or a missing column.
+            ValueError: A configuration whose epochs are not 1..n, a missing column, an unknown clock.
         """
-        needed = {"config", "epoch", metric, "epoch_seconds", "setup_seconds"}
+        if clock not in ("ray", "trial"):
+            raise ValueError(f"clock must be 'ray' or 'trial', got {clock!r}")
+        needed = {"config", "epoch", metric, *(("time_total_s",) if clock == "ray" else ("epoch_seconds", "setup_seconds"))}
         if missing := needed - set(frame.columns):
             raise ValueError(f"curve table lacks the columns {sorted(missing)}")
         pcols = [c for c in frame.columns if c.startswith(PARAM_PREFIX)]
@@ -139,8 +153,12 @@ class CurveTable:
             if list(rows["epoch"]) != list(range(1, len(rows) + 1)):
                 raise ValueError(f"curve table: configuration {key!r} has epochs {list(rows['epoch'])}, not 1..n")
             test = tuple(map(float, rows[test_metric])) if test_metric and test_metric in rows else None
-            curves.append(Curve(values=tuple(map(float, rows[metric])), epoch_seconds=tuple(map(float, rows["epoch_seconds"])),
-                                setup_seconds=float(rows["setup_seconds"].iloc[0]), test=test, key=key))
+            if clock == "ray":
+                seconds, setup = ray_epoch_seconds(rows["time_total_s"]), 0.0
+            else:
+                seconds, setup = list(map(float, rows["epoch_seconds"])), float(rows["setup_seconds"].iloc[0])
+            curves.append(Curve(values=tuple(map(float, rows[metric])), epoch_seconds=tuple(seconds),
+                                setup_seconds=setup, test=test, key=key))
             first = rows.iloc[0]
             params.append({c[len(PARAM_PREFIX):]: _plain(first[c]) for c in pcols})
         return cls(space=space, curves=tuple(curves), params=tuple(params))
@@ -167,7 +185,7 @@ class Policy(Protocol):
         """Choose the configuration of new trial ``trial`` (0, 1, …)."""
 
     def result(self, trial: int, epoch: int, value: float) -> bool:
-        """The trial's value after ``epoch``; True stops it."""
+        """The trial's value after ``epoch``; True stops it early (never at the trial's last epoch)."""
 
     def complete(self, trial: int, epoch: int, value: float, stopped: bool) -> None:
         """The trial ended after ``epoch`` (``stopped``: by the policy; else its curve ran out)."""
@@ -254,8 +272,8 @@ def simulate(policy: Policy, *, workers: int, max_trials: int | None = None,
         stop = policy.result(index, epoch, value)
         budget_left = max_total_epochs is None or len(events) + len(heap) < max_total_epochs
         if stop or epoch == len(curve.values) or not budget_left:
-            run.stopped = stop and epoch < len(curve.values)
-            policy.complete(index, epoch, value, run.stopped)
+            run.stopped = stop
+            policy.complete(index, epoch, value, stop)
             if budget_left:
                 launch(now)
         else:
@@ -279,7 +297,7 @@ class StudyPolicy:
     """
 
     def __init__(self, table: CurveTable, *, sampler: optuna.samplers.BaseSampler, asha: Asha | None,
-                 enqueue: list[dict[str, Any]] = ()):
+                 enqueue: Sequence[dict[str, Any]] = ()):
         from .study import sample_config
 
         self._sample = sample_config
@@ -340,21 +358,23 @@ class RayStockPolicy:
         from .compat import scheduler_trial
         from .search_space import define_by_run
 
-        self.table, self.metric, self._trial = table, metric, scheduler_trial
+        self.table, self.metric, self.max_t, self._trial = table, metric, max_t, scheduler_trial
         storage = optuna.storages.InMemoryStorage()
         self.searcher = OptunaSearch(space=functools.partial(define_by_run, space=table.space), metric=metric,
                                      mode="max", seed=seed, points_to_evaluate=points_to_evaluate,
                                      study_name="ray-stock", storage=storage)
         self.study = optuna.load_study(study_name="ray-stock", storage=storage)
-        self.scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max", max_t=max_t,
-                                       grace_period=grace_period, reduction_factor=reduction_factor,
-                                       brackets=brackets)
+        # Any: called with no TuneController, which the ASHA family never reads (compat.scheduler_trial)
+        self.scheduler: Any = ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max", max_t=max_t,
+                                            grace_period=grace_period, reduction_factor=reduction_factor,
+                                            brackets=brackets)
 
     def _id(self, trial: int) -> str:
         return f"t{trial:05d}"
 
     def start(self, trial: int) -> Curve:
         config = self.searcher.suggest(self._id(trial))
+        assert config is not None, "OptunaSearch ended without a trial limit"
         self.scheduler.on_trial_add(None, self._trial(self._id(trial)))
         return self.table.curve_for(flat_params(config))
 
@@ -363,10 +383,10 @@ class RayStockPolicy:
 
     def result(self, trial: int, epoch: int, value: float) -> bool:
         res = self._result(epoch, value)
-        stop = self.scheduler.on_trial_result(None, self._trial(self._id(trial)), res) == "STOP"
-        if not stop:
+        decision = self.scheduler.on_trial_result(None, self._trial(self._id(trial)), res)
+        if decision != "STOP":
             self.searcher.on_trial_result(self._id(trial), res)
-        return stop
+        return decision == "STOP" and epoch < self.max_t  # at max_t Ray's STOP ends a trial that ran its course
 
     def complete(self, trial: int, epoch: int, value: float, stopped: bool) -> None:
         res = self._result(epoch, value)

@@ -29,8 +29,8 @@ def space() -> SearchSpace:
 
 
 def table() -> CurveTable:
-    rows = [{"config": k, "epoch": e + 1, "eval_top1": v, "test_top1": v - 0.1, "epoch_seconds": 1.0,
-             "setup_seconds": 0.0, "param/lr": LR[k]} for k, vs in VALUES.items() for e, v in enumerate(vs)]
+    rows = [{"config": k, "epoch": e + 1, "eval_top1": v, "test_top1": v - 0.1, "time_total_s": e + 1.0,
+             "param/lr": LR[k]} for k, vs in VALUES.items() for e, v in enumerate(vs)]
     return CurveTable.from_frame(pd.DataFrame(rows), space=space())
 
 
@@ -121,3 +121,45 @@ def test_ray_stock_policy_stops_the_same_trials_but_tells_optuna_complete():
 def test_simulate_rejects_no_limit():
     with pytest.raises(ValueError, match="limit"):
         simulate(SequencePolicy(curves(), max_epochs=4, asha=None), workers=1)
+
+
+def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, capsys):
+    """A real search (Ray Tune, StudySearch + StudyScheduler, ASHA rungs at epochs 1 and 2, one trial
+    at a time; tests/search_driver.py's stand-in trials) replayed with its own settings stops every
+    trial where the live search did; a later first rung keeps more and is flagged cut short where
+    the live curve ends; the CLI prints the same."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import search_driver  # tests/search_driver.py
+
+    from mgfa_ray import cli
+    from mgfa_ray.search_replay import replay_search
+
+    search_driver.main(["create", str(tmp_path / "searches"), "--num-samples", "6", "--max-concurrent", "1"])
+    search_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.05", "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, str(Path(search_driver.__file__)), "run", search_dir], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = replay_search(search_dir, grace_periods=[1, 2], reduction_factors=[2])
+    live = {t["number"]: t["epochs"] for t in report["live"]}
+    assert len(live) == 6 and set(live.values()) > {4}  # some stopped early, some kept
+    same, later = report["settings"]
+    assert same["setting"] == {"grace_period": 1, "reduction_factor": 2, "brackets": 1, "early_stopping": True}
+    assert {r["number"]: r["epochs"] for r in same["trials"]} == live and same["cut_short"] == 0
+    states = {t["number"]: t["state"] for t in report["live"]}
+    assert all((r["outcome"] == "kept") == (states[r["number"]] == "COMPLETE") for r in same["trials"]), (same["trials"], states)
+    assert same["epochs"] == sum(live.values())
+    assert later["setting"]["grace_period"] == 2
+    for r in later["trials"]:  # no rung before epoch 2: a curve the live run ended at epoch 1 is cut short
+        if live[r["number"]] < 2:
+            assert (r["outcome"], r["epochs"]) == ("cut_short", live[r["number"]])
+        else:
+            assert r["outcome"] in ("kept", "stopped") and r["epochs"] >= 2
+    assert later["cut_short"] == sum(e < 2 for e in live.values()) > 0
+    assert cli.main(["search", "replay", search_dir, "--grace-period", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "6 recorded trials" in out and "exact only where the curves exist" in out
