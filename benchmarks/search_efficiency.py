@@ -1,35 +1,32 @@
-"""Search efficiency: ASHA + TPE against random search without early stopping, in training epochs.
+"""Search efficiency on recorded learning curves: every search method side by side, same epoch budget.
 
-On a proxy task with headroom — leafsnap20 real photos, a few species and photos per species,
-MobileNetV2 trained from scratch at a small size, masks from the hand-drawn region labels — one
-run makes, for every seed, two real searches with :mod:`mgfa_ray.search` over the same space
-(lr, momentum, weight decay, the simplex [alpha, beta, gamma], delta, lam):
+The tabulated-benchmark method (HPOBench; Syne Tune's blackbox repository). A table of real
+learning curves is recorded once — configurations sampled at random from the shipped default space,
+each trained for the proxy's whole 20-epoch schedule through this project's trial function by a
+real search (``record``) — and every method is then replayed on it with ``mgfa_ray.replay.simulate``:
+asynchronous workers, each epoch costing its recorded time, results reaching the method in time
+order, a proposal answered by the nearest recorded configuration (see :mod:`mgfa_ray.replay`).
 
-1. ``random`` — Optuna's ``RandomSampler`` with ``scheduler.early_stopping: false``: every trial
-   trains ``max_epochs`` epochs (the baseline).
-2. ``asha_tpe`` — multivariate TPE with ASHA (Optuna's ``SuccessiveHalvingPruner`` inside
-   :class:`mgfa_ray.study.StudyScheduler`): trials stopped at the rungs grace_period x
-   reduction_factor^k.
+Steps::
 
-Both run through ``create_search`` / ``run_search`` exactly as a job does (Ray Tune, one CPU and one
-torch thread per trial, ``max_concurrent`` trials at once). Afterwards every (trial, epoch) record
-is read back with :func:`mgfa_ray.search.ray_trials` and ordered by the wall-clock moment its epoch
-finished; counting epochs in that order gives, per method, the number of training epochs run until
-the target accuracy was first reached. The target of a seed is the best accuracy random search
-finds: the highest final ``eval_top1`` over random search's trials. See ``MEASURED`` for the exact
-definitions. Issue target: ASHA + TPE needs at most 1/3 of random search's epochs (mean over seeds).
+    # 1. the table's search (CPU: ~1 h on 2 cores): random configurations, never stopped
+    mgfa-ray run jobs/leafsnap20_fewshot.yaml --output-dir outputs/curve_table \\
+        --set search.space=benchmarks/spaces/curve_table_fewshot.yaml --set search.num_samples=64 \\
+        --set search.sampler=random --set search.seed=17 --accept-weak
+    # 2. the table as Parquet (results/benchmarks/curve_table_fewshot.parquet)
+    python benchmarks/search_efficiency.py record outputs/curve_table/search/leafsnap20_fewshot
+    # 3. every method, seeds x budget (minutes)
+    python benchmarks/search_efficiency.py compare
+    # 4. the simulator against one live Ray Tune search on the same table
+    python benchmarks/search_efficiency.py live-check
 
-Examples::
-
-    python benchmarks/search_efficiency.py --preset smoke        # < 1 min, a plumbing check
-    python benchmarks/search_efficiency.py --preset cpu          # 2-core CPU, ~30 min
+``compare --preset smoke`` is the plumbing check (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import functools
 import statistics
 import sys
 import tempfile
@@ -37,365 +34,326 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from common import new_document
+import numpy as np
+import optuna
+import pandas as pd
+from common import REPO, new_document
 
-from mgfa_ray.config import DatasetConfig, MasksConfig, SearchConfig, TrainConfig, resolve_data_root
-from mgfa_ray.storage import atomic_write_json
-from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import LabelBoxes, build_mask_set
-from mgfa_ray.regions import index_labels
-from mgfa_ray.search import create_search, ray_trials, read_record, run_search
+from mgfa_ray.asha import Asha
+from mgfa_ray.replay import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy, simulate
 from mgfa_ray.search_space import load_search_space
-from mgfa_ray.trial import load_images
+from mgfa_ray.storage import atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
-REGION_CLASSES = ["vein", "contour"]
-METHODS = ("random", "asha_tpe")
+TABLE = REPO / "results" / "benchmarks" / "curve_table_fewshot.parquet"
+TABLE_DOC = REPO / "results" / "benchmarks" / "curve_table_fewshot.json"
+SPACE = REPO / "benchmarks" / "spaces" / "curve_table_fewshot.yaml"
+OUT = REPO / "results" / "benchmarks" / "search_efficiency_sim.json"
 TARGET_RATIO = 1.0 / 3.0
 
-# Every setting; a preset overrides some, explicit flags override both.
-DEFAULTS: dict[str, Any] = {
-    "classes": 20, "per_class": 12, "val_fraction": 0.34, "backbone": "mobilenet_v2", "resize": 64, "crop": 56,
-    "mask_size": 32, "batch_size": 8, "lr_schedule": "cosine", "seeds": [0, 1, 2],
-    "random_trials": 12, "asha_trials": 20, "max_epochs": 9, "grace_period": 1, "reduction_factor": 3,
-    "max_concurrent": 2, "cpus_per_trial": 1, "tmp_dir": None, "keep": False,
-    "lr": [1e-3, 1.0], "momentum": [0.5, 0.99], "weight_decay": [1e-6, 1e-2], "mask_loss": [1e-2, 1e2],
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    # Plumbing check in well under a minute: numbers mean nothing.
-    "smoke": {"classes": 3, "per_class": 8, "val_fraction": 0.25, "resize": 40, "crop": 32, "seeds": [0],
-              "random_trials": 2, "asha_trials": 2, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
-    # The recorded run on a 2-core CPU: 20 species x 12 photos (165 train, 75 val), 56 px from scratch.
-    "cpu": {},
-}
-
 MEASURED = {
-    "task": (
-        "leafsnap20 real photos, the first `classes` species x `per_class` photos, split by photo group into train "
-        "and val (no test); masks rasterised from the hand-drawn YOLO region labels (empty for unlabelled photos); "
-        "MGFA on `backbone` with random initial weights (weights=None), images resized to `resize` and cropped to "
-        "`crop`; SGD with the sampled lr/momentum/weight decay and `lr_schedule` over max_epochs; trial seed = "
-        "benchmark seed. eval_top1 = top-1 accuracy on the val split after each epoch."
-    ),
-    "methods": (
-        "random: RandomSampler(seed), every trial runs max_epochs (early_stopping false), `random_trials` trials. "
-        "asha_tpe: TPESampler(seed, multivariate) (its first 10 trials random) + Optuna SuccessiveHalvingPruner("
-        "min_resource=grace_period, reduction_factor, min_early_stopping_rate=0) deciding after every epoch, "
-        "`asha_trials` trials. Both via mgfa_ray.search.create_search + run_search: Ray Tune, cpus_per_trial CPUs "
-        "and torch threads per trial, max_concurrent trials at once, a fresh worker process per trial, a "
-        "checkpoint every epoch."
-    ),
-    "epoch_order": (
-        "every (trial, epoch) record of ray_trials(search_dir).history, ordered by the wall-clock moment the epoch "
-        "was reported: trial_start + time_total_s, where trial_start is pinned from Ray's integer-second "
-        "`timestamp` and float `time_total_s` of all the trial's epochs (start lies in [max(timestamp - "
-        "time_total_s), min(timestamp + 1 - time_total_s)]; the midpoint is used; the interval width is recorded). "
-        "Cumulative epochs = position in that order (1-based)."
-    ),
-    "target_accuracy": (
-        "per seed: the best accuracy random search finds = max over the random search's trials that ran "
-        "max_epochs of their final-epoch eval_top1."
-    ),
-    "epochs_to_target": (
-        "per method: the cumulative epoch count at the first (trial, epoch) record with eval_top1 >= target "
-        "(any epoch of any trial: a checkpoint that good exists from then on). A method that never reaches it "
-        "counts its total epochs and is flagged reached=false. Also recorded: epochs_to_target_completed = the "
-        "same, counting only a trial's final epoch after max_epochs (a fully trained config that good was found)."
-    ),
-    "ratio": (
-        "per seed: asha_tpe epochs_to_target / random epochs_to_target; mean_ratio = mean over seeds of that; "
-        "ratio_of_means = mean asha_tpe epochs / mean random epochs. Target met: mean_ratio <= 1/3 and asha_tpe "
-        "reached the target in every seed."
-    ),
-    "wall_seconds": (
-        "run_search wall time per search (Ray Tune start-up, trial process start-up, data load, training, "
-        "evaluation, checkpoints); wall_seconds_to_target = from the run_search call to the epoch that reached the "
-        "target. The machine may be shared: see loadavg."
-    ),
+    "replay": "mgfa_ray.replay.simulate: `workers` asynchronous workers; an epoch costs its recorded Ray time "
+              "(difference of time_total_s: set-up in the first, evaluation + checkpoint + report in each); results "
+              "reach the method in time order; a proposal is answered by the nearest recorded configuration (1-NN "
+              "in the unit cube of the space: log scale for log ranges, sorted simplex cuts, categoricals one-hot). "
+              "A search ends when it has run `budget_epochs` epochs (no epoch past it).",
+    "target": "per seed: random search's final best = the highest final-epoch eval_top1 among the random search's "
+              "trials (each ran max_epochs).",
+    "epochs_to_target": "epochs run (in time order, all workers) until a trial *finished its whole schedule* with "
+                        "eval_top1 >= target (a fully trained configuration that good exists); `_any_epoch`: until any "
+                        "epoch of any trial reached it. A method that never does counts the whole budget, reached false.",
+    "gpu_hours_to_target": "the recorded seconds of every epoch run until then, summed over workers, / 3600 (the "
+                           "table was recorded on CPU: read them as the relative cost, not GPU-hours of a GPU run).",
+    "best_at_budget": "at each fraction of the budget: the best final eval_top1 among trials that finished their "
+                      "schedule by then, and the test_top1 of that trial's last epoch (chosen on val, reported on "
+                      "test).",
+    "ratio": "per seed: method epochs_to_target / random's epochs_to_target; mean over seeds with a 95% t interval.",
 }
 
 
-def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line → resolved settings (defaults, then the preset, then explicit flags)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a set of defaults (smoke: < 1 min; cpu: the real run)")
-    p.add_argument("--classes", type=int, help="leafsnap20 species (default 20)")
-    p.add_argument("--per-class", type=int, help="photos per species (default 12 = 3 groups of 4)")
-    p.add_argument("--val-fraction", type=float, help="fraction of each species' photo groups held out for val")
-    p.add_argument("--backbone", help="TrainConfig backbone (default mobilenet_v2)")
-    p.add_argument("--resize", type=int, help="image side before the crop (default 64)")
-    p.add_argument("--crop", type=int, help="training crop / eval side (default 56)")
-    p.add_argument("--mask-size", type=int, help="stored mask side (default 32)")
-    p.add_argument("--batch-size", type=int, help="default 8 (20 steps an epoch: early epochs carry signal)")
-    p.add_argument("--lr-schedule", choices=["step", "cosine"], help="default cosine over max_epochs")
-    p.add_argument("--seeds", type=int, nargs="+", help="benchmark seeds (sampler and trial seed; default 0 1 2)")
-    p.add_argument("--random-trials", type=int, help="trials of random search (default 12)")
-    p.add_argument("--asha-trials", type=int, help="trials of ASHA + TPE (default 20)")
-    p.add_argument("--max-epochs", type=int, help="epochs of a trial never stopped (default 9)")
-    p.add_argument("--grace-period", type=int, help="ASHA's first rung in epochs (default 1)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA's reduction factor (default 3: rungs 1, 3, 9)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default 2)")
-    p.add_argument("--cpus-per-trial", type=int, help="CPUs and torch threads per trial (default 1)")
-    p.add_argument("--data-root", help="directory holding leafsnap20/ (default $MGFA_DATA_ROOT or ../shared/data)")
-    p.add_argument("--tmp-dir", help="parent of the run's temporary directory (default the system's)")
-    p.add_argument("--keep", action="store_const", const=True, help="keep the temporary directory (searches, data) for inspection")
-    p.add_argument("--out", type=Path, help="JSON result (default results/benchmarks/search_efficiency_cpu.json for "
-                                            "--preset cpu, else outputs/bench/search_efficiency_<preset>.json)")
-    args = vars(p.parse_args(argv))
-    preset, data_root, out = (args.pop(k) for k in ("preset", "data_root", "out"))
-    settings = {**DEFAULTS, **PRESETS.get(preset, {}), **{k: v for k, v in args.items() if v is not None}}
-    if out is None:
-        out = (REPO / "results" / "benchmarks" / "search_efficiency_cpu.json" if preset == "cpu"
-               else REPO / "outputs" / "bench" / f"search_efficiency_{preset or 'custom'}.json")
-    settings.update(preset=preset, data_root=str(resolve_data_root(data_root)), out=str(Path(out).resolve()))
-    return settings
+def record(search_dir: str, out: Path, *, partial: bool = False) -> dict[str, Any]:
+    """The finished table search → the long-form Parquet table and its JSON description
+    (``partial``: only the trials that ran every epoch so far, for a look before it finishes)."""
+    from mgfa_ray.search import read_record
+    from mgfa_ray.search_replay import recorded_trials
 
+    trials, info = recorded_trials(search_dir)
+    rec = read_record(search_dir)
+    full = [t for t in trials if len(t.curve.values) == info["max_epochs"]]
+    if len(full) < len(trials) and not partial:
+        raise SystemExit(f"error: {len(trials) - len(full)} trials of {search_dir} did not run all "
+                         f"{info['max_epochs']} epochs; a curve table needs whole curves (resume the search first)")
+    from mgfa_ray.search import ray_trials
 
-def log(msg: str) -> None:
-    """Progress line on stderr."""
-    print(f"[search_efficiency] {msg}", file=sys.stderr, flush=True)
-
-
-def space_doc(s: dict[str, Any], *, early_stopping: bool) -> dict[str, Any]:
-    """The search-space YAML document of one method (same parameters for both)."""
-    def log_uniform(lo_hi: list[float]) -> dict[str, Any]:
-        return {"type": "log_uniform", "low": float(lo_hi[0]), "high": float(lo_hi[1])}
-
-    return {
-        "scheduler": {"max_epochs": s["max_epochs"], "grace_period": s["grace_period"],
-                      "reduction_factor": s["reduction_factor"], "early_stopping": early_stopping},
-        "simplex": ["alpha", "beta", "gamma"],
-        "parameters": {
-            "lr": log_uniform(s["lr"]),
-            "momentum": {"type": "uniform", "low": float(s["momentum"][0]), "high": float(s["momentum"][1])},
-            "weight_decay": log_uniform(s["weight_decay"]),
-            "delta": log_uniform(s["mask_loss"]),
-            "lam": log_uniform(s["mask_loss"]),
-        },
-    }
-
-
-def prepare_data(s: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Manifest, label-based mask set and a filled decoded-image cache under ``work``."""
-    root = Path(s["data_root"])
-    ds = DatasetConfig(layout="class_folders", images="leafsnap20", max_classes=s["classes"],
-                       max_per_class=s["per_class"], val_fraction=s["val_fraction"], test_fraction=0.0, seed=0)
-    df = build_manifest(root / ds.images, ds)
-    manifest = write_manifest(df, work / "manifest.parquet")
-    labels = index_labels(root / "leafsnap20-regions" / "labels")
-    source = LabelBoxes.create(labels, classes=REGION_CLASSES, unlabelled="empty")
-    masks = build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=source, region_classes=REGION_CLASSES,
-                           cfg=MasksConfig(resolution=s["mask_size"]), location=work / "masks", executor="local")
-    # Decode once here, in the order run_trial asks for (train, then val), so trials read the cache.
-    cache = work / "cache"
-    cache.mkdir()
-    load_images([*df.loc[df["split"] == "train", "path"], *df.loc[df["split"] == "val", "path"]],
-                size=s["resize"], cache_dir=cache)
-    return {"manifest": str(manifest), "masks": str(masks), "cache": str(cache),
-            "info": {"species": int(df["label"].nunique()), "train_images": int((df["split"] == "train").sum()),
-                     "val_images": int((df["split"] == "val").sum()),
-                     "labelled_images": int(df["image_id"].isin(set(labels)).sum()),
-                     "chance_top1": 1.0 / int(df["label"].nunique())}}
-
-
-def epoch_events(search_dir: str, run_started: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every (trial, epoch) record of a search in the order the epochs finished, and one summary per trial."""
-    df = ray_trials(search_dir)
-    events, trials = [], []
-    for row in df.to_dict("records"):
+    rows = []
+    for row in ray_trials(search_dir).to_dict("records"):
         h = row["history"]
         if h is None or not len(h):
-            trials.append({"trial": row["trial"], "optuna_trial": row["optuna_trial"], "ray_status": row["ray_status"],
-                           "epochs_run": 0})
             continue
-        lo = max(float(ts) - float(tt) for ts, tt in zip(h["timestamp"], h["time_total_s"], strict=True))
-        hi = min(float(ts) + 1.0 - float(tt) for ts, tt in zip(h["timestamp"], h["time_total_s"], strict=True))
-        start = (lo + hi) / 2 if hi >= lo else lo
-        for rec in h.to_dict("records"):
-            events.append({"trial": row["trial"], "epoch": int(rec["training_iteration"]),
-                           "eval_top1": float(rec["eval_top1"]), "t": start + float(rec["time_total_s"]) - run_started})
-        trials.append({
-            "trial": row["trial"], "optuna_trial": row["optuna_trial"], "ray_status": row["ray_status"],
-            "epochs_run": int(row["epochs_run"]), "final_eval_top1": float(h["eval_top1"].iloc[-1]),
-            "best_eval_top1": float(h["eval_top1"].max()), "start_s": start - run_started,
-            "start_uncertainty_s": max(0.0, hi - lo) if hi >= lo else None,
-            "params": {k: v for k, v in row["config"].items()
-                       if k in ("lr", "momentum", "weight_decay", "alpha", "beta", "gamma", "delta", "lam")},
-        })
-    events.sort(key=lambda e: (e["t"], e["trial"], e["epoch"]))
-    for i, e in enumerate(events, 1):
-        e["cumulative_epochs"] = i
-    return events, trials
-
-
-def study_states(search_dir: str) -> dict[str, int]:
-    """Optuna states (COMPLETE / PRUNED / FAIL ...) of the search's trials."""
-    from mgfa_ray.study import StudyRef, search_trials
-
-    rec = read_record(search_dir)
-    counts: dict[str, int] = {}
-    for t in search_trials(StudyRef(rec.study.storage, rec.study.study_name).load()):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def run_method(name: str, method: str, seed: int, s: dict[str, Any], data: dict[str, Any], work: Path,
-               spaces: dict[str, Path]) -> dict[str, Any]:
-    """One search; its per-epoch records and per-trial summaries."""
-    space_file = spaces[method]
-    n = s["random_trials"] if method == "random" else s["asha_trials"]
-    search = SearchConfig(space=str(space_file), num_samples=n, max_concurrent=s["max_concurrent"],
-                          cpus_per_trial=s["cpus_per_trial"], seed=seed,
-                          sampler="random" if method == "random" else "tpe", max_failures=0)
-    base = TrainConfig(manifest=data["manifest"], masks=data["masks"], region_classes=REGION_CLASSES,
-                       backbone=s["backbone"], weights=None, resize=s["resize"], train_crop=s["crop"],
-                       batch_size=s["batch_size"], lr_schedule=s["lr_schedule"], device="cpu", precision="fp32",
-                       seed=seed)
-    search_dir = create_search(name=name, space=load_search_space(space_file, base=base), space_file=str(space_file),
-                               search=search, base=base, storage_path=str(work / "searches"), cache_dir=data["cache"])
-    load_start = os.getloadavg()
-    t0 = time.time()
-    run_search(search_dir)
-    wall = time.time() - t0
-    events, trials = epoch_events(search_dir, t0)
-    return {"search": name, "num_trials": n, "wall_seconds": wall, "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(), "optuna_states": study_states(search_dir), "events": events,
-            "trials": trials}
-
-
-def reach(events: list[dict[str, Any]], target: float, max_epochs: int) -> dict[str, Any]:
-    """Epochs (and seconds) until the first record at or above ``target``; see MEASURED."""
-    total = len(events)
-    hit = next((e for e in events if e["eval_top1"] >= target), None)
-    done = next((e for e in events if e["epoch"] == max_epochs and e["eval_top1"] >= target), None)
-    return {
-        "reached": hit is not None,
-        "epochs_to_target": hit["cumulative_epochs"] if hit else total,
-        "wall_seconds_to_target": hit["t"] if hit else None,
-        "hit": {k: hit[k] for k in ("trial", "epoch", "eval_top1")} if hit else None,
-        "reached_completed": done is not None,
-        "epochs_to_target_completed": done["cumulative_epochs"] if done else total,
-    }
-
-
-def summarise(run: dict[str, Any], target: float, s: dict[str, Any]) -> dict[str, Any]:
-    """Per-method numbers of one seed."""
-    trials, events = run["trials"], run["events"]
-    finals = [t["final_eval_top1"] for t in trials if t.get("epochs_run") == s["max_epochs"]]
-    epochs_run = [t.get("epochs_run", 0) for t in trials]
-    hist: dict[str, int] = {}
-    for e in sorted(epochs_run):
-        hist[str(e)] = hist.get(str(e), 0) + 1
-    return {
-        "num_trials": run["num_trials"], "total_epochs": len(events),
-        "trials_run_to_max_epochs": sum(e == s["max_epochs"] for e in epochs_run),
-        "trials_stopped_early": sum(0 < e < s["max_epochs"] for e in epochs_run),
-        "trials_without_epochs": sum(e == 0 for e in epochs_run),
-        "trials_by_epochs_run": hist, "optuna_states": run["optuna_states"],
-        "best_final_eval_top1": max(finals) if finals else None,
-        "best_any_epoch_eval_top1": max((e["eval_top1"] for e in events), default=None),
-        **reach(events, target, s["max_epochs"]),
-        "wall_seconds": run["wall_seconds"], "loadavg_start": run["loadavg_start"], "loadavg_end": run["loadavg_end"],
-        "max_start_uncertainty_s": max((t["start_uncertainty_s"] or 0.0 for t in trials if "start_s" in t),
-                                       default=None),
-    }
-
-
-def run(s: dict[str, Any]) -> dict[str, Any]:
-    """Every search of the settings ``s``; the JSON document."""
-    import ray
-
-    started = time.perf_counter()
-    doc = new_document("search_efficiency", settings=s, measured=MEASURED)
-    work = Path(tempfile.mkdtemp(prefix="mgfa-search-bench-", dir=s["tmp_dir"]))
-    try:
-        log(f"work directory {work}")
-        data = prepare_data(s, work)
-        doc["data"] = data["info"]
-        spaces = {}
-        for method, early in (("random", False), ("asha_tpe", True)):
-            spaces[method] = work / f"space-{method}.yaml"
-            spaces[method].write_text(yaml.safe_dump(space_doc(s, early_stopping=early), sort_keys=False))
-        doc["spaces"] = {m: yaml.safe_load(p.read_text()) for m, p in spaces.items()}
-        log(f"{data['info']['species']} species, {data['info']['train_images']} train / "
-            f"{data['info']['val_images']} val photos; {s['backbone']} from scratch at {s['crop']} px")
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
-        seeds = []
-        for seed in s["seeds"]:
-            runs = {}
-            for method in METHODS:
-                log(f"seed {seed}: {method} search ({s['random_trials' if method == 'random' else 'asha_trials']} "
-                    f"trials)")
-                runs[method] = run_method(f"{method}-s{seed}", method, seed, s, data, work, spaces)
-                log(f"seed {seed}: {method} done in {runs[method]['wall_seconds']:.0f} s, "
-                    f"{len(runs[method]['events'])} epochs")
-            finals = [t["final_eval_top1"] for t in runs["random"]["trials"] if t.get("epochs_run") == s["max_epochs"]]
-            if not finals:
-                raise RuntimeError(f"seed {seed}: no random-search trial ran {s['max_epochs']} epochs")
-            target = max(finals)
-            per = {m: summarise(runs[m], target, s) for m in METHODS}
-            r, a = per["random"], per["asha_tpe"]
-            entry = {
-                "seed": seed, "target_eval_top1": target, **per,
-                "ratio": a["epochs_to_target"] / r["epochs_to_target"],
-                "ratio_completed": a["epochs_to_target_completed"] / r["epochs_to_target_completed"],
-                "total_epochs_ratio": a["total_epochs"] / r["total_epochs"],
-                "trials": {m: runs[m]["trials"] for m in METHODS},
-                "epochs": {m: [{k: e[k] for k in ("cumulative_epochs", "trial", "epoch", "eval_top1", "t")}
-                               for e in runs[m]["events"]] for m in METHODS},
-            }
-            log(f"seed {seed}: target {target:.3f}; epochs to target random {r['epochs_to_target']} / "
-                f"{r['total_epochs']}, asha_tpe {a['epochs_to_target']} / {a['total_epochs']} "
-                f"(reached {a['reached']}); ratio {entry['ratio']:.3f}")
-            seeds.append(entry)
-        ray.shutdown()
-    finally:
-        if s["keep"]:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def mean(key: str, method: str | None = None) -> float:
-        return statistics.mean(e[method][key] if method else e[key] for e in seeds)
-
-    summary = {
-        "seeds": [e["seed"] for e in seeds],
-        "mean_target_eval_top1": mean("target_eval_top1"),
-        **{f"mean_{k}_{m}": mean(k, m) for m in METHODS
-           for k in ("epochs_to_target", "epochs_to_target_completed", "total_epochs", "wall_seconds")},
-        "asha_tpe_reached_every_seed": all(e["asha_tpe"]["reached"] for e in seeds),
-        "asha_tpe_reached_completed_every_seed": all(e["asha_tpe"]["reached_completed"] for e in seeds),
-        "mean_ratio": mean("ratio"),
-        "ratio_of_means": mean("epochs_to_target", "asha_tpe") / mean("epochs_to_target", "random"),
-        "mean_ratio_completed": mean("ratio_completed"),
-        "mean_total_epochs_ratio": mean("total_epochs_ratio"),
-        "per_seed_ratio": [e["ratio"] for e in seeds],
-    }
-    summary["target"] = {
-        "rule": "ASHA + TPE needs <= 1/3 of random search's epochs to reach the best accuracy random search finds "
-                "(mean over seeds of the per-seed ratio), reaching it in every seed",
-        "max_ratio": TARGET_RATIO,
-        "met": summary["mean_ratio"] <= TARGET_RATIO and summary["asha_tpe_reached_every_seed"],
-        "met_completed": summary["mean_ratio_completed"] <= TARGET_RATIO
-        and summary["asha_tpe_reached_completed_every_seed"],
-    }
-    doc["summary"] = summary
-    doc["per_seed"] = seeds
-    doc["machine"]["loadavg_end"] = os.getloadavg()
-    doc["total_seconds"] = time.perf_counter() - started
-    log(f"mean ratio {summary['mean_ratio']:.3f} (per seed "
-        + ", ".join(f"{x:.3f}" for x in summary["per_seed_ratio"])
-        + f"), target <= {TARGET_RATIO:.3f} met: {summary['target']['met']}")
+        number = int(row["optuna_trial"])
+        if len(h) < info["max_epochs"]:
+            continue
+        params = next(t.params for t in trials if t.number == number)
+        for rec_epoch in h.to_dict("records"):
+            rows.append({"config": number, "epoch": int(rec_epoch["training_iteration"]),
+                         **{k: float(rec_epoch[k]) for k in ("eval_top1", "test_top1", "train_loss", "eval_loss_ce",
+                                                              "epoch_seconds", "setup_seconds", "time_total_s")},
+                         **{f"{PARAM_PREFIX}{k}": v for k, v in params.items()}})
+    frame = pd.DataFrame(rows).sort_values(["config", "epoch"]).reset_index(drop=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.parquet")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    finals = frame[frame["epoch"] == info["max_epochs"]]
+    doc = new_document("curve_table", settings=None, measured={
+        "how": "a real search (mgfa-ray run, Ray Tune, 2 trials at once, one CPU thread each) of "
+               f"{len(full)} configurations drawn by Optuna's RandomSampler(seed {rec.search.seed}) from {SPACE.name} "
+               f"(the shipped default space on the proxy's {info['max_epochs']}-epoch schedule), never stopped; "
+               "one row per (config, epoch) with the trial function's metrics and Ray's time_total_s."})
+    doc.update(table=_shown(out), search_dir=search_dir, job="jobs/leafsnap20_fewshot.yaml",
+               configurations=len(full), epochs=info["max_epochs"], rows=len(frame),
+               final_eval_top1={"min": float(finals["eval_top1"].min()), "median": float(finals["eval_top1"].median()),
+                                "max": float(finals["eval_top1"].max())},
+               recorded_seconds=float(frame.groupby("config")["time_total_s"].max().sum()))
+    atomic_write_json(out.with_suffix(".json"), doc)
     return doc
 
 
+# --- methods ----------------------------------------------------------------------------------
+
+def methods(grace: int, factor: int, max_epochs: int, budget_trials: int) -> dict[str, Any]:
+    """name → a factory ``(table, seed) -> Policy`` (see ``MEASURED`` and the README)."""
+    asha = Asha(min_resource=grace, reduction_factor=factor)
+
+    def tpe(seed: int, **kw) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
+
+    return {
+        "random": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.RandomSampler(seed=s), asha=None),
+        "tpe": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=None),
+        "random+asha": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha),
+        "tpe+asha (ours)": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=asha),
+        "ray stock (OptunaSearch+ASHAScheduler)": lambda t, s: RayStockPolicy(
+            t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs),
+        "ray stock, 3 brackets": lambda t, s: RayStockPolicy(
+            t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs, brackets=3),
+        "tpe+asha, constant_liar": lambda t, s: StudyPolicy(t, sampler=tpe(s, constant_liar=True), asha=asha),
+        "tpe+asha, startup scaled": lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, constant_liar=True, n_startup_trials=max(10, budget_trials // 10)), asha=asha),
+    }
+
+
+def run_one(policy, *, workers: int, budget: int, max_epochs: int) -> dict[str, Any]:
+    """One simulated search: its events in time order (compact) and trial counts."""
+    events, runs = simulate(policy, workers=workers, max_total_epochs=budget)
+    return {"events": events, "trials": len(runs), "trials_full": sum(r.epochs == max_epochs for r in runs)}
+
+
+def reach(events, target: float, max_epochs: int, budget: int) -> dict[str, Any]:
+    """Epochs and recorded hours until ``target`` (see MEASURED)."""
+    full = next((e for e in events if e.epoch == max_epochs and e.value >= target), None)
+    anye = next((e for e in events if e.value >= target), None)
+    return {"reached": full is not None, "epochs_to_target": full.cumulative_epochs if full else budget,
+            "gpu_hours_to_target": (full or events[-1]).compute_seconds / 3600,
+            "reached_any_epoch": anye is not None,
+            "epochs_to_target_any_epoch": anye.cumulative_epochs if anye else budget}
+
+
+def best_at(events, fractions: list[float], budget: int, max_epochs: int) -> dict[str, Any]:
+    """Best finished trial (val) and its test top-1 at each budget fraction."""
+    out = {}
+    for f in fractions:
+        done = [e for e in events if e.cumulative_epochs <= f * budget and e.epoch == max_epochs]
+        best = max(done, key=lambda e: e.value, default=None)
+        out[f"{f:g}"] = {"val": best.value if best else None, "test": best.test if best else None}
+    return out
+
+
+def interval(xs: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and 95% t interval (scipy) of ``xs``."""
+    from scipy import stats
+
+    m = statistics.mean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    half = stats.t.ppf(0.975, len(xs) - 1) * sd / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+    return {"mean": m, "sd": sd, "ci95": [m - half, m + half], "min": min(xs), "max": max(xs)}
+
+
+def compare(s: dict[str, Any]) -> dict[str, Any]:
+    """Every method x seed on the table; the JSON document."""
+    started = time.perf_counter()
+    space = load_search_space(SPACE)
+    table = CurveTable.from_frame(pd.read_parquet(s["table"]), space=space)
+    max_epochs = len(table.curves[0].values)
+    budget = s["budget_trials"] * max_epochs
+    doc = new_document("search_efficiency_sim", settings={k: str(v) if isinstance(v, Path) else v for k, v in s.items()},
+                       measured=MEASURED)
+    doc["table"] = {"file": _shown(Path(s["table"])), "configurations": len(table.curves), "max_epochs": max_epochs}
+    settings = [(g, f) for g in s["grace"] for f in s["factor"]]
+    per_setting = []
+    for grace, factor in settings:
+        factories = methods(grace, factor, max_epochs, s["budget_trials"])
+        names = [n for n in factories if not s["methods"] or n in s["methods"]]
+        seeds = []
+        for seed in s["seeds"]:
+            np.random.seed(seed)  # Ray's ASHAScheduler draws brackets from numpy's global generator
+            runs = {n: run_one(factories[n](table, seed), workers=s["workers"], budget=budget, max_epochs=max_epochs)
+                    for n in names}
+            target = max(e.value for e in runs["random"]["events"] if e.epoch == max_epochs)
+            seeds.append({"seed": seed, "target": target, "methods": {
+                n: {"trials": r["trials"], "trials_full": r["trials_full"],
+                    **reach(r["events"], target, max_epochs, budget),
+                    "best_at_budget": best_at(r["events"], s["fractions"], budget, max_epochs)}
+                for n, r in runs.items()}})
+            log(f"grace {grace} factor {factor} seed {seed}: target {target:.3f}; " + ", ".join(
+                f"{n} {seeds[-1]['methods'][n]['epochs_to_target']}" for n in names))
+        summary = {}
+        for n in names:
+            ratios = [x["methods"][n]["epochs_to_target"] / x["methods"]["random"]["epochs_to_target"] for x in seeds]
+            summary[n] = {
+                "ratio": interval(ratios), "per_seed_ratio": ratios,
+                "epochs_to_target": interval([x["methods"][n]["epochs_to_target"] for x in seeds]),
+                "gpu_hours_to_target": interval([x["methods"][n]["gpu_hours_to_target"] for x in seeds]),
+                "reached_every_seed": all(x["methods"][n]["reached"] for x in seeds),
+                "ratio_any_epoch": interval([x["methods"][n]["epochs_to_target_any_epoch"]
+                                             / x["methods"]["random"]["epochs_to_target_any_epoch"] for x in seeds]),
+                "trials": interval([x["methods"][n]["trials"] for x in seeds]),
+                "best_val_at_budget": {f"{f:g}": interval([x["methods"][n]["best_at_budget"][f"{f:g}"]["val"] or 0.0
+                                                            for x in seeds]) for f in s["fractions"]},
+                "best_test_at_budget": {f"{f:g}": interval([x["methods"][n]["best_at_budget"][f"{f:g}"]["test"] or 0.0
+                                                             for x in seeds]) for f in s["fractions"]},
+            }
+        per_setting.append({"grace_period": grace, "reduction_factor": factor, "summary": summary, "per_seed": seeds})
+    doc["results"] = per_setting
+    doc["total_seconds"] = time.perf_counter() - started
+    return doc
+
+
+# --- live check -------------------------------------------------------------------------------
+
+def table_trainable(config: dict, *, base: dict, cache_dir: str | None = None, table_file: str, scale: float) -> None:
+    """Ray function trainable replaying the nearest table configuration's curve, each epoch sleeping
+    its recorded time x ``scale`` (cloudpickled by value from this script)."""
+    import time as _time
+
+    import pandas as _pd
+    from ray import tune
+
+    from mgfa_ray.replay import CurveTable as _Table
+    from mgfa_ray.replay import flat_params
+    from mgfa_ray.search_space import load_search_space as _load
+
+    tab = _Table.from_frame(_pd.read_parquet(table_file), space=_load(SPACE))
+    params = {k: v for k, v in flat_params(config).items() if k in tab.params[0]}
+    curve = tab.curve_for(params)
+    for epoch, (value, seconds) in enumerate(zip(curve.values, curve.epoch_seconds, strict=True), 1):
+        _time.sleep(seconds * scale)
+        tune.report({"eval_top1": value, "table_config": int(curve.key), "epoch": epoch})
+
+
+def live_check(s: dict[str, Any]) -> dict[str, Any]:
+    """One live search (Ray Tune, StudySearch + StudyScheduler) on the table against its simulation."""
+    import ray
+    import yaml
+
+    from mgfa_ray.config import SearchConfig, TrainConfig
+    from mgfa_ray.search import create_search, run_search
+    from mgfa_ray.study import StudyRef
+
+    grace, factor = s["grace"][0], s["factor"][0]
+    space_doc = yaml.safe_load(SPACE.read_text())
+    space_doc["scheduler"].update(grace_period=grace, reduction_factor=factor, early_stopping=True)
+    work = Path(tempfile.mkdtemp(prefix="mgfa-live-check-"))
+    space_file = work / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space_doc))
+    space = load_search_space(space_file)
+    table = CurveTable.from_frame(pd.read_parquet(s["table"]), space=space)
+    seed = s["seeds"][0]
+    search = SearchConfig(space=str(space_file), num_samples=s["live_trials"], max_concurrent=s["workers"],
+                          cpus_per_trial=1, seed=seed, sampler="tpe", max_failures=0)
+    base = TrainConfig(manifest="table", masks="table", weights=None)
+    search_dir = create_search(name="live", space=space, space_file=str(space_file), search=search, base=base,
+                               storage_path=str(work / "searches"))
+    ray.init(num_cpus=s["workers"], include_dashboard=False, configure_logging=False)
+    t0 = time.time()
+    run_search(search_dir, trainable=functools.partial(table_trainable, table_file=str(Path(s["table"]).resolve()),
+                                                       scale=s["scale"]))
+    wall = time.time() - t0
+    ray.shutdown()
+    from mgfa_ray.search import read_record
+
+    rec = read_record(search_dir)
+    study = StudyRef(rec.study.storage, rec.study.study_name).load()
+    live = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in study.trials]
+    policy = StudyPolicy(table, sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
+                         asha=Asha(min_resource=grace, reduction_factor=factor))
+    _, runs = simulate(policy, workers=s["workers"], max_trials=s["live_trials"])
+    sim = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in policy.study.trials]
+    same = [a == b for a, b in zip(live, sim, strict=True)]
+    first_diff = same.index(False) if False in same else None
+    doc = new_document("search_efficiency_live_check", settings={"grace": grace, "factor": factor, "seed": seed,
+                                                                 "workers": s["workers"], "trials": s["live_trials"],
+                                                                 "scale": s["scale"]}, measured={
+        "what": "a live Ray Tune search (mgfa_ray.search.run_search: StudySearch + StudyScheduler, TPE seed, ASHA) whose "
+                "trainable replays the nearest table configuration's curve, each epoch sleeping its recorded time x "
+                "scale, against mgfa_ray.replay.simulate of the same method and seed; per trial (table config, epochs "
+                "run, Optuna state) compared in trial order; proposals agree while the results reached the sampler in "
+                "the same order"})
+    doc.update(live=live, simulated=sim, agreeing_trials=sum(same), trials=len(same), first_difference=first_diff,
+               live_epochs=sum(x[1] for x in live), simulated_epochs=sum(x[1] for x in sim), live_wall_seconds=wall)
+    return doc
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (JSON that holds no machine's paths)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def log(msg: str) -> None:
+    print(f"[search_efficiency] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("action", choices=["record", "compare", "live-check"], nargs="?", default="compare")
+    p.add_argument("search_dir", nargs="?", help="record: the finished table search")
+    p.add_argument("--preset", choices=["smoke", "full"], default="full")
+    p.add_argument("--partial", action="store_true", help="record: the trials finished so far only")
+    p.add_argument("--table", type=Path, default=TABLE)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
+    p.add_argument("--budget-trials", type=int, help="budget in whole trials: epochs = this x max_epochs (default 100)")
+    p.add_argument("--grace", type=int, nargs="+", help="ASHA first rungs to compare (default 5)")
+    p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 2)")
+    p.add_argument("--methods", nargs="+", help="only these methods (random is always run)")
+    p.add_argument("--live-trials", type=int, default=24)
+    p.add_argument("--scale", type=float, default=0.1, help="live-check: sleep = recorded epoch time x scale")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    smoke = a.preset == "smoke"
+    s = {"table": a.table, "seeds": a.seeds or ([0] if smoke else [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+         "workers": a.workers, "budget_trials": a.budget_trials or (10 if smoke else 100),
+         "grace": a.grace or [5], "factor": a.factor or [2], "fractions": [0.125, 0.25, 0.5, 1.0],
+         "methods": ["random", *a.methods] if a.methods else None, "live_trials": a.live_trials, "scale": a.scale,
+         "search_dir": a.search_dir, "partial": a.partial}
+    s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
+                         OUT.with_name("search_efficiency_live_check.json") if a.action == "live-check" else
+                         REPO / "outputs" / "bench" / f"search_efficiency_{a.action}_{a.preset}.json")
+    return a.action, s
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, run the searches, write the JSON atomically."""
-    settings = parse_args(argv)
-    doc = run(settings)
-    atomic_write_json(settings["out"], doc)
-    log(f"wrote {settings['out']} ({doc['total_seconds']:.0f} s)")
+    action, s = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if action == "record":
+        if not s["search_dir"]:
+            raise SystemExit("error: record needs the finished table search's directory")
+        doc = record(s["search_dir"], s["table"], partial=s["partial"])
+        log(f"wrote {s['table']} ({doc['configurations']} configurations x {doc['epochs']} epochs)")
+        return
+    doc = compare(s) if action == "compare" else live_check(s)
+    atomic_write_json(s["out"], doc)
+    log(f"wrote {s['out']}")
 
 
 if __name__ == "__main__":
