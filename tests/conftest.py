@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mgfa_ray.compat import suppress_cluster_address_file
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
@@ -24,12 +25,16 @@ def pytest_configure(config):
     Credentials for the S3 API server the object-storage tests start on loopback (moto accepts
     any), set before any Ray cluster starts so Ray workers inherit them; never a real account. And
     :func:`mgfa_ray.runtime.configure`, as the ``mgfa-ray`` command line does, since tests also
-    import Ultralytics themselves.
+    import Ultralytics themselves. And no ``ray.cluster_utils.Cluster`` started here writes (or, on
+    shutdown, deletes) Ray's machine-wide address file ``/tmp/ray/ray_current_cluster``: through it
+    every ``ray.init()`` on the machine — the drivers another test process (pytest-xdist) starts —
+    would join that test's cluster and die with it when the test kills its nodes.
     """
     for key, value in {"AWS_ACCESS_KEY_ID": "mgfa-test", "AWS_SECRET_ACCESS_KEY": "mgfa-test",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         os.environ.setdefault(key, value)
     configure()
+    suppress_cluster_address_file()
 
 
 @pytest.fixture(scope="session")
