@@ -92,23 +92,29 @@ def _check_one_truth(search_dir: str, *, total: int, log_dir: Path | None = None
         t = trials[r["trial"]]
         assert r["ray_status"] == "TERMINATED"
         history = r["history"]
-        if r["epochs_run"] == max_epochs:
-            assert t.state == TrialState.COMPLETE and t.value == pytest.approx(r["last_eval_top1"])
-        else:  # stopped early by ASHA: PRUNED with its intermediate values, never COMPLETE
-            assert t.state == TrialState.PRUNED
         ray_curve = dict(zip(history["training_iteration"].astype(int), history["eval_top1"]))
+        if max(t.intermediate_values) == max_epochs:  # the study's record decides; Ray's may lag (below)
+            assert t.state == TrialState.COMPLETE and t.value == pytest.approx(t.intermediate_values[max_epochs])
+            assert max_epochs not in ray_curve or t.value == pytest.approx(r["last_eval_top1"])
+        else:  # stopped early by ASHA: PRUNED with its intermediate values, never COMPLETE
+            assert t.state == TrialState.PRUNED and r["epochs_run"] < max_epochs
         # Per kill, one epoch may be in one record only: reported to Ray but not yet in the study,
         # or in the study while Ray's per-epoch log of it had not been uploaded (object store).
         assert len(set(ray_curve) ^ set(t.intermediate_values)) <= kills
-        assert max(ray_curve) == max(t.intermediate_values) or t.state == TrialState.PRUNED
+        assert max(t.intermediate_values) - max(ray_curve) <= kills
         for step in set(ray_curve) & set(t.intermediate_values):
             assert t.intermediate_values[step] == pytest.approx(ray_curve[step])
+    # COMPLETE trials whose last epoch Ray's per-epoch log lacks (uploaded by the killed driver too late)
+    lagging = {rid for rid, t in trials.items() if t.state == TrialState.COMPLETE
+               and int(ray.loc[ray["trial"] == rid, "epochs_run"].iloc[0]) < max_epochs}
+    assert len(lagging) <= kills
     complete = ray[ray["epochs_run"] == max_epochs]
     ray_best = complete[complete["last_eval_top1"] == complete["last_eval_top1"].max()]  # ties: tiny eval sets
     best = best_trial(study)
-    assert best.user_attrs["ray_trial_id"] in set(ray_best["trial"])
-    assert best.value == pytest.approx(ray_best["last_eval_top1"].iloc[0])
-    assert best.number == min(trials[t].number for t in ray_best["trial"])  # the tie-break: lowest number
+    if best.user_attrs["ray_trial_id"] not in lagging:
+        assert best.user_attrs["ray_trial_id"] in set(ray_best["trial"])
+        assert best.value == pytest.approx(ray_best["last_eval_top1"].iloc[0])
+        assert best.number == min(trials[t].number for t in ray_best["trial"])  # the tie-break: lowest number
     if log_dir is not None:  # what really ran: every (trial, epoch) at most once plus one replay per kill
         runs = collections.Counter()
         for f in log_dir.glob("trial-*.log"):
