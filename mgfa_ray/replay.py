@@ -132,7 +132,8 @@ class CurveTable:
     def from_frame(cls, frame: pd.DataFrame, *, space: SearchSpace, metric: str = "eval_top1",
                    test_metric: str | None = "test_top1", clock: str = "ray") -> CurveTable:
         """A table from its long form: one row per (``config``, ``epoch``) with ``metric``, the
-        clock's columns and ``param/<name>`` columns (the Parquet file of ``benchmarks/curve_table.py``).
+        clock's columns and ``param/<name>`` columns (the Parquet file that
+        ``benchmarks/search_efficiency.py record`` writes).
 
         Args:
             clock: ``ray``: an epoch costs the difference of Ray's ``time_total_s`` (set-up in the
