@@ -137,8 +137,12 @@ def methods(grace: int, factor: int, max_epochs: int, budget_trials: int) -> dic
         "ray stock, 3 brackets": lambda t, s: RayStockPolicy(
             t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs, brackets=3),
         "tpe+asha, constant_liar": lambda t, s: StudyPolicy(t, sampler=tpe(s, constant_liar=True), asha=asha),
-        "tpe+asha, startup scaled": lambda t, s: StudyPolicy(
-            t, sampler=tpe(s, constant_liar=True, n_startup_trials=max(10, budget_trials // 10)), asha=asha),
+        "tpe+asha, startup 1/3": lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, n_startup_trials=max(10, budget_trials // 3)), asha=asha),
+        "tpe+asha, startup 1/3, constant_liar": lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, constant_liar=True, n_startup_trials=max(10, budget_trials // 3)), asha=asha),
+        "independent tpe+asha": lambda t, s: StudyPolicy(
+            t, sampler=optuna.samplers.TPESampler(seed=s), asha=asha),
     }
 
 
