@@ -543,7 +543,7 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     study = StudyRef(record.study.storage, record.study.study_name)
     sched = record.space.scheduler
     searcher = StudySearch(space=record.space, study=study, metric=search.metric, sampler=search.sampler,
-                           seed=search.seed + index, run=run.name)
+                           seed=search.seed + index, run=run.name, startup_trials=search.tpe_startup_trials)
     scheduler = StudyScheduler(study=study, metric=search.metric, max_epochs=record.max_epochs,
                                grace_period=min(sched.grace_period, record.max_epochs),
                                reduction_factor=sched.reduction_factor, early_stopping=sched.early_stopping)

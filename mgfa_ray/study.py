@@ -220,11 +220,12 @@ def bound_study(ref: StudyRef, *, experiment_path: str | None = None):
             _BOUND[ref.study_name] = previous
 
 
-def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    """``tpe``: seeded multivariate TPE (Optuna ``TPESampler(multivariate=True)``; its first 10
-    trials are random); ``random``: ``RandomSampler`` (the baseline of the search benchmark)."""
+def make_sampler(kind: str, seed: int, *, startup_trials: int = 10) -> optuna.samplers.BaseSampler:
+    """``tpe``: seeded multivariate TPE (Optuna ``TPESampler(multivariate=True)``; its first
+    ``startup_trials`` trials are random, :attr:`mgfa_ray.config.SearchConfig.tpe_startup_trials`);
+    ``random``: ``RandomSampler`` (the baseline of the search benchmark)."""
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"sampler must be 'tpe' or 'random', got {kind!r}")
@@ -361,15 +362,17 @@ class StudySearch(_StudyUser, Searcher):
         metric: Metric maximised.
         sampler: ``tpe`` or ``random`` (:func:`make_sampler`).
         seed: Sampler seed.
+        startup_trials: TPE's random start-up trials (:func:`make_sampler`).
         run: Name of the Ray experiment using the searcher (stored on each trial as ``run``).
 
     Returns configs holding the sampled parameters, the simplex cut variables (nested under
     ``simplex``) and :data:`OPTUNA_TRIAL_KEY`.
     """
 
-    def __init__(self, *, space: SearchSpace, study: StudyRef, metric: str, sampler: str, seed: int, run: str):
+    def __init__(self, *, space: SearchSpace, study: StudyRef, metric: str, sampler: str, seed: int, run: str,
+                 startup_trials: int = 10):
         Searcher.__init__(self, metric=metric, mode="max")
-        self._init_study(study, make_sampler(sampler, seed))
+        self._init_study(study, make_sampler(sampler, seed, startup_trials=startup_trials))
         self.space_spec = space
         self.run = run
         self._enqueue_points()

@@ -177,3 +177,27 @@ def test_search_config_resources_and_checkpoints():
         SearchConfig(space="s.yaml", checkpoints_to_keep=1)  # with 1 Ray re-snapshots repeatedly (ray#31613)
     with pytest.raises(ValueError, match="sampler"):
         SearchConfig(space="s.yaml", sampler="grid")
+
+
+def test_tpe_startup_trials_default_to_a_third_of_the_trials_and_shape_the_sampler():
+    """Start-up trials: a third of num_samples, at least 10, unless set; the sampler proposes at
+    random exactly that long (two samplers of one seed agree until the shorter start-up ends)."""
+    import optuna
+
+    from mgfa_ray.config import SearchConfig
+    from mgfa_ray.study import make_sampler
+
+    assert SearchConfig(space="s.yaml", num_samples=100).tpe_startup_trials == 33
+    assert SearchConfig(space="s.yaml", num_samples=16).tpe_startup_trials == 10
+    assert SearchConfig(space="s.yaml", num_samples=100, startup_trials=4).tpe_startup_trials == 4
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    proposals = []
+    for startup in (3, 8):
+        study = optuna.create_study(sampler=make_sampler("tpe", 0, startup_trials=startup))
+        xs = []
+        for _ in range(6):
+            trial = study.ask()
+            xs.append(trial.suggest_float("x", 0.0, 1.0))
+            study.tell(trial, (xs[-1] - 0.2) ** 2)
+        proposals.append(xs)
+    assert proposals[0][:3] == proposals[1][:3] and proposals[0][3:] != proposals[1][3:]
