@@ -336,8 +336,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
     p.add_argument("--budget-trials", type=int, help="budget in whole trials: epochs = this x max_epochs (default 100)")
-    p.add_argument("--grace", type=int, nargs="+", help="ASHA first rungs to compare (default 5)")
-    p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 2)")
+    p.add_argument("--grace", type=int, nargs="+", help="ASHA first rungs to compare (default 2: default.yaml's tenth)")
+    p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 3)")
     p.add_argument("--methods", nargs="+", help="only these methods (random is always run)")
     p.add_argument("--tolerance", type=float, default=0.05, help="near target = target - this (default 0.05)")
     p.add_argument("--live-trials", type=int, default=24)
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     smoke = a.preset == "smoke"
     s = {"table": a.table, "seeds": a.seeds or ([0] if smoke else [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
          "workers": a.workers, "budget_trials": a.budget_trials or (10 if smoke else 100),
-         "grace": a.grace or [5], "factor": a.factor or [2], "fractions": [0.125, 0.25, 0.5, 1.0],
+         "grace": a.grace or [2], "factor": a.factor or [3], "fractions": [0.125, 0.25, 0.5, 1.0],
          "methods": ["random", *a.methods] if a.methods else None, "tolerance": a.tolerance, "live_trials": a.live_trials, "scale": a.scale,
          "search_dir": a.search_dir, "partial": a.partial}
     s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
