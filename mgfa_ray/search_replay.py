@@ -138,6 +138,8 @@ def replay_search(search_dir: str, *, grace_periods: list[int] | None = None,
             raise ValueError(f"replay setting grace_period={grace}, reduction_factor={factor}, brackets={nb}: need "
                              f"0 <= grace_period <= max_epochs ({max_epochs}), reduction_factor >= 2, brackets >= 1")
     live = (live_grace, info["reduction_factor"], 1)
+    # without early stopping, factor and brackets mean nothing: one such setting
+    grid = list(dict.fromkeys((g, f, b) if g else (0, info["reduction_factor"], 1) for g, f, b in grid))
     workers = workers or info["max_concurrent"]
     settings = [replay_setting(trials, max_epochs=max_epochs, workers=workers, grace_period=g or None,
                                reduction_factor=f, brackets=b) for g, f, b in [live, *[s for s in grid if s != live]]]
@@ -165,13 +167,15 @@ def format_replay(report: dict[str, Any]) -> str:
                      f"{best['number'] if best else '-':>10} "
                      f"{format(best['final'], '.4f') if best else '-':>7}")
     live = {t["number"]: t["epochs"] for t in report["live"]}
-    for s in report["settings"][1:]:
+    for i, s in enumerate(report["settings"]):
         changed = [f"{r['number']}:{live[r['number']]}→{r['epochs']}{'?' if r['outcome'] == 'cut_short' else ''}"
                    for r in s["trials"] if r["epochs"] != live[r["number"]] or r["outcome"] == "cut_short"]
         st = s["setting"]
         if changed:
-            lines.append(f"grace {st['grace_period']}, factor {st['reduction_factor']}, brackets {st['brackets']}: "
-                         f"trial:epochs live→replay " + ", ".join(changed))
+            head = ("the live setting replayed differs from the live run (its results reached the driver in "
+                    "another order than the recorded times give, or trials still run)" if i == 0 else
+                    f"grace {st['grace_period']}, factor {st['reduction_factor']}, brackets {st['brackets']}")
+            lines.append(f"{head}: trial:epochs live→replay " + ", ".join(changed))
     lines.append("note: " + report["note"] + " (`?`: cut short). GPU-h: the recorded epoch and set-up seconds "
                  "summed, on the machine the search ran on.")
     if report["skipped"]:
