@@ -38,12 +38,12 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from .asha import Asha, rung_attrs
-from .search_space import Categorical, IntRange, LogUniform, SearchSpace, Uniform
+from .search_space import SIMPLEX_KEY, Categorical, IntRange, LogUniform, SearchSpace, Uniform
 
 PARAM_PREFIX = "param/"
 """Columns ``param/<name>`` of a curve table hold a configuration's Optuna parameters."""
 
-SIMPLEX_PREFIX = "simplex/u"
+SIMPLEX_PREFIX = f"{SIMPLEX_KEY}/u"
 
 
 @dataclass(frozen=True)
@@ -322,8 +322,8 @@ class StudyPolicy:
         ask.report(value, epoch)
         if self.asha is None or epoch >= self._lengths[trial]:  # the last epoch completes the trial
             return False
-        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == ask.number)
-        stop, rungs = self.asha.decide(frozen, self.study.get_trials(deepcopy=False))
+        trials = self.study.get_trials(deepcopy=False)
+        stop, rungs = self.asha.decide(next(t for t in trials if t.number == ask.number), trials)
         for key, v in rung_attrs(rungs).items():
             ask.set_user_attr(key, v)
         return stop
@@ -425,8 +425,8 @@ class SequencePolicy:
         ask.report(value, epoch)
         stop = False
         if rule is not None and epoch < self.max_epochs:
-            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == ask.number)
-            stop, rungs = rule.decide(frozen, study.get_trials(deepcopy=False))
+            trials = study.get_trials(deepcopy=False)
+            stop, rungs = rule.decide(next(t for t in trials if t.number == ask.number), trials)
             for key, v in rung_attrs(rungs).items():
                 ask.set_user_attr(key, v)
         if not stop and epoch == len(self.curves[trial].values) and epoch < self.max_epochs:
