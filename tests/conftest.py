@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports torch: its OpenMP runtime (libgomp) reads this once, when it is loaded.
+# By default idle OpenMP threads spin; where the cores are shared (two pytest-xdist workers, Ray's
+# processes and the drivers tests start, on CI's 2 cores) a 2-thread forward/backward of the tiny
+# MobileNet then takes seconds instead of tens of milliseconds: 70x slower measured on this
+# machine, tests/test_trial.py's learning tests 76 s against 9 s. Passive threads sleep instead.
+# Inherited by every process the tests start (xdist workers, drivers, Ray workers).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import pytest
