@@ -123,9 +123,24 @@ def record(search_dir: str, out: Path, *, partial: bool = False) -> dict[str, An
 
 # --- methods ----------------------------------------------------------------------------------
 
-def methods(grace: int, factor: int, max_epochs: int, budget_trials: int) -> dict[str, Any]:
+def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
+    """Rung signals other than val top-1 for ``StudyPolicy(rung_value=...)``: name → ``(key, epoch,
+    values so far) -> float`` (maximised)."""
+    loss = {k: rows.sort_values("epoch")["eval_loss_ce"].to_numpy() for k, rows in frame.groupby("config")}
+    return {
+        "val loss": lambda k, e, v: -float(loss[k][e - 1]),
+        "best-so-far": lambda k, e, v: max(v),
+        "mean of last 2": lambda k, e, v: sum(v[-2:]) / len(v[-2:]),
+        "top-1 + loss tie-break": lambda k, e, v: v[-1] - 0.01 * float(loss[k][e - 1]),
+    }
+
+
+def methods(grace: int, factor: int, max_epochs: int, budget_trials: int,
+            signals: dict[str, Any] | None = None) -> dict[str, Any]:
     """name → a factory ``(table, seed) -> Policy`` (see ``MEASURED`` and the README)."""
     asha = Asha(min_resource=grace, reduction_factor=factor)
+    signals = signals or {}
+    startup3, startup2 = max(10, budget_trials // 3), max(10, budget_trials // 2)
 
     def tpe(seed: int, **kw) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
@@ -146,6 +161,24 @@ def methods(grace: int, factor: int, max_epochs: int, budget_trials: int) -> dic
             t, sampler=tpe(s, constant_liar=True, n_startup_trials=max(10, budget_trials // 3)), asha=asha),
         "independent tpe+asha": lambda t, s: StudyPolicy(
             t, sampler=optuna.samplers.TPESampler(seed=s), asha=asha),
+        "tpe+asha, startup 1/2": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=startup2), asha=asha),
+        "random+asha, 3 brackets": lambda t, s: StudyPolicy(
+            t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha, brackets=3),
+        "tpe+asha, startup 1/3, 3 brackets": lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, n_startup_trials=startup3), asha=asha, brackets=3),
+        # BOHB-style: random until a rung holds 10 values, then TPE fit on the highest such rung,
+        # every third trial still random (Falkner et al. 2018's random fraction)
+        "bohb-style (tpe on rungs)+asha": lambda t, s: StudyPolicy(
+            t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha,
+            rung_model=lambda i: None if i % 3 == 2 else tpe(s * 100_003 + i, n_startup_trials=0)),
+        **{f"random+asha, rung on {n}": (lambda f: lambda t, s: StudyPolicy(
+            t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha, rung_value=f))(f) for n, f in signals.items()},
+        **{f"tpe+asha, startup 1/3, rung on {n}": (lambda f: lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, n_startup_trials=startup3), asha=asha, rung_value=f))(f) for n, f in signals.items()},
+        **{f"bohb-style+asha, rung on {n}": (lambda f: lambda t, s: StudyPolicy(
+            t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha, rung_value=f,
+            rung_model=lambda i: None if i % 3 == 2 else tpe(s * 100_003 + i, n_startup_trials=0)))(f)
+           for n, f in signals.items()},
     }
 
 
@@ -189,7 +222,9 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
     """Every method x seed on the table; the JSON document."""
     started = time.perf_counter()
     space = load_search_space(SPACE)
-    table = CurveTable.from_frame(pd.read_parquet(s["table"]), space=space)
+    frame = pd.read_parquet(s["table"])
+    table = CurveTable.from_frame(frame, space=space)
+    signals = rung_signals(frame) if "eval_loss_ce" in frame else {}
     max_epochs = len(table.curves[0].values)
     budget = s["budget_trials"] * max_epochs
     doc = new_document("search_efficiency_sim", settings={k: str(v) if isinstance(v, Path) else v for k, v in s.items()},
@@ -198,7 +233,7 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
     settings = [(g, f) for g in s["grace"] for f in s["factor"]]
     per_setting = []
     for grace, factor in settings:
-        factories = methods(grace, factor, max_epochs, s["budget_trials"])
+        factories = methods(grace, factor, max_epochs, s["budget_trials"], signals)
         names = [n for n in factories if not s["methods"] or n in s["methods"]]
         seeds = []
         for seed in s["seeds"]:
