@@ -127,11 +127,18 @@ def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
     """Rung signals other than val top-1 for ``StudyPolicy(rung_value=...)``: name → ``(key, epoch,
     values so far) -> float`` (maximised)."""
     loss = {k: rows.sort_values("epoch")["eval_loss_ce"].to_numpy() for k, rows in frame.groupby("config")}
+    last = int(frame["epoch"].max())
+    final = frame[frame["epoch"] == last].set_index("config")["eval_top1"]
     return {
         "val loss": lambda k, e, v: -float(loss[k][e - 1]),
         "best-so-far": lambda k, e, v: max(v),
         "mean of last 2": lambda k, e, v: sum(v[-2:]) / len(v[-2:]),
         "top-1 + loss tie-break": lambda k, e, v: v[-1] - 0.01 * float(loss[k][e - 1]),
+        "top-1 - 0.1 loss": lambda k, e, v: v[-1] - 0.1 * float(loss[k][e - 1]),
+        # every trial at a rung reached the same epoch, so a signal may change with the epoch
+        "val loss to half, top-1 after": lambda k, e, v: -float(loss[k][e - 1]) if 2 * e <= last else v[-1],
+        # not a method: the bound any rung signal could reach (ranks on the final val top-1, known in advance)
+        "oracle final top-1": lambda k, e, v: float(final[k]),
     }
 
 
