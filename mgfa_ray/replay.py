@@ -29,8 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -299,6 +298,18 @@ class StudyPolicy:
         asha: The stopping rule, or None.
         enqueue: Points the study tries first (Optuna parameter names, e.g.
             :meth:`SearchSpace.optuna_points`).
+        rung_value: What ASHA ranks at the rungs instead of the reported value:
+            ``(curve key, epoch, the trial's values so far) -> float`` (maximised); the study still
+            records the reported values. None: the reported value.
+        brackets: Round-robin brackets (trial ``i`` in bracket ``i % brackets``, first rung
+            ``min_resource * reduction_factor ** bracket``, rungs compared within a bracket: the
+            asynchronous Hyperband of Li et al., MLSys 2020); 1: plain ASHA.
+        rung_model: BOHB-style proposals (Falkner et al., ICML 2018): ``trial index -> sampler``
+            fit on the highest rung holding at least ``rung_model_min`` values (see
+            ``_rung_model_point``); None from it lets the study's own sampler propose that trial.
+
+    Raises:
+        ValueError: ``brackets`` below 1.
     """
 
     def __init__(self, table: CurveTable, *, sampler: optuna.samplers.BaseSampler, asha: Asha | None,
