@@ -285,6 +285,14 @@ def simulate(policy: Policy, *, workers: int, max_trials: int | None = None,
     return events, runs
 
 
+def bracket_rules(asha: Asha | None, brackets: int) -> list[Asha | None]:
+    """The stopping rule of each of ``brackets`` round-robin brackets: bracket ``b`` starts at rung
+    ``min_resource · reduction_factor^b`` (asynchronous Hyperband); ``[None] * brackets`` without ASHA."""
+    return [None if asha is None else Asha(min_resource=asha.min_resource * asha.reduction_factor ** b,
+                                           reduction_factor=asha.reduction_factor)
+            for b in range(brackets)]
+
+
 class StudyPolicy:
     """This project's search on a curve table: the study's sampler proposes (through
     :func:`mgfa_ray.study.sample_config`, as :class:`~mgfa_ray.study.StudySearch` does), the table
@@ -322,9 +330,7 @@ class StudyPolicy:
             raise ValueError(f"brackets must be >= 1, got {brackets}")
         self._sample = sample_config
         self.table, self.asha, self.rung_value, self.brackets = table, asha, rung_value, brackets
-        self.rules = [None if asha is None else Asha(min_resource=asha.min_resource * asha.reduction_factor ** b,
-                                                     reduction_factor=asha.reduction_factor)
-                      for b in range(brackets)]
+        self.rules = bracket_rules(asha, brackets)
         self.rung_model, self.rung_model_min = rung_model, rung_model_min
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
         for point in enqueue:
@@ -348,8 +354,9 @@ class StudyPolicy:
         if len(full) >= self.rung_model_min:
             levels.insert(0, (len(levels), full))
         chosen = next((obs for _, obs in levels if len(obs) >= self.rung_model_min), None)
+        assert self.rung_model is not None
         sampler = None if chosen is None else self.rung_model(trial)
-        if sampler is None:  # too few values yet, or rung_model asks for the study's own sampler
+        if chosen is None or sampler is None:  # too few values yet, or rung_model asks for the study's own sampler
             return None
         shadow = optuna.create_study(direction="maximize", sampler=sampler)
         shadow.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=v)
@@ -374,14 +381,15 @@ class StudyPolicy:
         ask = self._trials[trial]
         ask.report(value, epoch)
         self._values[trial].append(value)
-        if self.asha is None or epoch >= self._lengths[trial]:  # the last epoch completes the trial
+        rule = self.rules[trial % self.brackets]
+        if rule is None or epoch >= self._lengths[trial]:  # no ASHA; or the last epoch completes the trial
             return False
         trials = self.study.get_trials(deepcopy=False)
         bracket = trial % self.brackets
         if self.brackets > 1:
             trials = [t for t in trials if t.user_attrs.get(BRACKET_ATTR) == bracket]
         signal = None if self.rung_value is None else self.rung_value(self._keys[trial], epoch, self._values[trial])
-        stop, rungs = self.rules[bracket].decide(next(t for t in trials if t.number == ask.number), trials, signal)
+        stop, rungs = rule.decide(next(t for t in trials if t.number == ask.number), trials, signal)
         for key, v in rung_attrs(rungs).items():
             ask.set_user_attr(key, v)
         return stop
@@ -467,9 +475,7 @@ class SequencePolicy:
         if brackets < 1:
             raise ValueError(f"brackets must be >= 1, got {brackets}")
         self.curves, self.max_epochs, self.brackets = curves, max_epochs, brackets
-        self.rules = [None if asha is None else Asha(min_resource=asha.min_resource * asha.reduction_factor ** b,
-                                                     reduction_factor=asha.reduction_factor)
-                      for b in range(brackets)]
+        self.rules = bracket_rules(asha, brackets)
         self.studies = [optuna.create_study(direction="maximize") for _ in range(brackets)]
         self._trials: dict[int, optuna.trial.Trial] = {}
         self.cut_short: set[int] = set()
