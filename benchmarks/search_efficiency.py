@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,12 @@ MEASURED = {
     "near_target": "target - tolerance (default 0.05: about one standard error of a top-1 near 0.85 on the proxy's "
                    "40 validation photos, sqrt(0.85 x 0.15 / 40) = 0.056): the same counts (`near`, `ratio_near`) "
                    "for reaching random search's best within its measurement noise, not one particular lucky curve.",
+    "floor": "per seed: the epochs an omniscient search with the same workers needs to the target — trial 0 is the "
+             "table configuration that ends at or above the target in the fewest epochs, every other trial is "
+             "stopped after one epoch (averaged over every configuration as that other trial) — and its ratio to "
+             "random's epochs. No method that keeps its workers busy can do better on this measure.",
+    "rung_signals": "Spearman rank correlation over the table's configurations of each candidate rung signal at "
+                    "epoch e with the final val top-1 (what ASHA's cut at a rung needs to be high).",
 }
 
 
@@ -123,29 +130,108 @@ def record(search_dir: str, out: Path, *, partial: bool = False) -> dict[str, An
 
 # --- methods ----------------------------------------------------------------------------------
 
-def methods(grace: int, factor: int, max_epochs: int, budget_trials: int) -> dict[str, Any]:
-    """name → a factory ``(table, seed) -> Policy`` (see ``MEASURED`` and the README)."""
+def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
+    """Rung signals other than val top-1 for ``StudyPolicy(rung_value=...)``: name → ``(key, epoch,
+    values so far) -> float`` (maximised)."""
+    loss = {k: rows.sort_values("epoch")["eval_loss_ce"].to_numpy() for k, rows in frame.groupby("config")}
+    last = int(frame["epoch"].max())
+    final = frame[frame["epoch"] == last].set_index("config")["eval_top1"]
+    return {
+        "val loss": lambda k, e, v: -float(loss[k][e - 1]),
+        "best-so-far": lambda k, e, v: max(v),
+        "mean of last 2": lambda k, e, v: sum(v[-2:]) / len(v[-2:]),
+        "top-1 + loss tie-break": lambda k, e, v: v[-1] - 0.01 * float(loss[k][e - 1]),
+        "top-1 - 0.1 loss": lambda k, e, v: v[-1] - 0.1 * float(loss[k][e - 1]),
+        # every trial at a rung reached the same epoch, so a signal may change with the epoch
+        "val loss to half, top-1 after": lambda k, e, v: -float(loss[k][e - 1]) if 2 * e <= last else v[-1],
+        # not a method: the bound any rung signal could reach (ranks on the final val top-1, known in advance)
+        "oracle final top-1": lambda k, e, v: float(final[k]),
+    }
+
+
+class _Omniscient:
+    """The floor's policy: trial 0 runs table curve ``best`` to the end, every other trial runs
+    curve ``other`` for one epoch."""
+
+    def __init__(self, table: CurveTable, best: int, other: int):
+        self.table, self.best, self.other = table, best, other
+
+    def start(self, trial: int):
+        return self.table.curves[self.best if trial == 0 else self.other]
+
+    def result(self, trial: int, epoch: int, value: float) -> bool:
+        return trial != 0
+
+    def complete(self, *args: Any) -> None:
+        pass
+
+
+def omniscient_epochs(table: CurveTable, target: float, *, workers: int, budget: int) -> float:
+    """Epochs until an omniscient search finishes a configuration at ``target`` (see MEASURED floor)."""
+    last = len(table.curves[0].values)
+    best = math.inf
+    for g in (j for j, c in enumerate(table.curves) if c.values[-1] >= target):
+        runs = [simulate(_Omniscient(table, g, o), workers=workers, max_total_epochs=budget)[0]
+                for o in range(len(table.curves))]
+        best = min(best, statistics.mean(next(e.cumulative_epochs for e in ev if e.trial == 0 and e.epoch == last)
+                                         for ev in runs))
+    return best
+
+
+def signal_correlations(frame: pd.DataFrame, epochs: list[int]) -> dict[str, dict[str, float]]:
+    """Spearman (scipy) of each candidate rung signal at each epoch with the final val top-1."""
+    from scipy.stats import spearmanr
+
+    wide = lambda c: frame.pivot(index="config", columns="epoch", values=c)  # noqa: E731
+    top, loss = wide("eval_top1"), wide("eval_loss_ce")
+    final = top[top.columns.max()]
+    candidates = {
+        "val top-1": top, "-val loss": -loss, "-train loss": -wide("train_loss"),
+        "best-so-far val top-1": top.cummax(axis=1), "mean of last 2 val top-1": top.T.rolling(2, min_periods=1).mean().T,
+        "val top-1 - 0.1 val loss": top - 0.1 * loss,
+    }
+    return {name: {str(e): float(spearmanr(x[e], final).statistic) for e in epochs} for name, x in candidates.items()}
+
+
+def methods(grace: int, factor: int, max_epochs: int, budget_trials: int,
+            signals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """name → a factory ``(table, seed) -> Policy`` (see ``MEASURED`` and the README).
+
+    ``random+asha`` is the search's default (``search.sampler: random``); ``tpe+asha, startup 1/2``
+    is ``search.sampler: tpe`` with its default start-up; ``signals`` (:func:`rung_signals`) add
+    random + ASHA ranking the rungs on each other signal."""
     asha = Asha(min_resource=grace, reduction_factor=factor)
+    startup3, startup2 = max(10, budget_trials // 3), max(10, budget_trials // 2)
 
     def tpe(seed: int, **kw) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
 
+    def rnd(seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def bohb(seed: int):  # TPE fit on the highest rung holding 10 values; every third trial random (Falkner et al.)
+        return lambda i: None if i % 3 == 2 else tpe(seed * 100_003 + i, n_startup_trials=0)
+
     return {
-        "random": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.RandomSampler(seed=s), asha=None),
+        "random": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=None),
         "tpe": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=None),
-        "random+asha": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.RandomSampler(seed=s), asha=asha),
-        "tpe+asha (ours)": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=asha),
+        "random+asha": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha),
+        "tpe+asha, startup 10": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=asha),
+        "tpe+asha, startup 1/3": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=startup3), asha=asha),
+        "tpe+asha, startup 1/2": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=startup2), asha=asha),
         "ray stock (OptunaSearch+ASHAScheduler)": lambda t, s: RayStockPolicy(
             t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs),
         "ray stock, 3 brackets": lambda t, s: RayStockPolicy(
             t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs, brackets=3),
+        "random+asha, 3 brackets": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha, brackets=3),
+        "tpe+asha, startup 1/3, 3 brackets": lambda t, s: StudyPolicy(
+            t, sampler=tpe(s, n_startup_trials=startup3), asha=asha, brackets=3),
+        "bohb-style (tpe on rungs)+asha": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha, rung_model=bohb(s)),
         "tpe+asha, constant_liar": lambda t, s: StudyPolicy(t, sampler=tpe(s, constant_liar=True), asha=asha),
-        "tpe+asha, startup 1/3": lambda t, s: StudyPolicy(
-            t, sampler=tpe(s, n_startup_trials=max(10, budget_trials // 3)), asha=asha),
-        "tpe+asha, startup 1/3, constant_liar": lambda t, s: StudyPolicy(
-            t, sampler=tpe(s, constant_liar=True, n_startup_trials=max(10, budget_trials // 3)), asha=asha),
-        "independent tpe+asha": lambda t, s: StudyPolicy(
-            t, sampler=optuna.samplers.TPESampler(seed=s), asha=asha),
+        "independent tpe+asha": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.TPESampler(seed=s), asha=asha),
+        **{f"random+asha, rung on {n}": (lambda f: lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha,
+                                                                            rung_value=f))(f)
+           for n, f in (signals or {}).items()},
     }
 
 
@@ -189,16 +275,21 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
     """Every method x seed on the table; the JSON document."""
     started = time.perf_counter()
     space = load_search_space(SPACE)
-    table = CurveTable.from_frame(pd.read_parquet(s["table"]), space=space)
+    frame = pd.read_parquet(s["table"])
+    table = CurveTable.from_frame(frame, space=space)
+    signals = rung_signals(frame) if "eval_loss_ce" in frame else {}
     max_epochs = len(table.curves[0].values)
     budget = s["budget_trials"] * max_epochs
     doc = new_document("search_efficiency_sim", settings={k: str(v) if isinstance(v, Path) else v for k, v in s.items()},
                        measured=MEASURED)
     doc["table"] = {"file": _shown(Path(s["table"])), "configurations": len(table.curves), "max_epochs": max_epochs}
+    if "eval_loss_ce" in frame:
+        doc["rung_signals"] = signal_correlations(frame, [1, 2, 3, 4, 5, 6, 8, 10])
     settings = [(g, f) for g in s["grace"] for f in s["factor"]]
     per_setting = []
+    floors: dict[int, dict[str, float]] = {}  # seed -> the floor (the same random search at every setting)
     for grace, factor in settings:
-        factories = methods(grace, factor, max_epochs, s["budget_trials"])
+        factories = methods(grace, factor, max_epochs, s["budget_trials"], signals)
         names = [n for n in factories if not s["methods"] or n in s["methods"]]
         seeds = []
         for seed in s["seeds"]:
@@ -207,6 +298,10 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
                     for n in names}
             target = max(e.value for e in runs["random"]["events"] if e.epoch == max_epochs)
             near = target - s["tolerance"]
+            if seed not in floors:
+                epochs = omniscient_epochs(table, target, workers=s["workers"], budget=budget)
+                random_epochs = reach(runs["random"]["events"], target, max_epochs, budget)["epochs_to_target"]
+                floors[seed] = {"seed": seed, "epochs_to_target": epochs, "ratio": epochs / random_epochs}
             seeds.append({"seed": seed, "target": target, "near_target": near, "methods": {
                 n: {"trials": r["trials"], "trials_full": r["trials_full"],
                     **reach(r["events"], target, max_epochs, budget),
@@ -223,6 +318,7 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
                 "epochs_to_target": interval([x["methods"][n]["epochs_to_target"] for x in seeds]),
                 "gpu_hours_to_target": interval([x["methods"][n]["gpu_hours_to_target"] for x in seeds]),
                 "reached_every_seed": all(x["methods"][n]["reached"] for x in seeds),
+                "reached_seeds": sum(x["methods"][n]["reached"] for x in seeds),
                 "ratio_near": interval([x["methods"][n]["near"]["epochs_to_target"]
                                         / x["methods"]["random"]["near"]["epochs_to_target"] for x in seeds]),
                 "epochs_to_near_target": interval([x["methods"][n]["near"]["epochs_to_target"] for x in seeds]),
@@ -237,6 +333,7 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
             }
         per_setting.append({"grace_period": grace, "reduction_factor": factor, "summary": summary, "per_seed": seeds})
     doc["results"] = per_setting
+    doc["floor"] = {"ratio": interval([f["ratio"] for f in floors.values()]), "per_seed": list(floors.values())}
     doc["total_seconds"] = time.perf_counter() - started
     return doc
 

@@ -70,13 +70,17 @@ class Asha:
             raise ValueError(f"ASHA needs min_resource >= 1 and reduction_factor >= 2, got "
                              f"{self.min_resource} and {self.reduction_factor}")
 
-    def decide(self, trial: FrozenTrial, trials: list[FrozenTrial]) -> tuple[bool, dict[int, float]]:
+    def decide(self, trial: FrozenTrial, trials: list[FrozenTrial],
+               value: float | None = None) -> tuple[bool, dict[int, float]]:
         """Whether to stop ``trial`` after its last intermediate value, and the rung values it
         reaches with it (to record before the next decision of any trial).
 
         Args:
             trial: The trial, with its latest intermediate value.
             trials: The study's trials (their recorded rung values compete).
+            value: The value to rank at the rungs instead of the latest intermediate value (a
+                rung signal other than the searched metric, e.g. minus the validation loss;
+                maximised). None: the intermediate value.
 
         Returns:
             ``(stop, {rung: value})``. A NaN value at a rung stops the trial and records nothing.
@@ -88,7 +92,8 @@ class Asha:
         rung = 0
         while rung in done:
             rung += 1
-        value = trial.intermediate_values[step]
+        if value is None:
+            value = trial.intermediate_values[step]
         recorded = [rung_values(t) for t in trials]
         new: dict[int, float] = {}
         while step >= self.min_resource * self.reduction_factor ** rung:

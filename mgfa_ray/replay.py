@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,13 +37,16 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .asha import Asha, rung_attrs
+from .asha import Asha, rung_attrs, rung_values
 from .search_space import SIMPLEX_KEY, Categorical, IntRange, LogUniform, SearchSpace, Uniform
 
 PARAM_PREFIX = "param/"
 """Columns ``param/<name>`` of a curve table hold a configuration's Optuna parameters."""
 
 SIMPLEX_PREFIX = f"{SIMPLEX_KEY}/u"
+
+BRACKET_ATTR = "asha_bracket"
+"""User attribute of :class:`StudyPolicy` with ``brackets`` > 1: the trial's bracket."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,14 @@ def simulate(policy: Policy, *, workers: int, max_trials: int | None = None,
     return events, runs
 
 
+def bracket_rules(asha: Asha | None, brackets: int) -> list[Asha | None]:
+    """The stopping rule of each of ``brackets`` round-robin brackets: bracket ``b`` starts at rung
+    ``min_resource · reduction_factor^b`` (asynchronous Hyperband); ``[None] * brackets`` without ASHA."""
+    return [None if asha is None else Asha(min_resource=asha.min_resource * asha.reduction_factor ** b,
+                                           reduction_factor=asha.reduction_factor)
+            for b in range(brackets)]
+
+
 class StudyPolicy:
     """This project's search on a curve table: the study's sampler proposes (through
     :func:`mgfa_ray.study.sample_config`, as :class:`~mgfa_ray.study.StudySearch` does), the table
@@ -295,35 +306,90 @@ class StudyPolicy:
         asha: The stopping rule, or None.
         enqueue: Points the study tries first (Optuna parameter names, e.g.
             :meth:`SearchSpace.optuna_points`).
+        rung_value: What ASHA ranks at the rungs instead of the reported value:
+            ``(curve key, epoch, the trial's values so far) -> float`` (maximised); the study still
+            records the reported values. None: the reported value.
+        brackets: Round-robin brackets (trial ``i`` in bracket ``i % brackets``, first rung
+            ``min_resource * reduction_factor ** bracket``, rungs compared within a bracket: the
+            asynchronous Hyperband of Li et al., MLSys 2020); 1: plain ASHA.
+        rung_model: BOHB-style proposals (Falkner et al., ICML 2018): ``trial index -> sampler``
+            fit on the highest rung holding at least ``rung_model_min`` values (see
+            ``_rung_model_point``); None from it lets the study's own sampler propose that trial.
+
+    Raises:
+        ValueError: ``brackets`` below 1.
     """
 
     def __init__(self, table: CurveTable, *, sampler: optuna.samplers.BaseSampler, asha: Asha | None,
-                 enqueue: Sequence[dict[str, Any]] = ()):
+                 enqueue: Sequence[dict[str, Any]] = (), rung_value: Callable[[Any, int, list[float]], float] | None = None,
+                 brackets: int = 1, rung_model: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+                 rung_model_min: int = 10):
         from .study import sample_config
 
+        if brackets < 1:
+            raise ValueError(f"brackets must be >= 1, got {brackets}")
         self._sample = sample_config
-        self.table, self.asha = table, asha
+        self.table, self.asha, self.rung_value, self.brackets = table, asha, rung_value, brackets
+        self.rules = bracket_rules(asha, brackets)
+        self.rung_model, self.rung_model_min = rung_model, rung_model_min
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
         for point in enqueue:
             self.study.enqueue_trial(point, skip_if_exists=True)
         self._trials: dict[int, optuna.trial.Trial] = {}
         self._lengths: dict[int, int] = {}
+        self._keys: dict[int, Any] = {}
+        self._values: dict[int, list[float]] = {}
+
+    def _rung_model_point(self, trial: int) -> dict[str, Any] | None:
+        """BOHB-style proposal: a fresh sampler (``rung_model(trial)``; None: the study's own) fit on the values at the
+        highest rung holding at least ``rung_model_min`` of them (every trial that reached it,
+        COMPLETE with its rung value); None while no rung holds enough."""
+        trials = self.study.get_trials(deepcopy=False)
+        by_rung: dict[int, list[tuple[optuna.trial.FrozenTrial, float]]] = {}
+        for t in trials:
+            for rung, v in rung_values(t).items():
+                by_rung.setdefault(rung, []).append((t, v))
+        full = [(t, t.value) for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        levels = sorted(by_rung.items(), reverse=True)
+        if len(full) >= self.rung_model_min:
+            levels.insert(0, (len(levels), full))
+        chosen = next((obs for _, obs in levels if len(obs) >= self.rung_model_min), None)
+        assert self.rung_model is not None
+        sampler = None if chosen is None else self.rung_model(trial)
+        if chosen is None or sampler is None:  # too few values yet, or rung_model asks for the study's own sampler
+            return None
+        shadow = optuna.create_study(direction="maximize", sampler=sampler)
+        shadow.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=v)
+                           for t, v in chosen])
+        ask = shadow.ask()
+        self._sample(ask, self.table.space)
+        return dict(ask.params)
 
     def start(self, trial: int) -> Curve:
+        if self.rung_model is not None and (point := self._rung_model_point(trial)) is not None:
+            self.study.enqueue_trial(point)
         ask = self.study.ask()
         self._sample(ask, self.table.space)
+        if self.brackets > 1:
+            ask.set_user_attr(BRACKET_ATTR, trial % self.brackets)
         self._trials[trial] = ask
         curve = self.table.curve_for(ask.params)
-        self._lengths[trial] = len(curve.values)
+        self._lengths[trial], self._keys[trial], self._values[trial] = len(curve.values), curve.key, []
         return curve
 
     def result(self, trial: int, epoch: int, value: float) -> bool:
         ask = self._trials[trial]
         ask.report(value, epoch)
-        if self.asha is None or epoch >= self._lengths[trial]:  # the last epoch completes the trial
+        self._values[trial].append(value)
+        rule = self.rules[trial % self.brackets]
+        if rule is None or epoch >= self._lengths[trial]:  # no ASHA; or the last epoch completes the trial
             return False
         trials = self.study.get_trials(deepcopy=False)
-        stop, rungs = self.asha.decide(next(t for t in trials if t.number == ask.number), trials)
+        bracket = trial % self.brackets
+        if self.brackets > 1:
+            trials = [t for t in trials if t.user_attrs.get(BRACKET_ATTR) == bracket]
+        signal = None if self.rung_value is None else self.rung_value(self._keys[trial], epoch, self._values[trial])
+        stop, rungs = rule.decide(next(t for t in trials if t.number == ask.number), trials, signal)
         for key, v in rung_attrs(rungs).items():
             ask.set_user_attr(key, v)
         return stop
@@ -409,9 +475,7 @@ class SequencePolicy:
         if brackets < 1:
             raise ValueError(f"brackets must be >= 1, got {brackets}")
         self.curves, self.max_epochs, self.brackets = curves, max_epochs, brackets
-        self.rules = [None if asha is None else Asha(min_resource=asha.min_resource * asha.reduction_factor ** b,
-                                                     reduction_factor=asha.reduction_factor)
-                      for b in range(brackets)]
+        self.rules = bracket_rules(asha, brackets)
         self.studies = [optuna.create_study(direction="maximize") for _ in range(brackets)]
         self._trials: dict[int, optuna.trial.Trial] = {}
         self.cut_short: set[int] = set()

@@ -55,3 +55,11 @@ def test_compare_runs_every_method_to_the_same_budget(tmp_path):
         for name, m in seed["methods"].items():  # stopped trials leave room in the budget for more
             assert m["trials"] >= 12 and m["epochs_to_target"] <= 12 * 20
             assert m["epochs_to_target_any_epoch"] <= m["epochs_to_target"]
+    # The omniscient floor: no method that keeps its 4 workers busy finishes a target trial sooner
+    # (every epoch takes 1 s here, so up to 3 epochs of other workers may tie with its last).
+    floors = {f["seed"]: f for f in doc["floor"]["per_seed"]}
+    assert sorted(floors) == [0, 1]
+    for seed in result["per_seed"]:
+        floor = floors[seed["seed"]]
+        assert 20 <= floor["epochs_to_target"] <= 4 * 20 and 0 < floor["ratio"] <= 1
+        assert all(m["epochs_to_target"] >= floor["epochs_to_target"] - 3 for m in seed["methods"].values())

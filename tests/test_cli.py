@@ -27,7 +27,7 @@ def _error_line(capsys) -> str:
 def test_set_overrides_any_field_by_dotted_key_with_yaml_values():
     job = load_job(JOB, ["detector.epochs=7", "search.num_samples=3", "dataset.classes=[acer_rubrum, ulmus_rubra]",
                          "regions.max_images=null", "search.warm_start.storage=old.journal",
-                         "search.warm_start.study_name=old", "train.lr=2e-3", "detector.epochs=9"])
+                         "search.warm_start.study_name=old", "search.sampler=tpe", "train.lr=2e-3", "detector.epochs=9"])
     assert job.detector.epochs == 9  # the later override wins
     assert job.search.num_samples == 3 and job.dataset.classes == ["acer_rubrum", "ulmus_rubra"]
     assert job.regions.max_images is None and job.train.lr == 0.002

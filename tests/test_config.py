@@ -179,15 +179,29 @@ def test_search_config_resources_and_checkpoints():
         SearchConfig(space="s.yaml", sampler="grid")
 
 
-def test_tpe_startup_trials_default_to_a_third_of_the_trials_and_shape_the_sampler():
-    """Start-up trials: a third of num_samples, at least 10, unless set; the sampler proposes at
+def test_default_sampler_is_random_and_a_warm_start_needs_tpe():
+    """Random proposals by default (the search-efficiency replay, issue 17); a warm start seeds a
+    model, so it is refused with a sampler that has none."""
+    from mgfa_ray.config import SearchConfig
+
+    warm = {"storage": "old.journal", "study_name": "old"}
+    assert SearchConfig(space="s.yaml").sampler == "random"
+    assert SearchConfig(space="s.yaml", sampler="tpe", warm_start=warm).warm_start.study_name == "old"
+    with pytest.raises(ValueError, match="warm_start seeds the sampler's model, but sampler is 'random'.*"
+                                         "set search.sampler: tpe"):
+        SearchConfig(space="s.yaml", warm_start=warm)
+
+
+def test_tpe_startup_trials_default_to_half_of_the_trials_and_shape_the_sampler():
+    """Start-up trials: half of num_samples, at least 10, unless set; the sampler proposes at
     random exactly that long (two samplers of one seed agree until the shorter start-up ends)."""
     import optuna
 
     from mgfa_ray.config import SearchConfig
     from mgfa_ray.study import make_sampler
 
-    assert SearchConfig(space="s.yaml", num_samples=100).tpe_startup_trials == 33
+    assert SearchConfig(space="s.yaml", num_samples=100).tpe_startup_trials == 50
+    assert SearchConfig(space="s.yaml", num_samples=101).tpe_startup_trials == 50
     assert SearchConfig(space="s.yaml", num_samples=16).tpe_startup_trials == 10
     assert SearchConfig(space="s.yaml", num_samples=100, startup_trials=4).tpe_startup_trials == 4
     optuna.logging.set_verbosity(optuna.logging.WARNING)

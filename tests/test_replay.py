@@ -105,6 +105,42 @@ def test_study_policy_decides_as_the_sequence_on_the_table_points():
     assert states == ["COMPLETE", "PRUNED", "PRUNED", "PRUNED"] and policy.study.trials[0].value == 0.8
 
 
+def test_study_policy_brackets_decide_as_the_sequence_brackets():
+    """Our ASHA in two round-robin brackets (first rungs at epochs 1 and 2): the decisions of
+    test_brackets_raise_the_first_rung, each bracket's rungs kept apart in the study."""
+    policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
+                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
+                         brackets=2)
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert epochs_by_key(runs) == {"A": 4, "B": 4, "C": 2, "D": 4}
+    assert [t.user_attrs["asha_bracket"] for t in policy.study.trials] == [0, 1, 0, 1]
+
+
+def test_study_policy_ranks_the_rungs_on_another_signal():
+    """Rungs ranked on a signal fixed per configuration (A 0.8, B 0.6, C 0.9, D 0.7) instead of the
+    epoch's top-1: B (0.6 < A's 0.8 of 2) stops at epoch 1; C (best of 3, then best of 2 at epoch
+    2) now runs all 4 epochs; D (0.7, below the second best 0.8 of 4) stops at epoch 1. The study
+    still records the reported top-1."""
+    signal = {"A": 0.8, "B": 0.6, "C": 0.9, "D": 0.7}
+    policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
+                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
+                         rung_value=lambda key, epoch, values: signal[key])
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert epochs_by_key(runs) == {"A": 4, "B": 1, "C": 4, "D": 1}
+    assert policy.study.trials[2].value == 0.9 and policy.study.trials[1].intermediate_values == {1: 0.3}
+
+
+def test_study_policy_rung_model_proposes_once_a_rung_holds_enough_values():
+    """BOHB-style: from the third trial on, rung 0 holds 2 values (A's, B's), so the proposal comes
+    from the rung model — here a sampler whose only point is C's learning rate."""
+    policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
+                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR["A"]}, {"lr": LR["B"]}],
+                         rung_model_min=2,
+                         rung_model=lambda trial: optuna.samplers.GridSampler({"lr": [LR["C"]]}, seed=0))
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert [r.key for r in runs] == ["A", "B", "C", "C"]
+
+
 def test_ray_stock_policy_stops_the_same_trials_but_tells_optuna_complete():
     """Ray's ASHAScheduler reaches the same stops on this table; Ray's OptunaSearch then tells the
     study every stopped trial COMPLETE with its early value (what Ray Tune does)."""

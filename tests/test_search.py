@@ -138,7 +138,8 @@ def test_warm_start_copies_finished_trials(tmp_path, tiny_train_config):
             value=None if state == TrialState.FAIL else 0.5, state=state,
             intermediate_values={1: 0.5} if state == TrialState.PRUNED else None))
     doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}}
-    search_dir = _search(tmp_path, doc, tiny_train_config, warm_start={"storage": source.storage, "study_name": "old"})
+    search_dir = _search(tmp_path, doc, tiny_train_config, sampler="tpe",
+                         warm_start={"storage": source.storage, "study_name": "old"})
     record = read_record(search_dir)
     study = StudyRef(record.study.storage, record.study.study_name).load()
     assert [(t.params["lr"], t.state) for t in study.trials] == [(0.01, TrialState.COMPLETE), (0.05, TrialState.PRUNED)]

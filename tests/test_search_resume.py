@@ -175,22 +175,32 @@ def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path):
     _check_one_truth(search_dir, total=3)
 
 
-@pytest.mark.parametrize("errored", ["resume", "restart"])
-def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, errored):
-    fail = tmp_path / "fail"
+@pytest.fixture(scope="module")
+def errored_search(tmp_path_factory) -> Path:
+    """A search whose Optuna trial 1 failed at epoch 2 (``max_failures`` 0), then resumed plainly:
+    the failed trial stays failed. Each test resumes a copy (a search directory is relocatable)."""
+    root = tmp_path_factory.mktemp("errored")
+    fail = root / "fail"
     fail.mkdir()
     (fail / "fail-1").touch()
-    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
+    search_dir = _create(root, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
                          "--max-failures", "0")
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_FAIL_DIR=str(fail))))
+    _finish(root, _driver(root, "run", search_dir, env=_env(root, MGFA_STANDIN_FAIL_DIR=str(fail))))
     ray = ray_trials(search_dir)
     assert sorted(ray["ray_status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
     assert collections.Counter(t.state for t in search_trials(_study(search_dir)))[TrialState.FAIL] == 1
 
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))  # a plain resume leaves the failed trial failed
+    _finish(root, _driver(root, "run", search_dir))  # a plain resume leaves the failed trial failed
     study = _study(search_dir)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert Path(search_dir).relative_to(root) == Path("searches", "standin")
+    return root
 
+
+@pytest.mark.parametrize("errored", ["resume", "restart"])
+def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, errored_search, errored):
+    shutil.copytree(errored_search, tmp_path, dirs_exist_ok=True, symlinks=True)
+    search_dir = str(tmp_path / "searches" / "standin")
     _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--errored", errored))
     study = _study(search_dir)
     trials = search_trials(study)
