@@ -329,7 +329,7 @@ class StudyPolicy:
         if brackets < 1:
             raise ValueError(f"brackets must be >= 1, got {brackets}")
         self._sample = sample_config
-        self.table, self.asha, self.rung_value, self.brackets = table, asha, rung_value, brackets
+        self.table, self.rung_value, self.brackets = table, rung_value, brackets
         self.rules = bracket_rules(asha, brackets)
         self.rung_model, self.rung_model_min = rung_model, rung_model_min
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -381,11 +381,11 @@ class StudyPolicy:
         ask = self._trials[trial]
         ask.report(value, epoch)
         self._values[trial].append(value)
-        rule = self.rules[trial % self.brackets]
+        bracket = trial % self.brackets
+        rule = self.rules[bracket]
         if rule is None or epoch >= self._lengths[trial]:  # no ASHA; or the last epoch completes the trial
             return False
         trials = self.study.get_trials(deepcopy=False)
-        bracket = trial % self.brackets
         if self.brackets > 1:
             trials = [t for t in trials if t.user_attrs.get(BRACKET_ATTR) == bracket]
         signal = None if self.rung_value is None else self.rung_value(self._keys[trial], epoch, self._values[trial])

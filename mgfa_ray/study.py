@@ -223,7 +223,10 @@ def bound_study(ref: StudyRef, *, experiment_path: str | None = None):
 def make_sampler(kind: str, seed: int, *, startup_trials: int = 10) -> optuna.samplers.BaseSampler:
     """``tpe``: seeded multivariate TPE (Optuna ``TPESampler(multivariate=True)``; its first
     ``startup_trials`` trials are random, :attr:`mgfa_ray.config.SearchConfig.tpe_startup_trials`);
-    ``random``: ``RandomSampler`` (the baseline of the search benchmark)."""
+    ``random``: seeded ``RandomSampler``, the search's default (:class:`mgfa_ray.config.SearchConfig`).
+
+    Raises:
+        ValueError: ``kind`` is neither."""
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
     if kind == "random":
