@@ -52,7 +52,7 @@ from .storage import (
 from .lock import DirectoryLock
 from .runtime import configure, ensure_ray
 from .search_space import SearchSpace, trial_params
-from .tune_state import complete_state_file
+from .tune_state import complete_state_file, reconcile_search_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "search.json"
@@ -535,6 +535,10 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
     )
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
+        repaired = reconcile_search_state(run_path, fs)
+        if repaired:
+            print(f"the driver was killed between two of Ray's state files; made them agree: "
+                  f"{redact_text(repaired)}", flush=True)
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
         with _snapshot_period(search.snapshot_period_s):

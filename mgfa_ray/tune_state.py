@@ -9,6 +9,10 @@ upload can read one half written (measured here: an empty ``experiment_state-*.j
 while the driver was rewriting it, which ``Tuner.restore`` cannot read; Ray 2.60). A copy that is
 not whole is not published: the last whole one stays.
 
+Whole files can still disagree with each other: the upload copies a snapshot's files one by one, so
+a driver killed during it can leave the searcher state of one snapshot beside the trial list of
+another. :func:`reconcile_search_state` makes them agree before ``Tuner.restore`` reads them.
+
 The file names and formats below are Ray Tune's (not a public API; checked by
 ``tests/test_io.py::test_atomic_filesystem_keeps_the_last_whole_ray_state_file``).
 """
@@ -17,7 +21,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Ray Tune's experiment state (JSON).
 EXPERIMENT_STATE = "experiment_state-*.json"
@@ -50,3 +58,63 @@ def complete_state_file(name: str, path: str) -> bool:
             f.seek(-1, os.SEEK_END)
             return f.read(1) == b"."
     return True
+
+
+def reconcile_search_state(run_path: str, fs: Any) -> str | None:
+    """Make the newest saved searcher state of the Ray Tune experiment at ``run_path`` agree with
+    its newest saved trial list, before ``Tuner.restore`` reads both.
+
+    Ray Tune counts the trials its search algorithm created (``SearchGenerator``: ``counter``, and
+    it creates trials until ``counter`` reaches ``num_samples``) and the trials a
+    ``ConcurrencyLimiter`` holds as running (``live_trials``), in ``search_gen_state-*.json``; the
+    trial list is in ``experiment_state-*.json``. Ray writes both in one step but uploads them one
+    by one, so a killed driver can leave them from different snapshots (measured: a counter one
+    ahead of the list, a trial created just before the kill, so that the resumed run ended a trial
+    short and every later resume too; Ray 2.60). In a consistent snapshot the counter is the
+    number of trials in the list and the live trials are the listed trials not yet finished; this
+    sets them so. A trial lost this way left its Optuna trial RUNNING: the next trial Ray creates
+    takes it over (:meth:`mgfa_ray.study.StudySearch.suggest`).
+
+    Args:
+        run_path: The experiment's folder (``runs/run-N``) on ``fs``.
+        fs: The pyarrow filesystem of the search's storage (rewrites go through it).
+
+    Returns:
+        What was changed, in words, or ``None`` when the two already agree, or there is no saved
+        searcher state (nothing to restore).
+
+    Raises:
+        pyarrow's ``OSError`` when the storage cannot be read or written. A searcher state whose
+        format is not Ray 2.60's is left as it is (logged; checked by
+        ``tests/test_search_resume.py::test_driver_killed_then_resumed_finishes_exactly_num_samples``).
+    """
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+    from ray.tune import ExperimentAnalysis
+
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(run_path))
+             if fnmatch.fnmatch(i.base_name, SEARCH_GEN_STATE)]
+    if not names:
+        return None
+    path = f"{run_path.rstrip('/')}/{max(names)}"  # the newest, as Ray picks it (its names sort by time)
+    with fs.open_input_stream(path) as f:
+        state = cloudpickle.loads(f.readall())
+    limiter = state.get("name:ConcurrencyLimiter") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("counter"), int) or \
+            (limiter is not None and not isinstance(limiter.get("live_trials"), set)):
+        log.warning("%s: not Ray 2.60's searcher state; left as it is", path)
+        return None
+    trials = ExperimentAnalysis(run_path, storage_filesystem=fs).trials
+    live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+    changes = []
+    if state["counter"] != len(trials):
+        changes.append(f"trials created {state['counter']} -> {len(trials)}")
+        state["counter"] = len(trials)
+    if limiter is not None and limiter["live_trials"] != live:
+        changes.append(f"running trials {sorted(limiter['live_trials'])} -> {sorted(live)}")
+        limiter["live_trials"], limiter["num_unfinished_live_trials"] = live, len(live)
+    if not changes:
+        return None
+    with fs.open_output_stream(path) as f:
+        f.write(cloudpickle.dumps(state))
+    return f"{path}: " + "; ".join(changes)

@@ -124,8 +124,36 @@ def _check_one_truth(search_dir: str, *, total: int, log_dir: Path | None = None
         assert numbers == {t.number for t in trials.values()}
 
 
-@pytest.mark.parametrize("kill_point", ["first_trial_running", "two_trials_finished", "five_trials_finished"])
-def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_point):
+def _skew_searcher_state(run_path: Path, skew: int) -> None:
+    """Leave Ray's newest searcher state ``skew`` trials ahead of its trial list (one trial created
+    after the list was saved; uploaded, the list not) or behind it (-1: the newest listed trial not
+    yet created when the searcher state was saved), as a driver killed between uploading the two
+    files leaves them. Ray 2.60's format: a cloudpickled dict with ``counter`` and the
+    ``ConcurrencyLimiter``'s ``live_trials``."""
+    from ray import cloudpickle
+    from ray.tune import ExperimentAnalysis
+
+    path = max(run_path.glob("search_gen_state-*.json"))
+    state = cloudpickle.loads(path.read_bytes())
+    newest = ExperimentAnalysis(str(run_path)).trials[-1].trial_id
+    limiter = state["name:ConcurrencyLimiter"]
+    assert state["counter"] >= 1 and isinstance(limiter["live_trials"], set)  # the format the repair reads
+    state["counter"] += skew
+    if skew > 0:
+        limiter["live_trials"].add("lost00001")
+    else:
+        limiter["live_trials"].discard(newest)
+    limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    path.write_bytes(cloudpickle.dumps(state))
+
+
+@pytest.mark.parametrize(("kill_point", "skew"), [("first_trial_running", 0), ("two_trials_finished", 1),
+                                                   ("five_trials_finished", -1)])
+def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_point, skew):
+    """Killed at three points; at two of them Ray's saved searcher state is also one trial ahead of
+    (or behind) its saved trial list, as a kill between uploading the two leaves it: without
+    :func:`mgfa_ray.tune_state.reconcile_search_state` the resumed run ends a trial short (every
+    later resume too) or runs one trial too many."""
     search_dir = _create(tmp_path, "--num-samples", "7", "--max-epochs", str(MAX_EPOCHS))
     ready = {
         "first_trial_running": lambda ts: any(t.intermediate_values for t in ts),
@@ -133,7 +161,10 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_
         "five_trials_finished": lambda ts: _finished(ts) >= 5,
     }[kill_point]
     _kill_when(_driver(tmp_path, "run", search_dir), search_dir, ready)
+    if skew:
+        _skew_searcher_state(Path(search_dir, "runs", "run-0"), skew)
     _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    assert not skew or "made them agree" in (tmp_path / "driver.log").read_text()
     _check_one_truth(search_dir, total=7, log_dir=tmp_path / "epoch-log", kills=1)
     states = collections.Counter(t.state for t in search_trials(_study(search_dir)))
     assert states[TrialState.PRUNED] >= 1 and states[TrialState.COMPLETE] >= 1  # ASHA stopped some
