@@ -70,6 +70,36 @@ def legacy_asha_settings(pruner) -> tuple[int, int]:
     return int(attrs["_min_resource"]), int(attrs["_reduction_factor"])
 
 
+def search_state_trials(state: Any) -> tuple[int, set[str] | None] | None:
+    """From Ray Tune's saved search-algorithm state (an unpickled ``search_gen_state-*.json``): the
+    number of trials its ``SearchGenerator`` created, and the trial ids its ``ConcurrencyLimiter``
+    holds as running (``None`` without a limiter). ``None`` when ``state`` is not in that format.
+
+    Private use: the file is what ``SearchGenerator.save_to_dir`` pickles (Ray 2.60,
+    ``ray/tune/search/search_generator.py``): ``get_state()``'s dict, whose ``counter`` Ray compares
+    with ``num_samples`` to stop creating trials, plus each wrapper's state under
+    ``name:<class>``; the ``ConcurrencyLimiter``'s is its ``__dict__`` with ``live_trials`` (a set
+    of trial ids) and ``num_unfinished_live_trials``.
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("counter"), int):
+        return None
+    limiter = state.get("name:ConcurrencyLimiter")
+    if limiter is None:
+        return state["counter"], None
+    if not isinstance(limiter, dict) or not isinstance(limiter.get("live_trials"), set):
+        return None
+    return state["counter"], set(limiter["live_trials"])
+
+
+def set_search_state_trials(state: dict[str, Any], *, created: int, live: set[str]) -> None:
+    """Set, in a state :func:`search_state_trials` read, the number of trials created and (when it
+    has a ``ConcurrencyLimiter``) the trial ids held as running. Same private format."""
+    state["counter"] = created
+    limiter = state.get("name:ConcurrencyLimiter")
+    if limiter is not None:
+        limiter["live_trials"], limiter["num_unfinished_live_trials"] = set(live), len(live)
+
+
 def trial_experiment_path(trial) -> str | None:
     """The experiment directory (path on its storage filesystem) a Ray trial writes to, or ``None``
     when the trial has no storage yet.

@@ -84,13 +84,14 @@ def reconcile_search_state(run_path: str, fs: Any) -> str | None:
         searcher state (nothing to restore).
 
     Raises:
-        pyarrow's ``OSError`` when the storage cannot be read or written. A searcher state whose
-        format is not Ray 2.60's is left as it is (logged; checked by
-        ``tests/test_search_resume.py::test_driver_killed_then_resumed_finishes_exactly_num_samples``).
+        OSError: The storage cannot be read or written (pyarrow). A searcher state in another
+            format than Ray 2.60's is left as it is, with a warning (:func:`mgfa_ray.compat.search_state_trials`).
     """
     import pyarrow.fs as pafs
     from ray import cloudpickle
     from ray.tune import ExperimentAnalysis
+
+    from .compat import search_state_trials, set_search_state_trials
 
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(run_path))
              if fnmatch.fnmatch(i.base_name, SEARCH_GEN_STATE)]
@@ -99,22 +100,20 @@ def reconcile_search_state(run_path: str, fs: Any) -> str | None:
     path = f"{run_path.rstrip('/')}/{max(names)}"  # the newest, as Ray picks it (its names sort by time)
     with fs.open_input_stream(path) as f:
         state = cloudpickle.loads(f.readall())
-    limiter = state.get("name:ConcurrencyLimiter") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or not isinstance(state.get("counter"), int) or \
-            (limiter is not None and not isinstance(limiter.get("live_trials"), set)):
-        log.warning("%s: not Ray 2.60's searcher state; left as it is", path)
+    saved = search_state_trials(state)
+    if saved is None:
+        log.warning("%s: not the searcher state format of Ray 2.60; left as it is", path)
         return None
     trials = ExperimentAnalysis(run_path, storage_filesystem=fs).trials
-    live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+    created, live = len(trials), {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
     changes = []
-    if state["counter"] != len(trials):
-        changes.append(f"trials created {state['counter']} -> {len(trials)}")
-        state["counter"] = len(trials)
-    if limiter is not None and limiter["live_trials"] != live:
-        changes.append(f"running trials {sorted(limiter['live_trials'])} -> {sorted(live)}")
-        limiter["live_trials"], limiter["num_unfinished_live_trials"] = live, len(live)
+    if saved[0] != created:
+        changes.append(f"trials created {saved[0]} -> {created}")
+    if saved[1] is not None and saved[1] != live:
+        changes.append(f"running trials {sorted(saved[1])} -> {sorted(live)}")
     if not changes:
         return None
+    set_search_state_trials(state, created=created, live=live)
     with fs.open_output_stream(path) as f:
         f.write(cloudpickle.dumps(state))
     return f"{path}: " + "; ".join(changes)

@@ -198,6 +198,48 @@ def test_scheduler_trial_is_all_ashas_scheduler_reads():
     sched.on_trial_complete(None, last, {"training_iteration": 4, "m": 1.0})
 
 
+def test_search_state_trials_read_and_set_what_ray_saves_and_restores(tmp_path):
+    """Ray's SearchGenerator over a ConcurrencyLimiter, saved with one trial created and running:
+    compat reads (1, {that trial}) from the saved file; set to (0, {}) and restored, the generator
+    creates trials again from the first and the limiter holds none running."""
+    from ray import cloudpickle
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
+
+    class Points(Searcher):
+        def suggest(self, trial_id):
+            return {"x": 1}
+
+        def save(self, checkpoint_path):
+            open(checkpoint_path, "wb").close()
+
+        def restore(self, checkpoint_path):
+            pass
+
+    def generator() -> SearchGenerator:
+        gen = SearchGenerator(ConcurrencyLimiter(Points(metric="m", mode="max"), max_concurrent=2))
+        gen.set_state({"counter": 0, "total_samples": 4, "finished": False, "experiment": None})
+        return gen
+
+    gen = generator()
+    assert gen.searcher.suggest("t1") == {"x": 1}
+    gen.set_state({**gen.get_state(), "counter": 1})
+    gen.save_to_dir(str(tmp_path), session_str="s")
+    (path,) = tmp_path.glob("search_gen_state-*.json")
+    state = cloudpickle.loads(path.read_bytes())
+    assert compat.search_state_trials(state) == (1, {"t1"}), _broken(
+        ray, "search_state_trials", f"the saved search state reads {compat.search_state_trials(state)}, not (1, {{'t1'}})")
+    compat.set_search_state_trials(state, created=0, live=set())
+    path.write_bytes(cloudpickle.dumps(state))
+    restored = generator()
+    restored.set_state({**restored.get_state(), "counter": 3})
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.get_state()["counter"] == 0 and not restored.is_finished(), _broken(
+        ray, "set_search_state_trials", "a restored SearchGenerator does not take the counter it set")
+    assert restored.searcher.live_trials == set(), _broken(
+        ray, "set_search_state_trials", "a restored ConcurrencyLimiter does not take the running trials it set")
+    assert compat.search_state_trials({"counter": "1"}) is None  # another format: not read
+
+
 # --- the boundary: nothing else in mgfa_ray touches a private API ------------------------------
 
 PUBLIC_MODULES = {

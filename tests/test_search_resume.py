@@ -128,22 +128,18 @@ def _skew_searcher_state(run_path: Path, skew: int) -> None:
     """Leave Ray's newest searcher state ``skew`` trials ahead of its trial list (one trial created
     after the list was saved; uploaded, the list not) or behind it (-1: the newest listed trial not
     yet created when the searcher state was saved), as a driver killed between uploading the two
-    files leaves them. Ray 2.60's format: a cloudpickled dict with ``counter`` and the
-    ``ConcurrencyLimiter``'s ``live_trials``."""
+    files leaves them."""
     from ray import cloudpickle
     from ray.tune import ExperimentAnalysis
 
+    from mgfa_ray.compat import search_state_trials, set_search_state_trials
+
     path = max(run_path.glob("search_gen_state-*.json"))
     state = cloudpickle.loads(path.read_bytes())
+    created, live = search_state_trials(state)
     newest = ExperimentAnalysis(str(run_path)).trials[-1].trial_id
-    limiter = state["name:ConcurrencyLimiter"]
-    assert state["counter"] >= 1 and isinstance(limiter["live_trials"], set)  # the format the repair reads
-    state["counter"] += skew
-    if skew > 0:
-        limiter["live_trials"].add("lost00001")
-    else:
-        limiter["live_trials"].discard(newest)
-    limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    live = live | {"lost00001"} if skew > 0 else live - {newest}
+    set_search_state_trials(state, created=created + skew, live=live)
     path.write_bytes(cloudpickle.dumps(state))
 
 
