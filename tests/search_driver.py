@@ -17,6 +17,8 @@ node id the trial runs on (written when an epoch starts), and where ``span-<optu
 ``MGFA_STANDIN_BARRIER=N`` (with the log directory) makes every trial, once started, wait until N
 trials have started (or 120 s have passed) before its first epoch, so a test of how many trials Ray
 runs at once does not depend on how fast a loaded machine starts their workers.
+``MGFA_STANDIN_HOLD`` names a file: while it exists, every trial waits after its second epoch's
+sleep, so a test can keep a driver running for as long as it needs, and no longer.
 
 ``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
 GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
@@ -70,6 +72,9 @@ def standin_trainable(config: dict, *, base: dict, cache_dir: str | None = None)
             node_file.with_suffix(".tmp").write_text(ray.get_runtime_context().get_node_id())
             node_file.with_suffix(".tmp").replace(node_file)  # readers never see it half written
         time.sleep(float(os.environ.get("MGFA_STANDIN_EPOCH_S", "0.2")))
+        hold = os.environ.get("MGFA_STANDIN_HOLD")
+        while epoch >= 2 and hold and os.path.exists(hold):  # the test holds the trial here
+            time.sleep(0.05)
         if fail_dir and epoch == 2:
             marker = Path(fail_dir) / f"fail-{number}"
             if marker.exists():

@@ -20,7 +20,10 @@ from optuna.trial import TrialState
 
 from mgfa_ray.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights
 from mgfa_ray.cli import main
-from mgfa_ray.config import AblationConfig, ConfigError, TrainParams
+from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
+from mgfa_ray.export import export_search
+from mgfa_ray.trial import load_checkpoint
+from test_search_resume import _check_one_truth
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -190,6 +193,13 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path):
             assert (e["train_loss"], e["test_top1"]) == (old[-1]["train_loss"], old[-1]["test_top1"])
     study = _study(job_dir)
     assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    # The search's guarantees with the real classifier (the stand-in's in test_search_resume.py):
+    # Ray and Optuna agree, and the export's best checkpoint is the end of a finished cell.
+    search_dir = str(job_dir / "ablation" / "leafsnap20" / "search" / "leafsnap20-ablation")
+    _check_one_truth(search_dir, total=4, kills=1, max_epochs=2)
+    export_search(search_dir, tmp_path / "export")
+    assert load_config(TrainConfig, tmp_path / "export" / "best_config.yaml").epochs == 2
+    assert load_checkpoint(tmp_path / "export" / "best_checkpoint" / "checkpoint.pt")["epoch"] == 2
 
     out = job_dir / "ablation" / "leafsnap20"
     cells = pd.read_csv(out / "cells.csv")

@@ -1,6 +1,8 @@
 """The cluster launchers in jobs/: ``submit.sh`` submitting the smoke job to a real two-node Ray
-cluster (head and worker as separate processes on this machine), the Slurm script's flow with
-stub Slurm commands, the KubeRay manifest's structure, and the shell scripts' syntax.
+cluster (head and worker as separate processes on this machine) — the one end-to-end run of the
+main job with its detector, extended and its best config trained again afterwards — the Slurm
+script's flow with stub Slurm commands, the KubeRay manifest's structure, and the shell scripts'
+syntax.
 
 The cluster test never runs ``ray stop`` (it would stop every Ray cluster on the machine): it ends
 the processes it started, by process group and by an environment marker that only its processes
@@ -28,6 +30,7 @@ import yaml
 
 from mgfa_ray.cli import _parser
 from mgfa_ray.config import JobConfig, TrainConfig, load_config
+from mgfa_ray.masks import resolve_mask_set
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -289,8 +292,40 @@ def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_
     smoke = Path(f"{out}-smoke")
     report = json.loads((smoke / "report.json").read_text())
     assert report["smoke"] is True and report["output_dir"] == str(smoke)
+    assert set(report["detector"]["per_class"]) == {"vein", "contour"}
     assert report["mask_set"]["rows"] == 24  # 3 classes x 8 photos
     assert report["search"]["num_trials"] == 2
     assert load_config(TrainConfig, smoke / "export" / "best_config.yaml").epochs == 1
     trials = pd.read_csv(smoke / "export" / "trials.csv")
     assert len(trials) == 2 and (trials["state"] == "COMPLETE").all() and (trials["epochs_run"] == 1).all()
+    _extend_then_train_best_config(smoke, report, tmp_path)
+
+
+def _extend_then_train_best_config(smoke: Path, report: dict, tmp_path: Path) -> None:
+    """After the cluster is gone, on this machine's own local Ray (the console script, as users
+    run it): the CLI extends the job's finished search by exactly one trial and exports it again
+    to the job's export/; the exported best config trains again to the same numbers."""
+    search_dir = smoke / "search" / "leafsnap20"
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a new local cluster, whatever else runs on the machine
+    more = subprocess.run([BIN / "mgfa-ray", "search", "resume", str(search_dir), "--more-trials", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    trials = pd.read_csv(smoke / "export" / "trials.csv")
+    assert list(trials["run"]) == ["run-0", "run-0", "run-1"] and (trials["state"] == "COMPLETE").all()
+    assert trials["optuna_trial"].tolist() == [0, 1, 2]
+
+    best = smoke / "export" / "best_config.yaml"
+    assert load_config(TrainConfig, best).epochs == 1
+    # The export names the job's mask directory (its CURRENT set), not the set id.
+    assert load_config(TrainConfig, best).masks == str(smoke / "masks")
+    assert resolve_mask_set(str(smoke / "masks")) == report["mask_set"]["path"]
+    train = subprocess.run([BIN / "mgfa-ray", "train", "--config", str(best), "--output-dir", str(tmp_path / "train")],
+                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    final = json.loads((tmp_path / "train" / "final.json").read_text())
+    assert final["epoch"] == 1 and 0.0 <= final["eval_top1"] <= 1.0
+    # The exported config is exactly what the best trial ran: on CPU the rerun repeats it bit for bit.
+    summary = json.loads((smoke / "export" / "summary.json").read_text())
+    epochs = pd.read_csv(smoke / "export" / "trial_epochs.csv")
+    trial = epochs[epochs["trial"] == summary["best_trial"]].iloc[-1]
+    assert final["train_loss"] == trial["train_loss"] and final["eval_top1"] == trial["eval_top1"]

@@ -17,7 +17,8 @@ import pytest
 from optuna.trial import TrialState
 from test_search_resume import _check_one_truth, _create, _driver, _env, _finish, _finished, _kill_when, _study
 
-from mgfa_ray.study import search_trials
+from mgfa_ray.export import export_search
+from mgfa_ray.study import best_trial, search_trials
 
 pytestmark = pytest.mark.slow
 MAX_EPOCHS = 4
@@ -104,6 +105,8 @@ def test_object_store_restarted_mid_search_the_search_waits_and_finishes(tmp_pat
 
 
 def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_path, restartable_s3):
+    """A driver on an object store (with an SQLite study) is killed; a resume while the store is
+    down fails clearly; once it is back, the resume finishes and the export reads from it."""
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
                          "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
                          storage=restartable_s3.uri("outage2", "team-a"))
@@ -116,11 +119,17 @@ def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_p
     restartable_s3.start()
     _finish(tmp_path, _driver(tmp_path, "run", search_dir))
     _check_one_truth(search_dir, total=4, log_dir=tmp_path / "epoch-log", kills=1)
+    # A search on an object store with an RDB study survived the kill: its export comes from there.
+    summary = export_search(search_dir, tmp_path / "export")
+    assert (tmp_path / "export" / "best_checkpoint" / "state.json").is_file()
+    assert summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
 
 
 def test_second_driver_on_a_running_search_is_refused(tmp_path):
     search_dir = _create(tmp_path, "--num-samples", "1", "--max-epochs", "4", "--no-early-stopping")
-    first = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_EPOCH_S="8"))  # runs >= 32 s
+    hold = tmp_path / "hold"
+    hold.touch()  # the first driver's trial waits after epoch 2 until the second driver was refused
+    first = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_HOLD=str(hold)))
     _wait_for(lambda: any(t.intermediate_values for t in _study(search_dir).get_trials(deepcopy=False)),
               timeout=180, what="a trial's first epoch", proc=first)
     second = _driver(tmp_path, "run", search_dir)
@@ -128,5 +137,6 @@ def test_second_driver_on_a_running_search_is_refused(tmp_path):
     assert f"search {search_dir} is being run by another driver: pid {first.pid}" in (
         tmp_path / "driver.log").read_text()
     assert first.poll() is None  # refused while the first was still running
+    hold.unlink()
     _finish(tmp_path, first)
     _check_one_truth(search_dir, total=1, log_dir=tmp_path / "epoch-log", kills=0, max_epochs=4)

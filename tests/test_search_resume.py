@@ -239,36 +239,6 @@ def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_
         assert (tmp_path / "epoch-log" / "trial-1.log").read_text().splitlines().count("1 1") == 1
 
 
-def test_search_on_object_store_with_rdb_study_survives_a_kill(tmp_path, s3_server):
-    search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
-                         "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
-                         storage=s3_server("searches", "team-a"))
-    assert search_dir.startswith("s3://searches/team-a/standin?")
-    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1)
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
-    _check_one_truth(search_dir, total=4, log_dir=tmp_path / "epoch-log", kills=1)
-    summary = export_search(search_dir, tmp_path / "export")
-    assert (tmp_path / "export" / "best_checkpoint" / "state.json").is_file()
-    assert summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
-
-
-def test_real_trial_driver_killed_then_resumed(tmp_path, tiny_manifest, label_mask_set):
-    """The same guarantees with the real classifier (tiny data) instead of the stand-in."""
-    search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", "2",
-                         "--real", str(tiny_manifest[1]), str(label_mask_set))
-    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1, timeout=300)
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir), timeout=400)
-    _check_one_truth(search_dir, total=3, kills=1, max_epochs=2)
-    summary = export_search(search_dir, tmp_path / "export")
-    from mgfa_ray.config import TrainConfig, load_config
-    from mgfa_ray.trial import load_checkpoint
-
-    best = load_config(TrainConfig, tmp_path / "export" / "best_config.yaml")
-    assert best.epochs == 2 and abs(best.alpha + best.beta + best.gamma - 1) <= 1e-12
-    assert load_checkpoint(tmp_path / "export" / "best_checkpoint" / "checkpoint.pt")["epoch"] == 2
-    assert summary["states"].get("COMPLETE", 0) >= 1
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
