@@ -537,8 +537,8 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):
         repaired = reconcile_search_state(run_path, fs)
         if repaired:
-            print(f"the driver was killed between two of Ray's state files; made them agree: "
-                  f"{redact_text(repaired)}", flush=True)
+            print(f"Ray's saved searcher state and trial list came from two snapshots (a driver killed while "
+                  f"uploading them); made them agree: {redact_text(repaired)}", flush=True)
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
         with _snapshot_period(search.snapshot_period_s):
