@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
+from test_search_resume import _check_one_truth
 
 from mgfa_ray.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights
 from mgfa_ray.cli import main
 from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
 from mgfa_ray.export import export_search
 from mgfa_ray.trial import load_checkpoint
-from test_search_resume import _check_one_truth
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
