@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,48 @@ def repair_journal(path: str | os.PathLike) -> None:
         lock.release()
     log.warning("%s: dropped its torn last record (%d bytes: a write cut short by a crash or a full disk); "
                 "the study keeps every complete record", path, size - end)
+
+
+def release_stale_journal_lock(path: str | os.PathLike, *, settle_s: float = 2.0) -> bool:
+    """Remove the lock an Optuna journal's writer left behind when it was killed during an append.
+
+    Optuna's writers hold ``<journal>.lock`` (a symbolic link: ``JournalFileSymlinkLock``, the
+    ``JournalFileBackend`` default) for one append, milliseconds. A driver killed during one leaves
+    the link, and the next writer waits Optuna's grace period (30 s, then it releases it by force):
+    every resume after such a crash stalled for 30 s. For the caller that holds the search's
+    :class:`~mgfa_ray.lock.DirectoryLock` — no other driver writes the study — the link is removed
+    once the same link (inode and mtime, ``lstat``) has stood for ``settle_s`` seconds of this
+    process's clock: any live writer (optuna-dashboard, a script of the user's) would have released
+    it long before. A warning names the file.
+
+    Args:
+        path: The journal file (its lock is ``path + ".lock"``).
+        settle_s: Seconds the same link must stand before it counts as left behind, > 0.
+
+    Returns:
+        Whether a left-behind link was removed (False: none, or released meanwhile).
+    """
+    if settle_s <= 0:
+        raise ValueError(f"settle_s must be > 0, got {settle_s}")
+    link = Path(f"{os.fspath(path)}.lock")
+    seen, since = None, time.monotonic()
+    while True:
+        try:
+            st = os.lstat(link)
+        except FileNotFoundError:
+            return False
+        if (st.st_ino, st.st_mtime_ns) != seen:  # a new holder: wait for this one
+            seen, since = (st.st_ino, st.st_mtime_ns), time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            break
+        time.sleep(0.05)
+    try:
+        link.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("%s: removed the lock its last writer left behind (a driver killed while writing the study); "
+                "the search holds its own lock, so no other driver writes this journal", link)
+    return True
 
 
 @dataclass(frozen=True)

@@ -67,3 +67,40 @@ def test_search_export_of_a_damaged_journal_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {journal}:") and "not an Optuna journal record" in err[0]
 
+
+
+def test_lock_left_by_a_killed_writer_is_removed_and_a_live_one_is_not(tmp_path, caplog):
+    """A driver killed during an append leaves ``<journal>.lock``; without this the next writer
+    waited Optuna's 30 s grace period before releasing it by force. A lock that a live writer
+    takes and releases is never removed."""
+    import threading
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from mgfa_ray.study import release_stale_journal_lock
+
+    journal = tmp_path / "optuna.journal"
+    ref = _study_with_trials(journal)
+    lock = JournalFileSymlinkLock(str(journal))
+    assert lock.acquire()  # ... and its holder dies: nobody releases it
+    with caplog.at_level(logging.WARNING, logger="mgfa_ray.study"):
+        assert release_stale_journal_lock(journal, settle_s=0.2)
+    assert f"{journal}.lock" in caplog.text and "left behind" in caplog.text
+    assert not (tmp_path / "optuna.journal.lock").exists()
+    study = ref.load()
+    trial = study.ask()  # writes go through at once
+    trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, 9.0)
+    assert len(ref.load().trials) == 4
+
+    live = JournalFileSymlinkLock(str(journal))
+    assert live.acquire()
+    releaser = threading.Timer(0.3, live.release)  # a live writer: holds it, then lets go
+    releaser.start()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mgfa_ray.study"):
+        assert not release_stale_journal_lock(journal, settle_s=2.0)
+    releaser.join()
+    assert "left behind" not in caplog.text and not (tmp_path / "optuna.journal.lock").exists()
+    with pytest.raises(ValueError, match="settle_s must be > 0, got 0"):
+        release_stale_journal_lock(journal, settle_s=0)
