@@ -456,8 +456,10 @@ def run_search(
     read_record(search_dir)  # a clear error before anything starts
     with DirectoryLock(search_dir, what="search"):
         record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
-        from .study import StudyRef
+        from .study import StudyRef, release_stale_journal_lock
 
+        if not is_uri(record.study.storage):  # a journal: its lock may be a killed driver's
+            release_stale_journal_lock(record.study.storage)
         # The study opens (a torn journal record dropped, other damage named) before Ray starts.
         StudyRef(record.study.storage, record.study.study_name).load()
         ensure_ray()
@@ -541,7 +543,7 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
                   f"uploading them); made them agree: {redact_text(repaired)}", flush=True)
         tuner = tune.Tuner.restore(run_path, trainable=fn, storage_filesystem=fs,
                                    resume_errored=errored == "resume", restart_errored=errored == "restart")
-        with _snapshot_period(search.snapshot_period_s):
+        with _snapshot_period(search.snapshot_period_s), _tensorboard(search.tensorboard):
             tuner.fit()
         return run_path, fs
     study = StudyRef(record.study.storage, record.study.study_name)
@@ -568,10 +570,11 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
             storage_filesystem=fs,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=search.checkpoints_to_keep),
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            callbacks=None if search.tensorboard else _result_loggers(),  # None: Ray's defaults, TensorBoard's too
             verbose=1,
         ),
     )
-    with _snapshot_period(search.snapshot_period_s):
+    with _snapshot_period(search.snapshot_period_s), _tensorboard(search.tensorboard):
         tuner.fit()
     return run_path, fs
 
@@ -587,6 +590,31 @@ def _snapshot_period(seconds: float):
         yield
         return
     os.environ[key] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _result_loggers() -> list:
+    """Ray Tune's loggers of ``progress.csv`` and ``result.json``, which this project reads
+    (``ExperimentAnalysis``); passed to a run without TensorBoard (``search.tensorboard: false``)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+@contextmanager
+def _tensorboard(enabled: bool):
+    """Within the block Ray Tune adds no logger of its own when TensorBoard is off
+    (``$TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``, read when ``Tuner.fit`` starts; Ray Tune's documented
+    environment variable): a run made without TensorBoard lists :func:`_result_loggers` in its
+    saved run config, so a resumed run keeps exactly those. The variable is restored afterwards."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    if enabled or key in os.environ:
+        yield
+        return
+    os.environ[key] = "1"
     try:
         yield
     finally:

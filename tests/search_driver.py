@@ -20,6 +20,10 @@ runs at once does not depend on how fast a loaded machine starts their workers.
 ``MGFA_STANDIN_HOLD`` names a file: while it exists, every trial waits after its second epoch's
 sleep, so a test can keep a driver running for as long as it needs, and no longer.
 
+Searches are created without TensorBoard event files (``search.tensorboard: false``): a driver
+then does not import torch, which the stand-in never needs (~3 s and 3.5 CPU-seconds per driver
+start on 2 cores); ``create --tensorboard`` gives the product's default.
+
 ``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
 GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
 / ``--gpus-per-trial`` set the trial's share, so tests can pack trials.
@@ -142,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--no-reuse-workers", action="store_true")
+    p.add_argument("--tensorboard", action="store_true", help="create: search.tensorboard true (the product default)")
     p.add_argument("--ray-cpus", type=float, default=None, help="run: start the local cluster with these CPUs")
     p.add_argument("--ray-gpus", type=float, default=None, help="run: ... and these GPUs")
     p.add_argument("--cache-dir", default=None, help="create: the trials' image cache (recorded)")
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
         search = SearchConfig(space=str(space_file), num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                               cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, seed=0,
                               max_failures=args.max_failures, study_storage=args.study_storage,
-                              reuse_workers=not args.no_reuse_workers)
+                              reuse_workers=not args.no_reuse_workers, tensorboard=args.tensorboard)
         if args.real:  # tiny settings, as tests/conftest.py's tiny_train_config
             base = TrainConfig(manifest=args.real[0], masks=args.real[1], backbone="mobilenet_v2", weights=None,
                                resize=72, crop=64, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, device="cpu")

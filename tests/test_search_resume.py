@@ -8,6 +8,8 @@ preempted head node would lose it. The Optuna study is read from its journal by 
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import math
 import os
 import shutil
@@ -47,9 +49,13 @@ def _finish(tmp_path: Path, proc: subprocess.Popen, timeout: float = 240) -> Non
 
 
 def _create(tmp_path: Path, *args: str, storage: str | None = None) -> str:
-    out = subprocess.run([sys.executable, str(DRIVER), "create", storage or str(tmp_path / "searches"), *args],
-                         env=_env(tmp_path), capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    """The driver's ``create`` in this process (it starts no Ray); returns the search directory."""
+    import search_driver  # tests/search_driver.py
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert search_driver.main(["create", storage or str(tmp_path / "searches"), *args]) == 0
+    return out.getvalue().strip().splitlines()[-1]
 
 
 def _study(search_dir: str):
@@ -149,8 +155,11 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_
     """Killed at three points; at two of them Ray's saved searcher state is also one trial ahead of
     (or behind) its saved trial list, as a kill between uploading the two leaves it: without
     :func:`mgfa_ray.tune_state.reconcile_search_state` the resumed run ends a trial short (every
-    later resume too) or runs one trial too many."""
-    search_dir = _create(tmp_path, "--num-samples", "7", "--max-epochs", str(MAX_EPOCHS))
+    later resume too) or runs one trial too many. The first search has TensorBoard event files (the
+    product's default), the others not (``search.tensorboard: false``), across the resume too."""
+    tensorboard = kill_point == "first_trial_running"
+    search_dir = _create(tmp_path, "--num-samples", "7", "--max-epochs", str(MAX_EPOCHS),
+                         *(["--tensorboard"] if tensorboard else []))
     ready = {
         "first_trial_running": lambda ts: any(t.intermediate_values for t in ts),
         "two_trials_finished": lambda ts: _finished(ts) >= 2,
@@ -165,6 +174,10 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_
     states = collections.Counter(t.state for t in search_trials(_study(search_dir)))
     assert states[TrialState.PRUNED] >= 1 and states[TrialState.COMPLETE] >= 1  # ASHA stopped some
 
+    trial_dirs = [p for p in Path(search_dir, "runs", "run-0").iterdir() if (p / "result.json").is_file()]
+    assert len(trial_dirs) == 7 and all((p / "progress.csv").is_file() for p in trial_dirs)
+    assert all(any(p.glob("events.out.tfevents.*")) == tensorboard for p in trial_dirs)
+
     # The export tells the same story.
     summary = export_search(search_dir, tmp_path / "export")
     assert summary["num_trials"] == 7 and summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
@@ -178,7 +191,13 @@ def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_
     assert sum(len(f.read_text().splitlines()) for f in (tmp_path / "epoch-log").glob("*.log")) == epochs_before
     _check_one_truth(search_dir, total=4)
 
+    # A driver killed during a journal append leaves Optuna's lock link: the next one removes it
+    # rather than stalling 30 s (Optuna's grace period) and then releasing it by force.
+    os.symlink(Path(search_dir, "optuna.journal"), Path(search_dir, "optuna.journal.lock"))
     _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--more-trials", "3"))
+    log = (tmp_path / "driver.log").read_text()
+    assert "optuna.journal.lock: removed the lock its last writer left behind" in log
+    assert "Forcibly releasing" not in log and "taking longer than" not in log
     record = read_record(search_dir)
     assert [(r.name, r.num_samples) for r in record.runs] == [("run-0", 4), ("run-1", 3)]
     assert collections.Counter(ray_trials(search_dir)["run"]) == {"run-0": 4, "run-1": 3}

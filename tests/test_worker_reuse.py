@@ -21,6 +21,7 @@ from mgfa_ray.config import SearchConfig
 from mgfa_ray.search import create_search, ray_trials, run_search
 from mgfa_ray.search_space import load_search_space
 from mgfa_ray.trial import load_checkpoint, run_trial
+from test_search_resume import _create
 
 DRIVER = Path(__file__).with_name("search_driver.py")
 RESULT_KEYS = ("train_loss", "train_loss_ce", "train_loss_vein", "train_loss_contour", "eval_top1",
@@ -105,11 +106,8 @@ def test_fractional_gpus_pack_four_trials_at_once(tmp_path):
     log.mkdir()
     env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "1.5", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": "",
            "MGFA_STANDIN_BARRIER": "4"}
-    created = subprocess.run([sys.executable, str(DRIVER), "create", str(tmp_path / "searches"), "--num-samples", "8",
-                              "--max-epochs", "2", "--max-concurrent", "8", "--no-early-stopping",
-                              "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.25"],
-                             env=env, capture_output=True, text=True, check=True)
-    search_dir = created.stdout.strip().splitlines()[-1]
+    search_dir = _create(tmp_path, "--num-samples", "8", "--max-epochs", "2", "--max-concurrent", "8",
+                         "--no-early-stopping", "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.25")
     subprocess.run([sys.executable, str(DRIVER), "run", search_dir, "--ray-cpus", "4", "--ray-gpus", "1"],
                    env=env, capture_output=True, text=True, check=True, timeout=300)
 
