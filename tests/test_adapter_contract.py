@@ -244,6 +244,7 @@ def test_search_state_trials_read_and_set_what_ray_saves_and_restores(tmp_path):
 
 PUBLIC_MODULES = {
     "ray", "ray.data", "ray.train", "ray.tune", "ray.tune.schedulers", "ray.tune.search", "ray.tune.search.optuna",
+    "ray.tune.logger",  # documented: "Tune Loggers (tune.logger)", its built-in LoggerCallbacks
     "ray.util",
     "ray.util.state",
     "optuna", "optuna.distributions", "optuna.exceptions", "optuna.pruners", "optuna.samplers", "optuna.storages",
