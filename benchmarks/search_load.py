@@ -64,8 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "settle_timeout_s": 60.0, "tmp_dir": None, "keep": False,
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    # Plumbing check in about a minute: numbers mean little.
-    "smoke": {"trials": 12},
+    # Plumbing check in about a minute: numbers mean little. One worker node (2 CPUs, so 2 trials
+    # at once): each node is a raylet and its agents and workers, CPU that a 2-core CI machine lacks.
+    "smoke": {"trials": 12, "worker_nodes": 1, "max_concurrent": 2},
     # The recorded run: 200 trials of 2 x 0.05 s epochs, 4 at once on 2 worker nodes x 2 CPUs; each
     # snapshot setting twice, in the order 0, auto, auto, 0.
     "cpu": {"repeats": 2},
