@@ -609,7 +609,8 @@ def _tensorboard(enabled: bool):
     """Within the block Ray Tune adds no logger of its own when TensorBoard is off
     (``$TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``, read when ``Tuner.fit`` starts; Ray Tune's documented
     environment variable): a run made without TensorBoard lists :func:`_result_loggers` in its
-    saved run config, so a resumed run keeps exactly those. The variable is restored afterwards."""
+    saved run config, so a resumed run keeps exactly those. A value the user set in the environment
+    wins; the variable is restored afterwards."""
     key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
     if enabled or key in os.environ:
         yield

@@ -154,6 +154,9 @@ def release_stale_journal_lock(path: str | os.PathLike, *, settle_s: float = 2.0
 
     Returns:
         Whether a left-behind link was removed (False: none, or released meanwhile).
+
+    Raises:
+        ValueError: ``settle_s`` <= 0.
     """
     if settle_s <= 0:
         raise ValueError(f"settle_s must be > 0, got {settle_s}")
