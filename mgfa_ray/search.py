@@ -580,20 +580,24 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
 
 
 @contextmanager
-def _snapshot_period(seconds: float):
-    """Within the block Ray Tune snapshots its experiment state every ``seconds`` (0: after every
-    controller step) — ``$TUNE_GLOBAL_CHECKPOINT_S``, which Ray reads when ``Tuner.fit`` starts its
-    controller. A value the user set in the environment wins; the variable is restored afterwards.
-    """
-    key = "TUNE_GLOBAL_CHECKPOINT_S"
-    if key in os.environ:
+def _tune_environment(key: str, value: str | None):
+    """Within the block ``$key`` (a Ray Tune variable it reads when ``Tuner.fit`` starts) is
+    ``value``; None leaves it alone. A value the user set in the environment wins; the variable is
+    restored afterwards."""
+    if value is None or key in os.environ:
         yield
         return
-    os.environ[key] = f"{seconds:g}"
+    os.environ[key] = value
     try:
         yield
     finally:
         os.environ.pop(key, None)
+
+
+def _snapshot_period(seconds: float):
+    """Within the block Ray Tune snapshots its experiment state every ``seconds`` (0: after every
+    controller step): ``$TUNE_GLOBAL_CHECKPOINT_S`` (:func:`_tune_environment`)."""
+    return _tune_environment("TUNE_GLOBAL_CHECKPOINT_S", f"{seconds:g}")
 
 
 def _result_loggers() -> list:
@@ -604,22 +608,12 @@ def _result_loggers() -> list:
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
-@contextmanager
 def _tensorboard(enabled: bool):
-    """Within the block Ray Tune adds no logger of its own when TensorBoard is off
-    (``$TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``, read when ``Tuner.fit`` starts; Ray Tune's documented
-    environment variable): a run made without TensorBoard lists :func:`_result_loggers` in its
-    saved run config, so a resumed run keeps exactly those. A value the user set in the environment
-    wins; the variable is restored afterwards."""
-    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    if enabled or key in os.environ:
-        yield
-        return
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
+    """Within the block Ray Tune adds no logger of its own when TensorBoard is off:
+    ``$TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` (Ray Tune's documented variable; :func:`_tune_environment`).
+    A run made without TensorBoard lists :func:`_result_loggers` in its saved run config, so a
+    resumed run keeps exactly those."""
+    return _tune_environment("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None if enabled else "1")
 
 
 def _check_finished(search_dir: str, record: SearchRecord, index: int, run_path: str, fs, *, stopped: bool) -> None:

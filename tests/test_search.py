@@ -234,3 +234,21 @@ def test_snapshot_period_is_set_only_around_the_fit(monkeypatch):
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "auto"
     with pytest.raises(ValueError):
         SearchConfig(space="s.yaml", snapshot_period_s=-1)
+
+
+def test_tensorboard_off_turns_off_rays_own_loggers_only_around_the_fit(monkeypatch):
+    """search.tensorboard: false lists Ray's CSV and JSON loggers itself and, only while the
+    search runs, tells Ray Tune to add none of its own (its TensorBoard logger imports torch)."""
+    import os
+
+    from mgfa_ray.search import _result_loggers, _tensorboard
+
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    monkeypatch.delenv(key, raising=False)
+    assert SearchConfig(space="s.yaml").tensorboard is True  # the default: Ray's loggers, TensorBoard's too
+    with _tensorboard(True):
+        assert key not in os.environ
+    with _tensorboard(False):
+        assert os.environ[key] == "1"
+    assert key not in os.environ  # restored: not for the whole process
+    assert sorted(type(c).__name__ for c in _result_loggers()) == ["CSVLoggerCallback", "JsonLoggerCallback"]
