@@ -179,8 +179,6 @@ def watched_search(tmp_path_factory):
 
     Yields ``(search_dir, running_status)``.
     """
-    import contextlib
-    import io
     import subprocess
     import sys
     import time
@@ -193,10 +191,7 @@ def watched_search(tmp_path_factory):
     driver = REPO / "tests" / "search_driver.py"
     tmp = tmp_path_factory.mktemp("watched")
     env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.4", "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    created = io.StringIO()
-    with contextlib.redirect_stdout(created):  # the driver's `create`, in this process
-        search_driver.main(["create", str(tmp / "searches"), "--num-samples", "5"])
-    search_dir = created.getvalue().strip().splitlines()[-1]
+    search_dir = search_driver.create(str(tmp / "searches"), "--num-samples", "5")  # in this process
     with open(tmp / "driver.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(driver), "run", search_dir], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)

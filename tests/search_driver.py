@@ -114,6 +114,17 @@ def space_doc(max_epochs: int, early_stopping: bool = True) -> dict:
     }
 
 
+def create(storage: str, *args: str) -> str:
+    """``create STORAGE ARGS…`` in this process (it starts no Ray); returns the search directory."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["create", storage, *args]) == 0
+    return out.getvalue().strip().splitlines()[-1]
+
+
 def main(argv=None) -> int:
     import yaml
 

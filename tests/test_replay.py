@@ -174,8 +174,7 @@ def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, caps
     from mgfa_ray import cli
     from mgfa_ray.search_replay import replay_search
 
-    search_driver.main(["create", str(tmp_path / "searches"), "--num-samples", "6", "--max-concurrent", "1"])
-    search_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    search_dir = search_driver.create(str(tmp_path / "searches"), "--num-samples", "6", "--max-concurrent", "1")
     env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.05", "RAY_ADDRESS": ""}
     done = subprocess.run([sys.executable, str(Path(search_driver.__file__)), "run", search_dir], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -8,8 +8,6 @@ preempted head node would lose it. The Optuna study is read from its journal by 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import math
 import os
 import shutil
@@ -52,10 +50,7 @@ def _create(tmp_path: Path, *args: str, storage: str | None = None) -> str:
     """The driver's ``create`` in this process (it starts no Ray); returns the search directory."""
     import search_driver  # tests/search_driver.py
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert search_driver.main(["create", storage or str(tmp_path / "searches"), *args]) == 0
-    return out.getvalue().strip().splitlines()[-1]
+    return search_driver.create(storage or str(tmp_path / "searches"), *args)
 
 
 def _study(search_dir: str):
