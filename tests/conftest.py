@@ -88,18 +88,39 @@ def tiny_train_config(tiny_manifest, label_mask_set) -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def _shared_ray():
-    """The local Ray cluster of this test process and its GCS address (see :func:`ray_cluster`)."""
+def shared_cluster():
+    """One Ray cluster per test process, a head node with 2 CPUs (``ray.cluster_utils.Cluster``, as
+    ``ray start --head`` starts one), for the tests' in-process Ray work (:func:`ray_cluster`) and for
+    search drivers that need no cluster of their own: a driver given ``RAY_ADDRESS=<its address>``
+    joins it (tests/search_driver.py). Starting a local cluster costs a driver ~5 s and ~6
+    CPU-seconds of Ray's own processes on the 2-core CI machine; the tests that kill a driver or a
+    node, count processes or need other resources start their own.
+
+    Its worker processes inherit this process's environment as it was at the start, so no
+    ``MGFA_STANDIN_*`` variable of one test may be in it: drivers pass theirs as the job's
+    ``runtime_env``. Yields its GCS address."""
+    from ray.cluster_utils import Cluster
+
+    assert not [k for k in os.environ if k.startswith("MGFA_STANDIN_")], "start the shared cluster outside monkeypatch"
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield cluster.address
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(shared_cluster):
+    """This test process connected to :func:`shared_cluster`, and its GCS address (see :func:`ray_cluster`)."""
     import ray
 
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # never a `ray start` cluster
+    context = ray.init(address=shared_cluster, configure_logging=False)
     yield ray, context.address_info["gcs_address"]
     ray.shutdown()
 
 
 @pytest.fixture
 def ray_cluster(_shared_ray):
-    """A local Ray cluster shared by the tests that need one (started the way users start it).
+    """This process connected to the Ray cluster the tests of this process share (:func:`shared_cluster`).
 
     Fails the test when an earlier test shut that cluster down: Ray Data would otherwise start a
     cluster of its own, unseen, and the test would run on it."""
@@ -171,9 +192,9 @@ def restartable_s3():
 
 
 @pytest.fixture(scope="session")
-def watched_search(tmp_path_factory):
+def watched_search(tmp_path_factory, shared_cluster):
     """A finished stand-in search (tests/search_driver.py: 5 trials x 4 epochs, ASHA with rungs at 1 and 2
-    epochs, 2 at once) run by its own driver process, and :func:`mgfa_ray.status.search_status` of it
+    epochs, 2 at once) run by its own driver process on the shared cluster, and :func:`mgfa_ray.status.search_status` of it
     taken from this process while the driver ran and held the search's lock (``None`` if the driver
     finished before a trial had reported an epoch while another still ran).
 
@@ -190,7 +211,7 @@ def watched_search(tmp_path_factory):
 
     driver = REPO / "tests" / "search_driver.py"
     tmp = tmp_path_factory.mktemp("watched")
-    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.4", "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.4", "RAY_ADDRESS": shared_cluster, "PYTHONUNBUFFERED": "1"}
     search_dir = search_driver.create(str(tmp / "searches"), "--num-samples", "5")  # in this process
     with open(tmp / "driver.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(driver), "run", search_dir], env=env, stdout=log,

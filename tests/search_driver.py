@@ -24,6 +24,9 @@ Searches are created without TensorBoard event files (``search.tensorboard: fals
 then does not import torch, which the stand-in never needs (~3 s and 3.5 CPU-seconds per driver
 start on 2 cores); ``create --tensorboard`` gives the product's default.
 
+``run`` starts its own local cluster, unless ``$RAY_ADDRESS`` names a running one: it then joins
+that cluster with its ``MGFA_*`` variables as the job's ``runtime_env`` (:func:`join_with_test_environment`).
+
 ``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
 GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
 / ``--gpus-per-trial`` set the trial's share, so tests can pack trials.
@@ -134,6 +137,7 @@ def main(argv=None) -> int:
         from mgfa_ray import cli
 
         os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
+        join_with_test_environment()
         if read_record_base(argv)["manifest"] == "stand-in":
             mgfa_ray.search.tune_trainable = standin_trainable
         return cli.main(argv[1:])
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
     # run_search starts Ray itself once it holds the search's lock. "local": a new local cluster
     # even when a `ray start` cluster runs on this machine (which ray.init() would otherwise join).
     os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
+    join_with_test_environment()
     if args.ray_cpus is not None or args.ray_gpus is not None:
         import ray
 
@@ -193,6 +198,20 @@ def main(argv=None) -> int:
     run_search(args.dir, more_trials=args.more_trials, errored=args.errored,
                trainable=None if real else standin_trainable)
     return 0
+
+
+def join_with_test_environment() -> None:
+    """When ``$RAY_ADDRESS`` names a running cluster (tests/conftest.py: shared_cluster), connect to
+    it with this process's ``MGFA_*`` variables as the job's ``runtime_env``: trial workers inherit
+    the environment of whoever started the nodes, not the driver's. ``run_search`` then keeps this
+    connection (mgfa_ray.runtime.ensure_ray). Nothing for ``local`` or ``auto``."""
+    address = os.environ["RAY_ADDRESS"]
+    if address in ("local", "auto"):
+        return
+    import ray
+
+    ray.init(address=address, configure_logging=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MGFA_")}})
 
 
 def read_record_base(argv: list[str]) -> dict:

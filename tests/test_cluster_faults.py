@@ -1,8 +1,9 @@
 """Failures under a running search: a worker node killed mid-trial, the object store restarted,
 a second driver on the same search.
 
-Drivers are separate processes (tests/search_driver.py with its fast stand-in trainable); the
-multi-node cluster is ``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each
+Drivers are separate processes (tests/search_driver.py with its fast stand-in trainable); one that
+is killed starts its own local cluster, one that runs to its end joins the cluster this test
+process shares (conftest.shared_cluster). The multi-node cluster is ``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each
 its own raylet — so a trial runs on a worker node and killing that node's processes is a node
 dying. Checks reuse test_search_resume's: Ray and the Optuna study agree on every trial, and the
 per-epoch log counts what really ran.
@@ -87,11 +88,11 @@ def test_worker_node_killed_mid_trial_resumes_from_its_checkpoint_on_another_nod
     assert "nodekill" in search_dir  # the checkpoints it resumed from were on the object store
 
 
-def test_object_store_restarted_mid_search_the_search_waits_and_finishes(tmp_path, restartable_s3):
+def test_object_store_restarted_mid_search_the_search_waits_and_finishes(tmp_path, shared_cluster, restartable_s3):
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
                          "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
                          storage=restartable_s3.uri("outage", "team-a"))
-    proc = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STORAGE_RETRY_S="120"))
+    proc = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STORAGE_RETRY_S="120"), join=shared_cluster)
     _wait_for(lambda: _finished(_study(search_dir).get_trials(deepcopy=False)) >= 1, timeout=180,
               what="a finished trial", proc=proc)
     restartable_s3.stop()
@@ -104,7 +105,7 @@ def test_object_store_restarted_mid_search_the_search_waits_and_finishes(tmp_pat
     assert not [t for t in search_trials(_study(search_dir)) if t.state == TrialState.FAIL]
 
 
-def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_path, restartable_s3):
+def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_path, shared_cluster, restartable_s3):
     """A driver on an object store (with an SQLite study) is killed; a resume while the store is
     down fails clearly; once it is back, the resume finishes and the export reads from it."""
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
@@ -112,12 +113,12 @@ def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_p
                          storage=restartable_s3.uri("outage2", "team-a"))
     _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1)
     restartable_s3.stop()
-    down = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STORAGE_RETRY_S="2"))
+    down = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STORAGE_RETRY_S="2"))  # fails before Ray
     assert down.wait(timeout=120) != 0
     assert "StorageUnavailableError: object store unreachable for 2 s (MGFA_STORAGE_RETRY_S)" in (
         tmp_path / "driver.log").read_text()
     restartable_s3.start()
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))
     _check_one_truth(search_dir, total=4, log_dir=tmp_path / "epoch-log", kills=1)
     # A search on an object store with an RDB study survived the kill: its export comes from there.
     summary = export_search(search_dir, tmp_path / "export")
@@ -125,14 +126,14 @@ def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_p
     assert summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
 
 
-def test_second_driver_on_a_running_search_is_refused(tmp_path):
+def test_second_driver_on_a_running_search_is_refused(tmp_path, shared_cluster):
     search_dir = _create(tmp_path, "--num-samples", "1", "--max-epochs", "4", "--no-early-stopping")
     hold = tmp_path / "hold"
     hold.touch()  # the first driver's trial waits after epoch 2 until the second driver was refused
-    first = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_HOLD=str(hold)))
+    first = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_HOLD=str(hold)), join=shared_cluster)
     _wait_for(lambda: any(t.intermediate_values for t in _study(search_dir).get_trials(deepcopy=False)),
               timeout=180, what="a trial's first epoch", proc=first)
-    second = _driver(tmp_path, "run", search_dir)
+    second = _driver(tmp_path, "run", search_dir)  # refused before it starts Ray
     assert second.wait(timeout=120) != 0
     assert f"search {search_dir} is being run by another driver: pid {first.pid}" in (
         tmp_path / "driver.log").read_text()

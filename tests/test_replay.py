@@ -159,7 +159,7 @@ def test_simulate_rejects_no_limit():
         simulate(SequencePolicy(curves(), max_epochs=4, asha=None), workers=1)
 
 
-def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, capsys):
+def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, capsys, shared_cluster):
     """A real search (Ray Tune, StudySearch + StudyScheduler, ASHA rungs at epochs 1 and 2, one trial
     at a time; tests/search_driver.py's stand-in trials) replayed with its own settings stops every
     trial where the live search did; a later first rung keeps more and is flagged cut short where
@@ -175,7 +175,7 @@ def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, caps
     from mgfa_ray.search_replay import replay_search
 
     search_dir = search_driver.create(str(tmp_path / "searches"), "--num-samples", "6", "--max-concurrent", "1")
-    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.05", "RAY_ADDRESS": ""}
+    env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.05", "RAY_ADDRESS": shared_cluster}
     done = subprocess.run([sys.executable, str(Path(search_driver.__file__)), "run", search_dir], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,8 +1,10 @@
 """A search survives its driver being SIGKILLed, extends, retries, and agrees with itself.
 
-Each driver is its own process (tests/search_driver.py, fast stand-in trainable) with its own local
-Ray cluster in its own process group; "killing the driver" SIGKILLs the whole group, as a
-preempted head node would lose it. The Optuna study is read from its journal by this process.
+Each driver is its own process (tests/search_driver.py, fast stand-in trainable) in its own
+process group. A driver that is killed starts its own local Ray cluster, as users run it, and
+"killing the driver" SIGKILLs the whole group, as a preempted head node would lose it. Drivers that
+run to their end join the cluster this test process shares (conftest.shared_cluster), as a search
+resumed on a running cluster does. The Optuna study is read from its journal by this process.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _driver(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _driver(tmp_path: Path, *args: str, env: dict[str, str] | None = None, join: str | None = None) -> subprocess.Popen:
+    """A driver process with its own local Ray cluster, or joined to the running cluster at ``join``."""
+    env = {**(env or _env(tmp_path)), **({"RAY_ADDRESS": join} if join else {})}
     log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115 — closed with the process
-    return subprocess.Popen([sys.executable, str(DRIVER), *args], env=env or _env(tmp_path), stdout=log,
+    return subprocess.Popen([sys.executable, str(DRIVER), *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -146,7 +150,7 @@ def _skew_searcher_state(run_path: Path, skew: int) -> None:
 
 @pytest.mark.parametrize(("kill_point", "skew"), [("first_trial_running", 0), ("two_trials_finished", 1),
                                                    ("five_trials_finished", -1)])
-def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_point, skew):
+def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, shared_cluster, kill_point, skew):
     """Killed at three points; at two of them Ray's saved searcher state is also one trial ahead of
     (or behind) its saved trial list, as a kill between uploading the two leaves it: without
     :func:`mgfa_ray.tune_state.reconcile_search_state` the resumed run ends a trial short (every
@@ -163,7 +167,7 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_
     _kill_when(_driver(tmp_path, "run", search_dir), search_dir, ready)
     if skew:
         _skew_searcher_state(Path(search_dir, "runs", "run-0"), skew)
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))
     assert not skew or "made them agree" in (tmp_path / "driver.log").read_text()
     _check_one_truth(search_dir, total=7, log_dir=tmp_path / "epoch-log", kills=1)
     states = collections.Counter(t.state for t in search_trials(_study(search_dir)))
@@ -178,18 +182,18 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, kill_
     assert summary["num_trials"] == 7 and summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
 
 
-def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_path):
+def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_path, shared_cluster):
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS))
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))
     epochs_before = sum(len(f.read_text().splitlines()) for f in (tmp_path / "epoch-log").glob("*.log"))
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir))  # resume of a finished search
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))  # resume of a finished search
     assert sum(len(f.read_text().splitlines()) for f in (tmp_path / "epoch-log").glob("*.log")) == epochs_before
     _check_one_truth(search_dir, total=4)
 
     # A driver killed during a journal append leaves Optuna's lock link: the next one removes it
     # rather than stalling 30 s (Optuna's grace period) and then releasing it by force.
     os.symlink(Path(search_dir, "optuna.journal"), Path(search_dir, "optuna.journal.lock"))
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--more-trials", "3"))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--more-trials", "3", join=shared_cluster))
     log = (tmp_path / "driver.log").read_text()
     assert "optuna.journal.lock: removed the lock its last writer left behind" in log
     assert "Forcibly releasing" not in log and "taking longer than" not in log
@@ -202,13 +206,14 @@ def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_
     assert sum(math.isclose(lr, 0.01) for lr in lrs) == 1
 
 
-def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path):
+def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path, shared_cluster):
     fail = tmp_path / "fail"
     fail.mkdir()
     (fail / "fail-1").touch()  # Optuna trial 1 raises once at epoch 2; Ray retries it from its checkpoint
     search_dir = _create(tmp_path, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
                          "--max-failures", "1")
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_FAIL_DIR=str(fail))))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STANDIN_FAIL_DIR=str(fail)),
+                              join=shared_cluster))
     assert not (fail / "fail-1").exists()  # the failure happened
     study = _study(search_dir)
     assert [t.state for t in search_trials(study)] == [TrialState.COMPLETE] * 3
@@ -217,7 +222,7 @@ def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def errored_search(tmp_path_factory) -> Path:
+def errored_search(tmp_path_factory, shared_cluster) -> Path:
     """A search whose Optuna trial 1 failed at epoch 2 (``max_failures`` 0), then resumed plainly:
     the failed trial stays failed. Each test resumes a copy (a search directory is relocatable)."""
     root = tmp_path_factory.mktemp("errored")
@@ -226,12 +231,12 @@ def errored_search(tmp_path_factory) -> Path:
     (fail / "fail-1").touch()
     search_dir = _create(root, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
                          "--max-failures", "0")
-    _finish(root, _driver(root, "run", search_dir, env=_env(root, MGFA_STANDIN_FAIL_DIR=str(fail))))
+    _finish(root, _driver(root, "run", search_dir, env=_env(root, MGFA_STANDIN_FAIL_DIR=str(fail)), join=shared_cluster))
     ray = ray_trials(search_dir)
     assert sorted(ray["ray_status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
     assert collections.Counter(t.state for t in search_trials(_study(search_dir)))[TrialState.FAIL] == 1
 
-    _finish(root, _driver(root, "run", search_dir))  # a plain resume leaves the failed trial failed
+    _finish(root, _driver(root, "run", search_dir, join=shared_cluster))  # a plain resume leaves it failed
     study = _study(search_dir)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
     assert Path(search_dir).relative_to(root) == Path("searches", "standin")
@@ -239,10 +244,11 @@ def errored_search(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("errored", ["resume", "restart"])
-def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, errored_search, errored):
+def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, shared_cluster, errored_search,
+                                                                            errored):
     shutil.copytree(errored_search, tmp_path, dirs_exist_ok=True, symlinks=True)
     search_dir = str(tmp_path / "searches" / "standin")
-    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--errored", errored))
+    _finish(tmp_path, _driver(tmp_path, "run", search_dir, "--errored", errored, join=shared_cluster))
     study = _study(search_dir)
     trials = search_trials(study)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
@@ -257,7 +263,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_ctrl_c_exits_130_and_a_moved_copy_resumes_without_touching_the_original(tmp_path):
+def test_ctrl_c_exits_130_and_a_moved_copy_resumes_without_touching_the_original(tmp_path, shared_cluster):
     """Issue 15, defects 7 and 6. Ctrl-C (SIGINT to the CLI's process group, as a terminal sends
     it) ends the run with status 130 and the resume command, exporting nothing. The job's output
     directory is then copied and the original moved away: the copy resumes and finishes on its own
@@ -286,7 +292,7 @@ def test_ctrl_c_exits_130_and_a_moved_copy_resumes_without_touching_the_original
     shutil.move(job, tmp_path / "moved")
     original = _files(tmp_path / "moved")
     copy_dir = str(tmp_path / "copy" / "search" / "standin")
-    _finish(tmp_path, _driver(tmp_path, "cli", "search", "resume", copy_dir))
+    _finish(tmp_path, _driver(tmp_path, "cli", "search", "resume", copy_dir, join=shared_cluster))
     assert _files(tmp_path / "moved") == original and not job.exists()
     _check_one_truth(copy_dir, total=3, kills=1, max_epochs=2)
     assert (Path(copy_dir) / "export" / "best_config.yaml").is_file()  # the job's export/ was never made: inside
