@@ -151,7 +151,7 @@ def _study(job_dir: Path):
 
 
 @pytest.mark.slow
-def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path):
+def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path, shared_cluster):
     job_file = _tiny_job(tmp_path)
     job_dir = tmp_path / "job"
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
@@ -178,7 +178,9 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path):
         before[t.number] = (result, result.read_bytes())
     assert 1 <= len(before) < 4
 
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # The rerun joins a running cluster (the tests' shared one), as a rerun on a `ray start` cluster does.
+    rerun = subprocess.run(cmd, cwd=REPO, env={**env, "RAY_ADDRESS": shared_cluster}, capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     for number, (result, content) in before.items():  # not trained again
         after = result.read_bytes()

@@ -191,7 +191,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 @pytest.mark.slow
-def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_root):
+def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_root, shared_cluster):
     """Head with 0 CPUs + one worker with 2: the mask actor and every trial must run on the worker.
     Only submit.sh passes MGFA_DATA_ROOT to the job (the nodes do not have it)."""
     gcs, dashboard, client, agent_head, agent_worker = _free_ports(5)
@@ -298,15 +298,15 @@ def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_
     assert load_config(TrainConfig, smoke / "export" / "best_config.yaml").epochs == 1
     trials = pd.read_csv(smoke / "export" / "trials.csv")
     assert len(trials) == 2 and (trials["state"] == "COMPLETE").all() and (trials["epochs_run"] == 1).all()
-    _extend_then_train_best_config(smoke, report, tmp_path)
+    _extend_then_train_best_config(smoke, report, tmp_path, shared_cluster)
 
 
-def _extend_then_train_best_config(smoke: Path, report: dict, tmp_path: Path) -> None:
-    """After the cluster is gone, on this machine's own local Ray (the console script, as users
-    run it): the CLI extends the job's finished search by exactly one trial and exports it again
-    to the job's export/; the exported best config trains again to the same numbers."""
+def _extend_then_train_best_config(smoke: Path, report: dict, tmp_path: Path, cluster: str) -> None:
+    """After the cluster is gone, on another running cluster (the tests' shared one; the console
+    script, as users run it): the CLI extends the job's finished search by exactly one trial and
+    exports it again to the job's export/; the exported best config trains again to the same numbers."""
     search_dir = smoke / "search" / "leafsnap20"
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a new local cluster, whatever else runs on the machine
+    env = {**os.environ, "RAY_ADDRESS": cluster}
     more = subprocess.run([BIN / "mgfa-ray", "search", "resume", str(search_dir), "--more-trials", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
