@@ -190,7 +190,8 @@ class Check:
 
 
 def step_install(c: Check) -> None:
-    missing = [m for m in NEEDED if not _importable(m, c.env)]
+    imports = _importable((*NEEDED, "mgfa_ray"), c.env)
+    missing = [m for m in NEEDED if not imports[m]]
     wheels = sorted((PACK / "wheels").glob("*.whl"))
     if not missing:
         c.skip("install", f"{', '.join(NEEDED)} import already")
@@ -200,14 +201,31 @@ def step_install(c: Check) -> None:
     else:
         c.run("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                           "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], timeout=180)
-    c.doc["imports"] = {m: _importable(m, c.env) for m in (*NEEDED, "mgfa_ray")}
+        imports = _importable((*NEEDED, "mgfa_ray"), c.env)
+    c.doc["imports"] = imports
 
 
-def _importable(module: str, env: dict[str, str]) -> str | bool:
-    """The module's version (or True) when a child Python can import it, else False."""
-    code = f"import {module} as m; print(getattr(m, '__version__', True))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or True if proc.returncode == 0 else False
+_PROBE = """import importlib, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        version = getattr(importlib.import_module(name), "__version__", None)
+    except Exception:
+        found[name] = False
+    else:
+        found[name] = str(version) if version else True
+print(json.dumps(found))
+"""
+
+
+def _importable(modules: tuple[str, ...], env: dict[str, str]) -> dict[str, str | bool]:
+    """Each module's version (or True) where a child Python imports it, else False: one child for
+    all of them (a Python that imports Ray or Ultralytics costs 1-3 s), each import tried on its own."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *modules], env=env, capture_output=True, text=True,
+                          check=False)
+    lines = proc.stdout.strip().splitlines()
+    found = json.loads(lines[-1]) if proc.returncode == 0 and lines else {}
+    return {m: found.get(m, False) for m in modules}
 
 
 def step_environment(c: Check) -> None:
