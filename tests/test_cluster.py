@@ -11,6 +11,7 @@ and their descendants carry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -27,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from ray.util.state.exception import RayStateApiException
 
 from mgfa_ray.cli import _parser
 from mgfa_ray.config import JobConfig, TrainConfig, load_config
@@ -217,11 +219,11 @@ def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_
                                             stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
         return started[-1]
 
-    def ray_list(what):
-        out = subprocess.run([BIN / "ray", "list", what, "--address", address, "--format", "json", "--detail",
-                              "--limit", "10000"], env=env, capture_output=True, text=True, timeout=120, check=False)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout)
+    def ray_list(what):  # Ray's State API (what `ray list` prints), from this process
+        from ray.util import state
+
+        listing = {"nodes": state.list_nodes, "actors": state.list_actors}[what]
+        return [dataclasses.asdict(row) for row in listing(address=address, detail=True, limit=10000, timeout=120)]
 
     def wait_for(what, ready, timeout):
         deadline = time.monotonic() + timeout
@@ -231,7 +233,7 @@ def test_submit_smoke_job_to_two_node_cluster(tmp_path, mobilenet_weights, data_
             try:
                 if ready():
                     return
-            except (OSError, AssertionError, json.JSONDecodeError):
+            except (OSError, AssertionError, json.JSONDecodeError, RayStateApiException):
                 pass
             time.sleep(1)
         pytest.fail(f"{what} not ready after {timeout} s\nhead:\n{_tail(logs['head'])}\n"
