@@ -263,7 +263,11 @@ from mgfa_ray.masks import DetectorBoxes, build_mask_set
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # run the finally below: shut the cluster down
 a = json.load(open(sys.argv[1]))
 location = Path(a["location"])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+# Declare a node dead after 3 missed health checks 0.5 s apart (Ray's default: 5 x 3 s), as
+# tests/test_cluster_faults.py does: the test waits for the death, not for the default's 15 s.
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "include_dashboard": False,
+    "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
 try:
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, configure_logging=False)
