@@ -227,7 +227,7 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path, s
 
 
 @pytest.mark.slow
-def test_train_seeds_reports_mean_and_interval_of_real_seeds(tmp_path, tiny_train_config):
+def test_train_seeds_reports_mean_and_interval_of_real_seeds(tmp_path, tiny_train_config, shared_cluster):
     from mgfa_ray.config import to_dict
     from mgfa_ray.trial import run_trial
 
@@ -237,7 +237,7 @@ def test_train_seeds_reports_mean_and_interval_of_real_seeds(tmp_path, tiny_trai
     out = tmp_path / "seeds"
     run = subprocess.run([str(BIN / "mgfa-ray"), "train", "--config", str(config), "--seeds", "2",
                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "RAY_ADDRESS": "local"})
+                         env={**os.environ, "RAY_ADDRESS": shared_cluster})  # seeds on a running cluster
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     per_seed = pd.read_csv(out / "seeds.csv").sort_values("seed")
     assert per_seed["seed"].tolist() == [3, 4] and (per_seed["state"] == "COMPLETE").all()
