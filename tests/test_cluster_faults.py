@@ -1,9 +1,9 @@
 """Failures under a running search: a worker node killed mid-trial, the object store restarted,
 a second driver on the same search.
 
-Drivers are separate processes (tests/search_driver.py with its fast stand-in trainable); one that
-is killed starts its own local cluster, one that runs to its end joins the cluster this test
-process shares (conftest.shared_cluster). The multi-node cluster is ``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each
+Drivers are separate processes (tests/search_driver.py with its fast stand-in trainable) that join
+the cluster this test process shares (conftest.shared_cluster), but for the node-kill test's, which
+joins its own, and those refused before they start Ray. The multi-node cluster is ``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each
 its own raylet — so a trial runs on a worker node and killing that node's processes is a node
 dying. Checks reuse test_search_resume's: Ray and the Optuna study agree on every trial, and the
 per-epoch log counts what really ran.
@@ -111,7 +111,8 @@ def test_object_store_down_at_resume_is_a_clear_error_then_resumes_cleanly(tmp_p
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS),
                          "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
                          storage=restartable_s3.uri("outage2", "team-a"))
-    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, lambda ts: _finished(ts) >= 1)
+    # A driver on a running cluster (the shared one) is killed: Ray ends its trials, the cluster stays.
+    _kill_when(_driver(tmp_path, "run", search_dir, join=shared_cluster), search_dir, lambda ts: _finished(ts) >= 1)
     restartable_s3.stop()
     down = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, MGFA_STORAGE_RETRY_S="2"))  # fails before Ray
     assert down.wait(timeout=120) != 0

@@ -1,10 +1,11 @@
 """A search survives its driver being SIGKILLed, extends, retries, and agrees with itself.
 
 Each driver is its own process (tests/search_driver.py, fast stand-in trainable) in its own
-process group. A driver that is killed starts its own local Ray cluster, as users run it, and
-"killing the driver" SIGKILLs the whole group, as a preempted head node would lose it. Drivers that
-run to their end join the cluster this test process shares (conftest.shared_cluster), as a search
-resumed on a running cluster does. The Optuna study is read from its journal by this process.
+process group. A driver that is killed mostly starts its own local Ray cluster, as users run it,
+and "killing the driver" SIGKILLs the whole group, as a preempted head node would lose it; one
+kill test kills a driver that joined a running cluster instead. Drivers that run to their end join
+the cluster this test process shares (conftest.shared_cluster), as a search resumed on a running
+cluster does. The Optuna study is read from its journal by this process.
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, share
     (or behind) its saved trial list, as a kill between uploading the two leaves it: without
     :func:`mgfa_ray.tune_state.reconcile_search_state` the resumed run ends a trial short (every
     later resume too) or runs one trial too many. The first search has TensorBoard event files (the
-    product's default), the others not (``search.tensorboard: false``), across the resume too."""
+    product's default), the others not (``search.tensorboard: false``), across the resume too.
+    At "two_trials_finished" the killed driver is one that joined a running cluster (the shared
+    one): only the driver dies, and Ray ends its trials; at the others its own local cluster dies with it."""
     tensorboard = kill_point == "first_trial_running"
+    joined = shared_cluster if kill_point == "two_trials_finished" else None
     search_dir = _create(tmp_path, "--num-samples", "7", "--max-epochs", str(MAX_EPOCHS),
                          *(["--tensorboard"] if tensorboard else []))
     ready = {
@@ -164,7 +168,7 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, share
         "two_trials_finished": lambda ts: _finished(ts) >= 2,
         "five_trials_finished": lambda ts: _finished(ts) >= 5,
     }[kill_point]
-    _kill_when(_driver(tmp_path, "run", search_dir), search_dir, ready)
+    _kill_when(_driver(tmp_path, "run", search_dir, join=joined), search_dir, ready)
     if skew:
         _skew_searcher_state(Path(search_dir, "runs", "run-0"), skew)
     _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))
