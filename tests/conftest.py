@@ -92,9 +92,9 @@ def shared_cluster():
     """One Ray cluster per test process, a head node with 2 CPUs (``ray.cluster_utils.Cluster``, as
     ``ray start --head`` starts one), for the tests' in-process Ray work (:func:`ray_cluster`) and for
     search drivers that need no cluster of their own: a driver given ``RAY_ADDRESS=<its address>``
-    joins it (tests/search_driver.py). Starting a local cluster costs a driver ~5 s and ~6
-    CPU-seconds of Ray's own processes on the 2-core CI machine; the tests that kill a driver or a
-    node, count processes or need other resources start their own.
+    joins it (tests/search_driver.py). A short stand-in search took ~15 s and ~14 CPU-seconds with a
+    local cluster of its own on 2 cores, ~7.5 s and ~9 joined; the tests that kill a driver with its
+    cluster, kill nodes, count processes or need other resources start their own.
 
     Its worker processes inherit this process's environment as it was at the start, so no
     ``MGFA_STANDIN_*`` variable of one test may be in it: drivers pass theirs as the job's
@@ -194,9 +194,10 @@ def restartable_s3():
 @pytest.fixture(scope="session")
 def watched_search(tmp_path_factory, shared_cluster):
     """A finished stand-in search (tests/search_driver.py: 5 trials x 4 epochs, ASHA with rungs at 1 and 2
-    epochs, 2 at once) run by its own driver process on the shared cluster, and :func:`mgfa_ray.status.search_status` of it
-    taken from this process while the driver ran and held the search's lock (``None`` if the driver
-    finished before a trial had reported an epoch while another still ran).
+    epochs, 2 at once) run by its own driver process on the shared cluster, and
+    :func:`mgfa_ray.status.search_status` of it taken from this process while the driver ran and
+    held the search's lock (``None`` if the driver finished before a trial had reported an epoch
+    while another still ran).
 
     Yields ``(search_dir, running_status)``.
     """

@@ -3,10 +3,11 @@ a second driver on the same search.
 
 Drivers are separate processes (tests/search_driver.py with its fast stand-in trainable) that join
 the cluster this test process shares (conftest.shared_cluster), but for the node-kill test's, which
-joins its own, and those refused before they start Ray. The multi-node cluster is ``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each
-its own raylet — so a trial runs on a worker node and killing that node's processes is a node
-dying. Checks reuse test_search_resume's: Ray and the Optuna study agree on every trial, and the
-per-epoch log counts what really ran.
+joins its own, and those refused before they start Ray. The multi-node cluster is
+``ray.cluster_utils.Cluster`` — a head without CPUs and worker nodes, each its own raylet — so a
+trial runs on a worker node and killing that node's processes is a node dying. Checks reuse
+test_search_resume's: Ray and the Optuna study agree on every trial, and the per-epoch log counts
+what really ran.
 """
 
 from __future__ import annotations

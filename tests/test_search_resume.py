@@ -34,7 +34,7 @@ MAX_EPOCHS = 4
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     log = tmp_path / "epoch-log"
     log.mkdir(exist_ok=True)
-    return {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.3", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": "",  # each driver starts its own local cluster
+    return {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.3", "MGFA_STANDIN_LOG": str(log), "RAY_ADDRESS": "",  # own cluster, unless joined
             "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -235,7 +235,8 @@ def errored_search(tmp_path_factory, shared_cluster) -> Path:
     (fail / "fail-1").touch()
     search_dir = _create(root, "--num-samples", "3", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
                          "--max-failures", "0")
-    _finish(root, _driver(root, "run", search_dir, env=_env(root, MGFA_STANDIN_FAIL_DIR=str(fail)), join=shared_cluster))
+    _finish(root, _driver(root, "run", search_dir, env=_env(root, MGFA_STANDIN_FAIL_DIR=str(fail)),
+                          join=shared_cluster))
     ray = ray_trials(search_dir)
     assert sorted(ray["ray_status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
     assert collections.Counter(t.state for t in search_trials(_study(search_dir)))[TrialState.FAIL] == 1
