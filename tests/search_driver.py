@@ -25,7 +25,7 @@ then does not import torch, which the stand-in never needs (~3 s and 3.5 CPU-sec
 start on 2 cores); ``create --tensorboard`` gives the product's default.
 
 ``run`` starts its own local cluster, unless ``$RAY_ADDRESS`` names a running one: it then joins
-that cluster with its ``MGFA_*`` variables as the job's ``runtime_env`` (:func:`join_with_test_environment`).
+that cluster with its ``MGFA_*`` variables as the job's ``runtime_env`` (:func:`start_or_join_ray`).
 
 ``run --ray-cpus C --ray-gpus G`` starts the local cluster with those resources (G may exceed the
 GPUs present: Ray then schedules onto a GPU that is only a number), and ``create --cpus-per-trial``
@@ -136,8 +136,7 @@ def main(argv=None) -> int:
         import mgfa_ray.search
         from mgfa_ray import cli
 
-        os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
-        join_with_test_environment()
+        start_or_join_ray()
         if read_record_base(argv)["manifest"] == "stand-in":
             mgfa_ray.search.tune_trainable = standin_trainable
         return cli.main(argv[1:])
@@ -185,10 +184,7 @@ def main(argv=None) -> int:
                             search=search, base=base, storage_path=args.dir, cache_dir=args.cache_dir,
                             export_dir=args.export_dir))
         return 0
-    # run_search starts Ray itself once it holds the search's lock. "local": a new local cluster
-    # even when a `ray start` cluster runs on this machine (which ray.init() would otherwise join).
-    os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
-    join_with_test_environment()
+    start_or_join_ray()
     if args.ray_cpus is not None or args.ray_gpus is not None:
         import ray
 
@@ -200,12 +196,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def join_with_test_environment() -> None:
-    """When ``$RAY_ADDRESS`` names a running cluster (tests/conftest.py: shared_cluster), connect to
-    it with this process's ``MGFA_*`` variables as the job's ``runtime_env``: trial workers inherit
-    the environment of whoever started the nodes, not the driver's. ``run_search`` then keeps this
-    connection (mgfa_ray.runtime.ensure_ray). Nothing for ``local`` or ``auto``."""
-    address = os.environ["RAY_ADDRESS"]
+def start_or_join_ray() -> None:
+    """Where this driver's trials run. ``$RAY_ADDRESS`` empty or unset: ``local``, so ``run_search``
+    starts a new local cluster once it holds the search's lock, even when a ``ray start`` cluster runs
+    on this machine (which ``ray.init()`` would otherwise join). Naming a running cluster
+    (tests/conftest.py: shared_cluster): connect to it now, with this process's ``MGFA_*`` variables
+    as the job's ``runtime_env`` (trial workers inherit the environment of whoever started the
+    nodes, not the driver's); ``run_search`` keeps that connection (mgfa_ray.runtime.ensure_ray)."""
+    address = os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
     if address in ("local", "auto"):
         return
     import ray

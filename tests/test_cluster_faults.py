@@ -62,7 +62,7 @@ def test_worker_node_killed_mid_trial_resumes_from_its_checkpoint_on_another_nod
         search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS), "--no-early-stopping",
                              "--max-failures", "2", "--study-storage", f"sqlite:///{tmp_path / 'study.db'}",
                              storage=s3_server("nodekill", "team-a"))
-        proc = _driver(tmp_path, "run", search_dir, env=_env(tmp_path, RAY_ADDRESS=cluster.address))
+        proc = _driver(tmp_path, "run", search_dir, join=cluster.address)
 
         def trial_in_epoch_3():  # a trial two epochs in: the second is being checkpointed, or the third runs
             for f in log_dir.glob("trial-*.log"):
