@@ -220,12 +220,21 @@ print(json.dumps(found))
 
 def _importable(modules: tuple[str, ...], env: dict[str, str]) -> dict[str, str | bool]:
     """Each module's version (or True) where a child Python imports it, else False: one child for
-    all of them (a Python that imports Ray or Ultralytics costs 1-3 s), each import tried on its own."""
+    all of them (a Python that imports Ray or Ultralytics costs 1-3 s), each import tried on its own.
+    Where that child dies (an import that crashes the interpreter, a CUDA wheel for another driver),
+    one child per module, so only the module that crashes reads False."""
+    found = _probe(modules, env)
+    if found is None:
+        found = {m: (_probe((m,), env) or {}).get(m, False) for m in modules}
+    return {m: found.get(m, False) for m in modules}
+
+
+def _probe(modules: tuple[str, ...], env: dict[str, str]) -> dict[str, str | bool] | None:
+    """``_PROBE`` in one child Python: its answer, or None where the child did not finish."""
     proc = subprocess.run([sys.executable, "-c", _PROBE, *modules], env=env, capture_output=True, text=True,
                           check=False)
     lines = proc.stdout.strip().splitlines()
-    found = json.loads(lines[-1]) if proc.returncode == 0 and lines else {}
-    return {m: found.get(m, False) for m in modules}
+    return json.loads(lines[-1]) if proc.returncode == 0 and lines else None
 
 
 def step_environment(c: Check) -> None:
