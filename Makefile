@@ -31,7 +31,7 @@ smoke: $(VENV)/.installed
 
 # tests/test_dashboard.py drives headless Chromium (Debian's package); installed here when absent,
 # and skipped with its reason where that is not possible (no root, no package mirror).
-# The tests run in two pytest-xdist workers, each with one Ray cluster its tests share: 12-13 min of
+# The tests run in two pytest-xdist workers, each with one Ray cluster its tests share: 12-14 min of
 # tests on 2 cores (README "Tests"). TEST_WORKERS=0 runs them in this process. In-process Ray clusters
 # do not write Ray's machine-wide address file (through it the other worker's drivers joined a fault
 # test's cluster and died with it; tests/conftest.py, README "Tests").
