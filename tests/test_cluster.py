@@ -67,7 +67,12 @@ _STUBS = {  # stand-ins for the Slurm commands and the programs the batch script
              'echo "$node: $*" >> "$STUB_LOG"\n'
              'if [[ $1 == hostname ]]; then echo "fe80::1 10.1.2.3"; exit; fi\n'
              'echo $$ >> "$STUB_PIDS"; exec {sleep} 120'),  # `ray start --block` runs until stopped
-    "python": 'echo "ray.init log line"; echo "$NODES_UP"',  # the node count the script waits for
+    # The node count the script waits for: at most NODES_UP, and only once the three nodes' `ray start`
+    # steps ran (they run concurrently with the script, so one may log after its first poll).
+    "python": ('echo "ray.init log line"\n'
+               'for _ in $(seq 100); do n=$(grep -c " ray start " "$STUB_LOG"); ((n >= 3)) && break; '
+               '{sleep} 0.1; done\n'
+               'echo $((n < NODES_UP ? n : NODES_UP))'),
     "mgfa-ray": 'echo "mgfa-ray $* RAY_ADDRESS=$RAY_ADDRESS" >> "$STUB_LOG"; exit 3',
     "sleep": "exit 0",
 }
