@@ -270,6 +270,15 @@ class TrainParams(FrozenModel):
         delta, lam, mu: Eq. 8 loss weights for L_vein (kind 0), L_con (kind 1) and L_ce,
             non-negative; 0 removes a term (it is still reported).
         extra_regions: Weights of region kinds 2, 3, ... when a dataset has more than two.
+        empty_masks: What an image without a region of some kind (no box found, or cropped out)
+            does in that kind's Eq. 7 loss: ``exclude`` (default) leaves it out — its all-zero
+            target is no place the attention can go, and a softmax map can never reach it;
+            ``include`` averages it in (the paper's and the released code's behaviour). The
+            mask-fit metrics (:mod:`mgfa_ray.mask_fit`) always leave it out.
+        mask_fit_images: Training images (an evenly spaced, fixed subset) on which the mask-fit
+            check evaluates the attention every epoch at the evaluation geometry
+            (``train_fit_prior_<kind>``, :mod:`mgfa_ray.mask_fit`), >= 1; the position prior is the
+            mean target of every training image.
         activation: Eq. 4 attention activation, the *formulation*: ``softmax`` over H*W (paper as
             printed: each map sums to 1, so the attention branch is ~1/(H*W) of the feature),
             ``softmax_scaled`` (H*W times the softmax: mean 1, the feature's scale) or
@@ -317,6 +326,8 @@ class TrainParams(FrozenModel):
     lam: float = Field(0.1, ge=0.0)
     mu: float = Field(1.0, ge=0.0)
     extra_regions: list[RegionWeights] = []
+    empty_masks: Literal["exclude", "include"] = "exclude"
+    mask_fit_images: int = Field(128, ge=1)
     activation: Literal["softmax", "softmax_scaled", "sigmoid"] = "softmax"
     shared_conv: bool = False
     attention_bias: bool = True

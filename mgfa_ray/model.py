@@ -395,9 +395,11 @@ def mgfa_loss(
     target: torch.Tensor,
     mask_loss_weights: Mapping[str, float],
     mu: float,
+    present: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. 7-8: L = Σ_k w_k·L_k + μ·L_ce, with L_k = mean over H*W of (M_gt,k − M_k)² the mask
-    loss of region kind k.
+    loss of region kind k, averaged over the batch's images (those holding the region, when
+    ``present`` is given).
 
     Args:
         logits: (B, num_classes) float.
@@ -408,6 +410,10 @@ def mgfa_loss(
             ``attention`` (K entries, e.g. ``{"vein": 0.1, "contour": 0.1}``); a weight of 0
             removes that term from the total.
         mu: Weight of the cross-entropy term, >= 0; 0 removes it.
+        present: Optional bool (B, K): which images hold each kind's region
+            (:func:`mgfa_ray.mask_fit.region_present`). Given, L_k averages over those images only
+            (0, with no gradient, when none does): an empty target is no place the attention can
+            go, and a softmax map can never reach it. ``None``: every image counts (paper).
 
     Returns:
         ``{"loss_ce": L_ce, "loss_<kind>": L_k for each region kind, "loss": total}``, scalar
@@ -430,7 +436,12 @@ def mgfa_loss(
     if "ce" in mask_loss_weights:
         raise ValueError("a region kind cannot be named 'ce': its loss would be named like the cross-entropy (loss_ce)")
     ce = F.cross_entropy(logits, labels)
-    per_region = ((target.float() - attention.float()) ** 2).mean(dim=(0, 2, 3))  # Eq. 7, (K,)
+    per_image = ((target.float() - attention.float()) ** 2).mean(dim=(2, 3))  # Eq. 7, (B, K)
+    if present is None:
+        per_region = per_image.mean(0)
+    else:
+        keep = present.to(per_image.dtype)
+        per_region = (per_image * keep).sum(0) / keep.sum(0).clamp_min(1.0)
     out = {"loss_ce": ce}
     total = mu * ce if mu else torch.zeros((), device=logits.device)
     for k, (kind, w) in enumerate(mask_loss_weights.items()):

@@ -22,15 +22,15 @@ Optimisation: SGD with momentum and weight decay, step (×``lr_decay`` every ``l
 schedule; on CUDA bf16 (or fp16 with a gradient scaler) autocast and channels-last; on CPU fp32,
 deterministic for a seed, and a resumed run is bit-identical to an uninterrupted one.
 
-Metrics reported every epoch: ``epoch``, ``lr``, ``train_loss`` and its terms ``train_loss_ce``,
-``train_loss_<region>`` (the terms of :func:`~mgfa_ray.model.mgfa_loss` with a ``train_`` prefix:
-unweighted, every term even when its weight is 0), ``eval_top1``,
-``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce`` and ``eval_loss_<region>`` (Eq. 7 error
-of the attention maps against the ground-truth maps) and ``eval_flat_loss_<region>`` (the same
-error of a flat map at the ground truth's mean: the attention follows the masks where its error is
-below this) on ``eval_split``; ``test_top1``, ``test_top5``, ``test_loss_<region>`` and
-``test_flat_loss_<region>`` when the eval split is not the test split; ``train_images_per_second``
-and ``epoch_seconds``. Per-class accuracy of the eval split is in the checkpoint state.
+Metrics reported every epoch (:func:`epoch_metrics` names them all): the training pass's loss and
+its terms (``train_loss``, ``train_loss_ce``, ``train_loss_<region>``: the terms of
+:func:`~mgfa_ray.model.mgfa_loss`, unweighted, every term even when its weight is 0); top-1, top-5
+and cross-entropy on ``eval_split`` (and top-1, top-5 on test when that is another split); and the
+mask-fit check (:mod:`mgfa_ray.mask_fit`) on the training images, the eval and the test split:
+per region kind the attention's Eq. 7 error against the best constant map and the training
+split's position prior (``<split>_fit_prior_<region>`` below 1: the attention follows the masks
+better than a map that sees no image), and ``train_masks_learned``. Per-class accuracy of the eval
+split is in the checkpoint state.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from .errors import InputError, UserError
 from .storage import atomic_write_bytes, is_uri, sha256_json
 from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
+from .mask_fit import FIT_TERMS, mask_fit, masked_kinds, masks_learned, position_prior, region_present
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 from .worker import LastValue
 
@@ -227,6 +228,8 @@ def train_step(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """One SGD step on a batch: augment image and masks alike, forward, Eq. 7-8 loss, backward.
+    With ``empty_masks: exclude`` an image whose (cropped) target of a kind is empty is left out of
+    that kind's loss.
 
     Args:
         model: The classifier, in train mode, on ``ctx.device``.
@@ -245,8 +248,9 @@ def train_step(
     with ctx.autocast():
         logits, attention = model(ctx.inputs(x))
     target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
+    present = region_present(target) if ctx.cfg.empty_masks == "exclude" else None
     losses = mgfa_loss(logits=logits.float(), labels=labels, attention=attention.float(), target=target,
-                       mask_loss_weights=ctx.mask_loss_weights, mu=ctx.cfg.mu)
+                       mask_loss_weights=ctx.mask_loss_weights, mu=ctx.cfg.mu, present=present)
     optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(losses["loss"]).backward()
     ctx.scaler.step(optimizer)
@@ -290,10 +294,11 @@ def evaluate(
     num_classes: int,
     ctx: StepContext,
     masks: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy at the test resize (paper Sec. IV-B), and how well the
-    attention maps match the ground-truth maps.
+    """Top-1, top-5 and per-class accuracy at the test resize (paper Sec. IV-B), and the mask-fit
+    check of the attention maps (:mod:`mgfa_ray.mask_fit`).
 
     Args:
         model: The classifier on ``ctx.device`` (put in eval mode here).
@@ -304,24 +309,24 @@ def evaluate(
         ctx: Device, precision and activation.
         masks: Optional (N, K, M, M) region masks in [0, 1] of the same images; they get the
             images' resize and :func:`~mgfa_ray.model.gt_attention`.
+        prior: The position prior (K, H, W) of the training split (:func:`train_prior`); ``None``:
+            the mean target of these images (in-sample).
         batch_size: Images per forward pass.
 
     Returns:
         ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
         (top-1 averaged over the classes present), ``per_class``: ``{"correct": [...],
         "total": [...]}``, one entry per class, and with ``masks`` for each region kind of
-        ``ctx.cfg.region_classes`` ``loss_<kind>``: its Eq. 7 error (the mask loss of
-        :func:`~mgfa_ray.model.mgfa_loss`) and ``flat_loss_<kind>``: the same error of a flat map
-        at each ground-truth map's mean (its variance over H*W) — the attention follows the masks
-        where ``loss_<kind>`` is below it.
+        ``ctx.cfg.region_classes`` the terms of :func:`~mgfa_ray.mask_fit.mask_fit` as
+        ``<term>_<kind>``: ``loss_<kind>`` (Eq. 7 error over the images holding the region),
+        ``const_loss_<kind>``, ``prior_loss_<kind>``, ``fit_const_<kind>``, ``fit_prior_<kind>``.
     """
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
     total = torch.zeros(num_classes, dtype=torch.int64, device=ctx.device)
     top5 = torch.zeros((), dtype=torch.int64, device=ctx.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    region_sum = torch.zeros(model.attention.num_regions, dtype=torch.float64, device=ctx.device)
-    flat_sum = torch.zeros_like(region_sum)
+    maps: list[tuple[torch.Tensor, torch.Tensor]] = []
     eval_crop = ctx.cfg.eval_crop
     k = min(5, num_classes)
     for s in range(0, len(labels), batch_size):
@@ -335,8 +340,7 @@ def evaluate(
             logits, attention = model(ctx.inputs(x))
         if masks is not None:
             target = gt_attention(m, grid=tuple(attention.shape[-2:]), activation=ctx.cfg.activation)
-            region_sum += ((target - attention.float()) ** 2).mean(dim=(2, 3)).sum(0).double()  # Eq. 7
-            flat_sum += target.var(dim=(2, 3), unbiased=False).sum(0).double()
+            maps.append((attention.float(), target))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         hit = logits.argmax(1) == y
@@ -351,10 +355,57 @@ def evaluate(
         "mean_class_top1": sum(present) / max(1, len(present)),
         "per_class": {"correct": correct_l, "total": total_l},
     }
-    if masks is not None:
-        for kind, err, flat in zip(ctx.cfg.region_classes, (region_sum / n).tolist(), (flat_sum / n).tolist()):
-            out[f"loss_{kind}"], out[f"flat_loss_{kind}"] = err, flat
+    if maps:
+        out.update(_fit_terms(ctx.cfg.region_classes, maps, prior))
     return out
+
+
+def _fit_terms(kinds: list[str], maps: list[tuple[torch.Tensor, torch.Tensor]],
+               prior: torch.Tensor | None) -> dict[str, float]:
+    """:func:`~mgfa_ray.mask_fit.mask_fit` of the collected (attention, target) batches, as
+    ``<term>_<kind>``."""
+    attention, target = torch.cat([a for a, _ in maps]), torch.cat([t for _, t in maps])
+    fits = mask_fit(attention=attention, target=target,
+                    prior=position_prior(target) if prior is None else prior.to(target.device))
+    return {f"{term}_{kind}": fit[term] for kind, fit in zip(kinds, fits) for term in FIT_TERMS}
+
+
+@torch.no_grad()
+def train_prior(model: MGFAClassifier, images: torch.Tensor, masks: torch.Tensor, *, ctx: StepContext,
+                batch_size: int = 64) -> torch.Tensor:
+    """The position prior of the mask-fit check (:func:`~mgfa_ray.mask_fit.position_prior`): the
+    mean ground-truth map of the training images at the evaluation geometry (``eval_size``,
+    ``eval_crop``), on the model's feature grid.
+
+    Args:
+        model: The classifier (one image's forward pass gives the grid).
+        images: uint8 (N, 3, R, R) training images on ``ctx.device``.
+        masks: (N, K, M, M) their region masks in [0, 1].
+        ctx: Device, activation and evaluation geometry.
+
+    Returns:
+        float32 (K, H, W) on ``ctx.device``.
+    """
+    cfg = ctx.cfg
+    was_training = model.training
+    model.eval()
+    x = eval_images(images[:1], size=cfg.eval_input_size, eval_crop=cfg.eval_crop)
+    grid = tuple(model.forward_features(ctx.inputs(x)).shape[-2:])
+    model.train(was_training)
+    targets = []
+    for s in range(0, len(images), batch_size):
+        _, m = augment(images[s : s + batch_size], masks[s : s + batch_size], size=cfg.eval_input_size, train=False,
+                       eval_crop=cfg.eval_crop)
+        targets.append(gt_attention(m, grid=grid, activation=cfg.activation))
+    return position_prior(torch.cat(targets))
+
+
+def fit_rows(n: int, limit: int) -> torch.Tensor:
+    """The training images of the mask-fit check: all ``n`` when ``n <= limit``, else ``limit``
+    evenly spaced ones (a fixed subset, the same every epoch). int64 (min(n, limit),)."""
+    if n <= limit:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, limit).round().long().unique()
 
 
 def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
@@ -465,6 +516,8 @@ class Trial:
         optimizer: SGD of :func:`make_optimizer`.
         scheduler: Its learning-rate schedule, stepped once per epoch.
         generator: CPU RNG of the epoch orders, crops and flips, seeded with ``cfg.seed``.
+        prior: The position prior (K, H, W) of the mask-fit check (:func:`train_prior`).
+        fit_rows: The training images the mask-fit check evaluates every epoch (:func:`fit_rows`).
     """
 
     cfg: TrainConfig
@@ -476,6 +529,8 @@ class Trial:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generator: torch.Generator
+    prior: torch.Tensor
+    fit_rows: torch.Tensor
 
 
 def trial_device(cfg: TrainConfig) -> torch.device:
@@ -512,8 +567,11 @@ def prepare(cfg: TrainConfig, *, cache_dir: Path | None = None) -> Trial:
     ctx = StepContext(cfg, device)
     model = model.to(memory_format=ctx.memory_format)
     optimizer, scheduler = make_optimizer(cfg, model)
+    images, masks, labels = data["train"]
+    prior = train_prior(model, images, masks, ctx=ctx)  # no RNG draw: the seeded run is unchanged
     return Trial(cfg=cfg, device=device, data=data, class_names=class_names, model=model, ctx=ctx,
-                 optimizer=optimizer, scheduler=scheduler, generator=torch.Generator().manual_seed(cfg.seed))
+                 optimizer=optimizer, scheduler=scheduler, generator=torch.Generator().manual_seed(cfg.seed),
+                 prior=prior, fit_rows=fit_rows(len(labels), cfg.mask_fit_images).to(device))
 
 
 def restore(trial: Trial, state: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
@@ -568,10 +626,14 @@ def train_one_epoch(trial: Trial) -> tuple[dict[str, float], int]:
 
 
 def evaluate_split(trial: Trial, part: str) -> dict[str, Any]:
-    """Step 4 of :func:`run_trial`: :func:`evaluate` on ``trial.data[part]`` (``eval`` or
-    ``test``) with its masks, at the test-time input of ``cfg`` (``eval_size``, ``eval_crop``)."""
+    """Step 4 of :func:`run_trial`: :func:`evaluate` on ``trial.data[part]`` (``eval``,
+    ``test``, or ``train``: its mask-fit subset ``trial.fit_rows``) with its masks and the
+    training split's position prior, at the test-time input of ``cfg`` (``eval_size``,
+    ``eval_crop``)."""
     images, masks, labels = trial.data[part]
-    return evaluate(trial.model, images, labels, masks=masks, size=trial.cfg.eval_input_size,
+    if part == "train":
+        images, masks, labels = images[trial.fit_rows], masks[trial.fit_rows], labels[trial.fit_rows]
+    return evaluate(trial.model, images, labels, masks=masks, prior=trial.prior, size=trial.cfg.eval_input_size,
                     num_classes=len(trial.class_names), ctx=trial.ctx)
 
 
@@ -586,34 +648,48 @@ def epoch_metrics(
     epoch_seconds: float,
 ) -> dict[str, Any]:
     """Step 5 of :func:`run_trial`, and the one place that names the reported metrics (module
-    docstring): ``epoch``, ``lr``, ``train_loss``, ``train_loss_ce``, ``train_loss_<region>``;
-    ``eval_top1``, ``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce``,
-    ``eval_loss_<region>``, ``eval_flat_loss_<region>``; ``test_top1``, ``test_top5``,
-    ``test_loss_<region>``, ``test_flat_loss_<region>`` when ``splits`` has ``test``;
-    ``train_images_per_second`` and ``epoch_seconds`` — in this order (the columns of
-    ``metrics.csv``).
+    docstring), in this order (the columns of ``metrics.csv``):
+
+    * ``epoch``, ``lr``, ``train_loss``, ``train_loss_ce``, ``train_loss_<kind>`` (the training
+      pass, augmented);
+    * the mask-fit check on the training images at the evaluation geometry
+      (:mod:`mgfa_ray.mask_fit`): ``train_fit_loss_<kind>``, ``train_const_loss_<kind>``,
+      ``train_prior_loss_<kind>``, ``train_fit_const_<kind>``, ``train_fit_prior_<kind>``;
+    * ``eval_top1``, ``eval_top5``, ``eval_mean_class_top1``, ``eval_loss_ce``, and per kind
+      ``eval_loss_<kind>``, ``eval_const_loss_<kind>``, ``eval_prior_loss_<kind>``,
+      ``eval_fit_const_<kind>``, ``eval_fit_prior_<kind>``;
+    * ``test_top1``, ``test_top5`` and the same five terms per kind when ``splits`` has ``test``;
+    * ``train_masks_learned``: 1.0 when the attention beats the position prior on the training
+      images for every kind the model uses, 0.0 when not, NaN when it uses none
+      (:func:`~mgfa_ray.mask_fit.masks_learned`);
+    * ``train_images_per_second`` and ``epoch_seconds``.
 
     Args:
         cfg: The trial configuration (its ``region_classes`` name the region terms, in order).
         epoch: The epoch (1-based).
         lr: The learning rate the epoch trained with.
         train: Mean loss terms of :func:`train_one_epoch` (``loss``, ``loss_ce``, ``loss_<kind>``).
-        splits: :func:`evaluate` results by part: ``eval`` and optionally ``test``.
+        splits: :func:`evaluate` results by part: ``train`` (its mask-fit subset), ``eval`` and
+            optionally ``test``.
         images_per_second: Training images per second of the epoch's training loop.
         epoch_seconds: Wall time of the epoch, evaluation included.
 
     Returns:
         The epoch's metrics: a flat dict of floats (``epoch``: int).
     """
-    mask_losses = [f"loss_{region}" for region in cfg.region_classes]
+    kinds = cfg.region_classes
     metrics: dict[str, Any] = {"epoch": epoch, "lr": lr}
-    metrics.update({f"train_{name}": train[name] for name in ("loss", "loss_ce", *mask_losses)})
+    metrics.update({f"train_{name}": train[name] for name in ("loss", "loss_ce", *(f"loss_{k}" for k in kinds))})
     for part, ev in splits.items():
-        names = ("top1", "top5", "mean_class_top1", "loss_ce") if part == "eval" else ("top1", "top5")
-        metrics.update({f"{part}_{name}": ev[name] for name in names})
-        for name in mask_losses:
-            metrics[f"{part}_{name}"] = ev[name]
-            metrics[f"{part}_flat_{name}"] = ev[f"flat_{name}"]
+        if part != "train":
+            names = ("top1", "top5", "mean_class_top1", "loss_ce") if part == "eval" else ("top1", "top5")
+            metrics.update({f"{part}_{name}": ev[name] for name in names})
+        for kind in kinds:
+            for term in FIT_TERMS:  # the train part's "loss" is not the training pass's train_loss_<kind>
+                name = "fit_loss" if part == "train" and term == "loss" else term
+                metrics[f"{part}_{name}_{kind}"] = ev[f"{term}_{kind}"]
+    learned = masks_learned(metrics, masked_kinds(kinds, cfg.feature_weights(), cfg.mask_loss_weights()))
+    metrics["train_masks_learned"] = math.nan if learned is None else float(learned)
     metrics["train_images_per_second"] = images_per_second
     metrics["epoch_seconds"] = epoch_seconds
     return metrics
@@ -671,7 +747,7 @@ def run_trial(
         if trial.device.type == "cuda":
             torch.cuda.synchronize()  # the clock must include the queued GPU work of the last steps
         train_seconds = time.perf_counter() - t0
-        splits: dict[str, dict[str, Any]] = {part: evaluate_split(trial, part) for part in ("eval", "test")
+        splits: dict[str, dict[str, Any]] = {part: evaluate_split(trial, part) for part in ("train", "eval", "test")
                                              if part in trial.data}
         metrics = epoch_metrics(cfg, epoch=epoch, lr=lr, train=train, splits=splits,
                                 images_per_second=seen / train_seconds, epoch_seconds=time.perf_counter() - t0)
@@ -721,5 +797,20 @@ def train_to_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool = False, cache
 
     history = run_trial(cfg, on_epoch=on_epoch, resume=state, cache_dir=cache_dir)
     final = history[-1] if history else {}
+    if (warning := masks_not_learned_warning(cfg, final)) is not None:
+        print(f"warning: {warning}", flush=True)
     atomic_write_json(out_dir / "final.json", final)
     return final
+
+
+def masks_not_learned_warning(cfg: TrainConfig, metrics: dict[str, Any]) -> str | None:
+    """The warning of a trial whose attention did not beat the position prior on its training
+    images (:func:`~mgfa_ray.mask_fit.masks_learned`), naming each used kind's ratio; ``None`` when
+    the masks were learned or the model uses none."""
+    kinds = masked_kinds(cfg.region_classes, cfg.feature_weights(), cfg.mask_loss_weights())
+    if masks_learned(metrics, kinds) is not False:
+        return None
+    ratios = ", ".join(f"{k} {metrics.get(f'train_fit_prior_{k}', math.nan):.3f}" for k in kinds)
+    return (f"masks not learned: on the training images the attention's Eq. 7 error over the position prior's is "
+            f"{ratios} (below 1 needed); an accuracy comparison with the backbone says nothing about the masks. "
+            "More epochs, a higher lr or larger delta/lam let the attention fit them")

@@ -8,6 +8,7 @@ import torch
 
 from mgfa_ray.config import MasksConfig, TrainConfig, to_dict
 from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.mask_fit import FIT_TERMS
 from mgfa_ray.masks import LabelBoxes, build_mask_set, read_masks
 from mgfa_ray.regions import index_labels
 from mgfa_ray.trial import augment, load_checkpoint, run_trial, save_checkpoint, train_to_dir
@@ -110,6 +111,9 @@ def test_evaluate_counts_top1_top5_and_per_class_on_known_logits(tiny_train_conf
 
 
 def test_eval_attention_error_is_eq7_on_the_eval_split(tiny_train_config, tmp_path):
+    """The reported mask-fit terms, recomputed from the trained model: the Eq. 7 error over the
+    eval images that hold the region (empty targets left out), the best constant map's and the
+    training split's position prior's errors, and their ratios."""
     from mgfa_ray.cam import load_trained_model
     from mgfa_ray.manifest import read_manifest
     from mgfa_ray.model import gt_attention
@@ -117,16 +121,34 @@ def test_eval_attention_error_is_eq7_on_the_eval_split(tiny_train_config, tmp_pa
 
     final = train_to_dir(tiny_train_config.model_copy(update={"epochs": 1}), tmp_path)
     model, cfg, _ = load_trained_model(tmp_path)
-    val = read_manifest(cfg.manifest).query("split == 'val'")
-    masks, _ = read_masks(cfg.masks, image_ids=val["image_id"].tolist(), region_classes=cfg.region_classes)
-    x, m = augment(load_images(val["path"].tolist(), size=cfg.resize), torch.from_numpy(masks), size=cfg.eval_input_size,
-                   train=False)
-    with torch.no_grad():
-        _, att = model(x)
-    err = ((gt_attention(m, grid=att.shape[-2:], activation=cfg.activation) - att) ** 2).mean(dim=(0, 2, 3))
-    assert final["eval_loss_vein"] == pytest.approx(err[0].item(), rel=1e-5)
-    assert final["eval_loss_contour"] == pytest.approx(err[1].item(), rel=1e-5)
-    assert abs(err[0] - err[1]) > 1e-4 * err[0]  # the kinds differ by more than the tolerance: order is checked
+    manifest = read_manifest(cfg.manifest)
+
+    def maps(split):
+        df = manifest.query(f"split == '{split}'")
+        masks, _ = read_masks(cfg.masks, image_ids=df["image_id"].tolist(), region_classes=cfg.region_classes)
+        x, m = augment(load_images(df["path"].tolist(), size=cfg.resize), torch.from_numpy(masks),
+                       size=cfg.eval_input_size, train=False)
+        with torch.no_grad():
+            _, att = model(x)
+        return att, gt_attention(m, grid=att.shape[-2:], activation=cfg.activation)
+
+    _, train_target = maps("train")
+    att, target = maps("val")
+    for k, kind in enumerate(cfg.region_classes):
+        train_has = train_target[:, k].flatten(1).sum(1) > 0
+        prior = train_target[train_has, k].mean(0)
+        has = target[:, k].flatten(1).sum(1) > 0
+        assert 0 < has.sum() < len(has)  # some val photos are unlabelled: their empty maps must not count
+        t = target[has, k]
+        err = ((t - att[has, k]) ** 2).mean().item()
+        const = ((t - t.mean()) ** 2).mean().item()
+        prior_err = ((t - prior) ** 2).mean().item()
+        assert final[f"eval_loss_{kind}"] == pytest.approx(err, rel=1e-5)
+        assert final[f"eval_const_loss_{kind}"] == pytest.approx(const, rel=1e-5)
+        assert final[f"eval_prior_loss_{kind}"] == pytest.approx(prior_err, rel=1e-5)
+        assert final[f"eval_fit_prior_{kind}"] == pytest.approx(err / prior_err, rel=1e-5)
+        assert final[f"eval_fit_const_{kind}"] == pytest.approx(err / const, rel=1e-5)
+    assert abs(final["eval_loss_vein"] - final["eval_loss_contour"]) > 1e-4 * final["eval_loss_vein"]  # order checked
 
 
 def test_cosine_schedule_anneals_to_zero(tiny_train_config):
@@ -294,4 +316,4 @@ def test_training_crop_and_evaluation_size_are_separate_inputs(tiny_train_config
     sides.clear()
     ev = evaluate_split(trial, "eval")
     assert set(sides) == {(64, 64)}
-    assert {"loss_vein", "flat_loss_vein", "loss_contour", "flat_loss_contour"} <= set(ev)
+    assert {f"{term}_{kind}" for term in FIT_TERMS for kind in ("vein", "contour")} <= set(ev)
