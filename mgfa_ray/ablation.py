@@ -21,10 +21,14 @@ epoch from its checkpoint, with the same result).
 
 Statistics (``scipy.stats``): 95% CI = mean ± t_{0.975, n-1} · sd / √n over seeds (sd with n - 1);
 paired difference d_s = top1(row, seed s) − top1(backbone, seed s), with its t interval and the
-two-sided p of ``ttest_rel``. The mask error ratio is ``<split>_loss_<kind>`` (Eq. 7 error of the
-attention maps against the ground-truth maps) over ``<split>_flat_loss_<kind>`` (the error of a
-flat map at the ground truth's mean), averaged over the row's kinds (all kinds for the backbone,
-whose attention is untrained): below 1 the attention follows the masks, 1 is no better than flat.
+two-sided p of ``ttest_rel``; beside the seeds' interval, the test set's own: a 95% Wilson
+interval of the mean accuracy on the test split's images (``scipy.stats.binomtest``).
+
+Controls before conclusions: every row reports, per region kind and never pooled, the mask-fit
+check of :mod:`mgfa_ray.mask_fit` — the attention's Eq. 7 error over the position prior's (the
+mean training target) on the training images and on the test split. A row whose attention did not
+beat the prior on its training images is marked ``NOT LEARNED`` in ``table.md`` (and warned of):
+its accuracy difference to the backbone says nothing about the masks.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from .config import (
 )
 from .errors import InputError
 from .export import export_search
+from .mask_fit import masks_learned
 from .storage import atomic_write_bytes, atomic_write_json
 from .search import create_search, run_search
 from .runtime import ensure_ray
@@ -189,7 +194,7 @@ def run_cells(
     Returns:
         One row per trial (the export's ``trials`` table): ``trial``, ``state`` (COMPLETE / FAIL /
         …), ``epochs_run``, the parameters, and the last epoch's metrics prefixed ``final_``
-        (``final_test_top1``, ``final_eval_top1``, ``final_<split>_loss_<kind>``, …).
+        (``final_test_top1``, ``final_eval_top1``, ``final_train_fit_prior_<kind>``, …).
 
     Raises:
         ConfigError: A point does not make a valid trial config, or a search of this name exists
@@ -209,7 +214,7 @@ def run_cells(
     trials = pd.read_parquet(export_dir / "trials.parquet")
     epochs = pd.read_parquet(export_dir / "trial_epochs.parquet")
     last = epochs.sort_values("training_iteration").groupby("trial").tail(1)
-    keep = [c for c in last.columns if c.startswith(("eval_", "test_"))]
+    keep = [c for c in last.columns if c.startswith(("train_", "eval_", "test_"))]
     return trials.merge(last[["trial", *keep]].rename(columns={c: f"final_{c}" for c in keep}), on="trial", how="left")
 
 
@@ -272,10 +277,14 @@ def paired_difference(a, b) -> dict[str, float]:
 
 
 def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: list[str], prefix: str) -> pd.DataFrame:
-    """Each cell's outcome: row, formulation, seed, state, ``top1`` (``final_<prefix>_top1``), the
-    Eq. 7 error of its attention (``mask_error``), a flat map's (``flat_error``) and their ratio
-    (module docstring; NaN where the ground truth is flat, e.g. no region in any image), matched
-    to the trials (:func:`run_cells`) by their parameters.
+    """Each cell's outcome, matched to the trials (:func:`run_cells`) by their parameters: row,
+    formulation, seed, state, ``top1`` (``final_<prefix>_top1``), and the mask-fit check of its
+    last epoch (:mod:`mgfa_ray.mask_fit`) per region kind, never pooled: ``train_fit_prior_<kind>``
+    and ``test_fit_prior_<kind>`` (the attention's Eq. 7 error over the position prior's on the
+    training images and on the ``prefix`` split), ``train_fit_const_<kind>`` and
+    ``test_fit_const_<kind>`` (over the best constant map's); and ``masks_learned``: whether every
+    kind the row uses beats the prior on the training images (``None`` for the backbone row,
+    whose attention is unused).
 
     Raises:
         RuntimeError: A cell has no trial (the search does not hold this ablation).
@@ -288,26 +297,54 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
         if not match.any():
             raise RuntimeError(f"no trial for cell {cell}")
         t = trials[match].iloc[-1]
-        kinds = [region_classes[k] for k in range(len(region_classes))
-                 if cell.row in (BACKBONE, ALL) or region_classes[k] == cell.row]
         done = t["state"] == "COMPLETE"
-        error = float(np.mean([t[f"final_{prefix}_loss_{k}"] for k in kinds])) if done else math.nan
-        flat = float(np.mean([t[f"final_{prefix}_flat_loss_{k}"] for k in kinds])) if done else math.nan
+        fits: dict[str, float] = {}
+        for kind in region_classes:
+            for split, source in (("train", "train"), ("test", prefix)):
+                for term in ("fit_prior", "fit_const"):
+                    column = f"final_{source}_{term}_{kind}"
+                    fits[f"{split}_{term}_{kind}"] = float(t[column]) if done and column in t else math.nan
+        used = [] if cell.row == BACKBONE else [k for k in region_classes if cell.row in (ALL, k)]
+        learned = masks_learned({k: v for k, v in fits.items() if k.startswith("train_")}, used) if done else None
         rows.append({"row": cell.row, "formulation": cell.formulation, "seed": cell.seed, "state": t["state"],
                      "trial": t["trial"], "top1": float(t[f"final_{prefix}_top1"]) if done else math.nan,
-                     "mask_error": error, "flat_error": flat,
-                     "mask_error_ratio": error / flat if flat > 0 else math.nan,  # no mask structure: undefined
+                     "masks_learned": learned, **fits,
                      **{k: t[k] for k in ("alpha", "beta", "gamma", "delta", "lam")}})
     return pd.DataFrame(rows)
 
 
-def ablation_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (formulation, row): n, mean, sd and 95% CI of top-1 and of the mask error ratio, and the
-    paired difference in top-1 to the backbone row over the seeds both have (``paired_difference``).
-    Ordered: the backbone row, then each formulation's rows, in the order of ``results``.
+def row_kinds(row: str, region_classes: list[str]) -> list[str]:
+    """The region kinds whose mask fit a row reports: the kinds it uses; every kind for the
+    backbone row (its untrained attention, for reference)."""
+    return list(region_classes) if row in (BACKBONE, ALL) else [row]
+
+
+def test_set_interval(top1: float, n_test: int | None) -> tuple[float, float]:
+    """The 95% Wilson interval of an accuracy ``top1`` measured on ``n_test`` test images
+    (``scipy.stats.binomtest``): the uncertainty from the finite test set, beside the seeds' t
+    interval. NaN without a count."""
+    from scipy import stats
+
+    if not n_test or math.isnan(top1):
+        return math.nan, math.nan
+    ci = stats.binomtest(round(top1 * n_test), n_test).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def ablation_table(results: pd.DataFrame, *, region_classes: list[str], n_test: int | None = None) -> pd.DataFrame:
+    """Per (formulation, row): n, mean, sd and 95% CI of top-1 over the seeds, the test-set
+    interval of the mean (:func:`test_set_interval`), the paired difference in top-1 to the
+    backbone row over the seeds both have (``paired_difference``), per region kind the mean and
+    95% CI of the train and test mask fit against the position prior (``train_fit_prior_<kind>_*``,
+    ``test_fit_prior_<kind>_*``; the kinds of :func:`row_kinds`), and ``masks_learned`` (seeds whose
+    attention beat the prior on the training images for every kind the row uses) of
+    ``masks_used`` (seeds; 0 for the backbone row). Ordered: the backbone row, then each
+    formulation's rows, in the order of ``results``.
 
     Args:
         results: From :func:`cell_results` (the backbone row's formulation is ``any``).
+        region_classes: The job's region kinds.
+        n_test: Images in the test split, for :func:`test_set_interval`.
     """
     backbone = results[results["row"] == BACKBONE].set_index("seed")["top1"]
     formulations, rows = list(dict.fromkeys(results["formulation"])), list(dict.fromkeys(results["row"]))
@@ -315,11 +352,19 @@ def ablation_table(results: pd.DataFrame) -> pd.DataFrame:
                     key=lambda kv: (kv[0][0] != "any", formulations.index(kv[0][0]), rows.index(kv[0][1])))
     out = []
     for (formulation, row), g in groups:
-        top1, ratio = ci95(g["top1"]), ci95(g["mask_error_ratio"])
+        top1 = ci95(g["top1"])
+        low, high = test_set_interval(top1["mean"], n_test)
         entry = {"formulation": formulation, "row": row, "seeds": int(g["seed"].nunique()),
                  "finished": int((g["state"] == "COMPLETE").sum()),
                  **{f"top1_{k}": v for k, v in top1.items() if k != "n"},
-                 **{f"mask_error_ratio_{k}": v for k, v in ratio.items() if k != "n"}}
+                 "top1_test_set_ci_low": low, "top1_test_set_ci_high": high}
+        for kind in row_kinds(row, region_classes):
+            for split in ("train", "test"):
+                fit = ci95(g[f"{split}_fit_prior_{kind}"])
+                entry.update({f"{split}_fit_prior_{kind}_{k}": fit[k] for k in ("mean", "ci_low", "ci_high")})
+        done = g[g["state"] == "COMPLETE"]
+        entry["masks_used"] = 0 if row == BACKBONE else len(done)
+        entry["masks_learned"] = 0 if row == BACKBONE else int(done["masks_learned"].astype(bool).sum())
         if row != BACKBONE and len(backbone):
             paired = g.set_index("seed")["top1"].to_frame("row").join(backbone.rename("base"), how="inner").dropna()
             entry.update({f"vs_backbone_{k}": v for k, v in paired_difference(paired["row"], paired["base"]).items()})
@@ -327,22 +372,50 @@ def ablation_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def table_markdown(table: pd.DataFrame, *, split: str) -> str:
-    """The table as Markdown: one line per (formulation, row)."""
+def _fit_cell(r: dict[str, Any], split: str, kinds: list[str]) -> str:
+    """``vein 0.82 (0.70–0.94); contour …``: a row's mask fit per kind, mean and 95% CI over seeds."""
+    def f(x):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+    parts = []
+    for kind in kinds:
+        key = f"{split}_fit_prior_{kind}"
+        if key + "_mean" in r:
+            parts.append(f"{kind} {f(r[key + '_mean'])} ({f(r[key + '_ci_low'])}–{f(r[key + '_ci_high'])})")
+    return "; ".join(parts) or "—"
+
+
+def masks_learned_cell(r: dict[str, Any]) -> str:
+    """The ``masks learned`` column: ``yes (5/5)`` when every finished seed's attention beat the
+    position prior on its training images, ``**NOT LEARNED** (k/n)`` when not (an accuracy
+    difference of such a row says nothing about the masks), ``— (unused)`` for the backbone row."""
+    used = int(r.get("masks_used", 0) or 0)
+    if not used:
+        return "— (unused)"
+    learned = int(r.get("masks_learned", 0) or 0)
+    return f"yes ({learned}/{used})" if learned == used else f"**NOT LEARNED** ({learned}/{used})"
+
+
+def table_markdown(table: pd.DataFrame, *, split: str, region_classes: list[str]) -> str:
+    """The table as Markdown: one line per (formulation, row), with its mask-fit columns."""
 
     def f(x, digits=3):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
-    lines = [f"| formulation | row | seeds | {split} top-1 mean ± sd | 95% CI | Δ vs backbone (95% CI) | paired p "
-             "| mask error ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| formulation | row | seeds | {split} top-1 mean ± sd | 95% CI (seeds) | 95% CI ({split} set) "
+             "| Δ vs backbone (95% CI) | paired p | mask fit vs prior, train | mask fit vs prior, "
+             f"{split} | masks learned |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         diff = "—"
         if not math.isnan(r.get("vs_backbone_diff_mean", math.nan)):
             diff = f"{r['vs_backbone_diff_mean']:+.3f} ({f(r['vs_backbone_diff_ci_low'])}, {f(r['vs_backbone_diff_ci_high'])})"
+        kinds = row_kinds(r["row"], region_classes)
         lines.append(
             f"| {r['formulation']} | {r['row']} | {r['finished']}/{r['seeds']} | {f(r['top1_mean'])} ± {f(r['top1_sd'])} "
-            f"| {f(r['top1_ci_low'])}–{f(r['top1_ci_high'])} | {diff} | {f(r.get('vs_backbone_p_value', math.nan))} "
-            f"| {f(r['mask_error_ratio_mean'])} ({f(r['mask_error_ratio_ci_low'])}, {f(r['mask_error_ratio_ci_high'])}) |")
+            f"| {f(r['top1_ci_low'])}–{f(r['top1_ci_high'])} "
+            f"| {f(r['top1_test_set_ci_low'])}–{f(r['top1_test_set_ci_high'])} | {diff} "
+            f"| {f(r.get('vs_backbone_p_value', math.nan))} | {_fit_cell(r, 'train', kinds)} "
+            f"| {_fit_cell(r, 'test', kinds)} | {masks_learned_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,6 +453,13 @@ def plot_ablation(results: pd.DataFrame, table: pd.DataFrame, path: Path, *, spl
     atomic_write_bytes(path, buf.getvalue())
 
 
+def split_size(manifest: str, split: str) -> int:
+    """Images in ``split`` of the manifest file (the test-set size of :func:`test_set_interval`)."""
+    from .manifest import read_manifest
+
+    return int((read_manifest(manifest)["split"] == split).sum())
+
+
 def _write_table(df: pd.DataFrame, stem: Path) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
@@ -408,7 +488,7 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
         RuntimeError: No cell finished.
     """
     from .lock import DirectoryLock
-    from .pipeline import check_job, prepare_data, smoke_config, take_job_credentials
+    from .pipeline import check_job, job_data_root, prepare_data, smoke_config, take_job_credentials
 
     ablation = ablation or job.ablation
     if smoke:
@@ -416,10 +496,12 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
     job = take_job_credentials(job)  # keys in storage URIs go to the environment, never into a file
     check_job(job)  # trial defaults, region kinds and search space fit together, before anything runs
     cells = ablation_cells(job.train, region_classes=job.regions.classes, ablation=ablation)
-    data_root = resolve_data_root(job.data_root)
+    if job.generate is None:
+        resolve_data_root(job.data_root)  # a missing data root fails before anything is written
     out = Path(job.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
+        data_root = job_data_root(job, out)
         timings: dict[str, float] = {}
         base, _, set_dir, _ = prepare_data(job, data_root=data_root, out=out, timings=timings)
         if smoke:
@@ -433,12 +515,18 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
                            export_dir=dest / "export")
         timings["ablation"] = time.perf_counter() - t
     prefix, split = result_prefix(trials, base.eval_split)
-    results = cell_results(cells, trials, region_classes=job.regions.classes, prefix=prefix)
-    table = ablation_table(results)
+    kinds = job.regions.classes
+    results = cell_results(cells, trials, region_classes=kinds, prefix=prefix)
+    table = ablation_table(results, region_classes=kinds, n_test=split_size(base.manifest, split))
     _write_table(results, dest / "cells")
     _write_table(table, dest / "table")
-    markdown = table_markdown(table, split=split)
+    markdown = table_markdown(table, split=split, region_classes=kinds)
     atomic_write_bytes(dest / "table.md", markdown.encode())
+    for r in table.to_dict("records"):
+        if r["masks_used"] and r["masks_learned"] < r["masks_used"]:
+            print(f"warning: masks not learned in row {r['row']} ({r['formulation']}): the attention beat the position "
+                  f"prior on the training images in {r['masks_learned']} of {r['masks_used']} seeds; its accuracy "
+                  "difference to the backbone says nothing about the masks", flush=True)
     plot_ablation(results, table, dest / "ablation.png", split=split)
     summary = {"job": job.name, "smoke": smoke, "cells": len(cells), "split": split, "mask_set": set_dir,
                "ablation": ablation.model_dump(), "train": base.model_dump(mode="json"),

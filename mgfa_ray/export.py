@@ -62,12 +62,14 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     * ``best_checkpoint/checkpoint.pt`` — the best trial's last checkpoint;
     * ``trials.parquet`` / ``trials.csv`` — one row per trial: Ray id, run, Optuna number, state
       (COMPLETE / PRUNED / FAIL, from the study), Ray status, epochs run, the metric's last and
-      best value, test top-1, wall time, checkpoint, parameters;
+      best value, test top-1, ``masks_learned`` (the last epoch's mask-fit verdict,
+      :mod:`mgfa_ray.mask_fit`: did the attention beat the position prior on the training images),
+      wall time, checkpoint, parameters;
     * ``trial_epochs.parquet`` / ``trial_epochs.csv`` — one row per trial and epoch, every metric and the
       worker it ran in (``setup_seconds``, ``worker_pid``, ``worker_trial``, its memory);
     * ``trial_curves.png``, ``optimization_history.png``, ``param_importances.png``,
       ``parallel_coordinate.png`` — every trial, pruned ones included (:mod:`mgfa_ray.plots`);
-    * ``summary.json``.
+    * ``summary.json`` (with ``best_masks_learned``: the best trial's verdict).
 
     The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
     trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
@@ -127,10 +129,21 @@ def _trial_row(r: dict[str, Any], t, *, metric: str, param_names: list[str]) -> 
         metric: t.value if t and t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
         f"best_{metric}": float(history[metric].max()) if history is not None and len(history) else None,
         "test_top1": float(history["test_top1"].iloc[-1]) if history is not None and "test_top1" in history else None,
+        "masks_learned": _masks_learned(history),
         "wall_seconds": r["wall_seconds"], "checkpoint": r["checkpoint"],
     }
     row.update({k: v for k, v in trial_params(r["config"]).items() if k in param_names})
     return row
+
+
+def _masks_learned(history: pd.DataFrame | None) -> bool | None:
+    """The mask-fit verdict of a trial's last epoch (``train_masks_learned``,
+    :mod:`mgfa_ray.mask_fit`): True when its attention beat the position prior on the training
+    images for every kind it uses, False when not; ``None`` when it uses none or reported no epoch."""
+    if history is None or not len(history) or "train_masks_learned" not in history:
+        return None
+    value = history["train_masks_learned"].iloc[-1]
+    return None if pd.isna(value) else bool(value)
 
 
 def _choose_best(study, ray: pd.DataFrame, table: pd.DataFrame, *, search_dir: str, record: SearchRecord,
@@ -199,6 +212,7 @@ def _summary(search_dir: str, record: SearchRecord, table: pd.DataFrame, best, b
         f"best_{metric}": best.value,
         "best_test_top1": float(best_row["history"]["test_top1"].iloc[-1])
         if best_row is not None and "test_top1" in best_row["history"] else None,
+        "best_masks_learned": _masks_learned(best_row["history"]) if best_row is not None else None,
         "best_checkpoint": str(best_ckpt) if best_ckpt else None,
         "total_trial_epochs": int(table["epochs_run"].sum()),
         "tensorboard_logdir": location_join(search_dir, "runs"),

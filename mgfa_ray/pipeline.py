@@ -62,7 +62,8 @@ job's ``--accept-weak``), or ``warn`` and go on (smoke runs)."""
 
 def smoke_config(cfg: JobConfig) -> JobConfig:
     """The job shrunk to a CI-sized run: 3 classes x 8 photos, 1 detector epoch, 64 px, 2 trials
-    of 1 epoch, written to ``<output_dir>-smoke``."""
+    of 1 epoch (a generated data set: 4 / 2 / 2 images per class and split), written to
+    ``<output_dir>-smoke``."""
     d = to_dict(cfg)
     d["output_dir"] = cfg.output_dir.rstrip("/") + "-smoke"
     d["dataset"].update(max_classes=3, max_per_class=8)
@@ -70,6 +71,8 @@ def smoke_config(cfg: JobConfig) -> JobConfig:
     d["masks"].update(num_actors=1, batch_size=8)
     d["train"].update(resize=72, train_crop=64, eval_size=None, batch_size=8)
     d["search"].update(num_samples=2)
+    if d.get("generate"):
+        d["generate"].update(train_per_class=4, val_per_class=2, test_per_class=2)
     return validate(JobConfig, d, source="smoke config")
 
 
@@ -226,6 +229,21 @@ def _banner(stage: str) -> float:
     return time.perf_counter()
 
 
+def job_data_root(cfg: JobConfig, out: Path) -> Path:
+    """The root of the job's ``dataset.images`` and ``regions.labels``: with ``generate``, the data
+    set it draws under ``<output_dir>/data/`` (:func:`mgfa_ray.decoy.generate_decoy`, drawn now
+    unless already there); else :func:`~mgfa_ray.config.resolve_data_root` of ``data_root``.
+
+    Raises:
+        ConfigError: The data root does not exist.
+    """
+    if cfg.generate is None:
+        return resolve_data_root(cfg.data_root)
+    from .decoy import generate_decoy
+
+    return generate_decoy(cfg.generate, out / "data")
+
+
 def job_mask_root(cfg: JobConfig, out: Path) -> str:
     """The directory (or URI) holding the job's mask sets: ``masks.location``, else ``<output_dir>/masks``."""
     return cfg.masks.location or str(out / "masks")
@@ -371,10 +389,12 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accep
     if smoke:
         cfg = smoke_config(cfg)
     space, _ = check_job(cfg)  # before any stage runs or anything is written
-    data_root = resolve_data_root(cfg.data_root)
+    if cfg.generate is None:
+        resolve_data_root(cfg.data_root)  # a missing data root fails before anything is written
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(str(out), what="job"):
+        data_root = job_data_root(cfg, out)
         weak: WeakPolicy = "warn" if smoke else "accept" if accept_weak else "stop"
         return _run_stages(cfg, space, data_root=data_root, out=out, smoke=smoke, weak=weak, until=until)
 
@@ -420,6 +440,9 @@ def _run_stages(cfg: JobConfig, space: SearchSpace, *, data_root: Path, out: Pat
         "search": summary, "accepted_weak": accepted,
     }
     atomic_write_json(out / "report.json", report)
+    if summary.get("best_masks_learned") is False:
+        print("warning: masks not learned by the best trial: its attention did not beat the position prior on the "
+              "training images (export/trials.csv: masks_learned; trial_epochs: train_fit_prior_<kind>)", flush=True)
     print(f"\n=== mgfa-ray: done in {sum(timings.values()):.0f} s — best {cfg.search.metric} "
           f"{summary['best_' + cfg.search.metric]:.3f}; best config {out / 'export' / 'best_config.yaml'}",
           flush=True)

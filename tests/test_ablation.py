@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 from test_search_resume import _check_one_truth
 
-from mgfa_ray.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights
+from mgfa_ray.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights, table_markdown
 from mgfa_ray.cli import main
 from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
 from mgfa_ray.export import export_search
@@ -109,16 +109,29 @@ def test_table_pairs_each_row_with_the_backbone_of_the_same_seed():
         "seed": [0, 1, 2, 0, 1, 2, 0, 2],
         "state": ["COMPLETE"] * 8,
         "top1": [0.50, 0.60, 0.40, 0.55, 0.70, 0.42, 0.40, 0.40],
-        "mask_error_ratio": [1.0, 1.1, 0.9, 0.5, 0.6, 0.7, 0.9, 0.95],
+        "train_fit_prior_vein": [1.0, 1.1, 0.9, 0.5, 0.6, 0.7, 0.9, 1.2],
+        "test_fit_prior_vein": [1.0, 1.1, 0.9, 0.8, 0.9, 1.0, 0.9, 1.3],
+        "masks_learned": [None, None, None, True, True, True, True, False],
     })
-    table = ablation_table(results).set_index(["formulation", "row"])
+    table = ablation_table(results, region_classes=["vein"], n_test=100).set_index(["formulation", "row"])
     assert math.isnan(table.loc[("any", "backbone"), "vs_backbone_n"])  # the reference is not paired with itself
     assert table.loc[("any", "backbone"), "top1_mean"] == pytest.approx(0.5)
     sig = table.loc[("sigmoid", "all")]
     assert sig["vs_backbone_n"] == 3 and sig["vs_backbone_diff_mean"] == pytest.approx((0.05 + 0.10 + 0.02) / 3)
-    assert sig["mask_error_ratio_mean"] == pytest.approx(0.6) and sig["top1_mean"] == pytest.approx(1.67 / 3)
+    assert sig["train_fit_prior_vein_mean"] == pytest.approx(0.6) and sig["top1_mean"] == pytest.approx(1.67 / 3)
+    assert sig["test_fit_prior_vein_mean"] == pytest.approx(0.9)
+    assert (sig["masks_learned"], sig["masks_used"]) == (3, 3)
     soft = table.loc[("softmax", "all")]  # seeds 0 and 2 only: paired with backbone seeds 0 and 2
     assert soft["vs_backbone_n"] == 2 and soft["vs_backbone_diff_mean"] == pytest.approx(((0.4 - 0.5) + 0.0) / 2)
+    assert (soft["masks_learned"], soft["masks_used"]) == (1, 2)
+    # the test set's own interval: Wilson for 50 of 100 is 0.404-0.596
+    assert (table.loc[("any", "backbone"), "top1_test_set_ci_low"],
+            table.loc[("any", "backbone"), "top1_test_set_ci_high"]) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    markdown = table_markdown(table.reset_index(), split="test", region_classes=["vein"])
+    lines = {line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): line for line in markdown.splitlines()[2:]}
+    assert lines["softmax/all"].rstrip().endswith("| **NOT LEARNED** (1/2) |")
+    assert lines["sigmoid/all"].rstrip().endswith("| yes (3/3) |")
+    assert "| vein 0.60 (" in lines["sigmoid/all"] and "— (unused)" in lines["any/backbone"]
 
 
 def _tiny_job(tmp_path: Path) -> Path:
@@ -217,13 +230,19 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path, s
     assert "| softmax_scaled | all | 2/2 |" in (out / "table.md").read_text()
     summary = json.loads((out / "ablation.json").read_text())
     assert summary["cells"] == 4 and summary["split"] == "test" and summary["states"] == {"COMPLETE": 4}
-    # What the attention learned is measured against a flat map: the ratio where the ground truth
-    # has structure, undefined (NaN) where it is flat (no hand-drawn box among the test photos).
-    assert (cells["mask_error"] >= 0).all() and (cells["flat_error"] >= 0).all()
-    has_structure = cells["flat_error"] > 0
-    np.testing.assert_allclose(cells.loc[has_structure, "mask_error_ratio"],
-                               cells.loc[has_structure, "mask_error"] / cells.loc[has_structure, "flat_error"])
-    assert cells.loc[~has_structure, "mask_error_ratio"].isna().all()
+    # The mask-fit check per kind, never pooled: the trial's own last-epoch ratios, and a row is
+    # "learned" exactly where every kind it uses beats the prior on the training images.
+    epochs = pd.read_parquet(out / "export" / "trial_epochs.parquet")
+    last = epochs.sort_values("training_iteration").groupby("trial").tail(1).set_index("trial")
+    for kind in ("vein", "contour"):
+        np.testing.assert_allclose(cells[f"train_fit_prior_{kind}"],
+                                   last.loc[cells["trial"], f"train_fit_prior_{kind}"].to_numpy())
+        assert (cells[f"train_fit_prior_{kind}"] > 0).all()
+    used = cells["row"] == "all"
+    learned = (cells.loc[used, "train_fit_prior_vein"] < 1) & (cells.loc[used, "train_fit_prior_contour"] < 1)
+    assert (cells.loc[used, "masks_learned"].astype(bool) == learned).all()
+    assert cells.loc[~used, "masks_learned"].isna().all()
+    assert table.loc["all", "masks_learned"] == learned.sum() and table.loc["all", "masks_used"] == 2
 
 
 @pytest.mark.slow
