@@ -72,8 +72,9 @@ class DatasetConfig(FrozenModel):
     """Where the images are and how the manifest splits them.
 
     Attributes:
-        layout: ``class_folders`` (``<class>/<name>.jpg``) or ``ufg`` (``<class>_<index>.jpg``,
-            paper split: odd index train, even index test).
+        layout: ``class_folders`` (``<class>/<name>.jpg``), ``ufg`` (``<class>_<index>.jpg``,
+            paper split: odd index train, even index test) or ``split_folders``
+            (``<split>/<class>/<name>.jpg``, the split given by the folder: train, val, test).
         images: Image directory, relative to the data root unless absolute.
         val_fraction: class_folders only: fraction of each class's groups held out for
             validation (the search metric), in [0, 1).
@@ -84,7 +85,7 @@ class DatasetConfig(FrozenModel):
         seed: Seed of the group shuffle.
     """
 
-    layout: Literal["class_folders", "ufg"]
+    layout: Literal["class_folders", "ufg", "split_folders"]
     images: str
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -524,6 +525,39 @@ class SearchConfig(FrozenModel):
         return self.startup_trials if self.startup_trials is not None else max(10, self.num_samples // 2)
 
 
+class DecoyConfig(FrozenModel):
+    """Settings of the decoy control, a generated data set (a job's ``generate`` section;
+    :mod:`mgfa_ray.decoy` draws it).
+
+    Attributes:
+        kind: ``decoy`` (the only generator).
+        classes: Number of classes C, 2 to 8 (orientations 180°/C apart).
+        train_per_class, val_per_class, test_per_class: Images per class in each split.
+        size: Image side in pixels.
+        decoy: Draw the decoy (``false``: the same images without it).
+        decoy_side: Side of the decoy square as a fraction of the image side.
+        contrast: Amplitude of the object's grating in [0, 1] (the background's is the same).
+        jitter: Orientation noise of the object's grating, ± degrees.
+        seed: Seed of everything drawn.
+    """
+
+    kind: Literal["decoy"] = "decoy"
+    classes: int = Field(4, ge=2, le=8)
+    train_per_class: int = Field(40, ge=1)
+    val_per_class: int = Field(10, ge=1)
+    test_per_class: int = Field(25, ge=1)
+    size: int = Field(96, ge=32)
+    decoy: bool = True
+    decoy_side: float = Field(0.14, gt=0.0, le=0.25)
+    contrast: float = Field(0.25, gt=0.0, le=1.0)
+    jitter: float = Field(10.0, ge=0.0, le=45.0)
+    seed: int = 0
+
+    def class_names(self) -> list[str]:
+        """``class0``, ``class1``, … (folder names, in label order)."""
+        return [f"class{k}" for k in range(self.classes)]
+
+
 class AblationConfig(FrozenModel):
     """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.ablation`).
 
@@ -555,6 +589,11 @@ class JobConfig(FrozenModel):
         dataset, regions, detector, masks, search: Stage settings.
         train: Trial defaults; the search space overrides the parameters it samples.
         ablation: Settings of ``mgfa-ray ablation`` (rows, seeds, formulations).
+        generate: A data set the job draws itself before the manifest (:class:`DecoyConfig`, the
+            positive control of :mod:`mgfa_ray.decoy`), into ``<output_dir>/data/``; its images and
+            labels are then the data root of ``dataset.images`` and ``regions.labels``, and it
+            needs ``dataset.layout: split_folders`` and ``regions.source: labels``. ``None``: the
+            data root's files.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -567,6 +606,15 @@ class JobConfig(FrozenModel):
     train: TrainParams = TrainParams()
     search: SearchConfig
     ablation: AblationConfig = AblationConfig()
+    generate: DecoyConfig | None = None
+
+    @model_validator(mode="after")
+    def _generated(self) -> "JobConfig":
+        if self.generate is not None and (self.dataset.layout != "split_folders" or self.regions.source != "labels"):
+            raise ValueError(f"generate draws a split_folders data set with exact label boxes: set dataset.layout: "
+                             f"split_folders and regions.source: labels (got {self.dataset.layout!r}, "
+                             f"{self.regions.source!r})")
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -5,12 +5,13 @@ Columns (one row per image, sorted by ``image_id``):
 ============  ========  ==============================================================
 column        dtype     meaning
 ============  ========  ==============================================================
-image_id      string    stable id: ``<class>/<stem>`` (class_folders) or ``<stem>`` (ufg)
+image_id      string    stable id: ``<class>/<stem>`` (class_folders), ``<stem>`` (ufg) or
+                        ``<split>/<class>/<stem>`` (split_folders)
 path          string    absolute image path
 label         int64     class index in [0, num_classes)
 class_name    string    class name (folder name, or the UFG class number as text)
 group         string    photos that must stay in one split (leafsnap20:
-                        ``<class>/<collection>-<leaf>``; ufg: the image itself)
+                        ``<class>/<collection>-<leaf>``; ufg, split_folders: the image)
 split         string    ``train`` | ``val`` | ``test``
 ============  ========  ==============================================================
 
@@ -21,6 +22,9 @@ Layouts:
   per class by a seeded shuffle, so near-duplicate photos never straddle train and test.
 * ``ufg`` — ``<images>/<class>_<index>.jpg`` (Cotton80, SoyLocal of Yu et al. 2021): the paper's 1:1
   split, odd index train, even index test (Pan et al. 2021, Sec. IV-A).
+* ``split_folders`` — ``<images>/<split>/<class>/<name>.jpg`` with ``<split>`` one of ``train``,
+  ``val``, ``test``: a data set that comes split (the decoy control of :mod:`mgfa_ray.decoy`).
+  The class list is the union over the splits.
 """
 
 from __future__ import annotations
@@ -143,6 +147,24 @@ def _ufg(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     return df
 
 
+def _split_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+    splits = [s for s in ("train", "val", "test") if (images / s).is_dir()]
+    other = sorted(p.name for p in images.iterdir() if p.is_dir() and p.name not in ("train", "val", "test"))
+    if "train" not in splits or other:
+        raise ConfigError(f"dataset.images: layout split_folders needs {images}/train/<class>/ (and optionally val/, "
+                          f"test/) and no other folder; found {sorted(splits + other)}")
+    found = sorted({c.name for s in splits for c in (images / s).iterdir() if c.is_dir() and _images_in(c)})
+    classes = _select_classes(found, cfg.classes, cfg.max_classes, images)
+    rows = []
+    for split in splits:
+        for label, cls in enumerate(classes):
+            files = _images_in(images / split / cls) if (images / split / cls).is_dir() else []
+            for f in files[: cfg.max_per_class]:
+                image_id = f"{split}/{cls}/{f.stem}"
+                rows.append((image_id, str(f.resolve()), label, cls, image_id, split))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     """Build the manifest table for ``images`` according to ``cfg.layout``.
 
@@ -164,7 +186,8 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     """
     if not images.is_dir():
         raise ConfigError(f"dataset.images: directory {images} does not exist")
-    df = _class_folders(images, cfg) if cfg.layout == "class_folders" else _ufg(images, cfg)
+    build = {"class_folders": _class_folders, "ufg": _ufg, "split_folders": _split_folders}[cfg.layout]
+    df = build(images, cfg)
     df = df.sort_values("image_id", ignore_index=True)
     df["label"] = df["label"].astype("int64")
     return df

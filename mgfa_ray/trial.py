@@ -390,13 +390,13 @@ def train_prior(model: MGFAClassifier, images: torch.Tensor, masks: torch.Tensor
     was_training = model.training
     model.eval()
     x = eval_images(images[:1], size=cfg.eval_input_size, eval_crop=cfg.eval_crop)
-    grid = tuple(model.forward_features(ctx.inputs(x)).shape[-2:])
+    h, w = model.forward_features(ctx.inputs(x)).shape[-2:]
     model.train(was_training)
     targets = []
     for s in range(0, len(images), batch_size):
         _, m = augment(images[s : s + batch_size], masks[s : s + batch_size], size=cfg.eval_input_size, train=False,
                        eval_crop=cfg.eval_crop)
-        targets.append(gt_attention(m, grid=grid, activation=cfg.activation))
+        targets.append(gt_attention(m, grid=(h, w), activation=cfg.activation))
     return position_prior(torch.cat(targets))
 
 
