@@ -533,7 +533,7 @@ class DecoyConfig(FrozenModel):
         kind: ``decoy`` (the only generator).
         classes: Number of classes C, 2 to 8 (orientations 180°/C apart).
         train_per_class, val_per_class, test_per_class: Images per class in each split.
-        size: Image side in pixels.
+        size: Image side in pixels (a power of two keeps the label boxes exact binary fractions).
         decoy: Draw the decoy (``false``: the same images without it).
         decoy_side: Side of the decoy square as a fraction of the image side.
         contrast: Amplitude of the object's grating in [0, 1] (the background's is the same).
@@ -546,7 +546,7 @@ class DecoyConfig(FrozenModel):
     train_per_class: int = Field(40, ge=1)
     val_per_class: int = Field(10, ge=1)
     test_per_class: int = Field(25, ge=1)
-    size: int = Field(96, ge=32)
+    size: int = Field(128, ge=32)
     decoy: bool = True
     decoy_side: float = Field(0.14, gt=0.0, le=0.25)
     contrast: float = Field(0.25, gt=0.0, le=1.0)

@@ -19,7 +19,8 @@ Each ``size`` x ``size`` image (:func:`draw_image`) holds
 
 The set is written as the ``split_folders`` layout (:mod:`mgfa_ray.manifest`):
 ``images/<split>/<class>/img-NNNN.png`` and YOLO labels ``labels/<split>/<class>/img-NNNN.txt``
-(one line ``0 cx cy w h``, region kind ``object``), under a directory named by the settings'
+(one line ``0 cx cy w h``, region kind ``object``; with a power-of-two ``size`` every value is a
+binary fraction written exactly, so the rasterised mask's edges are the rectangle's), under a directory named by the settings'
 hash, written to a temporary directory and renamed when whole: a rerun with the same settings
 reuses it, a crash leaves no half-written set. Image i of a split depends only on (seed, split,
 i), so the same settings give the same bytes on every machine (PNG, lossless).
@@ -131,7 +132,7 @@ def generate_decoy(cfg: DecoyConfig, root: str | Path) -> Path:
             image.parent.mkdir(parents=True, exist_ok=True)
             text.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(image)
-            text.write_text(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+            text.write_text(f"0 {cx:.17g} {cy:.17g} {w:.17g} {h:.17g}\n")  # exact: k / (2 * size)
     (tmp / "generator.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     try:
         tmp.rename(dest)
