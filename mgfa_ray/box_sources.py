@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import InputError
 from .manifest import ImageError, image_problem, sniff_bytes
@@ -63,7 +63,12 @@ def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndar
 
 
 def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array (Pillow).
+    """Decode an image file to an (H, W, 3) uint8 RGB array (Pillow), turned upright by its EXIF
+    orientation tag (``PIL.ImageOps.exif_transpose``; a phone photo stores its pixels sideways
+    with tag 6 or 8, and every viewer, OpenCV's ``imread`` and so Ultralytics' loader show it
+    upright). This is the project's one decoder: region labels, detector inference, masks, trials,
+    class activation maps and figures all see the upright view, whose width and height normalised
+    boxes refer to.
 
     Args:
         path: Image file.
@@ -89,7 +94,8 @@ def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             if max_side is not None:
                 img.draft("RGB", (max_side, max_side))
-            return np.asarray(img.convert("RGB"))
+            upright = ImageOps.exif_transpose(img)  # a copy when turned, else img itself
+            return np.asarray(upright.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - the decode boundary: whatever fails here is this file
         raise ImageError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
 

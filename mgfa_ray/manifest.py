@@ -222,6 +222,18 @@ def sniff_image(path: str | Path) -> str | None:
     return sniff_bytes(head)
 
 
+#: EXIF orientations (tag 0x0112) whose upright view swaps the stored width and height.
+_SIDEWAYS = (5, 6, 7, 8)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is shown: the stored size, swapped when its EXIF
+    orientation turns it by 90° (:func:`mgfa_ray.box_sources.decode_rgb` decodes that view).
+    Reads the header only."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112) in _SIDEWAYS else (w, h)
+
+
 def image_problem(path: str | Path) -> str | None:
     """Why the image at ``path`` cannot be used, from its first bytes and its header (Pillow reads
     the header, not the pixels: a file cut short in its pixel data passes here and fails when

@@ -424,7 +424,7 @@ def check_voc_sizes(label_files: Mapping[str, str | Path], image_paths: Mapping[
         LabelError: A ``<size>`` of another aspect ratio than the photo; names the label file
             (``file:line``), the photo and both sizes.
     """
-    from .manifest import sniff_image
+    from .manifest import sniff_image, upright_size
 
     for image_id, label in label_files.items():
         label, photo = Path(label), image_paths.get(image_id)
@@ -432,7 +432,7 @@ def check_voc_sizes(label_files: Mapping[str, str | Path], image_paths: Mapping[
             continue
         try:
             with Image.open(photo) as im:
-                w, h = im.size
+                w, h = upright_size(im)  # boxes are drawn on the photo as shown
         except Exception:  # noqa: BLE001, S112 - an unreadable photo is reported by the image check
             continue
         root = _read_xml(label)
