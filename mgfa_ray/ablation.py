@@ -541,7 +541,9 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
 def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_dir: str | None = None) -> dict[str, Any]:
     """``mgfa-ray train --config C --seeds N``: train ``cfg`` with seeds ``cfg.seed`` … ``cfg.seed + N - 1``
     as trials on Ray (the local cluster, or the one of ``$RAY_ADDRESS``), resumable like a search,
-    and report mean ± 95% CI of top-1 (test split when the config has one, else its eval split).
+    and report mean ± 95% CI of top-1 (test split when the config has one, else its eval split) and
+    in how many seeds the masks were learned (``masks_learned``: the attention beat the position
+    prior on the training images, :mod:`mgfa_ray.mask_fit`; ``None`` when the config uses no mask).
 
     Writes ``seeds.{parquet,csv}`` (one line per seed) and ``seeds.json`` (the summary) to
     ``out_dir``, the search under ``out_dir/search/`` and its export under ``out_dir/export/``.
@@ -566,10 +568,17 @@ def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_d
                        export_dir=Path(out_dir) / "export")
     prefix, split = result_prefix(trials, cfg.eval_split)
     per_seed = pd.DataFrame({"seed": trials["seed"], "state": trials["state"], "trial": trials["trial"],
-                             "top1": trials[f"final_{prefix}_top1"]})
+                             "top1": trials[f"final_{prefix}_top1"], "masks_learned": trials["masks_learned"]})
     _write_table(per_seed, Path(out_dir) / "seeds")
-    stats = ci95(per_seed.loc[per_seed["state"] == "COMPLETE", "top1"])
-    summary = {"config": name, "split": split, "seeds": seeds, **{f"top1_{k}": v for k, v in stats.items()}}
+    done = per_seed[per_seed["state"] == "COMPLETE"]
+    stats = ci95(done["top1"])
+    verdicts = done["masks_learned"].dropna()
+    learned = None if verdicts.empty else int(verdicts.astype(bool).sum())
+    summary = {"config": name, "split": split, "seeds": seeds, **{f"top1_{k}": v for k, v in stats.items()},
+               "masks_learned": learned}
+    if learned is not None and learned < len(verdicts):
+        print(f"warning: masks not learned in {len(verdicts) - learned} of {len(verdicts)} seeds: the attention did not "
+              "beat the position prior on the training images (seeds.csv: masks_learned)", flush=True)
     atomic_write_json(Path(out_dir) / "seeds.json", summary)
     print(f"{split} top-1 over {stats['n']} seeds: {stats['mean']:.4f} ± {stats['sd']:.4f} (sd), 95% CI "
           f"{stats['ci_low']:.4f}–{stats['ci_high']:.4f}", flush=True)

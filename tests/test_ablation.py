@@ -266,3 +266,7 @@ def test_train_seeds_reports_mean_and_interval_of_real_seeds(tmp_path, tiny_trai
     # Seed 4 through Ray is the plain trial of seed 4 (CPU, one thread: bit for bit).
     direct = run_trial(cfg.model_copy(update={"seed": 4}))
     assert per_seed["top1"].iloc[1] == direct[-1]["test_top1"]
+    # Each seed's mask-fit verdict is its last epoch's, and the summary counts them.
+    assert per_seed["masks_learned"].iloc[1] == bool(direct[-1]["train_masks_learned"])
+    assert summary["masks_learned"] == int(per_seed["masks_learned"].sum())
+    assert ("masks not learned in" in run.stdout) == (summary["masks_learned"] < 2)
