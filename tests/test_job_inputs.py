@@ -184,6 +184,9 @@ def test_keys_in_storage_uris_reach_no_file_and_no_message(tmp_path, capsys, mon
     uri = f"s3://{KEY}:{SECRET}@bucket/p?endpoint_override=http://h:9000&secret_key={SECRET}"
     assert redact_location(uri) == "s3://***:***@bucket/p?endpoint_override=http://h:9000&secret_key=***"
     assert redact_location("postgresql://me:pw@db/optuna") == "postgresql://me:***@db/optuna"
+    # Issue 30, defect 4: a SQLite URL has no secret and keeps its slashes (it was refused as secret).
+    for url in ("sqlite:////abs/path.db", "sqlite:///rel.db"):
+        assert redact_location(url) == url and take_credentials(url, field="search.study_storage") == url
     assert SECRET not in redact_text(f"cannot open '{uri}': bad secret_key={SECRET}")
 
 

@@ -101,15 +101,17 @@ def redact_location(location: str | os.PathLike) -> str:
     if not is_uri(text):
         return text
     parts = urlsplit(text)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
+    out = text  # edited in place: urlunsplit would drop the empty authority of sqlite:////abs/path.db
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
         user, has_password, _ = userinfo.partition(":")
         if parts.scheme in ("s3", "gs", "gcs", "abfs", "abfss", "az"):
             user = REDACTED
-        netloc = f"{user}:{REDACTED}@{host}" if has_password else f"{user}@{host}"
+        out = out.replace(parts.netloc, f"{user}:{REDACTED}@{host}" if has_password else f"{user}@{host}", 1)
     query = _SECRET_ASSIGN.sub(lambda m: f"{m.group(1)}={REDACTED}", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    if query != parts.query:
+        out = out.replace(f"?{parts.query}", f"?{query}", 1)
+    return out
 
 
 def redact_text(text: str) -> str:
