@@ -45,7 +45,7 @@ from .config import (
 from .detector import check_backbone_weights, train_detector
 from .errors import RunInterrupted, StageError
 from .export import export_search
-from .storage import atomic_write_json, atomic_write_yaml, redact_location, redact_tree, take_credentials
+from .storage import atomic_write_json, atomic_write_yaml, is_uri, redact_location, redact_tree, take_credentials
 from .lock import DirectoryLock
 from .manifest import build_manifest, check_images, manifest_hash, write_manifest
 from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
@@ -92,6 +92,7 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
             is missing, does not load with ``torch.load(weights_only=True)``, is not a state_dict
             or does not fit the backbone (:func:`mgfa_ray.model.check_weights`).
     """
+    check_output_dir(cfg.output_dir)
     template = validate(
         TrainConfig, {**to_dict(cfg.train), "manifest": "<manifest>", "masks": "<masks>",
                       "region_classes": list(cfg.regions.classes)},
@@ -104,6 +105,27 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
     except WeightsError as err:
         raise WeightsError(f"{source}: {err}") from None
     return space, template
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` can hold a job: a local or NFS directory, existing or not, never a file or an
+    object-store URI (the detector, manifest and caches are local files; the search and the masks
+    go to object storage through ``search.storage_path`` and ``masks.location``).
+
+    Raises:
+        ConfigError: Naming the field, the location (its secrets redacted) and what to do.
+    """
+    if is_uri(output_dir):
+        raise ConfigError(f"output_dir: {redact_location(output_dir)} is an object-store location; output_dir must be "
+                          "a local or NFS directory. Put the search on object storage with search.storage_path and "
+                          "the mask sets with masks.location (credentials from the environment or a profile)")
+    path = Path(output_dir).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output_dir: {parent} is a file, not a directory; give a directory for the job's "
+                              "outputs (a new one is created)")
+        if parent.is_dir():
+            return
 
 
 def _choices(space: SearchSpace, name: str, default: Any) -> list[Any]:

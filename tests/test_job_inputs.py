@@ -255,3 +255,21 @@ def test_search_without_results_is_replaced_and_one_with_results_names_the_diffe
     assert "1 trial(s) that reported results" in message and "trial_base.lr: 0.01 -> 0.02" in message
     assert "restore the old values" in message and "another name, output_dir or search.storage_path" in message
     assert read_record(search_dir).trial_base["lr"] == 0.01  # kept
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("afile", "output_dir: afile is a file, not a directory"),
+    ("afile/sub", "output_dir: afile is a file, not a directory"),
+    (f"s3://bucket/p?access_key={KEY}&secret_key={SECRET}", "output_dir: s3://bucket/p?access_key=***&secret_key=*** is an "
+                                                            "object-store location"),
+], ids=["a-file", "under-a-file", "s3-uri-with-keys"])
+def test_an_output_dir_that_cannot_hold_a_job_is_one_error_before_anything_is_written(tmp_path, monkeypatch, capsys,
+                                                                                        output_dir, message):
+    """Issue 30, defects 3 and 8: an existing file gave a FileExistsError traceback; an s3 URI
+    became a local folder named 's3:' holding the secret in file names and contents."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert main(["run", str(REPO / "jobs" / "leafsnap20.yaml"), "--set", f"output_dir={output_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: {message}") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and SECRET not in err
