@@ -12,8 +12,11 @@
 # filesystem every node sees, or masks.location / search.storage_path on an object store.
 # Paths outside the repository do not exist in the uploaded copy (../shared/data, the default data
 # root; ../shared/weights/...): set MGFA_DATA_ROOT, and make such paths of the job file absolute.
-# MGFA_DATA_ROOT and AWS_* (object-store endpoint and credentials) are passed to the job when set
-# here. Output is streamed until the job ends; Ctrl-C stops the streaming, not the job
+# MGFA_DATA_ROOT and the object store's AWS_* settings (endpoint, region, profile name) are passed
+# to the job when set here, never its keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN): Ray writes a job's runtime_env into its logs, so every node reads its own
+# credentials (a profile or credentials file on the node, or the machine's role; README, "Storage
+# configuration"). Output is streamed until the job ends; Ctrl-C stops the streaming, not the job
 # (`ray job stop ID`). Arguments must not contain spaces.
 set -euo pipefail
 
@@ -29,7 +32,9 @@ shift
 
 runtime_env=$(python3 -c '
 import json, os
-env = {k: v for k, v in os.environ.items() if v and (k == "MGFA_DATA_ROOT" or k.startswith("AWS_"))}
+secret = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
+env = {k: v for k, v in os.environ.items()
+       if v and (k == "MGFA_DATA_ROOT" or (k.startswith("AWS_") and k not in secret))}
 excludes = [".venv", "outputs", ".git", "results", "runs", "__pycache__", ".pytest_cache", ".ruff_cache",
             "*.egg-info", "*.pt", "*.pth"]
 print(json.dumps({"excludes": excludes, "env_vars": env}))')

@@ -336,3 +336,27 @@ def _extend_then_train_best_config(smoke: Path, report: dict, tmp_path: Path, cl
     epochs = pd.read_csv(smoke / "export" / "trial_epochs.csv")
     trial = epochs[epochs["trial"] == summary["best_trial"]].iloc[-1]
     assert final["train_loss"] == trial["train_loss"] and final["eval_top1"] == trial["eval_top1"]
+
+
+def test_submit_passes_the_object_store_settings_but_never_its_keys(tmp_path):
+    """Ray writes a job's runtime_env into its logs: submit.sh hands the job the endpoint, region
+    and profile name, and MGFA_DATA_ROOT, but no key (issue 30, defect 2). A stand-in ``ray`` on the
+    PATH records the command line it is given."""
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {tmp_path / 'args.txt'}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "RAY_ADDRESS": "http://head:8265",
+           "MGFA_DATA_ROOT": "/shared/data", "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_PROFILE": "lab",
+           "AWS_ACCESS_KEY_ID": "AKIASUBMITKEY", "AWS_SECRET_ACCESS_KEY": "submit-secret-1",
+           "AWS_SESSION_TOKEN": "submit-token-2"}
+    run = subprocess.run([str(SUBMIT), "jobs/leafsnap20.yaml", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    expected = {k: v for k, v in env.items() if v and (k == "MGFA_DATA_ROOT" or k.startswith("AWS_")) and k not in keys}
+    assert runtime_env["env_vars"] == expected and expected["AWS_PROFILE"] == "lab"
+    assert not any(s in " ".join(args) for s in ("AKIASUBMITKEY", "submit-secret-1", "submit-token-2"))
+    assert args[-2:] == ["jobs/leafsnap20.yaml", "--smoke"]

@@ -57,3 +57,27 @@ def test_ultralytics_settings_are_private_only_within_the_block_and_never_writte
         assert SETTINGS["weights_dir"] == str(Path(runtime.YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]) / "weights")
     assert dict(SETTINGS) == before
     assert SETTINGS.file.read_bytes() == file_before
+
+
+def test_object_storage_keys_leave_the_environment_for_a_private_credentials_file(monkeypatch):
+    """What Ray Tune would copy into every trainable's runtime_env (and Ray would log) is gone from
+    the environment; the same keys are in a 0600 file that the AWS SDKs read through the profile."""
+    import stat
+
+    import boto3
+
+    from mgfa_ray.runtime import hide_aws_secrets
+
+    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTHIDE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hide-me-123")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-456")
+    path = hide_aws_secrets()
+    assert path is not None
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(os.environ)
+    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(path) and os.environ["AWS_PROFILE"] == "mgfa-ray"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    creds = boto3.Session().get_credentials()
+    assert (creds.access_key, creds.secret_key, creds.token) == ("AKIATESTHIDE", "hide-me-123", "token-456")
+    assert hide_aws_secrets() is None  # nothing left to hide
