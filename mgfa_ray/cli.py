@@ -177,6 +177,10 @@ def load_job(path: Path, overrides: Sequence[str] = (), *, output_dir: Path | No
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
+        if sep and "[" in key:  # regions.classes[0]=leaf: a list is set whole
+            whole = key.split("[", 1)[0]
+            raise ConfigError(f"--set {key}: a list item cannot be set alone; give the whole list, e.g. "
+                              f"--set '{whole}=[a, b]'")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted field path, e.g. detector.epochs=30")
         try:
@@ -200,6 +204,21 @@ def load_job(path: Path, overrides: Sequence[str] = (), *, output_dir: Path | No
         data["output_dir"] = str(output_dir)
     given = " ".join(f"--set {o}" for o in overrides)
     return validate(JobConfig, data, source=f"{path} with {given}" if overrides else str(path))
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """The trial config of ``mgfa-ray train --config``; a job file given there is one error saying
+    so (not ten lines of missing and unknown fields).
+
+    Raises:
+        ConfigError: The file is missing, invalid, or a job file.
+    """
+    data = load_yaml(path)
+    if isinstance(data, dict) and {"dataset", "search"} <= set(data) and "manifest" not in data:
+        raise ConfigError(f"{path} is a job file (it has dataset: and search:), not a trial config: run it with "
+                          f"`mgfa-ray run {path}`, or give `train --config` a trial config such as a search's "
+                          "export/best_config.yaml")
+    return validate(TrainConfig, data, source=str(path))
 
 
 def _default_export_dir(search_dir: str) -> Path:
@@ -277,7 +296,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .model import check_weights
 
-        cfg = load_config(TrainConfig, args.config)
+        cfg = load_train_config(args.config)
         cfg = cfg.model_copy(update={"masks": take_credentials(cfg.masks, field=f"{args.config}: masks")})
         check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem

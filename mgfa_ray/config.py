@@ -609,6 +609,14 @@ class JobConfig(FrozenModel):
     generate: DecoyConfig | None = None
 
     @model_validator(mode="after")
+    def _splits(self) -> "JobConfig":
+        if self.dataset.layout == "ufg" and self.train.eval_split == "val":
+            raise ValueError("dataset.layout ufg has no validation split (the paper's 1:1 train/test split): set "
+                             "train.eval_split: test, or every trial would fail on an empty 'val' split after the "
+                             "detector and the masks have run")
+        return self
+
+    @model_validator(mode="after")
     def _generated(self) -> "JobConfig":
         if self.generate is not None and (self.dataset.layout != "split_folders" or self.regions.source != "labels"):
             raise ValueError(f"generate draws a split_folders data set with exact label boxes: set dataset.layout: "

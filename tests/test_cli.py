@@ -139,3 +139,16 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, capsys, error):
         monkeypatch.setattr(cli, "_dispatch", lambda args, own=own: (_ for _ in ()).throw(own))
         assert main(["detector", "eval", str(JOB)]) == status
         assert _error_line(capsys) == f"error: {own}"
+
+
+def test_weak_messages_say_what_to_do_instead(tmp_path, capsys):
+    """Issue 30, weak messages: a list item set alone, a job file given to ``train --config``, and
+    a ufg job evaluating an absent validation split are each one line naming the remedy."""
+    assert main(["run", str(JOB), "--set", "regions.classes[0]=leaf"]) == 2
+    assert "give the whole list, e.g. --set 'regions.classes=[a, b]'" in _error_line(capsys)
+    assert main(["train", "--config", str(JOB)]) == 2
+    line = _error_line(capsys)
+    assert "is a job file" in line and f"mgfa-ray run {JOB}" in line
+    assert main(["run", str(REPO / "jobs" / "cotton80_paper.yaml"), "--set", "train.eval_split=val"]) == 2
+    line = _error_line(capsys)
+    assert "ufg has no validation split" in line and "set train.eval_split: test" in line
