@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     export = search_sub.add_parser("export", help="write best config, best checkpoint, trial tables and plots")
     export.add_argument("dir", help="search directory or URI")
     export.add_argument("--output-dir", type=Path, default=None, help="default <dir>/export")
+    export.add_argument("--partial", action="store_true",
+                        help="export a search that has not finished (marked unfinished in summary.json and "
+                             "best_config.yaml) instead of refusing")
     status = search_sub.add_parser("status", help="trials per state, best so far, rungs, epochs and ETA of a "
                                                   "running or finished search (read-only)")
     status.add_argument("dir", help="search directory or URI")
@@ -386,8 +389,10 @@ def _search_command(args: argparse.Namespace) -> int:
     if args.search_command == "resume":
         run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
     out = args.output_dir or _default_export_dir(args.dir)
-    summary = export_search(args.dir, out)
+    summary = export_search(args.dir, out, partial=getattr(args, "partial", False))
     print(json.dumps(summary, indent=2))
+    if summary.get("unfinished"):
+        print(f"warning: {summary['unfinished']}: the best config is the best so far, not the search's result")
     print(f"best config: {Path(out) / 'best_config.yaml'}")
     return 0
 

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from .config import TrainConfig, TrainParams, to_dict, validate
-from .errors import StageError
-from .storage import atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir
+from .errors import StageError, UserError
+from .storage import (atomic_write_bytes, atomic_write_json, atomic_write_text, is_uri, location_join, publish_dir,
+                      redact_location)
 from .search import SearchRecord, _write_target, ray_trials, read_record
 from .search_space import define_by_run, trial_params
 
@@ -52,7 +54,7 @@ def default_export_dir(search_dir: str) -> Path:
     return Path(search_dir) / "export"
 
 
-def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
+def export_search(search_dir: str, out_dir: str | Path, *, partial: bool = False) -> dict[str, Any]:
     """Write what users take away from a search; return its summary.
 
     Writes to ``out_dir``:
@@ -74,13 +76,35 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     The best trial is :func:`mgfa_ray.study.best_trial`: the highest final value among COMPLETE
     trials (trained ``max_epochs``); a trial stopped early is PRUNED and never best.
 
+    An unfinished search (a trial still RUNNING in the study — a driver killed, or a journal whose
+    last record was torn — or trials not yet started) is not presented as a result: it is an error
+    unless ``partial``; then ``summary.json`` says ``finished: false`` with the trial counts, and
+    ``best_config.yaml`` starts with a comment saying the search is unfinished.
+
     Raises:
+        UnfinishedSearchError: The search is unfinished and ``partial`` is not set (nothing is
+            written).
+
         StageError: No trial is COMPLETE (the message counts the trials' states).
     """
     from .study import StudyRef
 
+    from .status import trial_states
+    from .study import search_trials
+
     record = read_record(search_dir)
     study = StudyRef(record.study.storage, record.study.study_name).load()
+    _, states, finished = trial_states(record, search_trials(study))
+    ended = sum(states[s] for s in ("COMPLETE", "PRUNED", "FAIL"))
+    counts = ", ".join(f"{k} {v}" for k, v in states.items() if v)
+    unfinished = None if finished else f"unfinished search: {ended} of {sum(states.values())} trials finished ({counts})"
+
+    if unfinished and not partial:
+        shown = redact_location(search_dir)
+        raise UnfinishedSearchError(
+            f"search {shown}: {unfinished}; nothing exported. Finish it with `mgfa-ray search resume {shown}` (a "
+            f"RUNNING trial is a driver that stopped, or a journal record cut short: resume repairs both), or export "
+            f"what is there with `mgfa-ray search export --partial {shown}` (marked unfinished)")
     ray = ray_trials(search_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,11 +113,17 @@ def export_search(search_dir: str, out_dir: str | Path) -> dict[str, Any]:
     if epochs is not None:
         _write_table(epochs, out / "trial_epochs")
     best, best_row = _choose_best(study, ray, table, search_dir=search_dir, record=record, out=out)
-    best_ckpt = _write_best(record, best, best_row, out)
+    best_ckpt = _write_best(record, best, best_row, out, unfinished=unfinished)
     _write_plots(study, table, epochs, record=record, out=out)
-    summary = _summary(search_dir, record, table, best, best_row, best_ckpt)
+    summary = {**_summary(search_dir, record, table, best, best_row, best_ckpt), "finished": finished,
+               "unfinished": unfinished}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class UnfinishedSearchError(UserError):
+    """An export asked of a search that has not finished (:func:`export_search`): exit status 2,
+    the message says how to finish it or export it marked unfinished."""
 
 
 def _trial_tables(ray: pd.DataFrame, study, *, metric: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -167,16 +197,20 @@ def _choose_best(study, ray: pd.DataFrame, table: pd.DataFrame, *, search_dir: s
     return best, best_row
 
 
-def _write_best(record: SearchRecord, best, best_row, out: Path) -> Path | None:
+def _write_best(record: SearchRecord, best, best_row, out: Path, *, unfinished: str | None = None) -> Path | None:
     """Step 3 (best): write ``best_config.yaml`` (the record's ``export_base`` with the best
-    trial's parameters, validated) and copy its last checkpoint to ``best_checkpoint/``; returns
-    that directory, or ``None`` when the trial has no checkpoint."""
+    trial's parameters, validated; headed by a comment when ``unfinished`` says the search is) and
+    copy its last checkpoint to ``best_checkpoint/``; returns that directory, or ``None`` when the
+    trial has no checkpoint."""
     import optuna
 
     params = trial_params({**{k: v for k, v in best.params.items() if "/" not in k},
                            **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)})
     best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
-    atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg))
+    text = yaml.safe_dump(to_dict(best_cfg), sort_keys=False, default_flow_style=False)
+    if unfinished:
+        text = f"# UNFINISHED: the best so far of an {unfinished}; exported with --partial\n" + text
+    atomic_write_text(out / "best_config.yaml", text)
     if best_row is not None and best_row["checkpoint"]:
         return _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
     return None

@@ -187,11 +187,7 @@ def search_status(search_dir: str, *, now: float | None = None) -> dict[str, Any
     study, journal = _open_study(storage, record.study.study_name)
     trials = search_trials(study)
     sched, max_epochs = record.space.scheduler, record.max_epochs
-    num_samples = sum(r.num_samples for r in record.runs)
-    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    for t in trials:
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    states["NOT_STARTED"] = max(0, num_samples - len(trials))
+    num_samples, states, finished = trial_states(record, trials)
 
     epochs_of = {t.number: max(t.intermediate_values, default=0) for t in trials}
     milestones = rung_epochs(max_epochs, sched.grace_period, sched.reduction_factor, sched.early_stopping)
@@ -222,7 +218,7 @@ def search_status(search_dir: str, *, now: float | None = None) -> dict[str, Any
         "scheduler": {"grace_period": sched.grace_period, "reduction_factor": sched.reduction_factor,
                       "early_stopping": sched.early_stopping},
         "trials": states,
-        "finished": states["RUNNING"] == 0 and states["NOT_STARTED"] == 0,
+        "finished": finished,
         **best,
         "rungs": rungs,
         "epochs": {"done": done, "budget": budget, "fraction": round(done / budget, 4) if budget else None,
@@ -232,6 +228,19 @@ def search_status(search_dir: str, *, now: float | None = None) -> dict[str, Any
         "driver": _driver(search_dir),
         "journal_records_skipped": journal.skipped if journal else 0,
     }
+
+
+def trial_states(record, trials: list[FrozenTrial]) -> tuple[int, dict[str, int], bool]:
+    """How far a search is: its trials asked for over all runs (``num_samples``), its trials per
+    state (COMPLETE, PRUNED, FAIL, RUNNING, and NOT_STARTED: asked for, not yet begun), and whether
+    it is finished (none running, none still to start). ``record`` is the search's
+    :class:`~mgfa_ray.search.SearchRecord`, ``trials`` :func:`~mgfa_ray.study.search_trials`."""
+    num_samples = sum(r.num_samples for r in record.runs)
+    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    states["NOT_STARTED"] = max(0, num_samples - len(trials))
+    return num_samples, states, states["RUNNING"] == 0 and states["NOT_STARTED"] == 0
 
 
 def _best(trials: list[FrozenTrial], space, metric: str) -> dict[str, Any]:
