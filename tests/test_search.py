@@ -28,7 +28,7 @@ def _search(tmp_path, doc, cfg, **search_kw):
                          storage_path=str(tmp_path / "searches"))
 
 
-def test_trial_through_ray_equals_direct_call(ray_cluster, tiny_train_config, tmp_path):
+def test_trial_through_ray_equals_direct_call(ray_cluster, tiny_train_config, tmp_path, capsys):
     cfg = tiny_train_config.model_copy(update={"epochs": 1, "threads": 1})
     direct = run_trial(cfg)
     search_dir = _search(tmp_path, {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}, cfg, num_samples=1)
@@ -37,6 +37,34 @@ def test_trial_through_ray_equals_direct_call(ray_cluster, tiny_train_config, tm
     assert row["ray_status"] == "TERMINATED" and row["checkpoint"] is not None
     assert row["history"]["train_loss"].iloc[0] == direct[0]["train_loss"]
     assert row["history"]["eval_top1"].iloc[0] == direct[0]["eval_top1"]
+    _check_unfinished_search_is_not_exported_as_a_result(search_dir, tmp_path, capsys)
+
+
+def _check_unfinished_search_is_not_exported_as_a_result(search_dir: str, tmp_path: Path, capsys) -> None:
+    """Issue 30, defects 5 and 6: a trial left RUNNING in the study (a killed driver, or a journal
+    whose last record was torn) or trials not yet started made an export that presented the best
+    so far as the search's result, and replaced a correct best_config.yaml."""
+    from mgfa_ray.cli import main
+    from mgfa_ray.export import UnfinishedSearchError
+    from mgfa_ray.study import RAY_TRIAL_ATTR
+
+    out = tmp_path / "export"
+    assert export_search(search_dir, out)["finished"] is True
+    before = (out / "best_config.yaml").read_bytes()
+    record = read_record(search_dir)
+    orphan = StudyRef(record.study.storage, record.study.study_name).load().ask()  # what a killed driver leaves
+    orphan.set_user_attr(RAY_TRIAL_ATTR, "killed_trial")
+    with pytest.raises(UnfinishedSearchError, match=r"1 of 2 trials finished \(COMPLETE 1, RUNNING 1\).*search resume"):
+        export_search(search_dir, out)
+    assert (out / "best_config.yaml").read_bytes() == before  # nothing was replaced
+    capsys.readouterr()  # the search's own output so far
+    assert main(["search", "export", search_dir, "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: search ")
+    summary = export_search(search_dir, out, partial=True)
+    assert summary["finished"] is False and "unfinished search: 1 of 2 trials finished" in summary["unfinished"]
+    text = (out / "best_config.yaml").read_text()
+    assert text.startswith("# UNFINISHED: the best so far of an unfinished search") and text.endswith(before.decode())
+    assert load_config(TrainConfig, out / "best_config.yaml").lr == 0.01  # the header is a comment: still a config
 
 
 def test_search_samples_simplex_stops_early_and_exports(ray_cluster, tiny_train_config, tmp_path):
@@ -252,33 +280,3 @@ def test_tensorboard_off_turns_off_rays_own_loggers_only_around_the_fit(monkeypa
         assert os.environ[key] == "1"
     assert key not in os.environ  # restored: not for the whole process
     assert sorted(type(c).__name__ for c in _result_loggers()) == ["CSVLoggerCallback", "JsonLoggerCallback"]
-
-
-def test_an_unfinished_search_is_not_exported_as_a_result(ray_cluster, tiny_train_config, tmp_path, capsys):
-    """Issue 30, defects 5 and 6: a trial left RUNNING in the study (a killed driver, or a journal
-    whose last record was torn) or trials not yet started made an export that presented the best
-    so far as the search's result, and replaced a correct best_config.yaml."""
-    from mgfa_ray.cli import main
-    from mgfa_ray.export import UnfinishedSearchError
-    from mgfa_ray.study import RAY_TRIAL_ATTR
-
-    cfg = tiny_train_config.model_copy(update={"epochs": 1, "threads": 1})
-    search_dir = _search(tmp_path, {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}, cfg, num_samples=1)
-    run_search(search_dir)
-    out = tmp_path / "export"
-    assert export_search(search_dir, out)["finished"] is True
-    before = (out / "best_config.yaml").read_bytes()
-    record = read_record(search_dir)
-    orphan = StudyRef(record.study.storage, record.study.study_name).load().ask()  # what a killed driver leaves
-    orphan.set_user_attr(RAY_TRIAL_ATTR, "killed_trial")
-    with pytest.raises(UnfinishedSearchError, match=r"1 of 2 trials finished \(COMPLETE 1, RUNNING 1\).*search resume"):
-        export_search(search_dir, out)
-    assert (out / "best_config.yaml").read_bytes() == before  # nothing was replaced
-    capsys.readouterr()  # the search's own output so far
-    assert main(["search", "export", search_dir, "--output-dir", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: search ")
-    summary = export_search(search_dir, out, partial=True)
-    assert summary["finished"] is False and "unfinished search: 1 of 2 trials finished" in summary["unfinished"]
-    text = (out / "best_config.yaml").read_text()
-    assert text.startswith("# UNFINISHED: the best so far of an unfinished search") and text.endswith(before.decode())
-    assert load_config(TrainConfig, out / "best_config.yaml").lr == 0.01  # the header is a comment: still a config
