@@ -278,7 +278,8 @@ def paired_difference(a, b) -> dict[str, float]:
 
 def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: list[str], prefix: str) -> pd.DataFrame:
     """Each cell's outcome, matched to the trials (:func:`run_cells`) by their parameters: row,
-    formulation, seed, state, ``top1`` (``final_<prefix>_top1``), and the mask-fit check of its
+    formulation, seed, state, ``top1`` (``final_<prefix>_top1``), ``eval_top1`` (the search metric's
+    split) and ``train_loss_ce`` (did the classifier train?) of its last epoch, and the mask-fit check of its
     last epoch (:mod:`mgfa_ray.mask_fit`) per region kind, never pooled: ``train_fit_prior_<kind>``
     and ``test_fit_prior_<kind>`` (the attention's Eq. 7 error over the position prior's on the
     training images and on the ``prefix`` split), ``train_fit_const_<kind>`` and
@@ -308,6 +309,8 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
         learned = masks_learned({k: v for k, v in fits.items() if k.startswith("train_")}, used) if done else None
         rows.append({"row": cell.row, "formulation": cell.formulation, "seed": cell.seed, "state": t["state"],
                      "trial": t["trial"], "top1": float(t[f"final_{prefix}_top1"]) if done else math.nan,
+                     "eval_top1": float(t["final_eval_top1"]) if done else math.nan,
+                     "train_loss_ce": float(t["final_train_loss_ce"]) if done else math.nan,
                      "masks_learned": learned, **fits,
                      **{k: t[k] for k in ("alpha", "beta", "gamma", "delta", "lam")}})
     return pd.DataFrame(rows)
