@@ -10,8 +10,8 @@ Each ``size`` x ``size`` image (:func:`draw_image`) holds
 * a background of smooth noise crossed by a sine grating of a **random** orientation;
 * the **object**: an axis-aligned rectangle (30-45 % of the side, anywhere) filled with a sine
   grating whose orientation is the **class** — class k of C at k·180°/C, ± ``jitter`` degrees —
-  at a random frequency and phase, plus pixel noise. Its hand-drawn box is exact: the rectangle is
-  the region, so the ground-truth mask is exactly where the class is decided;
+  at a random frequency and phase and a random tint, plus pixel noise. Its label box is exact: the
+  rectangle is the region, so the ground-truth mask is exactly where the class is decided;
 * the **decoy**: a small square (``decoy_side`` of the side) in the class's own colour, placed
   outside the object. On the ``train`` and ``val`` images its colour is the image's class; on
   ``test`` it is a class drawn at random (uniform, so a classifier that reads only the decoy is
@@ -20,8 +20,9 @@ Each ``size`` x ``size`` image (:func:`draw_image`) holds
 The set is written as the ``split_folders`` layout (:mod:`mgfa_ray.manifest`):
 ``images/<split>/<class>/img-NNNN.png`` and YOLO labels ``labels/<split>/<class>/img-NNNN.txt``
 (one line ``0 cx cy w h``, region kind ``object``; with a power-of-two ``size`` every value is a
-binary fraction written exactly, so the rasterised mask's edges are the rectangle's), under a directory named by the settings'
-hash, written to a temporary directory and renamed when whole: a rerun with the same settings
+binary fraction written exactly, so the rasterised mask's edges are the rectangle's), under a
+directory named by the settings' hash, written to a temporary directory and renamed when whole: a
+rerun with the same settings
 reuses it, a crash leaves no half-written set. Image i of a split depends only on (seed, split,
 i), so the same settings give the same bytes on every machine (PNG, lossless).
 """
@@ -32,10 +33,10 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
+
 from .config import DecoyConfig
 from .storage import sha256_json
 
