@@ -2,8 +2,9 @@
 
 :func:`run_ablation` (``mgfa-ray ablation JOB``) trains every *cell* — an ablation row × a seed ×
 a formulation (the attention activation) — and reports, per row, the mean, standard deviation and
-95% confidence interval of top-1 on the test split and of the attention-to-mask error ratio, and
-the paired difference to the backbone-only row of the same seed with a paired t-test.
+95% confidence interval of top-1 on the test split, the paired difference to the backbone-only row
+of the same seed with a paired t-test, and per region kind whether the attention learned the masks
+(the mask-fit check, below).
 
 Rows (paper Table III): ``backbone`` (α = 1, no attention in the features, no mask loss),
 one row per region kind (that kind's feature weight and loss weight from the job's ``train``,
