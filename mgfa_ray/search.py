@@ -194,19 +194,37 @@ def read_record(search_dir: str) -> SearchRecord:
     the search directory (``dir_relative``) resolved against ``search_dir`` as it is now.
 
     Raises:
-        ConfigError: No search there, or the file is not a valid record (the message names it).
+        NoSearchError: No search there (no ``search.json``).
+        DamagedRecordError: The file is not JSON or not a valid record (the message names it and
+            what to do).
     """
     fs, path = resolve_location(search_dir)
     record_path = location_join(path, RECORD_FILE)
+    shown = location_join(redact_location(search_dir), RECORD_FILE)
     if not fs_exists(fs, record_path):
-        raise ConfigError(f"{search_dir}: no search here ({RECORD_FILE} not found)")
+        raise NoSearchError(f"{redact_location(search_dir)}: no search here ({RECORD_FILE} not found)")
+    remedy = ("it is written atomically, so something outside mgfa-ray changed it: restore it from a copy of the "
+              "search directory, or remove the directory to start the search over (its trials are lost)")
     try:
         data = json.loads(fs_read(fs, record_path))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{location_join(search_dir, RECORD_FILE)}: not JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedRecordError(f"{shown}: damaged, not JSON ({err}); {remedy}") from None
     if isinstance(data, dict) and not is_uri(search_dir):
         _resolve_paths(data, Path(path))
-    return validate(SearchRecord, data, source=location_join(search_dir, RECORD_FILE))
+    try:
+        return validate(SearchRecord, data, source=shown)
+    except ConfigError as err:
+        why = f"{RECORD_FILE} is damaged or from another version of mgfa-ray"
+        raise DamagedRecordError(f"{err}\n{why}: {remedy}") from None
+
+
+class NoSearchError(ConfigError):
+    """A directory that holds no search (:func:`read_record`)."""
+
+
+class DamagedRecordError(ConfigError):
+    """A ``search.json`` that is not JSON or not a valid record (:func:`read_record`): never
+    rewritten silently, the message says how to recover."""
 
 
 def _resolve_paths(data: dict[str, Any], search_dir: Path) -> None:
@@ -334,8 +352,8 @@ def _same_search_exists(search_dir: str, record: SearchRecord) -> bool:
     """
     try:
         existing = read_record(search_dir)
-    except ConfigError:
-        return False
+    except NoSearchError:
+        return False  # a damaged record is raised, never overwritten with a new one
     differ = _differences(existing.model_dump(mode="json", exclude={"runs", "dir_relative"}),
                           record.model_dump(mode="json", exclude={"runs", "dir_relative"}))
     if not differ:

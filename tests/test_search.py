@@ -280,3 +280,22 @@ def test_tensorboard_off_turns_off_rays_own_loggers_only_around_the_fit(monkeypa
         assert os.environ[key] == "1"
     assert key not in os.environ  # restored: not for the whole process
     assert sorted(type(c).__name__ for c in _result_loggers()) == ["CSVLoggerCallback", "JsonLoggerCallback"]
+
+
+def test_a_damaged_search_record_is_never_rewritten_by_a_rerun(tiny_train_config, tmp_path, capsys):
+    """Issue 30 (weak): a truncated search.json gave "not JSON" with no remedy, and rerunning the
+    job silently wrote a new record over it (its runs lost)."""
+    from mgfa_ray.cli import main
+    from mgfa_ray.search import DamagedRecordError
+
+    doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}
+    search_dir = _search(tmp_path, doc, tiny_train_config, num_samples=1)
+    record_file = Path(search_dir) / "search.json"
+    torn = record_file.read_bytes()[:-40]
+    record_file.write_bytes(torn)
+    with pytest.raises(DamagedRecordError, match=r"search\.json: damaged, not JSON .* restore it from a copy"):
+        _search(tmp_path, doc, tiny_train_config, num_samples=1)  # what a rerun of the job does
+    assert record_file.read_bytes() == torn
+    assert main(["search", "status", search_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {record_file}: damaged, not JSON") and "remove the directory" in err
