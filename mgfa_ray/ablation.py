@@ -307,7 +307,7 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
                     column = f"final_{source}_{term}_{kind}"
                     fits[f"{split}_{term}_{kind}"] = float(t[column]) if done and column in t else math.nan
         used = [] if cell.row == BACKBONE else [k for k in region_classes if cell.row in (ALL, k)]
-        learned = masks_learned({k: v for k, v in fits.items() if k.startswith("train_")}, used) if done else None
+        learned = masks_learned(fits, used) if done else None  # reads the train_fit_prior_<kind> ratios
         rows.append({"row": cell.row, "formulation": cell.formulation, "seed": cell.seed, "state": t["state"],
                      "trial": t["trial"], "top1": float(t[f"final_{prefix}_top1"]) if done else math.nan,
                      "eval_top1": float(t["final_eval_top1"]) if done else math.nan,

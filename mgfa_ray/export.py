@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from .config import TrainConfig, TrainParams, to_dict, validate
 from .errors import StageError, UserError
-from .storage import (atomic_write_bytes, atomic_write_json, atomic_write_text, is_uri, location_join, publish_dir,
+from .storage import (atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir,
                       redact_location)
 from .search import SearchRecord, _write_target, ray_trials, read_record
 from .search_space import define_by_run, trial_params
@@ -207,10 +206,8 @@ def _write_best(record: SearchRecord, best, best_row, out: Path, *, unfinished: 
     params = trial_params({**{k: v for k, v in best.params.items() if "/" not in k},
                            **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)})
     best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
-    text = yaml.safe_dump(to_dict(best_cfg), sort_keys=False, default_flow_style=False)
-    if unfinished:
-        text = f"# UNFINISHED: the best so far of an {unfinished}; exported with --partial\n" + text
-    atomic_write_text(out / "best_config.yaml", text)
+    comment = f"UNFINISHED: the best so far of an {unfinished}; exported with --partial" if unfinished else None
+    atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg), comment=comment)
     if best_row is not None and best_row["checkpoint"]:
         return _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
     return None

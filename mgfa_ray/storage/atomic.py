@@ -160,9 +160,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as block-style YAML (keys in insertion order), atomically."""
-    return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=False))
+def atomic_write_yaml(path: str | os.PathLike, obj: Any, *, comment: str | None = None) -> Path:
+    """Write ``obj`` as block-style YAML (keys in insertion order), atomically, after ``comment``
+    as a first ``# …`` line when given (one line; YAML readers skip it)."""
+    text = yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+    return atomic_write_text(path, text if comment is None else f"# {comment}\n{text}")
 
 
 def fs_write_atomic(fs, path: str, data: bytes) -> None:
