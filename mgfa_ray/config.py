@@ -83,6 +83,9 @@ class DatasetConfig(FrozenModel):
         max_classes: Optional cap on the number of classes (the first in sorted order).
         max_per_class: Optional cap on images per class (first images in sorted order).
         seed: Seed of the group shuffle.
+        labelled_in_train: class_folders only: every photo group holding a photo with a region
+            label (``regions.labels``) goes to the train split, so a detector trained on those
+            photos has seen no validation or test leaf.
     """
 
     layout: Literal["class_folders", "ufg", "split_folders"]
@@ -93,6 +96,7 @@ class DatasetConfig(FrozenModel):
     max_classes: int | None = Field(None, ge=2)
     max_per_class: int | None = Field(None, ge=1)
     seed: int = 0
+    labelled_in_train: bool = False
 
     @model_validator(mode="after")
     def _fractions(self) -> "DatasetConfig":
@@ -295,6 +299,16 @@ class TrainParams(FrozenModel):
             clutter around it (a colour chart, a ruler) cannot identify the class. ``None``: the
             whole photo. A photo without that region keeps its whole frame.
         crop_margin: Margin added on each side of that box, as a fraction of its width / height.
+        crop_jitter: Moves each image's crop window by up to this fraction of its margin along x
+            and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.targets.jitter_boxes`), so
+            the region does not sit in the same place in every crop and a fixed map cannot match
+            it; the masks get the same window. 0: the box is centred.
+        line_regions: Region kinds whose ground-truth mask is a line, not a box: the diagonal of
+            the kind's most confident box that follows the dark (leaf) pixels in it, as a band
+            ``line_width`` wide (:func:`mgfa_ray.targets.line_masks`). For a midrib (vein) the
+            detector's axis-aligned box around a diagonal vein covers the blade on both sides;
+            the line does not. Empty (default): every kind is its boxes (the paper).
+        line_width: Width of those bands as a fraction of the mask side, in (0, 1].
         eval_crop: How the test-time input is made: ``resize`` (paper: the image resized to
             ``eval_size``) or ``center`` (released code: the ``resize`` image's centre window of
             ``eval_size``).
@@ -336,6 +350,9 @@ class TrainParams(FrozenModel):
     output_stride: Literal[8, 16, 32] = 32
     crop_to_region: str | None = None
     crop_margin: float = Field(0.05, ge=0.0, le=1.0)
+    crop_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    line_regions: list[str] = []
+    line_width: float = Field(0.125, gt=0.0, le=1.0)
     eval_crop: Literal["resize", "center"] = "resize"
     eval_split: Literal["val", "test"] = "val"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -367,6 +384,8 @@ class TrainParams(FrozenModel):
             raise ValueError(f"train_crop ({self.train_crop}) must be <= resize ({self.resize})")
         if self.eval_input_size > self.resize:
             raise ValueError(f"eval_size ({self.eval_size}) must be <= resize ({self.resize})")
+        if self.crop_jitter > 0 and self.crop_to_region is None:
+            raise ValueError(f"crop_jitter {self.crop_jitter} needs crop_to_region (there is no crop to move)")
         return self
 
 
@@ -420,6 +439,9 @@ class TrainConfig(TrainParams):
         if self.crop_to_region is not None and self.crop_to_region not in self.region_classes:
             raise ValueError(f"crop_to_region {self.crop_to_region!r} is not one of the region kinds "
                              f"{self.region_classes}")
+        unknown = [k for k in self.line_regions if k not in self.region_classes]
+        if unknown:
+            raise ValueError(f"line_regions {unknown} are not region kinds {self.region_classes}")
         if self.mu + sum(self.mask_loss_weights()) <= 0:
             raise ValueError("mu and the mask loss weights are all 0: the loss (Eq. 8) would be empty")
         return self
@@ -614,6 +636,9 @@ class JobConfig(FrozenModel):
             raise ValueError("dataset.layout ufg has no validation split (the paper's 1:1 train/test split): set "
                              "train.eval_split: test, or every trial would fail on an empty 'val' split after the "
                              "detector and the masks have run")
+        unknown = [k for k in self.train.line_regions if k not in self.regions.classes]
+        if unknown:
+            raise ValueError(f"train.line_regions {unknown} are not region classes {self.regions.classes}")
         return self
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ import io
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -61,10 +61,13 @@ def _select_classes(found: list[str], wanted: list[str] | None, max_classes: int
     return list(wanted if wanted is not None else found)[:max_classes]
 
 
-def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, where: str) -> dict[str, str]:
-    groups = sorted(groups)
-    rng.shuffle(groups)
+def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, where: str,
+                  pinned: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Each group's split: ``pinned`` groups go to train, the others are shuffled with ``rng`` and the
+    first ``test_fraction`` / ``val_fraction`` of all groups go to test / val."""
     n = len(groups)
+    groups = sorted(set(groups) - pinned)
+    rng.shuffle(groups)
     n_test = round(cfg.test_fraction * n)
     n_val = round(cfg.val_fraction * n)
     # A requested split gets at least one group while train keeps at least one.
@@ -72,6 +75,12 @@ def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, whe
         n_test = 1
     if cfg.val_fraction > 0 and n_val == 0 and n - n_test > 1:
         n_val = 1
+    if n_test + n_val > len(groups):
+        raise ConfigError(
+            f"{where}: {n - len(groups)} of its {n} photo group(s) hold labelled photos and must train "
+            f"(dataset.labelled_in_train), which leaves {len(groups)} for {n_test} test and {n_val} val group(s); "
+            f"lower dataset.test_fraction / val_fraction or set labelled_in_train: false"
+        )
     if n - n_test - n_val < 1:
         raise ConfigError(
             f"{where}: {n} photo group(s) cannot be split into train/val/test with "
@@ -85,11 +94,11 @@ def _split_groups(groups: list[str], cfg: DatasetConfig, rng: random.Random, whe
                       f"of their accuracy", stacklevel=3)
     out = {g: "test" for g in groups[:n_test]}
     out.update({g: "val" for g in groups[n_test : n_test + n_val]})
-    out.update({g: "train" for g in groups[n_test + n_val :]})
+    out.update({g: "train" for g in [*groups[n_test + n_val :], *pinned]})
     return out
 
 
-def _class_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+def _class_folders(images: Path, cfg: DatasetConfig, train_ids: frozenset[str]) -> pd.DataFrame:
     found = sorted(p.name for p in images.iterdir() if p.is_dir() and _images_in(p))
     if not found:
         raise ConfigError(f"dataset.images: no class folders with images under {images}")
@@ -108,7 +117,8 @@ def _class_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
                 rank[g] = rank.get(g, 0) + 1
             files = [f for _, _, f in sorted(order)[: cfg.max_per_class]]
         rng = random.Random(f"{cfg.seed}:{cls}")
-        split_of = _split_groups(sorted({group_of[f] for f in files}), cfg, rng, f"class {cls!r}")
+        pinned = frozenset(group_of[f] for f in files if f"{cls}/{f.stem}" in train_ids)
+        split_of = _split_groups(sorted({group_of[f] for f in files}), cfg, rng, f"class {cls!r}", pinned)
         for f in files:
             g = group_of[f]
             rows.append((f"{cls}/{f.stem}", str(f.resolve()), label, cls, g, split_of[g]))
@@ -165,12 +175,14 @@ def _split_folders(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
+def build_manifest(images: Path, cfg: DatasetConfig, *, labelled: Iterable[str] = ()) -> pd.DataFrame:
     """Build the manifest table for ``images`` according to ``cfg.layout``.
 
     Args:
         images: Resolved image directory.
         cfg: Dataset settings (layout, split fractions, class subset, cap, seed).
+        labelled: Image ids that carry region labels; with ``cfg.labelled_in_train`` (class_folders
+            only) their photo groups go to the train split.
 
     Returns:
         DataFrame with :data:`COLUMNS`, sorted by image_id, deterministic for a given ``cfg``.
@@ -186,8 +198,10 @@ def build_manifest(images: Path, cfg: DatasetConfig) -> pd.DataFrame:
     """
     if not images.is_dir():
         raise ConfigError(f"dataset.images: directory {images} does not exist")
-    build = {"class_folders": _class_folders, "ufg": _ufg, "split_folders": _split_folders}[cfg.layout]
-    df = build(images, cfg)
+    if cfg.layout == "class_folders":
+        df = _class_folders(images, cfg, frozenset(labelled) if cfg.labelled_in_train else frozenset())
+    else:
+        df = {"ufg": _ufg, "split_folders": _split_folders}[cfg.layout](images, cfg)
     df = df.sort_values("image_id", ignore_index=True)
     df["label"] = df["label"].astype("int64")
     return df

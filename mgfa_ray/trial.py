@@ -57,6 +57,7 @@ from .manifest import read_manifest
 from .masks import decode_rgb, read_masks, read_metadata, read_rows
 from .mask_fit import FIT_TERMS, mask_fit, masked_kinds, masks_learned, position_prior, region_present
 from .model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
+from .targets import best_boxes, jitter_offsets, line_masks, to_window
 from .worker import LastValue
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
@@ -104,27 +105,40 @@ def load_images(
     return torch.from_numpy(out)
 
 
-def region_boxes(boxes: list, *, region: int, margin: float) -> np.ndarray:
+def region_boxes(boxes: list, *, region: int, margin: float, jitter: float = 0.0,
+                 offsets: np.ndarray | None = None) -> np.ndarray:
     """The crop box of one region kind in each image: its most confident box (a detector may also
-    fire elsewhere, e.g. on a colour chart), widened by ``margin`` x its width / height on each side
-    and clipped to the image.
+    fire elsewhere, e.g. on a colour chart), widened by ``margin`` x its width / height on each side,
+    optionally moved, and clipped to the image.
 
     Args:
         boxes: Per image, its boxes ``[region_class, cx, cy, w, h, conf]`` normalised to [0, 1]
             (the mask set's ``boxes`` column, :mod:`mgfa_ray.masks`).
         region: The region kind k.
         margin: Fraction of the box's width / height added on each side, >= 0.
+        jitter: Fraction of the margin by which the window moves, in [0, 1] (``crop_jitter``): the
+            box stays inside its window.
+        offsets: float (N, 2) in [-1, 1], each image's move as a fraction of ``jitter`` x margin
+            (:func:`mgfa_ray.targets.jitter_offsets`); needed when ``jitter`` > 0.
 
     Returns:
         float64 (N, 4) boxes ``(x0, y0, x1, y1)`` normalised to [0, 1]; ``(0, 0, 1, 1)`` (the whole
         image) where the image has no box of that kind.
+
+    Raises:
+        ValueError: ``jitter`` > 0 without ``offsets`` of shape (N, 2).
     """
+    best = best_boxes(boxes, region=region)
+    shift = np.zeros((len(boxes), 2))
+    if jitter > 0:
+        if offsets is None or np.shape(offsets) != (len(boxes), 2):
+            raise ValueError(f"jitter {jitter} needs offsets of shape ({len(boxes)}, 2)")
+        shift = np.asarray(offsets) * jitter * margin * best[:, 2:4]
     out = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(boxes), 1))
-    for i, image_boxes in enumerate(boxes):
-        kind = [b for b in image_boxes if int(b[0]) == region]
-        if not kind:
+    for i, (cx, cy, w, h) in enumerate(best):
+        if np.isnan(cx):
             continue
-        _, cx, cy, w, h, _ = max(kind, key=lambda b: b[5])
+        cx, cy = cx + shift[i, 0], cy + shift[i, 1]
         dx, dy = (0.5 + margin) * w, (0.5 + margin) * h
         out[i] = [max(0.0, cx - dx), max(0.0, cy - dy), min(1.0, cx + dx), min(1.0, cy + dy)]
     return out
@@ -409,7 +423,8 @@ def fit_rows(n: int, limit: int) -> torch.Tensor:
 
 
 def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
-    """The ``crop_to_region`` boxes of ``image_ids`` from ``cfg``'s mask set (:func:`region_boxes`).
+    """The ``crop_to_region`` boxes of ``image_ids`` from ``cfg``'s mask set (:func:`region_boxes`),
+    moved by ``cfg.crop_jitter`` (:func:`mgfa_ray.targets.jitter_offsets`).
 
     Returns:
         float64 (N, 4) normalised ``(x0, y0, x1, y1)``, aligned with ``image_ids``.
@@ -421,7 +436,33 @@ def crop_boxes(cfg: TrainConfig, image_ids: list[str]) -> np.ndarray:
         raise ValueError("crop_boxes needs a config with crop_to_region set")
     rows = read_rows(cfg.masks, columns=["image_id", "boxes"]).set_index("image_id")
     return region_boxes(rows.loc[image_ids, "boxes"].tolist(), region=cfg.region_classes.index(cfg.crop_to_region),
-                        margin=cfg.crop_margin)
+                        margin=cfg.crop_margin, jitter=cfg.crop_jitter, offsets=jitter_offsets(image_ids))
+
+
+def line_targets(cfg: TrainConfig, masks: np.ndarray, images: np.ndarray, *, image_ids: list[str],
+                 windows: np.ndarray | None) -> np.ndarray:
+    """Replace the masks of ``cfg.line_regions`` by line targets (:func:`mgfa_ray.targets.line_masks`).
+
+    Args:
+        masks: (N, K, R, R) masks in [0, 1], in the frame of ``images``.
+        images: uint8 (N, 3, S, S), the images as the trial sees them (cropped, resized).
+        image_ids: The images' ids, aligned with ``masks``.
+        windows: float (N, 4) crop windows ``(x0, y0, x1, y1)`` of :func:`crop_boxes`; ``None``: the
+            whole photo.
+
+    Returns:
+        float32 (N, K, R, R) in [0, 1]; the other kinds' masks unchanged.
+    """
+    rows = read_rows(cfg.masks, columns=["image_id", "boxes"]).set_index("image_id")
+    photo_boxes = rows.loc[image_ids, "boxes"].tolist()
+    if windows is None:
+        windows = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(image_ids), 1))
+    out = masks.astype(np.float32, copy=True)
+    for kind in cfg.line_regions:
+        k = cfg.region_classes.index(kind)
+        boxes = to_window(best_boxes(photo_boxes, region=k), windows)
+        out[:, k] = line_masks(images, boxes, width=cfg.line_width, resolution=masks.shape[-1])
+    return out
 
 
 _TRIAL_DATA = LastValue()  # the last decoded data set of this process: a reused trial worker decodes it once
@@ -465,7 +506,8 @@ def trial_data_key(cfg: TrainConfig, cache_dir: Path | None) -> str | None:
     st = manifest.stat()
     return sha256_json([str(manifest.resolve()), st.st_size, st.st_mtime_ns, resolve_mask_set(cfg.masks),
                         read_metadata(cfg.masks), cfg.region_classes, cfg.crop_to_region, cfg.crop_margin,
-                        cfg.resize, cfg.eval_split, str(cache_dir)])
+                        cfg.crop_jitter, cfg.line_regions, cfg.line_width, cfg.resize, cfg.eval_split,
+                        str(cache_dir)])
 
 
 def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
@@ -492,6 +534,8 @@ def _decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
         boxes = crop_boxes(cfg, used["image_id"].tolist())
         masks = crop_masks(masks, boxes)
     images = load_images(used["path"].tolist(), size=cfg.resize, cache_dir=cache_dir, boxes=boxes)
+    if cfg.line_regions:
+        masks = line_targets(cfg, masks, images.numpy(), image_ids=used["image_id"].tolist(), windows=boxes)
     row_of = {image_id: n for n, image_id in enumerate(used["image_id"])}
     data = {}
     for name, df in parts.items():
