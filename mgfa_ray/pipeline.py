@@ -291,14 +291,17 @@ def prepare_detector(
     atomic_write_yaml(out / "job.yaml", redact_tree({**to_dict(cfg), "data_root": str(data_root)}))
 
     t = _banner("manifest")
-    labels = index_labels(under(data_root, cfg.regions.labels))
-    manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset, labelled=labels)
+    # labelled_in_train needs the labels before the split; otherwise a bad image is reported first
+    labels = index_labels(under(data_root, cfg.regions.labels)) if cfg.dataset.labelled_in_train else None
+    manifest = build_manifest(under(data_root, cfg.dataset.images), cfg.dataset, labelled=labels or ())
     check_images(manifest, corrupt_images=cfg.masks.corrupt_images)  # a bad file stops the job here, not in the masks
     write_manifest(manifest, out / "manifest.parquet")
     counts = manifest["split"].value_counts().to_dict()
     print(f"{len(manifest)} images, {manifest['label'].nunique()} classes, splits {counts}", flush=True)
     timings["manifest"] = time.perf_counter() - t
 
+    if labels is None:
+        labels = index_labels(under(data_root, cfg.regions.labels))
     if cfg.regions.source == "detector":
         t = _banner("detector")
         labels = select_annotated(labels, manifest, max_images=cfg.regions.max_images, seed=cfg.regions.seed)

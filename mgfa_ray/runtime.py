@@ -89,7 +89,7 @@ def hide_aws_secrets() -> Path | None:
     if not keys:
         return None
     directory = Path(tempfile.mkdtemp(prefix="mgfa-ray-aws-"))  # mode 0700
-    atexit.register(shutil.rmtree, directory, True)
+    atexit.register(_remove_own_directory, directory, os.getpid())
     path = directory / "credentials"
     lines = [f"[{AWS_PROFILE_NAME}]"] + [f"{name.lower()} = {value}" for name, value in keys.items()
                                           if name != "AWS_SECURITY_TOKEN"]
@@ -103,6 +103,13 @@ def hide_aws_secrets() -> Path | None:
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
     os.environ["AWS_PROFILE"] = AWS_PROFILE_NAME
     return path
+
+
+def _remove_own_directory(directory: Path, owner_pid: int) -> None:
+    """At exit, remove ``directory`` in the process that made it only: a forked child that exits
+    normally runs its parent's exit handlers too, and must not take the parent's credentials away."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def ensure_ray() -> None:

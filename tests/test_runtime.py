@@ -69,7 +69,11 @@ def test_object_storage_keys_leave_the_environment_for_a_private_credentials_fil
     from mgfa_ray.runtime import hide_aws_secrets
 
     for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
+        # set first so monkeypatch records (and restores) even an absent variable: hide_aws_secrets
+        # writes AWS_PROFILE / AWS_SHARED_CREDENTIALS_FILE itself, and left behind they sent later
+        # tests of this process (and a Ray cluster started after) to this test's throwaway profile
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTHIDE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hide-me-123")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token-456")
@@ -81,3 +85,25 @@ def test_object_storage_keys_leave_the_environment_for_a_private_credentials_fil
     creds = boto3.Session().get_credentials()
     assert (creds.access_key, creds.secret_key, creds.token) == ("AKIATESTHIDE", "hide-me-123", "token-456")
     assert hide_aws_secrets() is None  # nothing left to hide
+
+
+FORKED_CHILD = """
+import os, sys
+from mgfa_ray.runtime import hide_aws_secrets
+path = hide_aws_secrets()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit runs the exit handlers inherited from the parent
+os.waitpid(pid, 0)
+print(path.is_file())
+"""
+
+
+def test_a_forked_child_leaves_the_private_credentials_file_to_its_parent():
+    """A child forked after the keys were hidden runs the parent's exit handlers when it exits
+    normally (e.g. a fork-based worker pool); the credentials file must outlive it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="AKIATESTFORK", AWS_SECRET_ACCESS_KEY="fork-secret")
+    run = subprocess.run([sys.executable, "-c", FORKED_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True"
