@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from .config import TrainConfig, TrainParams, to_dict, validate
+from .config import TrainConfig, TrainParams, relative_to_cwd, to_dict, validate
 from .errors import StageError, UserError
 from .storage import (atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir,
                       redact_location)
@@ -205,12 +205,33 @@ def _write_best(record: SearchRecord, best, best_row, out: Path, *, unfinished: 
 
     params = trial_params({**{k: v for k, v in best.params.items() if "/" not in k},
                            **define_by_run(optuna.trial.FixedTrial(best.params), space=record.space)})
-    best_cfg = validate(TrainConfig, {**record.export_base, **params}, source="best trial")
+    best_cfg = validate(TrainConfig, {**record.export_base, **_data_paths_now(record), **params}, source="best trial")
     comment = f"UNFINISHED: the best so far of an {unfinished}; exported with --partial" if unfinished else None
     atomic_write_yaml(out / "best_config.yaml", to_dict(best_cfg), comment=comment)
     if best_row is not None and best_row["checkpoint"]:
         return _copy_checkpoint(best_row["checkpoint_fs"], best_row["checkpoint"], out / "best_checkpoint")
     return None
+
+
+def _data_paths_now(record: SearchRecord) -> dict[str, str]:
+    """The export's data paths (``manifest``, ``masks``, ``weights``) that lead nowhere from the
+    working directory any more — the job's output directory was moved or copied since the search
+    began — replaced by where the search's record finds them now (:func:`mgfa_ray.search.read_record`
+    resolves them against the search directory as it is), relative to the working directory when
+    below it. Paths that still resolve are kept as given, so a published config stays portable.
+    ``masks`` may name the job's mask directory (its ``CURRENT`` set): then the directory that holds
+    the trials' set now."""
+    moved = {}
+    for field in ("manifest", "masks", "weights"):
+        given, now = record.export_base.get(field), record.trial_base.get(field)
+        if not isinstance(given, str) or not isinstance(now, str) or is_uri(given) or is_uri(now):
+            continue
+        if Path(given).expanduser().exists():  # still resolves from here: kept as given
+            continue
+        target = Path(now) if Path(given).name == Path(now).name else Path(now).parent
+        if target.exists():
+            moved[field] = relative_to_cwd(str(target))
+    return moved
 
 
 def _write_plots(study, table: pd.DataFrame, epochs: pd.DataFrame | None, *, record: SearchRecord,

@@ -260,12 +260,16 @@ def _write_record(search_dir: str, record: SearchRecord) -> None:
 
 def _write_target(search_dir: str, target: str | None) -> str | None:
     """``target`` (a directory the search writes: cache, export) if it lies inside
-    ``search_dir`` or already exists, else ``None``: a search directory copied away from its job's
-    outputs never creates directories outside itself where its relative references now point."""
+    ``search_dir``, already exists, or lies in a job's output directory (one holding the
+    ``job.yaml`` every job writes first), else ``None``: a search directory copied away from its
+    job's outputs never creates directories outside itself where its relative references now
+    point, and a job's search resumed before its first export still exports into the job's
+    ``export/``."""
     if target is None or is_uri(target) or is_uri(search_dir):
         return target
     inside = Path(target).resolve().is_relative_to(Path(search_dir).resolve())
-    return target if inside or Path(target).is_dir() else None
+    in_job = (Path(target).parent / "job.yaml").is_file()
+    return target if inside or in_job or Path(target).is_dir() else None
 
 
 def create_search(

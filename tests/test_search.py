@@ -299,3 +299,46 @@ def test_a_damaged_search_record_is_never_rewritten_by_a_rerun(tiny_train_config
     assert main(["search", "status", search_dir]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {record_file}: damaged, not JSON") and "remove the directory" in err
+
+
+def test_a_moved_job_directory_exports_a_config_that_runs_where_it_is_now(ray_cluster, tiny_train_config,
+                                                                          label_mask_set, tmp_path):
+    """Issue 30, defect 7 and the resumed export's place: a job's output directory moved after its
+    search began. The export names the manifest and the job's mask directory where they are now
+    (it named the old output directory, so ``train --config`` failed), and a search resumed before
+    its first export exports into the job's ``export/``, not into the search directory."""
+    import shutil
+
+    from mgfa_ray.export import default_export_dir
+    from mgfa_ray.mask_reader import resolve_mask_set
+    from mgfa_ray.mask_writer import write_current_set
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text("name: s\n")  # what every job writes first
+    shutil.copy(tiny_train_config.manifest, job / "manifest.parquet")
+    shutil.copytree(label_mask_set, job / "masks" / Path(label_mask_set).name)
+    write_current_set(str(job / "masks"), Path(label_mask_set).name)  # as the job's mask stage does
+    set_dir = resolve_mask_set(str(job / "masks"))
+    assert set_dir == str(job / "masks" / Path(label_mask_set).name)
+    cfg = tiny_train_config.model_copy(update={"epochs": 1, "threads": 1, "manifest": str(job / "manifest.parquet"),
+                                               "masks": set_dir})
+    space, space_file = _space(tmp_path, {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}})
+    search_dir = create_search(name="s", space=space, space_file=space_file,
+                               search=SearchConfig(space=space_file, cpus_per_trial=1, num_samples=1), base=cfg,
+                               export_base=cfg.model_copy(update={"masks": str(job / "masks")}),
+                               storage_path=str(job / "search"), cache_dir=str(job / "cache"),
+                               export_dir=str(job / "export"))
+    run_search(search_dir)
+    assert not (job / "export").exists()  # interrupted before its export, say
+    shutil.move(job, tmp_path / "moved")
+    moved_search = str(tmp_path / "moved" / "search" / "s")
+
+    out = default_export_dir(moved_search)
+    assert out == tmp_path / "moved" / "export"
+    export_search(moved_search, out)
+    best = load_config(TrainConfig, out / "best_config.yaml")
+    assert best.manifest == str(tmp_path / "moved" / "manifest.parquet")
+    assert best.masks == str(tmp_path / "moved" / "masks")
+    assert resolve_mask_set(best.masks) == str(tmp_path / "moved" / "masks" / Path(set_dir).name)
+    assert not job.exists()
