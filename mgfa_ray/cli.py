@@ -49,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from .config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
-from .errors import InputError, RunInterrupted, UserError, debug_enabled
+from .errors import DiskFullError, InputError, RunInterrupted, UserError, debug_enabled
 from .runtime import configure
 
 
@@ -240,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as err:
         return _report(err, err.exit_status)
+    except OSError as err:  # a full disk is the user's to mend; any other OSError keeps its traceback
+        again = "the same command again with --resume" if args.command == "train" else "the same command again"
+        full = DiskFullError.from_os_error(err, again=again)
+        if full is None:
+            raise
+        full.__cause__ = err  # --debug shows where it happened
+        return _report(full, full.exit_status)
     except KeyboardInterrupt:  # Ctrl-C outside Ray Tune's own handling (which ends in RunInterrupted)
         return _report(RunInterrupted("interrupted (Ctrl-C); run the same command again to continue where it "
                                       "stopped (`mgfa-ray train`: with --resume)"), RunInterrupted.exit_status)

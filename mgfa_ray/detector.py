@@ -497,13 +497,18 @@ def _fit(ann: Annotated, cfg: DetectorConfig, *, train_ids: list[str], out_dir: 
     with _private_settings(), _offline_fonts():
         model = yolo.YOLO(model_src)
         t0 = time.perf_counter()
-        model.train(
-            data=str(out_dir / "dataset" / "data.yaml"), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
-            seed=cfg.seed, deterministic=True, device=device, workers=0 if device == "cpu" else 4,
-            project=str(runs), name="train", exist_ok=True, plots=False, amp=False, val=False,
-            cache=False,  # measured: RAM cache gave no speed-up here and Ultralytics warns it is non-deterministic
-            mosaic=cfg.mosaic, scale=cfg.scale, degrees=cfg.degrees, fliplr=cfg.fliplr, flipud=cfg.flipud,
-        )
+        try:
+            model.train(
+                data=str(out_dir / "dataset" / "data.yaml"), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
+                seed=cfg.seed, deterministic=True, device=device, workers=0 if device == "cpu" else 4,
+                project=str(runs), name="train", exist_ok=True, plots=False, amp=False, val=False,
+                cache=False,  # measured: RAM cache gave no speed-up here and Ultralytics warns it is non-deterministic
+                mosaic=cfg.mosaic, scale=cfg.scale, degrees=cfg.degrees, fliplr=cfg.fliplr, flipud=cfg.flipud,
+            )
+        except OSError as err:  # Ultralytics' own writes (weights per epoch) name no file: name its run
+            if err.filename is None:
+                err.filename = str(runs / "train")
+            raise
     train_seconds = time.perf_counter() - t0
     best = Path(model.trainer.best)
     if not best.is_file():

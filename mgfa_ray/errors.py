@@ -8,7 +8,10 @@ prints the traceback as well. Any other exception is a bug and keeps its traceba
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -41,6 +44,43 @@ class RunInterrupted(UserError):
     """
 
     exit_status = 130
+
+
+class DiskFullError(UserError):
+    """A write failed because its disk or quota is full (``ENOSPC``, ``EDQUOT``): exit status 1.
+
+    Every write of the project is atomic (a temporary file renamed into place; a journal record
+    whole or not at all), so what finished is kept and the same command, run again once there is
+    room, continues where it stopped. The message names the path and the space free there now.
+    """
+
+    exit_status = 1
+
+    @classmethod
+    def from_os_error(cls, err: OSError, *, again: str = "the same command again") -> DiskFullError | None:
+        """The error for ``err`` when it says the disk or quota is full (its errno, or the
+        message of a library that dropped the errno, such as pyarrow's), else ``None``; ``again``
+        is how the message tells to continue."""
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in str(err):
+            return None
+        path = err.filename or err.filename2
+        where = f"writing {path}" if path else "writing"
+        return cls(f"disk full {where} ({_free_space(path)}): free space or enlarge the disk, then run {again}; "
+                   "finished work is kept and it continues where it stopped")
+
+
+def _free_space(path: str | os.PathLike | None) -> str:
+    """``N MB free there now`` for the filesystem of ``path`` (its nearest existing parent)."""
+    if not path:
+        return "no path named"
+    probe = Path(os.fspath(path)).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return f"free space at {probe} unknown"
+    return f"{free / 2**20:.1f} MB free on that filesystem now"
 
 
 def debug_enabled() -> bool:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,13 @@ def _copy_checkpoint(fs, path: str, dest: Path) -> Path:
     import pyarrow.fs as pafs
 
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".best_checkpoint-"))
-    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as err:  # e.g. a full disk: no half copy left behind, and the message names the copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.filename is None:
+            err.filename = str(dest)
+        raise
     return publish_dir(tmp, dest)
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -91,6 +92,49 @@ def _scan_journal(path: Path) -> tuple[int, int]:
     return len(data), end
 
 
+class WholeRecordJournal(JournalFileBackend):
+    """Optuna's journal file (``JournalFileBackend``: the same file, format and symlink lock) whose
+    appends are whole or nothing: when a write fails — a full disk, a quota — the bytes written so
+    far are cut off again (``ftruncate`` under the lock) before the error propagates, so the
+    journal is never left with a torn record and the study stays readable and resumable. (A
+    process killed in mid-write can still leave one; :func:`repair_journal` drops it when the
+    journal is next opened.)
+
+    Args:
+        file_path: The journal file (created empty when absent, as Optuna does).
+    """
+
+    def __init__(self, file_path: str) -> None:
+        self._append_lock = JournalFileSymlinkLock(file_path)
+        super().__init__(file_path, lock_obj=self._append_lock)
+        self._journal_path = file_path
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        """Append ``logs`` (Optuna's operation records) as JSON lines, all or none of them.
+
+        Raises:
+            OSError: The write or its ``fsync`` failed (the file is as it was before the call).
+        """
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+        self._append_lock.acquire()
+        try:
+            fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        finally:
+            self._append_lock.release()
+
+
 def repair_journal(path: str | os.PathLike) -> None:
     """Make an Optuna journal file safe to read and append to.
 
@@ -105,8 +149,6 @@ def repair_journal(path: str | os.PathLike) -> None:
         DamagedJournalError: Any other damage: a complete line that is not a JSON record (the
             message names ``file:line``).
     """
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     path = Path(path)
     if not path.is_file():
         return
@@ -204,14 +246,12 @@ class StudyRef:
         configure()  # Optuna's log level (mgfa_ray.runtime), before the first study opens
         if is_uri(self.storage):  # an RDB URL
             return optuna.storages.RDBStorage(self.storage)
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(self.storage)
         if not create and not path.is_file():
             raise KeyError(f"no Optuna study {self.study_name!r}: journal {path} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_journal(path)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(WholeRecordJournal(str(path)))
 
     def load(self, *, sampler: optuna.samplers.BaseSampler | None = None, create: bool = False) -> optuna.Study:
         """The study (maximising). ``create`` makes it if absent; otherwise a missing study (or

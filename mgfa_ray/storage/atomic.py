@@ -66,7 +66,17 @@ class _TempFile:
         self._f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
     def write(self, data) -> int:
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            raise self._named(err)
+
+    def _named(self, err: OSError) -> OSError:
+        """``err`` naming the final path when it names no file (a full disk reported on a write
+        or flush), so the message says what could not be written."""
+        if err.filename is None:
+            err.filename = self.path
+        return err
 
     def flush(self) -> None:
         self._f.flush()
@@ -81,6 +91,8 @@ class _TempFile:
         """Close and delete the temporary; the final name is untouched."""
         try:
             self._f.close()
+        except OSError:
+            pass  # the buffer could not be flushed (a full disk): the temporary goes anyway
         finally:
             Path(self.tmp).unlink(missing_ok=True)
 
@@ -98,7 +110,10 @@ class _TempFile:
             only once the final file exists.
         """
         try:
-            self._close()
+            try:
+                self._close()
+            except OSError as err:
+                raise self._named(err)
             if not once:
                 os.replace(self.tmp, self.path)
                 return True
