@@ -60,7 +60,10 @@ ids and per-fold metrics, train seconds); ``train_seconds`` is the refit's. With
 * ``per_class`` — ``{class_name: {map50, map50_95, n_holdout_instances, n_train_instances}}`` for
   every region class. For a class without a held-out instance ``map50`` and ``map50_95`` are
   ``null`` and ``note`` says why: its AP is undefined, not 0 (Ultralytics leaves such a class out
-  of ``ap_class_index``; its ``maps`` would report the overall mean instead).
+  of ``ap_class_index``; its ``maps`` would report the overall mean instead). With held-out
+  photos also ``mask_iou`` and ``prior_iou``: the mean IoU of the masks the detector's boxes at
+  ``conf`` make, and of the position prior, with the hand-drawn masks (:mod:`mgfa_ray.mask_overlap`;
+  with k-fold CV the mean over folds), and ``n_mask_images``.
 * ``weights_sha256`` — SHA-256 of ``weights.pt``.
 * ``train_seconds`` — wall-clock seconds of ``model.train``.
 * ``ultralytics_version`` — the Ultralytics version that trained it; ``device`` — ``cpu`` or
@@ -539,6 +542,7 @@ def fit_and_evaluate(ann: Annotated, cfg: DetectorConfig, *, key: str, train_ids
     weights = _publish_weights(best, out_dir)
     evaluation = _evaluate_split(ann, cfg, weights, data_yaml=data_yaml, train_ids=train_ids,
                                  holdout_ids=holdout_ids, device=device, out_dir=out_dir)
+    _add_mask_overlap(evaluation, ann, cfg, weights, train_ids=train_ids, holdout_ids=holdout_ids, device=device)
     metrics = {
         "detector_key": key,
         "evaluation": "holdout" if holdout_ids else "none",
@@ -589,6 +593,25 @@ def _evaluate_split(ann: Annotated, cfg: DetectorConfig, weights: Path, *, data_
                "note": "nothing held out"} for c, name in enumerate(ann.region_classes)}}
 
 
+def _add_mask_overlap(evaluation: dict, ann: Annotated, cfg: DetectorConfig, weights: Path, *,
+                      train_ids: list[str], holdout_ids: list[str], device: str) -> None:
+    """Step 3 (evaluate), second half: into each ``per_class`` entry of ``evaluation``, the held-out
+    masks' ``mask_iou`` and the position prior's ``prior_iou`` (:mod:`mgfa_ray.mask_overlap`; the
+    detector's boxes at ``cfg.conf``, as the mask stage takes them). Nothing when nothing is held out."""
+    if not holdout_ids:
+        return
+    from .box_sources import decode_rgb
+    from .mask_overlap import mask_overlap
+
+    model = load_detector(weights, device=device)
+    found = predict_boxes(model, [decode_rgb(str(ann.image_of[i])) for i in holdout_ids], imgsz=cfg.imgsz,
+                          conf=cfg.conf)
+    overlap = mask_overlap(found=found, drawn=[ann.boxes_of[i] for i in holdout_ids],
+                           train_drawn=[ann.boxes_of[i] for i in train_ids], num_classes=len(ann.region_classes))
+    for name, entry in zip(ann.region_classes, overlap):
+        evaluation["per_class"][name].update(entry)
+
+
 def _publish_weights(best: Path, out_dir: Path) -> Path:
     """Step 4 (publish), first half: copy the trained ``best`` weights to ``out_dir/weights.pt``
     (atomically: :func:`mgfa_ray.storage.atomic_write_bytes`); returns that path."""
@@ -631,6 +654,10 @@ def pool_folds(folds: list[dict], region_classes: list[str]) -> dict:
         per_class[c] = {"map50": s50["mean"], "map50_95": s["mean"], "map50_spread": s50, "map50_95_spread": s,
                         "n_folds": len(got),
                         "n_holdout_instances": sum(f["per_class"][c]["n_holdout_instances"] for f in folds)}
+        for field in ("mask_iou", "prior_iou"):  # mean over the folds that measured them
+            values = [f["per_class"][c].get(field) for f in folds]
+            values = [v for v in values if v is not None]
+            per_class[c][field] = float(np.mean(values)) if values else None
     defined = [v for v in per_class.values() if v["map50"] is not None]
     return {
         "map50": float(np.mean([v["map50"] for v in defined])) if defined else 0.0,
@@ -775,7 +802,8 @@ def _cv_metrics(refit: dict, cv: dict, region_classes: list[str]) -> dict:
     per-class mAPs of ``cv`` (:func:`cross_validate_detector`), its ``cv`` summary and a new
     ``created`` time (module docstring)."""
     per_class = {c: {**refit["per_class"][c], **{f: cv["per_class"][c][f] for f in
-                     ("map50", "map50_95", "map50_spread", "map50_95_spread", "n_holdout_instances")}}
+                     ("map50", "map50_95", "map50_spread", "map50_95_spread", "n_holdout_instances", "mask_iou",
+                      "prior_iou")}}
                  for c in region_classes}
     for entry in per_class.values():
         entry.pop("note", None)

@@ -155,12 +155,16 @@ def _remedies(cfg: JobConfig) -> str:
 
 def detector_gate(metrics: dict[str, Any], cfg: JobConfig) -> str | None:
     """Stage gate after the detector: every region class's held-out mAP@0.5 must reach
-    ``detector.min_map50``.
+    ``detector.min_map50``, and, where the detector measured them (:mod:`mgfa_ray.mask_overlap`),
+    its held-out masks must overlap the hand-drawn masks better than the position prior does
+    (``mask_iou`` > ``prior_iou``). ``min_map50`` 0 turns both checks off.
 
     Args:
         metrics: The detector's ``metrics.json`` (:func:`mgfa_ray.detector.train_detector`): reads
             ``per_class[<class>]["map50"]`` (float in [0, 1], or ``None`` when the class has no
-            held-out instance: reported, never failed) and ``n_holdout_instances``.
+            held-out instance: reported, never failed), ``n_holdout_instances``, and
+            ``mask_iou`` / ``prior_iou`` when present (a detector trained before they existed
+            has neither: only its mAP is checked).
         cfg: The job (threshold and the settings the remedies name).
 
     Returns:
@@ -175,12 +179,20 @@ def detector_gate(metrics: dict[str, Any], cfg: JobConfig) -> str | None:
             lines.append(f"{name} not measured (no held-out instance: label more photos)")
             continue
         weak = value < cfg.detector.min_map50
+        line = f"{name} {value:.3f}{' (below)' if weak else ''} on {n} held-out instances"
+        iou, prior = entry.get("mask_iou"), entry.get("prior_iou")
+        if iou is not None and prior is not None and cfg.detector.min_map50 > 0:
+            if iou <= prior:
+                weak = True
+                line += f", its masks no better than a fixed mask (IoU {iou:.2f} vs the position prior's {prior:.2f})"
+            else:
+                line += f", mask IoU {iou:.2f} vs the position prior's {prior:.2f}"
         low |= weak
-        lines.append(f"{name} {value:.3f}{' (below)' if weak else ''} on {n} held-out instances")
+        lines.append(line)
     if not low:
         return None
     return (f"detector too weak for its masks: held-out mAP@0.5 {', '.join(lines)}; detector.min_map50 is "
-            f"{cfg.detector.min_map50}. Remedies: {_remedies(cfg)}")
+            f"{cfg.detector.min_map50} and masks must beat the position prior. Remedies: {_remedies(cfg)}")
 
 
 def mask_gate(meta: dict[str, Any], cfg: JobConfig, *, location: str) -> str | None:

@@ -145,6 +145,26 @@ def test_gate_defaults_let_the_main_job_through_and_stop_empty_masks():
     assert detector_gate(unmeasured, job) is None  # no held-out instance: reported, never failed
 
 
+def test_detector_gate_stops_masks_no_better_than_the_position_prior():
+    """A class whose mAP passes but whose held-out masks overlap the hand-drawn ones no better
+    than a fixed mask (measured: vein mAP 0.27-0.35 with masks from useless to useful,
+    results/benchmarks/detector_gate.json) stops the job; min_map50 0 turns the gate off."""
+    from mgfa_ray.config import JobConfig, load_config
+    from mgfa_ray.pipeline import detector_gate
+
+    job = load_config(JobConfig, REPO / "jobs" / "leafsnap20.yaml")
+    entry = lambda m, iou, prior: {"map50": m, "n_holdout_instances": 10, "mask_iou": iou, "prior_iou": prior}  # noqa: E731
+    useful = {"per_class": {"vein": entry(0.29, 0.42, 0.24), "contour": entry(0.995, 0.78, 0.38)}}
+    assert detector_gate(useful, job) is None
+    useless = {"per_class": {"vein": entry(0.35, 0.0, 0.24), "contour": entry(0.995, 0.78, 0.38)}}
+    problem = detector_gate(useless, job)
+    assert problem.startswith("detector too weak for its masks: held-out mAP@0.5 vein 0.350 on 10 held-out "
+                              "instances, its masks no better than a fixed mask (IoU 0.00 vs the position prior's 0.24)")
+    assert "contour 0.995 on 10 held-out instances, mask IoU 0.78 vs the position prior's 0.38" in problem
+    off = job.model_copy(update={"detector": job.detector.model_copy(update={"min_map50": 0.0})})
+    assert detector_gate(useless, off) is None
+
+
 # --- Secrets in storage URIs ---------------------------------------------------------------------
 
 KEY, SECRET, TOKEN = "AKIAMGFATESTKEY", "mgfa-secret-value-123", "mgfa-session-token-456"
