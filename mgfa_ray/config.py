@@ -303,7 +303,7 @@ class TrainParams(FrozenModel):
             whole photo. A photo without that region keeps its whole frame.
         crop_margin: Margin added on each side of that box, as a fraction of its width / height.
         crop_jitter: Moves each image's crop window by up to this fraction of its margin along x
-            and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.targets.jitter_boxes`), so
+            and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.targets.jitter_offsets`), so
             the region does not sit in the same place in every crop and a fixed map cannot match
             it; the masks get the same window. 0: the box is centred.
         line_regions: Region kinds whose ground-truth mask is a line, not a box: the diagonal of
