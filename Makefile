@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test smoke gpu-wheels gpu-check
+.PHONY: demo test test-fast smoke gpu-wheels gpu-check
 
 # uv (a pinned wheel from PyPI) installs the packages: 45 s on the 2-core machine with an empty
 # cache against 230 s for pip (torch's CUDA libraries are most of the 3 GB); from its cache
@@ -42,6 +42,11 @@ test: $(VENV)/.installed
 		|| echo "chromium could not be installed: tests/test_dashboard.py will be skipped"
 	$(BIN)/mypy
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# A developer's loop: every test but the end-to-end runs marked slow (drivers killed and resumed,
+# Ray Data precomputes, Chromium, full disks): about 2 min on 2 cores (README "Tests"). CI runs `test`.
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 gpu-wheels: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpu_wheels.py --out .gpu/wheels

@@ -57,6 +57,7 @@ def _page_text(url: str, profile: Path) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
 
 
+@pytest.mark.slow
 def test_dashboard_lists_the_study_and_its_trials(watched_search, tmp_path):
     search_dir, _ = watched_search
     record = read_record(search_dir)

@@ -79,6 +79,7 @@ def test_a_full_disk_never_tears_the_journal(tmp_path, kind):
         assert out["after"] == out["before"] and out["tail"] == "\n"  # as it was
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_is_one_error_line_and_resumes_once_there_is_room(tmp_path, tiny_train_config):
     """``mgfa-ray train`` whose disk fills at the second epoch's checkpoint (30 MB: one 18 MB
     checkpoint fits, its atomic replacement does not): exit 1 and one line naming the path and the

@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_check_resolves_for_cp312():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--check", "--json"], check=False, capture_output=True,
                           text=True, timeout=120, cwd=REPO)

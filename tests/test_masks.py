@@ -71,6 +71,7 @@ def shard_table(set_location) -> pd.DataFrame:
     return read_rows(set_location).set_index("image_id")
 
 
+@pytest.mark.slow
 def test_ray_data_masks_equal_direct_call_and_rerun_skips(ray_cluster, tiny_manifest, tiny_detector, tmp_path):
     df, _ = tiny_manifest
     cfg = MasksConfig(resolution=32, batch_size=5, num_actors=2, rows_per_shard=10)
@@ -149,6 +150,7 @@ build_mask_set(manifest=df, manifest_hash=manifest_hash(df), source=DetectorBoxe
 """
 
 
+@pytest.mark.slow
 def test_killed_precompute_resumes_to_exactly_one_row_per_image(ray_cluster, tiny_manifest, tiny_detector, tmp_path):
     """SIGKILL the driver while an actor waits on an image (a FIFO nobody writes), rerun, compare."""
     df, _ = tiny_manifest

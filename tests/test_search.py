@@ -67,6 +67,7 @@ def _check_unfinished_search_is_not_exported_as_a_result(search_dir: str, tmp_pa
     assert load_config(TrainConfig, out / "best_config.yaml").lr == 0.01  # the header is a comment: still a config
 
 
+@pytest.mark.slow
 def test_search_samples_simplex_stops_early_and_exports(ray_cluster, tiny_train_config, tmp_path):
     search_dir = _search(tmp_path, {
         "scheduler": {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},

@@ -151,6 +151,7 @@ def _skew_searcher_state(run_path: Path, skew: int) -> None:
 
 @pytest.mark.parametrize(("kill_point", "skew"), [("first_trial_running", 0), ("two_trials_finished", 1),
                                                    ("five_trials_finished", -1)])
+@pytest.mark.slow
 def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, shared_cluster, kill_point, skew):
     """Killed at three points; at two of them Ray's saved searcher state is also one trial ahead of
     (or behind) its saved trial list, as a kill between uploading the two leaves it: without
@@ -195,6 +196,7 @@ def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, share
     assert summary["num_trials"] == 7 and summary["best_trial"] == best_trial(_study(search_dir)).user_attrs["ray_trial_id"]
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_path, shared_cluster):
     search_dir = _create(tmp_path, "--num-samples", "4", "--max-epochs", str(MAX_EPOCHS))
     _finish(tmp_path, _driver(tmp_path, "run", search_dir, join=shared_cluster))
@@ -219,6 +221,7 @@ def test_resume_of_a_finished_search_runs_nothing_and_extend_adds_exactly_n(tmp_
     assert sum(math.isclose(lr, 0.01) for lr in lrs) == 1
 
 
+@pytest.mark.slow
 def test_trial_retried_after_error_is_complete_in_ray_and_optuna(tmp_path, shared_cluster):
     fail = tmp_path / "fail"
     fail.mkdir()
@@ -257,6 +260,7 @@ def errored_search(tmp_path_factory, shared_cluster) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("errored", ["resume", "restart"])
 def test_errored_trial_run_again_on_resume_ends_complete_and_does_not_crash(tmp_path, shared_cluster, errored_search,
                                                                             errored):
@@ -277,6 +281,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_a_moved_copy_resumes_without_touching_the_original(tmp_path, shared_cluster):
     """Issue 15, defects 7 and 6. Ctrl-C (SIGINT to the CLI's process group, as a terminal sends
     it) ends the run with status 130 and the resume command, exporting nothing. The job's output

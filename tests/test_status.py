@@ -23,6 +23,7 @@ def _listing(root: str) -> dict[str, tuple[int, int]]:
             for p in Path(root).rglob("*") if p.is_file() or p.is_symlink()}
 
 
+@pytest.mark.slow
 def test_status_of_a_running_search_from_another_process(watched_search):
     """Taken while the driver held the search's lock: status takes no lock (a DirectoryLock would
     have raised LockedError) and reports the trials in flight, the live driver and an ETA."""

@@ -73,6 +73,7 @@ def _run(tmp_path: Path, cfg, points: list[dict], *, reuse: bool) -> list[dict]:
     return sorted(rows, key=lambda r: r["optuna_trial"])
 
 
+@pytest.mark.slow
 def test_reused_ray_worker_gives_bit_identical_trial(ray_cluster, tiny_train_config, mobilenet_weights, tmp_path):
     cfg = tiny_train_config.model_copy(update={"weights": str(mobilenet_weights)})
     reused_b, reused_a = _run(tmp_path, cfg, [POINT_B, POINT_A], reuse=True)
