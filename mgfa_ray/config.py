@@ -22,15 +22,11 @@ from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
+from .errors import ConfigError
 from .storage import is_uri
 
 DATA_ROOT_ENV = "MGFA_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file or value is invalid; the message names the file and field."""
 
 
 class FrozenModel(BaseModel):

@@ -28,6 +28,11 @@ class InputError(UserError, ValueError):
     """
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration file or value is invalid; the message names the file and field. Defined
+    here, below both :mod:`mgfa_ray.config` and :mod:`mgfa_ray.storage`, which both raise it."""
+
+
 class StageError(UserError, RuntimeError):
     """A stage ran but its output is unusable (a weak detector, empty masks, every trial failed).
 

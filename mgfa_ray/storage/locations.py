@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .retrying import retrying_filesystem
 
 
@@ -146,8 +146,6 @@ def take_credentials(location: str | os.PathLike | None, *, field: str = "locati
             profile instead), or a URI of another scheme carries a secret (``user:password@`` or a
             secret query parameter), which this project would otherwise write into its records.
     """
-    from ..config import ConfigError
-
     if location is None or not is_uri(location):
         return None if location is None else str(location)
     text = str(location)
