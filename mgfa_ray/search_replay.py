@@ -158,12 +158,14 @@ def format_replay(report: dict[str, Any]) -> str:
     lines = [f"search {report['search']}: {len(report['live'])} recorded trials, {report['max_epochs']} epochs max, "
              f"{report['workers']} at once; {report['metric']} maximised",
              f"{'grace':>5} {'factor':>6} {'brackets':>8} {'kept':>5} {'stopped':>7} {'cut short':>9} {'epochs':>7} "
-             f"{'GPU-h':>7} {'best trial':>10} {'best':>7}"]
+             f"{'trial-h':>7} {'best trial':>10} {'best':>7}"]
     for s in report["settings"]:
         st, best = s["setting"], s["best"]
         grace = st["grace_period"] if st["early_stopping"] else "-"
+        at_least = "≥" if s["cut_short"] else ""  # a cut-short curve's end is unknown: a lower bound
         lines.append(f"{grace!s:>5} {st['reduction_factor']:>6} {st['brackets']:>8} {s['kept']:>5} {s['stopped']:>7} "
-                     f"{s['cut_short']:>9} {s['epochs']:>7} {s['compute_seconds'] / 3600:>7.3f} "
+                     f"{s['cut_short']:>9} {at_least + str(s['epochs']):>7} "
+                     f"{at_least + format(s['compute_seconds'] / 3600, '.3f'):>7} "
                      f"{best['number'] if best else '-':>10} "
                      f"{format(best['final'], '.4f') if best else '-':>7}")
     live = {t["number"]: t["epochs"] for t in report["live"]}
@@ -176,8 +178,9 @@ def format_replay(report: dict[str, Any]) -> str:
                     "another order than the recorded times give, or trials still run)" if i == 0 else
                     f"grace {st['grace_period']}, factor {st['reduction_factor']}, brackets {st['brackets']}")
             lines.append(f"{head}: trial:epochs live→replay " + ", ".join(changed))
-    lines.append("note: " + report["note"] + " (`?`: cut short). GPU-h: the recorded epoch and set-up seconds "
-                 "summed, on the machine the search ran on.")
+    lines.append("note: " + report["note"] + " (`?`: cut short; `≥`: epochs and hours of a setting with cut-short "
+                 "trials are lower bounds). trial-h: the recorded epoch and set-up seconds summed over trials, on "
+                 "the machine and device the search ran on (CPU or GPU).")
     if report["skipped"]:
         lines.append(f"{report['skipped']} trial(s) without a recorded epoch are not replayed")
     return "\n".join(lines)

@@ -198,3 +198,7 @@ def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, caps
     assert cli.main(["search", "replay", search_dir, "--grace-period", "1", "2"]) == 0
     out = capsys.readouterr().out
     assert "6 recorded trials" in out and "exact only where the curves exist" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])}
+    assert rows["1"][6] == str(same["epochs"])  # exact: nothing cut short
+    assert rows["2"][6] == f"≥{later['epochs']}" and rows["2"][7].startswith("≥")  # a lower bound, said so
+    assert "GPU-h" not in out and "trial-h" in out  # the hours of whatever device ran the search
