@@ -19,11 +19,21 @@ BIN = Path(sys.executable).parent
 
 
 def _namespaces_work() -> bool:
+    """Whether this machine lets an unprivileged process mount, enlarge and fill a tmpfs of its own
+    (everything the tests below do), tried once in a throwaway directory."""
+    import tempfile
+
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
-    return probe.returncode == 0
+    with tempfile.TemporaryDirectory() as d:
+        script = ('mount -t tmpfs -o size=64k tmpfs "$1" && mount -o remount,size=128k tmpfs "$1" '
+                  '&& head -c 100000 /dev/zero > "$1/f"')
+        try:
+            probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", d],
+                                   capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return probe.returncode == 0 and not any(Path(d).iterdir())
 
 
 pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="no user+mount namespaces here (unshare): "
