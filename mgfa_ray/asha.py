@@ -70,6 +70,10 @@ class Asha:
             raise ValueError(f"ASHA needs min_resource >= 1 and reduction_factor >= 2, got "
                              f"{self.min_resource} and {self.reduction_factor}")
 
+    def rung_epoch(self, rung: int) -> int:
+        """The step (epoch) of rung ``rung`` >= 0: ``min_resource · reduction_factor^rung``."""
+        return self.min_resource * self.reduction_factor ** rung
+
     def decide(self, trial: FrozenTrial, trials: list[FrozenTrial],
                value: float | None = None) -> tuple[bool, dict[int, float]]:
         """Whether to stop ``trial`` after its last intermediate value, and the rung values it
@@ -96,7 +100,7 @@ class Asha:
             value = trial.intermediate_values[step]
         recorded = [rung_values(t) for t in trials]
         new: dict[int, float] = {}
-        while step >= self.min_resource * self.reduction_factor ** rung:
+        while step >= self.rung_epoch(rung):
             if math.isnan(value):
                 return True, new
             new[rung] = value
@@ -105,3 +109,21 @@ class Asha:
                 return True, new
             rung += 1
         return False, new
+
+
+def first_rung(grace_period: int, max_epochs: int) -> int:
+    """The first rung in epochs as the scheduler uses it: the grace period, at most
+    ``max_epochs`` and at least 1."""
+    return max(1, min(grace_period, max_epochs))
+
+
+def rung_epochs(max_epochs: int, grace_period: int, reduction_factor: int, early_stopping: bool) -> list[int]:
+    """The scheduler's milestones in epochs: the rungs of :class:`Asha` from
+    :func:`first_rung` below ``max_epochs`` (Optuna's ``SuccessiveHalvingPruner`` with
+    ``min_early_stopping_rate=0``), then ``max_epochs``; only ``[max_epochs]`` without early stopping."""
+    rungs: list[int] = []
+    if early_stopping:
+        asha = Asha(min_resource=first_rung(grace_period, max_epochs), reduction_factor=reduction_factor)
+        while asha.rung_epoch(len(rungs)) < max_epochs:
+            rungs.append(asha.rung_epoch(len(rungs)))
+    return [*rungs, max_epochs]

@@ -240,7 +240,7 @@ def _write_plots(study, table: pd.DataFrame, epochs: pd.DataFrame | None, *, rec
     """Step 4 (plots): every trial's curves and Optuna's plots into ``out`` (:mod:`mgfa_ray.plots`),
     with the scheduler's rung epochs marked."""
     from .plots import write_search_plots
-    from .status import rung_epochs
+    from .asha import rung_epochs
     from .study import search_trials
 
     sched = record.space.scheduler

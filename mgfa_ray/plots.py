@@ -50,7 +50,7 @@ def write_search_plots(trials: list[FrozenTrial], table: pd.DataFrame, epochs: p
         epochs: The export's ``trial_epochs`` table (``trial``, ``training_iteration``, ``metric``),
             or ``None`` when no epoch ran.
         metric: The search metric (e.g. ``eval_top1``, top-1 accuracy in [0, 1]).
-        milestones: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.status.rung_epochs`).
+        milestones: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.asha.rung_epochs`).
         out: Export directory.
 
     A plot that cannot be drawn (e.g. importances from fewer than two trials) is skipped with a

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from .asha import first_rung
 from .config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, TrainParamsDict, to_dict, validate
 from .errors import InputError, StageError
 from .storage import (
@@ -573,7 +574,7 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     searcher = StudySearch(space=record.space, study=study, metric=search.metric, sampler=search.sampler,
                            seed=search.seed + index, run=run.name, startup_trials=search.tpe_startup_trials)
     scheduler = StudyScheduler(study=study, metric=search.metric, max_epochs=record.max_epochs,
-                               grace_period=min(sched.grace_period, record.max_epochs),
+                               grace_period=first_rung(sched.grace_period, record.max_epochs),
                                reduction_factor=sched.reduction_factor, early_stopping=sched.early_stopping)
     tuner = tune.Tuner(
         fn,

@@ -36,6 +36,7 @@ import optuna
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from .asha import rung_epochs
 from .errors import UserError
 from .storage import fs_read, is_uri, location_join, resolve_location
 
@@ -104,19 +105,6 @@ def _open_study(storage: str, study_name: str) -> tuple[optuna.Study, ReadOnlyJo
     except KeyError:
         raise UserError(f"no Optuna study {study_name!r} in {storage}: no trial of the search has been "
                         "asked yet, or the study storage was moved") from None
-
-
-def rung_epochs(max_epochs: int, grace_period: int, reduction_factor: int, early_stopping: bool) -> list[int]:
-    """The scheduler's milestones in epochs: the ASHA rungs ``grace_period * reduction_factor**k``
-    below ``max_epochs`` (Optuna's ``SuccessiveHalvingPruner`` with ``min_early_stopping_rate=0``),
-    then ``max_epochs``; only ``[max_epochs]`` without early stopping."""
-    rungs = []
-    if early_stopping:
-        epoch = max(1, min(grace_period, max_epochs))
-        while epoch < max_epochs:
-            rungs.append(epoch)
-            epoch *= reduction_factor
-    return [*rungs, max_epochs]
 
 
 def _driver(search_dir: str) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ import pytest
 
 from mgfa_ray.cli import main
 from mgfa_ray.search import read_record
-from mgfa_ray.status import ReadOnlyJournal, format_status, open_study_readonly, rung_epochs, search_status
+from mgfa_ray.asha import rung_epochs
+from mgfa_ray.status import ReadOnlyJournal, format_status, open_study_readonly, search_status
 from mgfa_ray.study import StudyRef, best_trial, search_trials
 
 
