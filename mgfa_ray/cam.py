@@ -21,7 +21,6 @@ Pure PyTorch and matplotlib (Agg canvas, no pyplot state); no Ray.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -36,6 +35,7 @@ from .errors import InputError
 from .storage import atomic_write_bytes, safe_stem
 from .manifest import read_manifest, select_images
 from .model import MGFAClassifier
+from .plots import figure_png
 from .trial import build_model, crop_boxes, load_checkpoint, load_images
 
 CamClass = Literal["predicted", "true"]
@@ -217,17 +217,6 @@ def render_cam_png(
         ax.imshow(amap / peak if peak > 0 else amap, cmap=colormap, vmin=0.0, vmax=1.0, alpha=overlay_alpha)
         ax.set_title(f"{name} attention ({low:.3g} to {peak:.3g})", fontsize=9)
     return figure_png(fig, axes, title=title)
-
-
-def figure_png(fig, axes, *, title: str) -> bytes:
-    """Finish a figure of image panels (axes off, title, tight layout) and return it as PNG bytes."""
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def _checkpoint_path(path: str | Path) -> Path:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cam import figure_png
 from .storage import atomic_write_bytes, atomic_write_json, safe_stem
 from .errors import InputError
 from .manifest import read_manifest, select_images
 from .masks import decode_rgb, read_metadata, read_rows
+from .plots import figure_png
 
 
 def render_mask_png(photo: np.ndarray, boxes: np.ndarray, masks: np.ndarray, *, region_names: Sequence[str],

@@ -220,3 +220,14 @@ def _parallel(trials: list[FrozenTrial], metric: str, first_rung: int):
     fig.set_size_inches(10, 6)
     ax.set_title(f"parallel coordinates: all {len(study.trials)} trials, {metric} at epoch {first_rung} (first rung)")
     return fig
+
+
+def figure_png(fig, axes, *, title: str) -> bytes:
+    """Finish a figure of image panels (axes off, title, tight layout) and return it as PNG bytes."""
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
