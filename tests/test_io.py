@@ -199,6 +199,25 @@ def test_object_store_uploads_keep_the_last_whole_ray_state_file(s3_server):
     assert read("result.json") == b'{"a"'
 
 
+def test_a_filesystem_made_from_environment_keys_works_after_they_leave_it(s3_server, monkeypatch):
+    """Keys in the environment move into a private profile before Ray starts (ensure_ray:
+    hide_aws_secrets). The AWS SDK fixes its profile when a filesystem is built, so one built from
+    the environment's keys answered every call after the move with 403 (order-dependent CI
+    failures); the keys now move before the first object-store filesystem is made."""
+    from mgfa_ray.runtime import hide_aws_secrets
+    from mgfa_ray.storage import fs_exists, fs_write_atomic, resolve_location
+
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"):
+        monkeypatch.setenv(name, "")  # recorded, so restored after: hide_aws_secrets sets them itself
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mgfa-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "mgfa-test")
+    fs, root = resolve_location(s3_server("keys-move", "x"))
+    fs_write_atomic(fs, f"{root}/a", b"1")
+    hide_aws_secrets()  # as ensure_ray does before Ray starts
+    assert fs_exists(fs, f"{root}/a")
+
+
 def test_object_store_calls_wait_through_a_restart(restartable_s3):
     """A write started while the store is down completes once it is back; nothing is lost."""
     import threading

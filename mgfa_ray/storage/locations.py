@@ -50,7 +50,8 @@ def resolve_location(location: str | os.PathLike):
     and the absolute path; a URI goes through ``pyarrow.fs.FileSystem.from_uri``, so an object store
     takes its endpoint, region and credentials from the URI's query string
     (``?endpoint_override=…&region=…``) or from the usual environment (``AWS_ENDPOINT_URL``,
-    ``AWS_ACCESS_KEY_ID``, …; pyarrow docs, "Filesystem Interface"). Nothing is hard-coded. A remote
+    ``AWS_ACCESS_KEY_ID``, …; pyarrow docs, "Filesystem Interface"), keys in the environment moved
+    first into a private profile (:func:`mgfa_ray.runtime.hide_aws_secrets`). Nothing is hard-coded. A remote
     filesystem comes wrapped by :func:`~mgfa_ray.storage.retrying_filesystem`: while the store is
     unreachable, calls wait and retry for up to ``$MGFA_STORAGE_RETRY_S`` seconds.
 
@@ -63,8 +64,14 @@ def resolve_location(location: str | os.PathLike):
     """
     import pyarrow.fs as pafs
 
+    from ..runtime import hide_aws_secrets
+
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    # Keys leave the environment before the first object-store filesystem is made: the AWS SDK
+    # fixes its profile when a filesystem is built, so one built from environment keys would lose
+    # them (every call 403) once they are moved (mgfa_ray.runtime.hide_aws_secrets, before Ray).
+    hide_aws_secrets()
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
