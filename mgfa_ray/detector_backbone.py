@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import WeightsError, _read_state
+from .model import WeightsError, read_state_dict
 from .runtime import configure
 from .storage import atomic_write_bytes
 
@@ -94,7 +94,7 @@ def read_backbone_state(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"detector.backbone_weights: file {path} does not exist (relative paths are relative "
                            f"to the working directory {Path.cwd()}); {_HINT}")
     try:
-        state = _read_state(path, hint=_HINT)
+        state = read_state_dict(path, hint=_HINT)
     except WeightsError as err:
         raise WeightsError(f"detector.backbone_weights: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

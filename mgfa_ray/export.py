@@ -27,7 +27,7 @@ from .config import TrainConfig, TrainParams, relative_to_cwd, to_dict, validate
 from .errors import StageError, UserError
 from .storage import (atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir,
                       redact_location)
-from .search import SearchRecord, _write_target, ray_trials, read_record
+from .search import SearchRecord, ray_trials, read_record, write_target
 from .search_space import define_by_run, trial_params
 
 #: The per-epoch columns of ``trial_epochs`` besides every ``train_*``, ``eval_*`` and ``test_*`` metric.
@@ -46,7 +46,7 @@ def default_export_dir(search_dir: str) -> Path:
     from .storage import safe_stem
 
     record = read_record(search_dir)
-    recorded = _write_target(search_dir, record.export_dir)
+    recorded = write_target(search_dir, record.export_dir)
     if recorded:
         return Path(recorded)
     if is_uri(search_dir):

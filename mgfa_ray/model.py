@@ -54,9 +54,15 @@ _WEIGHTS_HINT = ("give a state_dict saved with torch.save(model.state_dict(), PA
                  "model of this backbone, 'imagenet' (download), or null (random initialisation)")
 
 
-def _read_state(path: Path, *, hint: str = _WEIGHTS_HINT) -> dict:
-    """Load ``path`` with ``weights_only=True`` (never arbitrary pickled code); a failure is a
-    :class:`WeightsError` ending in ``hint`` (what to give instead)."""
+def read_state_dict(path: Path, *, hint: str = _WEIGHTS_HINT) -> dict:
+    """The state_dict in the weights file ``path``, loaded with ``weights_only=True`` (never
+    arbitrary pickled code): the one reader of weight files (the classifier's backbone here, the
+    detector's backbone in :mod:`mgfa_ray.detector_backbone`).
+
+    Raises:
+        WeightsError: The file does not load that way; the message names it and ends in ``hint``
+            (what to give instead).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
@@ -75,7 +81,7 @@ def _read_weights(path: Path) -> dict:
     modification time). ``load_state_dict`` copies from it, so the kept tensors are never changed."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    return _WEIGHTS.get(key, lambda: _read_state(path))
+    return _WEIGHTS.get(key, lambda: read_state_dict(path))
 
 
 def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:

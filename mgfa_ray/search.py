@@ -259,7 +259,7 @@ def _write_record(search_dir: str, record: SearchRecord) -> None:
     fs_write_atomic(fs, location_join(path, RECORD_FILE), json.dumps(doc, indent=2).encode())
 
 
-def _write_target(search_dir: str, target: str | None) -> str | None:
+def write_target(search_dir: str, target: str | None) -> str | None:
     """``target`` (a directory the search writes: cache, export) if it lies inside
     ``search_dir``, already exists, or lies in a job's output directory (one holding the
     ``job.yaml`` every job writes first), else ``None``: a search directory copied away from its
@@ -386,7 +386,7 @@ def _start_study(record: SearchRecord, *, cache_dir: str | None) -> None:
 
     search = record.search
     if cache_dir and not is_uri(cache_dir):
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)  # exists: the trials may write it (_write_target)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)  # exists: the trials may write it (write_target)
     study = StudyRef(record.study.storage, record.study.study_name).load(create=True)
     if search.warm_start is not None and not study.trials:
         copied = copy_trials(StudyRef(search.warm_start.storage, search.warm_start.study_name), study)
@@ -556,7 +556,7 @@ def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callab
     run_path = location_join(runs_path, run.name)
     fn = tune.with_resources(
         tune.with_parameters(trainable or tune_trainable, base=record.trial_base,
-                             cache_dir=_write_target(search_dir, record.cache_dir)),
+                             cache_dir=write_target(search_dir, record.cache_dir)),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
     )
     if tune.Tuner.can_restore(run_path, storage_filesystem=fs):

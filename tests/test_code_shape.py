@@ -41,3 +41,21 @@ def test_the_check_counts_the_body_and_accepts_a_reason():
     assert long_functions(f"def f():\n    '''Doc.'''\n{body}") == [("f", 1, 61)]
     assert long_functions(f"def f():\n    '''Doc.\n\n    Length: one table.\n    '''\n{body}") == []
     assert long_functions("def f():\n    '''Doc.'''\n" + "".join(f"    x{i} = {i}\n" for i in range(60))) == []
+
+
+def private_imports(source: str) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from .module import _name`` in ``source``: a private name taken
+    across a module boundary inside the package."""
+    return [(node.module or ".", alias.name) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom) and node.level >= 1
+            for alias in node.names if alias.name.startswith("_")]
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    found = {str(path.relative_to(PACKAGE)): private_imports(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_import_check_sees_a_private_name():
+    assert private_imports("from .model import WeightsError, _read_state\nfrom ..x import y\n") == [("model", "_read_state")]
+    assert private_imports("from . import _cache\nimport os\n") == [(".", "_cache")]
