@@ -53,18 +53,19 @@ def mask_overlap(*, found: Sequence[list[Box]], drawn: Sequence[list[Box]], trai
     """
     if len(found) != len(drawn):
         raise ValueError(f"found has {len(found)} photos, drawn {len(drawn)}")
-    masks = lambda boxes: rasterize(boxes, num_classes=num_classes, resolution=resolution)  # noqa: E731
-    train = np.stack([masks(b) for b in train_drawn]) if train_drawn else np.zeros((0, num_classes, resolution,
-                                                                                        resolution), np.uint8)
+    def masks(photos: Sequence[list[Box]]) -> np.ndarray:  # (N, K, R, R) uint8, each photo rasterised once
+        return np.stack([rasterize(b, num_classes=num_classes, resolution=resolution) for b in photos]) if photos \
+            else np.zeros((0, num_classes, resolution, resolution), np.uint8)
+
+    train, truths, founds = masks(train_drawn), masks(drawn), masks(found)
     out = []
     for k in range(num_classes):
         holding = train[:, k][train[:, k].reshape(len(train), -1).any(axis=1)]
         prior = holding.mean(axis=0) >= 0.5 if len(holding) else np.zeros((resolution, resolution), bool)
         ious, prior_ious = [], []
-        for f, d in zip(found, drawn):
-            truth = masks(d)[k]
+        for f, truth in zip(founds[:, k], truths[:, k]):
             if truth.any():
-                ious.append(mask_iou(masks(f)[k], truth))
+                ious.append(mask_iou(f, truth))
                 prior_ious.append(mask_iou(prior, truth))
         out.append({"mask_iou": float(np.mean(ious)) if ious else None,
                     "prior_iou": float(np.mean(prior_ious)) if ious else None, "n_mask_images": len(ious)})
