@@ -7,7 +7,7 @@ the job's) on the job's 30 training photos, each scored on the job's 10 held-out
 twice:
 
 * **held-out mAP@0.5** per region class (Ultralytics ``val``, what the gate reads), and
-* **mask IoU** per region class (:mod:`mgfa_ray.mask_overlap`, what the detector stage now
+* **mask IoU** per region class (:mod:`mgfa_ray.detector.overlap`, what the detector stage now
   stores and the gate also reads): the mask the job's mask stage would build from the detector's
   boxes (every box at ``detector.conf`` or above) against the mask of the hand-drawn boxes, over
   the held-out photos that hold that class (no box found: IoU 0), beside the IoU of the
@@ -15,7 +15,7 @@ twice:
   0.5, which sees no image. Masks that do not beat the prior are not useful.
 
 A budget's detector is trained in ``--work/epochs-<E>`` and skipped when already there
-(:func:`mgfa_ray.detector.train_detector`), so a killed run resumes. Writes ``--out``.
+(:func:`mgfa_ray.detector.training.train_detector`), so a killed run resumes. Writes ``--out``.
 
     nice -n 10 python benchmarks/detector_gate.py --epochs 1 3 10 30 60 100 150
 """
@@ -29,19 +29,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, new_document  # noqa: E402
 
-from mgfa_ray.box_sources import decode_rgb  # noqa: E402
+from mgfa_ray.masks.sources import decode_rgb  # noqa: E402
 from mgfa_ray.cli import load_job  # noqa: E402
 from mgfa_ray.config import resolve_data_root, under  # noqa: E402
-from mgfa_ray.detector import load_detector, predict_boxes, train_detector  # noqa: E402
-from mgfa_ray.manifest import build_manifest  # noqa: E402
-from mgfa_ray.mask_overlap import RESOLUTION, mask_overlap  # noqa: E402
-from mgfa_ray.regions import index_labels, parse_label_file, select_annotated  # noqa: E402
+from mgfa_ray.detector.training import load_detector, predict_boxes, train_detector  # noqa: E402
+from mgfa_ray.data.manifest import build_manifest  # noqa: E402
+from mgfa_ray.detector.overlap import RESOLUTION, mask_overlap  # noqa: E402
+from mgfa_ray.data.regions import index_labels, parse_label_file, select_annotated  # noqa: E402
 from mgfa_ray.storage import atomic_write_json  # noqa: E402
 
 def score_masks(metrics: dict, weights: Path, *, manifest, labels: dict, classes: list[str], imgsz: int,
                 conf: float) -> dict[str, dict]:
     """Per region class: the held-out masks' and the position prior's mean IoU with the
-    hand-drawn masks (:func:`mgfa_ray.mask_overlap.mask_overlap`, what the detector stage stores)."""
+    hand-drawn masks (:func:`mgfa_ray.detector.overlap.mask_overlap`, what the detector stage stores)."""
     paths = manifest.set_index("image_id")["path"]
     drawn = lambda ids: [parse_label_file(labels[i], classes=classes) for i in ids]  # noqa: E731
     found = predict_boxes(load_detector(weights, device="cpu"), [decode_rgb(paths[i]) for i in metrics["holdout_ids"]],

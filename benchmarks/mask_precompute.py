@@ -85,9 +85,9 @@ import yaml
 from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, resolve_data_root
-from mgfa_ray.detector import METRICS, load_detector, predict_boxes  # (Ultralytics offline: mgfa_ray.runtime)
+from mgfa_ray.detector.training import METRICS, load_detector, predict_boxes  # (Ultralytics offline: mgfa_ray.runtime)
 from mgfa_ray.storage import atomic_write_json, sha256_file
-from mgfa_ray.manifest import build_manifest, manifest_hash
+from mgfa_ray.data.manifest import build_manifest, manifest_hash
 from mgfa_ray.masks import SHARD_SCHEMA, DetectorBoxes, build_mask_set, decode_rgb, rasterize, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def check_weights(s: dict[str, Any]) -> Path:
         )
     if not (weights.parent / METRICS).is_file():
         raise SystemExit(f"{weights.parent / METRICS} does not exist: --weights must point at a weights.pt written "
-                         f"by the detector stage (mgfa_ray.detector.train_detector), with its {METRICS} beside it")
+                         f"by the detector stage (mgfa_ray.detector.training.train_detector), with its {METRICS} beside it")
     return weights
 
 

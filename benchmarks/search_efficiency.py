@@ -3,9 +3,9 @@
 The tabulated-benchmark method (HPOBench; Syne Tune's blackbox repository). A table of real
 learning curves is recorded once — configurations sampled at random from the shipped default space,
 each trained for the proxy's whole 20-epoch schedule through this project's trial function by a
-real search (``record``) — and every method is then replayed on it with ``mgfa_ray.replay.simulate``:
+real search (``record``) — and every method is then replayed on it with ``mgfa_ray.search.replay.simulate``:
 asynchronous workers, each epoch costing its recorded time, results reaching the method in time
-order, a proposal answered by the nearest recorded configuration (see :mod:`mgfa_ray.replay`).
+order, a proposal answered by the nearest recorded configuration (see :mod:`mgfa_ray.search.replay`).
 
 Steps::
 
@@ -40,9 +40,9 @@ import optuna
 import pandas as pd
 from common import REPO, new_document
 
-from mgfa_ray.asha import Asha
-from mgfa_ray.replay import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy, simulate
-from mgfa_ray.search_space import load_search_space
+from mgfa_ray.search.asha import Asha
+from mgfa_ray.search.replay import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy, simulate
+from mgfa_ray.search.space import load_search_space
 from mgfa_ray.storage import atomic_write_json
 
 TABLE = REPO / "results" / "benchmarks" / "curve_table_fewshot.parquet"
@@ -52,7 +52,7 @@ OUT = REPO / "results" / "benchmarks" / "search_efficiency_sim.json"
 TARGET_RATIO = 1.0 / 3.0
 
 MEASURED = {
-    "replay": "mgfa_ray.replay.simulate: `workers` asynchronous workers; an epoch costs its recorded Ray time "
+    "replay": "mgfa_ray.search.replay.simulate: `workers` asynchronous workers; an epoch costs its recorded Ray time "
               "(difference of time_total_s: set-up in the first, evaluation + checkpoint + report in each); results "
               "reach the method in time order; a proposal is answered by the nearest recorded configuration (1-NN "
               "in the unit cube of the space: log scale for log ranges, sorted simplex cuts, categoricals one-hot). "
@@ -83,8 +83,8 @@ MEASURED = {
 def record(search_dir: str, out: Path, *, partial: bool = False) -> dict[str, Any]:
     """The finished table search → the long-form Parquet table and its JSON description
     (``partial``: only the trials that ran every epoch so far, for a look before it finishes)."""
-    from mgfa_ray.search import read_record
-    from mgfa_ray.search_replay import recorded_trials
+    from mgfa_ray.search.driver import read_record
+    from mgfa_ray.search.replay_report import recorded_trials
 
     trials, info = recorded_trials(search_dir)
     rec = read_record(search_dir)
@@ -92,7 +92,7 @@ def record(search_dir: str, out: Path, *, partial: bool = False) -> dict[str, An
     if len(full) < len(trials) and not partial:
         raise SystemExit(f"error: {len(trials) - len(full)} trials of {search_dir} did not run all "
                          f"{info['max_epochs']} epochs; a curve table needs whole curves (resume the search first)")
-    from mgfa_ray.search import ray_trials
+    from mgfa_ray.search.driver import ray_trials
 
     rows = []
     for row in ray_trials(search_dir).to_dict("records"):
@@ -348,9 +348,9 @@ def table_trainable(config: dict, *, base: dict, cache_dir: str | None = None, t
     import pandas as _pd
     from ray import tune
 
-    from mgfa_ray.replay import CurveTable as _Table
-    from mgfa_ray.replay import flat_params
-    from mgfa_ray.search_space import load_search_space as _load
+    from mgfa_ray.search.replay import CurveTable as _Table
+    from mgfa_ray.search.replay import flat_params
+    from mgfa_ray.search.space import load_search_space as _load
 
     tab = _Table.from_frame(_pd.read_parquet(table_file), space=_load(SPACE))
     params = {k: v for k, v in flat_params(config).items() if k in tab.params[0]}
@@ -366,8 +366,8 @@ def live_check(s: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     from mgfa_ray.config import SearchConfig, TrainConfig
-    from mgfa_ray.search import create_search, run_search
-    from mgfa_ray.study import StudyRef
+    from mgfa_ray.search.driver import create_search, run_search
+    from mgfa_ray.search.study import StudyRef
 
     grace, factor = s["grace"][0], s["factor"][0]
     space_doc = yaml.safe_load(SPACE.read_text())
@@ -389,7 +389,7 @@ def live_check(s: dict[str, Any]) -> dict[str, Any]:
                                                        scale=s["scale"]))
     wall = time.time() - t0
     ray.shutdown()
-    from mgfa_ray.search import read_record
+    from mgfa_ray.search.driver import read_record
 
     rec = read_record(search_dir)
     study = StudyRef(rec.study.storage, rec.study.study_name).load()
@@ -403,9 +403,9 @@ def live_check(s: dict[str, Any]) -> dict[str, Any]:
     doc = new_document("search_efficiency_live_check", settings={"grace": grace, "factor": factor, "seed": seed,
                                                                  "workers": s["workers"], "trials": s["live_trials"],
                                                                  "scale": s["scale"]}, measured={
-        "what": "a live Ray Tune search (mgfa_ray.search.run_search: StudySearch + StudyScheduler, TPE seed, ASHA) whose "
+        "what": "a live Ray Tune search (mgfa_ray.search.driver.run_search: StudySearch + StudyScheduler, TPE seed, ASHA) whose "
                 "trainable replays the nearest table configuration's curve, each epoch sleeping its recorded time x "
-                "scale, against mgfa_ray.replay.simulate of the same method and seed; per trial (table config, epochs "
+                "scale, against mgfa_ray.search.replay.simulate of the same method and seed; per trial (table config, epochs "
                 "run, Optuna state) compared in trial order; proposals agree while the results reached the sampler in "
                 "the same order"})
     doc.update(live=live, simulated=sim, agreeing_trials=sum(same), trials=len(same), first_difference=first_diff,

@@ -1,7 +1,7 @@
 """Search load: hundreds of short trials through the real search layer on a local multi-node Ray cluster.
 
 One run makes, per experiment-snapshot setting, a search of ``trials`` short trials with
-:func:`mgfa_ray.search.create_search` + :func:`mgfa_ray.search.run_search` exactly as a job does
+:func:`mgfa_ray.search.driver.create_search` + :func:`mgfa_ray.search.driver.run_search` exactly as a job does
 (``StudySearch`` on an Optuna journal, ``StudyScheduler`` with ASHA, ``ConcurrencyLimiter``,
 ``reuse_actors=False``: a fresh worker process per trial, a checkpoint every epoch), on a Ray
 cluster of this one machine built with ``ray.cluster_utils.Cluster``: a head node with no CPUs (so
@@ -373,9 +373,9 @@ def one_search(s: dict[str, Any], mode: str) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from mgfa_ray.config import SearchConfig, TrainConfig
-    from mgfa_ray.search import create_search, ray_trials, read_record, run_search
-    from mgfa_ray.search_space import load_search_space
-    from mgfa_ray.study import StudyRef, search_trials
+    from mgfa_ray.search.driver import create_search, ray_trials, read_record, run_search
+    from mgfa_ray.search.space import load_search_space
+    from mgfa_ray.search.study import StudyRef, search_trials
 
     if load_standin.__module__ != "__main__":  # imported (tests): send the trainable by value
         ray.cloudpickle.register_pickle_by_value(sys.modules[load_standin.__module__])

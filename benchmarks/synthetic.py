@@ -25,7 +25,7 @@ def make_dataset(root: Path, *, classes: int = 80, train: int = 3, val: int = 3,
         ``(manifest_path, mask_set_location)``.
     """
     from mgfa_ray.config import MasksConfig
-    from mgfa_ray.manifest import manifest_hash, write_manifest
+    from mgfa_ray.data.manifest import manifest_hash, write_manifest
     from mgfa_ray.masks import LabelBoxes, build_mask_set
 
     rng = np.random.default_rng(seed)

@@ -3,17 +3,17 @@
 One run measures, per backbone and on the same machine:
 
 1. ``backbone_only`` — one SGD step of a plain classifier: the torchvision backbone of
-   :func:`mgfa_ray.model.build_backbone` + global average pooling + ``nn.Linear``, cross-entropy
+   :func:`mgfa_ray.train.model.build_backbone` + global average pooling + ``nn.Linear``, cross-entropy
    only. The input is a random uint8 batch (B, 3, resize, resize) already on the device; each step
    cuts a random ``crop`` window with a horizontal flip (p = 0.5) and normalises with the ImageNet
-   statistics, exactly the image half of :func:`mgfa_ray.augment.augment`, built from its parts
+   statistics, exactly the image half of :func:`mgfa_ray.train.augment.augment`, built from its parts
    (``augment`` always transforms masks too: the baseline does no mask work at all).
-   Precision, memory format and gradient scaler come from :class:`mgfa_ray.trial.StepContext`,
-   the optimizer from :func:`mgfa_ray.trial.make_optimizer`.
-2. ``mgfa`` — :func:`mgfa_ray.trial.train_step` on :func:`mgfa_ray.trial.build_model`: random
+   Precision, memory format and gradient scaler come from :class:`mgfa_ray.train.trial.StepContext`,
+   the optimizer from :func:`mgfa_ray.train.trial.make_optimizer`.
+2. ``mgfa`` — :func:`mgfa_ray.train.trial.train_step` on :func:`mgfa_ray.train.trial.build_model`: random
    uint8 images and random binary uint8 masks (B, K, M, M) already on the device (the dtype the
    trial keeps its masks in).
-3. ``real_epoch`` — :func:`mgfa_ray.trial.run_trial` on a manifest of real leafsnap20 photos and a
+3. ``real_epoch`` — :func:`mgfa_ray.train.trial.run_trial` on a manifest of real leafsnap20 photos and a
    mask set rasterised from the hand-drawn YOLO labels (empty masks for unlabelled photos). The
    first epoch is a warm-up; the figure is the median ``train_images_per_second`` of the later
    epochs. That metric times only the training loop of the epoch (see ``MEASURED`` below); the
@@ -50,12 +50,12 @@ from torch import nn
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
 from mgfa_ray.storage import atomic_write_json
-from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
+from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
-from mgfa_ray.model import build_backbone
-from mgfa_ray.regions import index_labels
-from mgfa_ray.augment import cut_windows, normalise, random_windows
-from mgfa_ray.trial import StepContext, build_model, load_images, make_optimizer, run_trial, train_step
+from mgfa_ray.train.model import build_backbone
+from mgfa_ray.data.regions import index_labels
+from mgfa_ray.train.augment import cut_windows, normalise, random_windows
+from mgfa_ray.train.trial import StepContext, build_model, load_images, make_optimizer, run_trial, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 REGION_CLASSES = ["vein", "contour"]
@@ -85,17 +85,17 @@ MEASURED = {
     "backbone_only": (
         "SGD step of backbone + global average pool + Linear, cross-entropy only; input: random uint8 "
         "(B,3,resize,resize) already on the device; random crop+flip and ImageNet normalisation = the image half "
-        "of mgfa_ray.augment.augment (its random_windows, cut_windows, normalise; no mask work); autocast, memory format and grad scaler of "
+        "of mgfa_ray.train.augment.augment (its random_windows, cut_windows, normalise; no mask work); autocast, memory format and grad scaler of "
         "StepContext; SGD of make_optimizer. images/s = steps*B / wall time of a repeat (synchronised), median "
         "over repeats."
     ),
     "mgfa": (
-        "mgfa_ray.trial.train_step on build_model(cfg): augment (masks resized to resize x resize, shared "
+        "mgfa_ray.train.trial.train_step on build_model(cfg): augment (masks resized to resize x resize, shared "
         "crop+flip), forward, gt_attention, Eq. 7-8 loss, backward, SGD; input: random uint8 images and random "
         "binary uint8 masks (B,K,M,M) already on the device. Timed like backbone_only."
     ),
     "real_epoch": (
-        "train_images_per_second of mgfa_ray.trial.run_trial = images seen / seconds of the epoch's training "
+        "train_images_per_second of mgfa_ray.train.trial.run_trial = images seen / seconds of the epoch's training "
         "loop: per batch a CPU randperm slice, indexing the device-resident uint8 images/masks/labels, train_step, "
         "loss accumulation on the device; plus one scheduler step. Not included: image decode (done once before "
         "the epochs, from the trial's .npy cache filled beforehand), mask-set read, host-to-device copy of the "
@@ -168,7 +168,7 @@ class BackboneClassifier(nn.Module):
 
 
 def crop_flip(images: torch.Tensor, *, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """The image half of :func:`mgfa_ray.augment.augment` (train mode), from its own parts: uint8
+    """The image half of :func:`mgfa_ray.train.augment.augment` (train mode), from its own parts: uint8
     (B, 3, R, R) → a random ``crop`` window, flipped with p = 0.5, as normalised float32
     (B, 3, crop, crop); the same RNG draws and the same single gather over the batch."""
     rows, cols = random_windows(len(images), side=images.shape[-1], crop=crop, generator=generator)
@@ -239,7 +239,7 @@ def backbone_only_step(cfg: TrainConfig, s: dict[str, Any], device: torch.device
 
 
 def mgfa_step(cfg: TrainConfig, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
-    """A synthetic :func:`~mgfa_ray.trial.train_step` of the MGFA classifier (module docstring, item 2)."""
+    """A synthetic :func:`~mgfa_ray.train.trial.train_step` of the MGFA classifier (module docstring, item 2)."""
     torch.manual_seed(s["seed"])
     ctx = StepContext(cfg, device)
     model = build_model(cfg, s["classes"]).to(device).to(memory_format=ctx.memory_format)

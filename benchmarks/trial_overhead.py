@@ -3,15 +3,15 @@
 The paper's datasets are tiny (Cotton80: 80 classes x 3 training photos), so a trial of one or two
 epochs is short and what surrounds it — a new worker process, imports, building the model, reading
 weights, decoding the photos — can cost more than the training. One run makes, alternately, real
-searches (:func:`mgfa_ray.search.create_search` + :func:`mgfa_ray.search.run_search`, the real
-trainable :func:`mgfa_ray.search.tune_trainable`, Optuna's random sampler with one seed so both
+searches (:func:`mgfa_ray.search.driver.create_search` + :func:`mgfa_ray.search.driver.run_search`, the real
+trainable :func:`mgfa_ray.search.driver.tune_trainable`, Optuna's random sampler with one seed so both
 settings run the same configs, no early stopping) on a synthetic Cotton80-shaped dataset
 (``benchmarks/synthetic.py``), with
 
 * ``fresh``: ``search.reuse_workers: false`` — a new worker process per trial (the setting before
   worker reuse), and
 * ``reused``: ``search.reuse_workers: true`` — a finished trial's worker runs the next trial,
-  keeping the decoded data and the weights file (:mod:`mgfa_ray.worker`).
+  keeping the decoded data and the weights file (:mod:`mgfa_ray.train.worker`).
 
 Each search runs in a subprocess of its own with its own local Ray cluster. Then one long search
 with reused workers (``--memory-trials``) tracks the driver's and each worker's memory across
@@ -152,8 +152,8 @@ def one_search(s: dict[str, Any], setting: str, trials: int, work: Path) -> dict
     import yaml
 
     from mgfa_ray.config import SearchConfig, TrainConfig
-    from mgfa_ray.search import create_search, ray_trials, run_search
-    from mgfa_ray.search_space import load_search_space
+    from mgfa_ray.search.driver import create_search, ray_trials, run_search
+    from mgfa_ray.search.space import load_search_space
 
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=s["ray_cpus"], num_gpus=s["ray_gpus"], include_dashboard=False,

@@ -1,9 +1,9 @@
 """mgfa-ray: Ray-distributed hyperparameter search for mask-guided ultra-fine-grained visual
 categorization (Pan, Yu, Zhang, Gao, DICTA 2021).
 
-Stages, one module each: :mod:`~mgfa_ray.manifest`, :mod:`~mgfa_ray.regions`,
-:mod:`~mgfa_ray.detector`, :mod:`~mgfa_ray.masks`, :mod:`~mgfa_ray.trial` (with the model in
-:mod:`~mgfa_ray.model`), :mod:`~mgfa_ray.search` (its export in :mod:`~mgfa_ray.export`);
+Stages, one module each: :mod:`~mgfa_ray.data.manifest`, :mod:`~mgfa_ray.data.regions`,
+:mod:`~mgfa_ray.detector.training`, :mod:`~mgfa_ray.masks`, :mod:`~mgfa_ray.train.trial` (with the model in
+:mod:`~mgfa_ray.train.model`), :mod:`~mgfa_ray.search.driver` (its export in :mod:`~mgfa_ray.search.export`);
 :mod:`~mgfa_ray.pipeline` chains them.
 """
 

@@ -12,22 +12,22 @@ Subcommands:
     YAML and the result validated like the file, so an error names the key.
   * ``mgfa-ray train --config FILE [--seeds N]`` — one trial config, e.g. a search's
     ``best_config.yaml``; with ``--seeds N`` N seeds as trials on Ray, reporting mean ± 95% CI
-    (:func:`mgfa_ray.ablation.run_seeds`).
+    (:func:`mgfa_ray.analysis.ablation.run_seeds`).
   * ``mgfa-ray ablation JOB.yaml [--rows …] [--seeds N] [--formulations …] [--smoke]`` — Table III:
     rows × seeds × formulations with confidence intervals and paired tests
-    (:func:`mgfa_ray.ablation.run_ablation`).
+    (:func:`mgfa_ray.analysis.ablation.run_ablation`).
   * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
     activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
-    :func:`mgfa_ray.cam.render_cams`).
+    :func:`mgfa_ray.analysis.cam.render_cams`).
   * ``mgfa-ray search resume DIR [--more-trials N] [--errored skip|resume|restart]`` — continue a
     search after its driver died, extend a finished one, then export it
-    (:func:`mgfa_ray.search.run_search`); ``mgfa-ray search export DIR`` only exports;
+    (:func:`mgfa_ray.search.driver.run_search`); ``mgfa-ray search export DIR`` only exports;
     ``mgfa-ray search status DIR [--json]`` reports a running or finished search without touching
-    it (:func:`mgfa_ray.status.search_status`); ``mgfa-ray search dashboard DIR`` serves its study
+    it (:func:`mgfa_ray.search.status.search_status`); ``mgfa-ray search dashboard DIR`` serves its study
     in optuna-dashboard (the ``dashboard`` extra).
   * ``mgfa-ray masks show SET [--images ID ...] [--split S] [--count 8] [--seed 0]`` — detected
     regions and masks over a sample of photos as PNG files, and the set's summary (paper Fig. 3,
-    :func:`mgfa_ray.mask_view.render_mask_figures`).
+    :func:`mgfa_ray.analysis.mask_view.render_mask_figures`).
 
 Bad input (config, data root, labels, masks) prints one ``error: ...`` line naming the file and field
 and exits with status 2; a stage whose output is unusable exits with 1, an interrupted run with 130
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
-from .errors import DiskFullError, InputError, RunInterrupted, UserError, debug_enabled
-from .runtime import configure
+from mgfa_ray.config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
+from mgfa_ray.errors import DiskFullError, InputError, RunInterrupted, UserError, debug_enabled
+from mgfa_ray.runtime import configure
 
 
 def _job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -225,7 +225,7 @@ def load_train_config(path: Path) -> TrainConfig:
 
 
 def _default_export_dir(search_dir: str) -> Path:
-    from .export import default_export_dir
+    from mgfa_ray.search.export import default_export_dir
 
     return default_export_dir(search_dir)
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(err: BaseException, status: int) -> int:
     """Print ``error: <message>`` (after the traceback with ``--debug``/``MGFA_DEBUG=1``); return ``status``."""
-    from .storage import redact_text
+    from mgfa_ray.storage import redact_text
 
     if debug_enabled():
         print(redact_text("".join(traceback.format_exception(err))), file=sys.stderr, end="")
@@ -266,7 +266,7 @@ def _report(err: BaseException, status: int) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; return the exit status."""
-    from .storage import take_credentials
+    from mgfa_ray.storage import take_credentials
 
     for name in ("dir", "set", "manifest"):  # locations given on the command line: keys to the environment
         if isinstance(getattr(args, name, None), str):
@@ -274,8 +274,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "detector", "masks", "search") and hasattr(args, "job"):
         return _stage_command(args)
     if args.command == "ablation":
-        from .ablation import run_ablation
-        from .config import to_dict
+        from mgfa_ray.analysis.ablation import run_ablation
+        from mgfa_ray.config import to_dict
 
         job = load_job(args.job, args.overrides, output_dir=args.output_dir)
         given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
@@ -285,7 +285,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                            source=f"{args.job} with the command line's ablation options")
         run_ablation(job, smoke=args.smoke)
     elif args.command == "cam":
-        from .cam import render_cams
+        from mgfa_ray.analysis.cam import render_cams
 
         paths = render_cams(args.checkpoint, out_dir=args.output_dir, image_ids=args.images, split=args.split,
                             count=args.count, manifest=args.manifest, cam_class=args.cam_class,
@@ -294,7 +294,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "search":
         return _search_command(args)
     elif args.command == "masks":
-        from .mask_view import render_mask_figures
+        from mgfa_ray.analysis.mask_view import render_mask_figures
 
         paths, summary = render_mask_figures(args.set, out_dir=args.output_dir, image_ids=args.images,
                                              split=args.split, count=args.count, seed=args.seed,
@@ -302,16 +302,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         print(f"{len(paths)} figures and summary.json in {paths[0].parent}")
     else:
-        from .trial import train_to_dir
+        from mgfa_ray.train.trial import train_to_dir
 
-        from .model import check_weights
+        from mgfa_ray.train.model import check_weights
 
         cfg = load_train_config(args.config)
         cfg = cfg.model_copy(update={"masks": take_credentials(cfg.masks, field=f"{args.config}: masks")})
         check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem
         if args.seeds is not None:
-            from .ablation import run_seeds
+            from mgfa_ray.analysis.ablation import run_seeds
 
             run_seeds(cfg, name=args.config.stem, seeds=args.seeds, out_dir=out,
                       cache_dir=str((Path("outputs") / "cache").resolve()))
@@ -323,7 +323,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _stage_command(args: argparse.Namespace) -> int:
     """``run``, ``detector train|eval``, ``masks build`` and ``search start``: a job up to a stage."""
-    from .pipeline import run_job, smoke_config
+    from mgfa_ray.pipeline import run_job, smoke_config
 
     job = load_job(args.job, args.overrides, output_dir=args.output_dir)
     if args.command == "detector" and args.detector_command == "eval":
@@ -373,7 +373,7 @@ def _detector_eval(job: JobConfig, *, as_json: bool) -> int:
 def _search_command(args: argparse.Namespace) -> int:
     """``search resume|export|status|replay|dashboard DIR``."""
     if args.search_command == "status":
-        from .status import format_status, search_status
+        from mgfa_ray.search.status import format_status, search_status
 
         status = search_status(args.dir)
         print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -381,7 +381,7 @@ def _search_command(args: argparse.Namespace) -> int:
     if args.search_command == "dashboard":
         return _dashboard(args.dir, host=args.host, port=args.port)
     if args.search_command == "replay":
-        from .search_replay import format_replay, replay_search
+        from mgfa_ray.search.replay_report import format_replay, replay_search
 
         try:
             report = replay_search(args.dir, grace_periods=args.grace_period, reduction_factors=args.reduction_factor,
@@ -390,8 +390,8 @@ def _search_command(args: argparse.Namespace) -> int:
             raise InputError(str(err)) from None
         print(json.dumps(report, indent=2) if args.json else format_replay(report))
         return 0
-    from .export import export_search
-    from .search import run_search
+    from mgfa_ray.search.export import export_search
+    from mgfa_ray.search.driver import run_search
 
     if args.search_command == "resume":
         run_search(args.dir, more_trials=args.more_trials, errored=args.errored)
@@ -411,9 +411,9 @@ def _dashboard(search_dir: str, *, host: str, port: int) -> int:
     except ImportError:
         raise ConfigError("optuna-dashboard is not installed: install the extra, pip install 'mgfa-ray[dashboard]' "
                           "(in a clone: .venv/bin/pip install -e '.[dashboard]')") from None
-    from .search import read_record
-    from .status import study_location
-    from .study import StudyRef
+    from mgfa_ray.search.driver import read_record
+    from mgfa_ray.search.status import study_location
+    from mgfa_ray.search.study import StudyRef
 
     record = read_record(search_dir)
     ref = StudyRef(study_location(search_dir, record.study.storage), record.study.study_name)

@@ -28,7 +28,7 @@ def running_trial(study, trial_id: int):
     of this constructor is not recommended" (``ask`` is the public way to get a ``Trial``, and only
     for a new trial). A driver killed between ``ask`` and Ray's snapshot leaves a RUNNING trial with
     part of its parameters sampled; suggesting on this object returns the values it holds and
-    samples the rest, so the trial is completed instead of lost (``mgfa_ray.study.StudySearch``).
+    samples the rest, so the trial is completed instead of lost (``mgfa_ray.search.study.StudySearch``).
     """
     import optuna
 
@@ -39,7 +39,7 @@ def legacy_rung_values(trial) -> dict[int, float]:
     """``{rung: value}`` from Optuna's own rung bookkeeping on ``trial`` (a ``FrozenTrial``).
 
     Private use: the system attributes ``completed_rung_<k>`` are internal to Optuna's
-    ``SuccessiveHalvingPruner``. mgfa-ray before its own rung attributes (``mgfa_ray.asha``) stopped
+    ``SuccessiveHalvingPruner``. mgfa-ray before its own rung attributes (``mgfa_ray.search.asha``) stopped
     trials with that pruner, so a study started then holds its rungs only there; reading them keeps
     an older search's (or warm-start source's) rungs when it is resumed or copied.
     """
@@ -175,7 +175,7 @@ def scheduler_trial(trial_id: str):
     (``AsyncHyperBandScheduler`` / ``ASHAScheduler``) accepts outside a Tune run: its
     ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete`` read only ``trial.trial_id``
     (Ray 2.60, ``ray/tune/schedulers/async_hyperband.py``). Used by
-    :class:`mgfa_ray.replay.RayStockPolicy` to replay Ray's stock scheduler on recorded curves.
+    :class:`mgfa_ray.search.replay.RayStockPolicy` to replay Ray's stock scheduler on recorded curves.
 
     Private assumption: a real ``Trial`` needs a registered trainable and storage; nothing public
     builds one detached from a run.

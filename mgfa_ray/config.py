@@ -22,8 +22,8 @@ from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
-from .storage import is_uri
+from mgfa_ray.errors import ConfigError
+from mgfa_ray.storage import is_uri
 
 DATA_ROOT_ENV = "MGFA_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
@@ -49,7 +49,7 @@ def current_train_keys(params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` (trial parameters) with the keys of :data:`RENAMED_TRAIN_KEYS` under their
     current names. Where both the old and the current key are given the current one wins, so
     parameters that override a base dict written with current names must pass through here
-    first (:func:`mgfa_ray.search_space.trial_params` and the command line's ``--set`` do)."""
+    first (:func:`mgfa_ray.search.space.trial_params` and the command line's ``--set`` do)."""
     out = dict(params)
     for old, new in RENAMED_TRAIN_KEYS.items():
         if old in out:
@@ -105,7 +105,7 @@ class DatasetConfig(FrozenModel):
 
 
 class RegionsConfig(FrozenModel):
-    """Hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.regions`).
+    """Hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.data.regions`).
 
     Attributes:
         labels: Label directory, relative to the data root unless absolute; a label file's path
@@ -139,11 +139,11 @@ class DetectorConfig(FrozenModel):
 
     Attributes:
         model: Model YAML (``yolo11n.yaml``: built without weights; a YAML shipped in
-            ``mgfa_ray/detector_models`` by file name, e.g. ``yolo11n-mobilenetv2.yaml``; or a path)
+            ``mgfa_ray/detector/models`` by file name, e.g. ``yolo11n-mobilenetv2.yaml``; or a path)
             or a local ``.pt`` file.
         backbone_weights: ``None`` (the model's own initialisation) or a local torchvision
             ``state_dict`` loaded into the model YAML's ``TorchVision`` backbone before training
-            (:mod:`mgfa_ray.detector_backbone`; e.g. the ImageNet MobileNetV2 features with
+            (:mod:`mgfa_ray.detector.backbone`; e.g. the ImageNet MobileNetV2 features with
             ``yolo11n-mobilenetv2.yaml``). Relative paths are relative to the working directory.
         imgsz: Train/inference input size in pixels (paper: 480).
         epochs: Training epochs.
@@ -153,7 +153,7 @@ class DetectorConfig(FrozenModel):
         min_map50: Stage gate (:func:`mgfa_ray.pipeline.detector_gate`): a job stops after the
             detector, before the masks and the search, when a region class's held-out mAP@0.5 is
             below this, or when its held-out masks overlap the hand-drawn masks no better than the
-            position prior (:mod:`mgfa_ray.mask_overlap`); a class without held-out instance is
+            position prior (:mod:`mgfa_ray.detector.overlap`); a class without held-out instance is
             reported, not failed. Default 0.05, by measurement
             (``results/benchmarks/detector_gate.json``: the main job's recipe trained 1-150
             epochs): below 0.05 every class's masks were empty (IoU 0); between 0.27 and 0.35 the
@@ -278,33 +278,33 @@ class TrainParams(FrozenModel):
             does in that kind's Eq. 7 loss: ``exclude`` (default) leaves it out — its all-zero
             target is no place the attention can go, and a softmax map can never reach it;
             ``include`` averages it in (the paper's and the released code's behaviour). The
-            mask-fit metrics (:mod:`mgfa_ray.mask_fit`) always leave it out.
+            mask-fit metrics (:mod:`mgfa_ray.train.mask_fit`) always leave it out.
         mask_fit_images: Training images (an evenly spaced, fixed subset) on which the mask-fit
             check evaluates the attention every epoch at the evaluation geometry
-            (``train_fit_prior_<kind>``, :mod:`mgfa_ray.mask_fit`), >= 1; the position prior is the
+            (``train_fit_prior_<kind>``, :mod:`mgfa_ray.train.mask_fit`), >= 1; the position prior is the
             mean target of every training image.
         activation: Eq. 4 attention activation, the *formulation*: ``softmax`` over H*W (paper as
             printed: each map sums to 1, so the attention branch is ~1/(H*W) of the feature),
             ``softmax_scaled`` (H*W times the softmax: mean 1, the feature's scale) or
             ``sigmoid`` (released code). The ground-truth normalisation follows it
-            (:func:`mgfa_ray.model.gt_attention`).
+            (:func:`mgfa_ray.train.model.gt_attention`).
         shared_conv: One 1x1 conv for every region kind (released code) instead of one per kind.
         attention_bias: The attention's 1x1 conv has a bias (released code: no).
         head_bias: The linear classifier has a bias (released code: no).
         output_stride: Backbone output stride 32, 16 or 8 (dilated last stages,
-            :func:`mgfa_ray.model.build_backbone`): a finer feature grid for the attention maps.
+            :func:`mgfa_ray.train.model.build_backbone`): a finer feature grid for the attention maps.
         crop_to_region: Crop every photo (and its masks) to the box of this region kind before
             resizing, with ``crop_margin``: e.g. ``contour`` makes the leaf fill the frame, so
             clutter around it (a colour chart, a ruler) cannot identify the class. ``None``: the
             whole photo. A photo without that region keeps its whole frame.
         crop_margin: Margin added on each side of that box, as a fraction of its width / height.
         crop_jitter: Moves each image's crop window by up to this fraction of its margin along x
-            and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.targets.jitter_offsets`), so
+            and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.train.targets.jitter_offsets`), so
             the region does not sit in the same place in every crop and a fixed map cannot match
             it; the masks get the same window. 0: the box is centred.
         line_regions: Region kinds whose ground-truth mask is a line, not a box: the diagonal of
             the kind's most confident box that follows the dark (leaf) pixels in it, as a band
-            ``line_width`` wide (:func:`mgfa_ray.targets.line_masks`). For a midrib (vein) the
+            ``line_width`` wide (:func:`mgfa_ray.train.targets.line_masks`). For a midrib (vein) the
             detector's axis-aligned box around a diagonal vein covers the blade on both sides;
             the line does not. Empty (default): every kind is its boxes (the paper).
         line_width: Width of those bands as a fraction of the mask side, in (0, 1].
@@ -392,7 +392,7 @@ class TrainConfig(TrainParams):
     """One trial: :class:`TrainParams` plus the data it trains on.
 
     Attributes:
-        manifest: Manifest Parquet file (see :mod:`mgfa_ray.manifest`).
+        manifest: Manifest Parquet file (see :mod:`mgfa_ray.data.manifest`).
         masks: Mask set location: a directory or an object-store URI (see :mod:`mgfa_ray.masks`).
         region_classes: Region kinds the model attends to, in mask-channel order; must equal the
             mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam), kind i >= 2
@@ -463,7 +463,7 @@ class SearchConfig(FrozenModel):
     """Ray Tune + Optuna search settings of a job.
 
     Attributes:
-        space: Search-space YAML (see :mod:`mgfa_ray.search_space`), relative to the working
+        space: Search-space YAML (see :mod:`mgfa_ray.search.space`), relative to the working
             directory unless absolute.
         num_samples: Number of trials.
         max_concurrent: Trials running at once.
@@ -504,7 +504,7 @@ class SearchConfig(FrozenModel):
         reuse_workers: Run the next trial in the worker process of a finished one (Ray Tune's
             ``reuse_actors``) instead of starting a fresh process: the worker keeps torch, CUDA,
             the decoded images and the backbone weights loaded, and every trial still starts from
-            its own seed with a new model and optimizer (:func:`mgfa_ray.trial.run_trial`).
+            its own seed with a new model and optimizer (:func:`mgfa_ray.train.trial.run_trial`).
             ``false``: a fresh process per trial.
         tensorboard: Ray Tune's TensorBoard event files in every trial's directory (its
             ``TBXLoggerCallback``; ``tensorboard --logdir <search>/runs``). ``false`` keeps only
@@ -548,7 +548,7 @@ class SearchConfig(FrozenModel):
 
 class DecoyConfig(FrozenModel):
     """Settings of the decoy control, a generated data set (a job's ``generate`` section;
-    :mod:`mgfa_ray.decoy` draws it).
+    :mod:`mgfa_ray.data.decoy` draws it).
 
     Attributes:
         kind: ``decoy`` (the only generator).
@@ -580,7 +580,7 @@ class DecoyConfig(FrozenModel):
 
 
 class AblationConfig(FrozenModel):
-    """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.ablation`).
+    """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.analysis.ablation`).
 
     Attributes:
         rows: Ablation rows: ``backbone`` (α = 1, no mask loss), a region kind of
@@ -611,7 +611,7 @@ class JobConfig(FrozenModel):
         train: Trial defaults; the search space overrides the parameters it samples.
         ablation: Settings of ``mgfa-ray ablation`` (rows, seeds, formulations).
         generate: A data set the job draws itself before the manifest (:class:`DecoyConfig`, the
-            positive control of :mod:`mgfa_ray.decoy`), into ``<output_dir>/data/``; its images and
+            positive control of :mod:`mgfa_ray.data.decoy`), into ``<output_dir>/data/``; its images and
             labels are then the data root of ``dataset.images`` and ``regions.labels``, and it
             needs ``dataset.layout: split_folders`` and ``regions.source: labels``. ``None``: the
             data root's files.

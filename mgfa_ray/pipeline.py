@@ -3,13 +3,13 @@
 Everything goes under the job's ``output_dir``::
 
     job.yaml                 resolved job config (data root included; a valid job file itself)
-    manifest.parquet         stage 1 (mgfa_ray.manifest)
+    manifest.parquet         stage 1 (mgfa_ray.data.manifest)
     detector/                stage 3: weights.pt, metrics.json (mAP@0.5 per region class); absent
                              with ``regions.source: labels``
     masks/<set_id>/          stage 4: Parquet shards + metadata.json (mgfa_ray.masks); elsewhere
                              when ``masks.location`` names a path or object-store URI
     cache/                   decoded images shared by trials
-    search/<name>/           the search (mgfa_ray.search): search.json, the Optuna study
+    search/<name>/           the search (mgfa_ray.search.driver): search.json, the Optuna study
                              (optuna.journal), one Ray Tune experiment per run; elsewhere when
                              ``search.storage_path`` names a path or object-store URI
     export/                  best_config.yaml, best_checkpoint/, trials.{parquet,csv},
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import (
+from mgfa_ray.config import (
     ConfigError,
     JobConfig,
     TrainConfig,
@@ -42,18 +42,18 @@ from .config import (
     under,
     validate,
 )
-from .detector import check_backbone_weights, train_detector
-from .errors import RunInterrupted, StageError
-from .export import export_search
-from .storage import atomic_write_json, atomic_write_yaml, is_uri, redact_location, redact_tree, take_credentials
-from .lock import DirectoryLock
-from .manifest import build_manifest, check_images, manifest_hash, write_manifest
-from .masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
-from .model import WeightsError
-from .regions import LabelError, index_labels, label_layout_hint, select_annotated
-from .runtime import ensure_ray
-from .search import create_search, run_search
-from .search_space import SearchSpace, load_search_space
+from mgfa_ray.detector.training import check_backbone_weights, train_detector
+from mgfa_ray.errors import RunInterrupted, StageError
+from mgfa_ray.search.export import export_search
+from mgfa_ray.storage import atomic_write_json, atomic_write_yaml, is_uri, redact_location, redact_tree, take_credentials
+from mgfa_ray.storage.lock import DirectoryLock
+from mgfa_ray.data.manifest import build_manifest, check_images, manifest_hash, write_manifest
+from mgfa_ray.masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
+from mgfa_ray.train.model import WeightsError
+from mgfa_ray.data.regions import LabelError, index_labels, label_layout_hint, select_annotated
+from mgfa_ray.runtime import ensure_ray
+from mgfa_ray.search.driver import create_search, run_search
+from mgfa_ray.search.space import SearchSpace, load_search_space
 
 WeakPolicy = Literal["stop", "accept", "warn"]
 """What a stage gate does with a weak detector or mask set: ``stop`` the job, ``accept`` it (the
@@ -90,7 +90,7 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
             invalid trial (the message names the file and key).
         WeightsError: ``train.weights`` (or a ``weights`` value of the search space) is a file that
             is missing, does not load with ``torch.load(weights_only=True)``, is not a state_dict
-            or does not fit the backbone (:func:`mgfa_ray.model.check_weights`).
+            or does not fit the backbone (:func:`mgfa_ray.train.model.check_weights`).
     """
     check_output_dir(cfg.output_dir)
     template = validate(
@@ -135,8 +135,8 @@ def _choices(space: SearchSpace, name: str, default: Any) -> list[Any]:
 
 
 def _check_job_weights(cfg: JobConfig, space: SearchSpace, *, source: str) -> None:
-    """Every (backbone, weights) pair a trial of the job can get loads (:func:`mgfa_ray.model.check_weights`)."""
-    from .model import check_weights
+    """Every (backbone, weights) pair a trial of the job can get loads (:func:`mgfa_ray.train.model.check_weights`)."""
+    from mgfa_ray.train.model import check_weights
 
     for backbone in _choices(space, "backbone", cfg.train.backbone):
         for weights in _choices(space, "weights", cfg.train.weights):
@@ -155,12 +155,12 @@ def _remedies(cfg: JobConfig) -> str:
 
 def detector_gate(metrics: dict[str, Any], cfg: JobConfig) -> str | None:
     """Stage gate after the detector: every region class's held-out mAP@0.5 must reach
-    ``detector.min_map50``, and, where the detector measured them (:mod:`mgfa_ray.mask_overlap`),
+    ``detector.min_map50``, and, where the detector measured them (:mod:`mgfa_ray.detector.overlap`),
     its held-out masks must overlap the hand-drawn masks better than the position prior does
     (``mask_iou`` > ``prior_iou``). ``min_map50`` 0 turns both checks off.
 
     Args:
-        metrics: The detector's ``metrics.json`` (:func:`mgfa_ray.detector.train_detector`): reads
+        metrics: The detector's ``metrics.json`` (:func:`mgfa_ray.detector.training.train_detector`): reads
             ``per_class[<class>]["map50"]`` (float in [0, 1], or ``None`` when the class has no
             held-out instance: reported, never failed), ``n_holdout_instances``, and
             ``mask_iou`` / ``prior_iou`` when present (a detector trained before they existed
@@ -265,7 +265,7 @@ def _banner(stage: str) -> float:
 
 def job_data_root(cfg: JobConfig, out: Path) -> Path:
     """The root of the job's ``dataset.images`` and ``regions.labels``: with ``generate``, the data
-    set it draws under ``<output_dir>/data/`` (:func:`mgfa_ray.decoy.generate_decoy`, drawn now
+    set it draws under ``<output_dir>/data/`` (:func:`mgfa_ray.data.decoy.generate_decoy`, drawn now
     unless already there); else :func:`~mgfa_ray.config.resolve_data_root` of ``data_root``.
 
     Raises:
@@ -273,7 +273,7 @@ def job_data_root(cfg: JobConfig, out: Path) -> Path:
     """
     if cfg.generate is None:
         return resolve_data_root(cfg.data_root)
-    from .decoy import generate_decoy
+    from mgfa_ray.data.decoy import generate_decoy
 
     return generate_decoy(cfg.generate, out / "data")
 
@@ -412,7 +412,7 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accep
         ConfigError: Missing data root, image or label directory, or search-space file.
         LabelError: A malformed label line (file:line).
         LockedError: Another live driver runs a job in the same ``output_dir``, or the same search
-            (:class:`mgfa_ray.lock.DirectoryLock`).
+            (:class:`mgfa_ray.storage.lock.DirectoryLock`).
         RunInterrupted: Ctrl-C during the search: nothing exported, the message says how to resume.
         StageError: A stage gate failed (not ``accept_weak``, not ``smoke``): the job stops before
             the search, keeping the finished stages.

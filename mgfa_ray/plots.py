@@ -29,7 +29,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from .storage import atomic_write_bytes
+from mgfa_ray.storage import atomic_write_bytes
 
 STATE_STYLE = {  # colour, stop marker
     "COMPLETE": ("tab:blue", "o"),
@@ -44,13 +44,13 @@ def write_search_plots(trials: list[FrozenTrial], table: pd.DataFrame, epochs: p
     """Write the search's PNGs (module docstring) into ``out``, atomically; return their paths.
 
     Args:
-        trials: The search's Optuna trials (:func:`mgfa_ray.study.search_trials`): parameters,
+        trials: The search's Optuna trials (:func:`mgfa_ray.search.study.search_trials`): parameters,
             distributions, state, value and one intermediate value per epoch.
         table: The export's ``trials`` table (``trial``, ``optuna_trial``, ``state``, ``epochs_run``).
         epochs: The export's ``trial_epochs`` table (``trial``, ``training_iteration``, ``metric``),
             or ``None`` when no epoch ran.
         metric: The search metric (e.g. ``eval_top1``, top-1 accuracy in [0, 1]).
-        milestones: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.asha.rung_epochs`).
+        milestones: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.search.asha.rung_epochs`).
         out: Export directory.
 
     A plot that cannot be drawn (e.g. importances from fewer than two trials) is skipped with a

@@ -3,10 +3,10 @@
 Importing an ``mgfa_ray`` module changes nothing in the process (no environment variable, logger
 level, umask or third-party setting). What a process needs before it uses Ultralytics or Optuna is
 done by :func:`configure`, which the entry points call: the ``mgfa-ray`` command line
-(:func:`mgfa_ray.cli.main`), the Ray Tune trainable (:func:`mgfa_ray.search.tune_trainable`), the
+(:func:`mgfa_ray.cli.main`), the Ray Tune trainable (:func:`mgfa_ray.search.driver.tune_trainable`), the
 mask-stage actors (:class:`mgfa_ray.masks.ShardWriter`), and, for library use, the functions that
-import Ultralytics (:mod:`mgfa_ray.detector`, :mod:`mgfa_ray.detector_backbone`) or open an Optuna
-study (:meth:`mgfa_ray.study.StudyRef.load`). It is idempotent: the first call does the work,
+import Ultralytics (:mod:`mgfa_ray.detector.training`, :mod:`mgfa_ray.detector.backbone`) or open an Optuna
+study (:meth:`mgfa_ray.search.study.StudyRef.load`). It is idempotent: the first call does the work,
 later calls return at once.
 
 :func:`configure` sets:
@@ -15,7 +15,7 @@ later calls return at once.
   ``YOLO_AUTOINSTALL=false`` (no ``pip install`` of missing extras) and ``YOLO_CONFIG_DIR`` to a
   per-user temporary directory (Ultralytics' settings file and font cache stay out of the
   repository and out of ``~/.config``). Ultralytics reads them once, when it is first imported,
-  so :func:`configure` must run before that import (see :mod:`mgfa_ray.detector`, "Offline
+  so :func:`configure` must run before that import (see :mod:`mgfa_ray.detector.training`, "Offline
   operation"). Ray workers inherit the driver's environment.
 * Optuna's log level to WARNING (no line per trial on stderr).
 

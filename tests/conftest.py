@@ -18,9 +18,9 @@ import pytest
 
 from mgfa_ray.compat import suppress_cluster_address_file
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig
-from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
+from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set
-from mgfa_ray.regions import index_labels
+from mgfa_ray.data.regions import index_labels
 from mgfa_ray.runtime import configure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def restartable_s3():
 def watched_search(tmp_path_factory, shared_cluster):
     """A finished stand-in search (tests/search_driver.py: 5 trials x 4 epochs, ASHA with rungs at 1 and 2
     epochs, 2 at once) run by its own driver process on the shared cluster, and
-    :func:`mgfa_ray.status.search_status` of it taken from this process while the driver ran and
+    :func:`mgfa_ray.search.status.search_status` of it taken from this process while the driver ran and
     held the search's lock (``None`` if the driver finished before a trial had reported an epoch
     while another still ran).
 
@@ -208,7 +208,7 @@ def watched_search(tmp_path_factory, shared_cluster):
     import search_driver  # tests/search_driver.py
 
     from mgfa_ray.errors import UserError
-    from mgfa_ray.status import search_status
+    from mgfa_ray.search.status import search_status
 
     driver = REPO / "tests" / "search_driver.py"
     tmp = tmp_path_factory.mktemp("watched")

@@ -4,7 +4,7 @@
     python tests/search_driver.py run DIR [--more-trials N] [--errored skip|resume|restart]
     python tests/search_driver.py cli search resume DIR …   # the real CLI (mgfa_ray.cli.main), stand-in trials
 
-``--real MANIFEST MASKS`` makes the trials the real classifier (mgfa_ray.search.tune_trainable) at
+``--real MANIFEST MASKS`` makes the trials the real classifier (mgfa_ray.search.driver.tune_trainable) at
 tiny settings instead. The stand-in trains nothing: its "top-1" at epoch e is a smooth, deterministic function of the
 sampled parameters, q(params) * (1 - 0.6^e), so an early-stopped trial's value is truncated and
 the best trial is a property of the parameters. Each epoch sleeps ``MGFA_STANDIN_EPOCH_S``
@@ -133,17 +133,17 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cli"]:  # the command line as users run it, with this file's fast trials
-        import mgfa_ray.search
+        import mgfa_ray.search.driver
         from mgfa_ray import cli
 
         start_or_join_ray()
         if read_record_base(argv)["manifest"] == "stand-in":
-            mgfa_ray.search.tune_trainable = standin_trainable
+            mgfa_ray.search.driver.tune_trainable = standin_trainable
         return cli.main(argv[1:])
 
     from mgfa_ray.config import SearchConfig, TrainConfig
-    from mgfa_ray.search import create_search, read_record, run_search
-    from mgfa_ray.search_space import load_search_space
+    from mgfa_ray.search.driver import create_search, read_record, run_search
+    from mgfa_ray.search.space import load_search_space
 
     p = argparse.ArgumentParser()
     p.add_argument("action", choices=["create", "run"])
@@ -214,7 +214,7 @@ def start_or_join_ray() -> None:
 
 def read_record_base(argv: list[str]) -> dict:
     """The trial template of the search directory named on a ``cli search …`` command line."""
-    from mgfa_ray.search import read_record
+    from mgfa_ray.search.driver import read_record
 
     return read_record(next(a for a in argv[3:] if not a.startswith("-"))).trial_base
 

@@ -19,11 +19,11 @@ import yaml
 from optuna.trial import TrialState
 from test_search_resume import _check_one_truth
 
-from mgfa_ray.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights, table_markdown
+from mgfa_ray.analysis.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights, table_markdown
 from mgfa_ray.cli import main
 from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
-from mgfa_ray.export import export_search
-from mgfa_ray.trial import load_checkpoint
+from mgfa_ray.search.export import export_search
+from mgfa_ray.train.trial import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -154,7 +154,7 @@ def _tiny_job(tmp_path: Path) -> Path:
 def _study(job_dir: Path):
     import optuna
 
-    from mgfa_ray.study import StudyRef
+    from mgfa_ray.search.study import StudyRef
 
     journal = job_dir / "ablation" / "leafsnap20" / "search" / "leafsnap20-ablation" / "optuna.journal"
     try:
@@ -248,7 +248,7 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path, s
 @pytest.mark.slow
 def test_train_seeds_reports_mean_and_interval_of_real_seeds(tmp_path, tiny_train_config, shared_cluster):
     from mgfa_ray.config import to_dict
-    from mgfa_ray.trial import run_trial
+    from mgfa_ray.train.trial import run_trial
 
     cfg = tiny_train_config.model_copy(update={"threads": 1, "seed": 3})
     config = tmp_path / "tiny.yaml"

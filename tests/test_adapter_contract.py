@@ -55,7 +55,7 @@ def test_running_trial_completes_a_running_trials_parameters():
 
 
 def test_legacy_rung_values_read_what_optunas_pruner_wrote():
-    """Studies written before mgfa_ray.asha hold their rungs where Optuna's pruner put them."""
+    """Studies written before mgfa_ray.search.asha hold their rungs where Optuna's pruner put them."""
     study, _ = _memory_study()
     study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2,
                                                           min_early_stopping_rate=0)
@@ -91,9 +91,9 @@ def test_legacy_searcher_and_scheduler_states_restore(tmp_path):
     objects with the same study, space, run, metric and ASHA settings."""
     import pickle
 
-    from mgfa_ray.asha import Asha
-    from mgfa_ray.search_space import SearchSpace
-    from mgfa_ray.study import StudyRef, StudyScheduler, StudySearch
+    from mgfa_ray.search.asha import Asha
+    from mgfa_ray.search.space import SearchSpace
+    from mgfa_ray.search.study import StudyRef, StudyScheduler, StudySearch
 
     ref = StudyRef(str(tmp_path / "s.journal"), "s")
     space = SearchSpace.model_validate({"scheduler": {"max_epochs": 2}, "parameters": {"lr": 0.01}})

@@ -16,7 +16,7 @@ from PIL import Image
 from mgfa_ray.cli import main
 from mgfa_ray.config import ConfigError, DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.errors import UserError
-from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
+from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import (
     DetectorBoxes,
     LabelBoxes,
@@ -27,8 +27,8 @@ from mgfa_ray.masks import (
     read_rows,
     shard_name,
 )
-from mgfa_ray.regions import Box, LabelError, index_labels, parse_label_file, select_annotated
-from mgfa_ray.trial import load_trial_data
+from mgfa_ray.data.regions import Box, LabelError, index_labels, parse_label_file, select_annotated
+from mgfa_ray.train.trial import load_trial_data
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ["vein", "contour"]
@@ -142,7 +142,7 @@ class _FakeDetector:
 
     @staticmethod
     def install(monkeypatch):
-        import mgfa_ray.detector as det  # imports Ultralytics: its patched Image.open is in force
+        import mgfa_ray.detector.training as det  # imports Ultralytics: its patched Image.open is in force
 
         monkeypatch.setattr(det, "load_detector", lambda weights, device: object())
         monkeypatch.setattr(det, "predict_boxes", lambda model, images, imgsz, conf: [
@@ -157,7 +157,7 @@ def test_any_decode_failure_is_a_corrupt_image(tmp_path, content, monkeypatch):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=rf"cannot decode image {bad}: "):
         decode_rgb(str(bad))
-    monkeypatch.setattr("mgfa_ray.box_sources.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+    monkeypatch.setattr("mgfa_ray.masks.sources.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
     good = next((REPO.parent / "shared" / "data" / "leafsnap20").glob("*/*.jpg"))
     with pytest.raises(ValueError, match="ModuleNotFoundError"):  # a plugin lookup failing on a good file
         decode_rgb(str(good))

@@ -5,12 +5,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mgfa_ray.cam import class_activation_maps, load_trained_model, raw_class_activation_maps
+from mgfa_ray.analysis.cam import class_activation_maps, load_trained_model, raw_class_activation_maps
 from mgfa_ray.cli import main
 from mgfa_ray.storage import safe_stem
-from mgfa_ray.manifest import read_manifest
-from mgfa_ray.model import MGFAClassifier
-from mgfa_ray.trial import eval_images, load_images, train_to_dir
+from mgfa_ray.data.manifest import read_manifest
+from mgfa_ray.train.model import MGFAClassifier
+from mgfa_ray.train.trial import eval_images, load_images, train_to_dir
 
 
 @pytest.fixture()

@@ -73,7 +73,7 @@ def test_detector_train_on_a_job_without_detector_says_so(tmp_path, capsys):
 
 
 def _metrics(detector: dict) -> dict:
-    """A detector metrics.json (keys as mgfa_ray.detector writes them) trained with ``detector``'s settings."""
+    """A detector metrics.json (keys as mgfa_ray.detector.training writes them) trained with ``detector``'s settings."""
     return {"detector_key": "0123456789abcdef", **{k: detector[k] for k in ("model", "imgsz", "epochs", "seed")},
             "n_train": 30, "n_holdout": 10, "map50": 0.6105, "map50_95": 0.41,
             "per_class": {"vein": {"map50": 0.226, "map50_95": 0.1, "n_holdout_instances": 12},

@@ -19,8 +19,8 @@ import pytest
 from optuna.trial import TrialState
 from test_search_resume import _check_one_truth, _create, _driver, _env, _finish, _finished, _kill_when, _study
 
-from mgfa_ray.export import export_search
-from mgfa_ray.study import best_trial, search_trials
+from mgfa_ray.search.export import export_search
+from mgfa_ray.search.study import best_trial, search_trials
 
 pytestmark = pytest.mark.slow
 MAX_EPOCHS = 4

@@ -198,7 +198,7 @@ def test_tpe_startup_trials_default_to_half_of_the_trials_and_shape_the_sampler(
     import optuna
 
     from mgfa_ray.config import SearchConfig
-    from mgfa_ray.study import make_sampler
+    from mgfa_ray.search.study import make_sampler
 
     assert SearchConfig(space="s.yaml", num_samples=100).tpe_startup_trials == 50
     assert SearchConfig(space="s.yaml", num_samples=101).tpe_startup_trials == 50

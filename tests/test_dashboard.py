@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mgfa_ray.search import read_record
-from mgfa_ray.study import StudyRef, search_trials
+from mgfa_ray.search.driver import read_record
+from mgfa_ray.search.study import StudyRef, search_trials
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -18,13 +18,13 @@ from PIL import Image
 
 from pydantic import ValidationError
 
-from mgfa_ray import detector as detector_module
+from mgfa_ray.detector import training as detector_module
 from mgfa_ray.config import ConfigError, DetectorConfig
-from mgfa_ray.detector import (
+from mgfa_ray.detector.training import (
     cross_validate_detector, detector_key, grouped_folds, load_detector, predict_boxes, train_detector,
 )
 from mgfa_ray.storage import sha256_file
-from mgfa_ray.regions import Box, LabelError
+from mgfa_ray.data.regions import Box, LabelError
 
 REGION_CLASSES = ["vein", "contour"]
 SPECIES = ["acer_campestre", "betula_alleghaniensis", "ginkgo_biloba"]  # groups 01 and 03 each
@@ -91,7 +91,7 @@ def test_train_writes_weights_and_metrics(trained):
     assert not set(train_ids) & set(holdout_ids)
     assert set(train_ids) | set(holdout_ids) == set(trained["labels"])
     assert (metrics["n_train"], metrics["n_holdout"]) == (4, 2)  # round(0.25 * 6) = 2 held out
-    import ultralytics  # after mgfa_ray.detector, which sets Ultralytics' environment first
+    import ultralytics  # after mgfa_ray.detector.training, which sets Ultralytics' environment first
 
     assert metrics["ultralytics_version"] == ultralytics.__version__  # the version that trained it, not a pin
     # The YOLO dataset: flat safe names, symlinks to the real photos, cleaned labels beside them.

@@ -12,9 +12,9 @@ import yaml
 
 from mgfa_ray.cli import main
 from mgfa_ray.config import DetectorConfig
-from mgfa_ray.detector import detector_key, train_detector
-from mgfa_ray.detector_backbone import MODELS_DIR, build_pretrained, model_source
-from mgfa_ray.model import WeightsError
+from mgfa_ray.detector.training import detector_key, train_detector
+from mgfa_ray.detector.backbone import MODELS_DIR, build_pretrained, model_source
+from mgfa_ray.train.model import WeightsError
 
 from test_detector import REGION_CLASSES, label_files, manifest_for
 

@@ -51,7 +51,7 @@ def _on_small_disk(disk: Path, size: str, argv: list[str], **kw) -> subprocess.C
 FILL_JOURNAL = """
 import json, os, sys
 from optuna.storages.journal import JournalFileBackend
-from mgfa_ray.study import WholeRecordJournal
+from mgfa_ray.search.study import WholeRecordJournal
 
 disk, kind = sys.argv[1], sys.argv[2]
 path = os.path.join(disk, "optuna.journal")

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from mgfa_ray.config import DatasetConfig, MasksConfig
-from mgfa_ray.manifest import build_manifest, manifest_hash, write_manifest
+from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
 from mgfa_ray.masks import LabelBoxes, build_mask_set, decode_rgb, read_masks
-from mgfa_ray.regions import index_labels
+from mgfa_ray.data.regions import index_labels
 
 W, H = 96, 64  # upright size: landscape
 BOX = (0.10, 0.15, 0.45, 0.60)  # the dark "leaf" in the upright view: x0, y0, x1, y1 (normalised)
@@ -66,8 +66,8 @@ def test_decoder_and_ultralytics_reader_show_the_upright_photo(tmp_path, orienta
 
 
 def test_masks_land_on_the_leaf_in_masks_show_and_in_the_trial_inputs(tmp_path, monkeypatch):
-    import mgfa_ray.mask_view as mask_view
-    from mgfa_ray.trial import load_images
+    import mgfa_ray.analysis.mask_view as mask_view
+    from mgfa_ray.train.trial import load_images
 
     _write_photos(tmp_path)
     df = build_manifest(tmp_path / "images", DatasetConfig(layout="class_folders", images="images",

@@ -138,13 +138,13 @@ def test_atomic_filesystem_shows_only_complete_files(tmp_path):
 def test_atomic_filesystem_keeps_the_last_whole_ray_state_file(tmp_path):
     """Ray uploads its experiment state while rewriting it; a copy read half written (empty, cut
     JSON, cut pickle) must not replace the last whole one. The storage package knows no Ray file:
-    the search layer's hook (mgfa_ray.tune_state) does, and the wrapper pickles with it."""
+    the search layer's hook (mgfa_ray.search.tune_state) does, and the wrapper pickles with it."""
     import pickle
 
     import pyarrow.fs as pafs
 
     from mgfa_ray.storage import atomic_filesystem
-    from mgfa_ray.tune_state import complete_state_file
+    from mgfa_ray.search.tune_state import complete_state_file
 
     fs = pickle.loads(pickle.dumps(atomic_filesystem(pafs.LocalFileSystem(), accept=complete_state_file)))
 
@@ -177,7 +177,7 @@ def test_object_store_uploads_keep_the_last_whole_ray_state_file(s3_server):
     import pickle
 
     from mgfa_ray.storage import atomic_filesystem, resolve_location
-    from mgfa_ray.tune_state import complete_state_file
+    from mgfa_ray.search.tune_state import complete_state_file
 
     fs, root = resolve_location(s3_server("state-files", "run"))
     fs = pickle.loads(pickle.dumps(atomic_filesystem(fs, accept=complete_state_file)))

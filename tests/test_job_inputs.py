@@ -242,9 +242,9 @@ def test_search_without_results_is_replaced_and_one_with_results_names_the_diffe
     from optuna.trial import TrialState
 
     from mgfa_ray.config import ConfigError, SearchConfig
-    from mgfa_ray.search import create_search, read_record
-    from mgfa_ray.search_space import load_search_space
-    from mgfa_ray.study import StudyRef
+    from mgfa_ray.search.driver import create_search, read_record
+    from mgfa_ray.search.space import load_search_space
+    from mgfa_ray.search.study import StudyRef
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}))

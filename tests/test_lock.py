@@ -1,4 +1,4 @@
-"""One driver per search directory: mgfa_ray.lock.DirectoryLock on local disk and on an S3 server."""
+"""One driver per search directory: mgfa_ray.storage.lock.DirectoryLock on local disk and on an S3 server."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from mgfa_ray.lock import LOCK_FILE, DirectoryLock, LockedError
+from mgfa_ray.storage.lock import LOCK_FILE, DirectoryLock, LockedError
 
 HOLD = """
 import sys, time
-from mgfa_ray.lock import DirectoryLock, LockedError
+from mgfa_ray.storage.lock import DirectoryLock, LockedError
 try:
     with DirectoryLock(sys.argv[1]):
         print("got", flush=True)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from mgfa_ray.config import ConfigError, DatasetConfig
-from mgfa_ray.manifest import COLUMNS, build_manifest, manifest_hash, read_manifest, write_manifest
-from mgfa_ray.regions import LabelError, index_labels, parse_yolo_file, select_annotated
+from mgfa_ray.data.manifest import COLUMNS, build_manifest, manifest_hash, read_manifest, write_manifest
+from mgfa_ray.data.regions import LabelError, index_labels, parse_yolo_file, select_annotated
 
 
 def test_leafsnap20_manifest_is_group_aware_and_deterministic(data_root, tmp_path):

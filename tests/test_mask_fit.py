@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from mgfa_ray.mask_fit import mask_fit, masked_kinds, masks_learned, position_prior, region_present
-from mgfa_ray.model import gt_attention, mgfa_loss
+from mgfa_ray.train.mask_fit import mask_fit, masked_kinds, masks_learned, position_prior, region_present
+from mgfa_ray.train.model import gt_attention, mgfa_loss
 
 
 def _targets(n: int = 6, grid: int = 8, seed: int = 0) -> torch.Tensor:

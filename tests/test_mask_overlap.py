@@ -1,9 +1,9 @@
-"""The detector's held-out mask check (mgfa_ray.mask_overlap) on constructed boxes."""
+"""The detector's held-out mask check (mgfa_ray.detector.overlap) on constructed boxes."""
 
 import pytest
 
-from mgfa_ray.mask_overlap import mask_overlap
-from mgfa_ray.regions import Box
+from mgfa_ray.detector.overlap import mask_overlap
+from mgfa_ray.data.regions import Box
 
 LEAF = Box(1, 0.5, 0.5, 0.5, 0.5)   # contour, the same place in every training photo
 VEIN_LEFT = Box(0, 0.25, 0.5, 0.1, 0.8)

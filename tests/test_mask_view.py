@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mgfa_ray.cli import main
-from mgfa_ray.mask_view import mask_summary, render_mask_png
+from mgfa_ray.analysis.mask_view import mask_summary, render_mask_png
 from mgfa_ray.masks import read_metadata, read_rows
 
 

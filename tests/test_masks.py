@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from mgfa_ray.config import DetectorConfig, MasksConfig
-from mgfa_ray.detector import train_detector, weights_digest
+from mgfa_ray.detector.training import train_detector, weights_digest
 from mgfa_ray.storage import sha256_file
-from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,
     LabelBoxes,
@@ -33,8 +33,8 @@ from mgfa_ray.masks import (
     read_rows,
     shard_name,
 )
-from mgfa_ray.model import gt_attention
-from mgfa_ray.regions import Box, index_labels
+from mgfa_ray.train.model import gt_attention
+from mgfa_ray.data.regions import Box, index_labels
 
 REGIONS = ["vein", "contour"]
 
@@ -140,7 +140,7 @@ WORKER = """
 import json, sys
 import pandas as pd, ray
 from mgfa_ray.config import MasksConfig
-from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.masks import DetectorBoxes, build_mask_set
 a = json.load(open(sys.argv[1]))
 ray.init(address=a["address"], configure_logging=False)

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mgfa_ray.mask_writer as mask_writer
+import mgfa_ray.masks.writer as mask_writer
 from mgfa_ray.config import DetectorConfig, MasksConfig
-from mgfa_ray.detector import train_detector
+from mgfa_ray.detector.training import train_detector
 from mgfa_ray.storage import fs_list, resolve_location
-from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.masks import (
     DetectorBoxes,
     LabelBoxes,
@@ -45,7 +45,7 @@ from mgfa_ray.masks import (
     read_rows,
     shard_name,
 )
-from mgfa_ray.regions import index_labels
+from mgfa_ray.data.regions import index_labels
 
 REGIONS = ["vein", "contour"]
 #: 24 images, 6 shards of 4; one actor, so shards run in order and the pipe's shard is in flight.
@@ -257,7 +257,7 @@ from pathlib import Path
 import pandas as pd, ray
 from ray.cluster_utils import Cluster
 from mgfa_ray.config import MasksConfig
-from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.masks import DetectorBoxes, build_mask_set
 
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # run the finally below: shut the cluster down
@@ -454,7 +454,7 @@ KILLED_MID_WRITE = r'''
 import json, resource, signal, sys
 import pandas as pd
 from mgfa_ray.config import MasksConfig
-from mgfa_ray.manifest import manifest_hash
+from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.masks import LabelBoxes, build_mask_set
 a = json.load(open(sys.argv[1]))
 df = pd.read_parquet(a["manifest"])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgfa_ray.model import MaskAttention, MGFAClassifier, build_backbone, fuse_features, gt_attention, mgfa_loss
+from mgfa_ray.train.model import MaskAttention, MGFAClassifier, build_backbone, fuse_features, gt_attention, mgfa_loss
 
 
 def test_attention_softmax_maps_sum_to_one_and_use_max_and_mean():

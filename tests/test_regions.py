@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from mgfa_ray.regions import Box, LabelError, _to_unit, index_labels, parse_label_file, parse_voc_file, parse_yolo_file
+from mgfa_ray.data.regions import Box, LabelError, _to_unit, index_labels, parse_label_file, parse_voc_file, parse_yolo_file
 
 CLASSES = ["vein", "contour"]
 

@@ -1,4 +1,4 @@
-"""The simulator of asynchronous workers (mgfa_ray.replay) on a hand-made table of curves whose
+"""The simulator of asynchronous workers (mgfa_ray.search.replay) on a hand-made table of curves whose
 ASHA decisions are worked out by hand in each test's docstring."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import optuna
 import pandas as pd
 import pytest
 
-from mgfa_ray.asha import Asha
-from mgfa_ray.replay import Curve, CurveTable, RayStockPolicy, SequencePolicy, StudyPolicy, simulate
-from mgfa_ray.search_space import SearchSpace
+from mgfa_ray.search.asha import Asha
+from mgfa_ray.search.replay import Curve, CurveTable, RayStockPolicy, SequencePolicy, StudyPolicy, simulate
+from mgfa_ray.search.space import SearchSpace
 
 # Four configurations, four epochs of one second each. With ASHA (grace 1, factor 2) the rungs are
 # epochs 1 and 2 (epoch 4 ends the trial):
@@ -172,7 +172,7 @@ def test_search_replay_of_a_finished_search_repeats_its_decisions(tmp_path, caps
     import search_driver  # tests/search_driver.py
 
     from mgfa_ray import cli
-    from mgfa_ray.search_replay import replay_search
+    from mgfa_ray.search.replay_report import replay_search
 
     search_dir = search_driver.create(str(tmp_path / "searches"), "--num-samples", "6", "--max-concurrent", "1")
     env = {**os.environ, "MGFA_STANDIN_EPOCH_S": "0.05", "RAY_ADDRESS": shared_cluster}

@@ -44,7 +44,7 @@ def test_importing_changes_nothing_and_configure_sets_up_the_process():
 
 
 def test_ultralytics_settings_are_private_only_within_the_block_and_never_written():
-    from mgfa_ray.detector import _private_settings, _ultralytics
+    from mgfa_ray.detector.training import _private_settings, _ultralytics
 
     _ultralytics()
     from ultralytics.utils import SETTINGS

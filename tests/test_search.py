@@ -8,11 +8,11 @@ import yaml
 from optuna.trial import TrialState
 
 from mgfa_ray.config import ConfigError, SearchConfig, TrainConfig, load_config
-from mgfa_ray.export import export_search
-from mgfa_ray.search import create_search, ray_trials, read_record, run_search
-from mgfa_ray.search_space import load_search_space
-from mgfa_ray.study import StudyRef, best_trial, search_trials
-from mgfa_ray.trial import load_checkpoint, run_trial
+from mgfa_ray.search.export import export_search
+from mgfa_ray.search.driver import create_search, ray_trials, read_record, run_search
+from mgfa_ray.search.space import load_search_space
+from mgfa_ray.search.study import StudyRef, best_trial, search_trials
+from mgfa_ray.train.trial import load_checkpoint, run_trial
 
 
 def _space(tmp_path, doc):
@@ -45,8 +45,8 @@ def _check_unfinished_search_is_not_exported_as_a_result(search_dir: str, tmp_pa
     whose last record was torn) or trials not yet started made an export that presented the best
     so far as the search's result, and replaced a correct best_config.yaml."""
     from mgfa_ray.cli import main
-    from mgfa_ray.export import UnfinishedSearchError
-    from mgfa_ray.study import RAY_TRIAL_ATTR
+    from mgfa_ray.search.export import UnfinishedSearchError
+    from mgfa_ray.search.study import RAY_TRIAL_ATTR
 
     out = tmp_path / "export"
     assert export_search(search_dir, out)["finished"] is True
@@ -180,7 +180,7 @@ def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
     """A driver killed between Optuna's ask (and part of the sampling) and Ray's snapshot leaves a
     RUNNING trial no Ray trial knows: the next suggestion takes it over, completing its parameters,
     so no trial is lost or added."""
-    from mgfa_ray.study import SESSION, StudySearch
+    from mgfa_ray.search.study import SESSION, StudySearch
 
     space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2}, "simplex": ["alpha", "beta", "gamma"],
                                  "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}})
@@ -204,7 +204,7 @@ def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
 def test_points_to_evaluate_are_enqueued_once_per_study(tmp_path):
     """A new searcher on the same study (an extension, or a run restarted before Ray's first
     snapshot) does not enqueue the paper's point again, asked or still waiting."""
-    from mgfa_ray.study import StudySearch
+    from mgfa_ray.search.study import StudySearch
 
     space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2},
                                  "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
@@ -224,7 +224,7 @@ def test_scheduler_tells_complete_pruned_or_fail_by_epochs_and_value(tmp_path):
     is COMPLETE, fewer epochs is PRUNED (value = last intermediate), a diverged run is FAIL."""
     from types import SimpleNamespace
 
-    from mgfa_ray.study import StudyScheduler
+    from mgfa_ray.search.study import StudyScheduler
 
     ref = StudyRef(str(tmp_path / "study.journal"), "s")
     study = ref.load(create=True)
@@ -248,7 +248,7 @@ def test_scheduler_tells_complete_pruned_or_fail_by_epochs_and_value(tmp_path):
 def test_snapshot_period_is_set_only_around_the_fit(monkeypatch):
     import os
 
-    from mgfa_ray.search import _snapshot_period
+    from mgfa_ray.search.driver import _snapshot_period
 
     monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
     assert SearchConfig(space="s.yaml").snapshot_period_s == 0  # default: after every controller step
@@ -270,7 +270,7 @@ def test_tensorboard_off_turns_off_rays_own_loggers_only_around_the_fit(monkeypa
     search runs, tells Ray Tune to add none of its own (its TensorBoard logger imports torch)."""
     import os
 
-    from mgfa_ray.search import _result_loggers, _tensorboard
+    from mgfa_ray.search.driver import _result_loggers, _tensorboard
 
     key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
     monkeypatch.delenv(key, raising=False)
@@ -287,7 +287,7 @@ def test_a_damaged_search_record_is_never_rewritten_by_a_rerun(tiny_train_config
     """Issue 30 (weak): a truncated search.json gave "not JSON" with no remedy, and rerunning the
     job silently wrote a new record over it (its runs lost)."""
     from mgfa_ray.cli import main
-    from mgfa_ray.search import DamagedRecordError
+    from mgfa_ray.search.driver import DamagedRecordError
 
     doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}
     search_dir = _search(tmp_path, doc, tiny_train_config, num_samples=1)
@@ -310,9 +310,9 @@ def test_a_moved_job_directory_exports_a_config_that_runs_where_it_is_now(ray_cl
     its first export exports into the job's ``export/``, not into the search directory."""
     import shutil
 
-    from mgfa_ray.export import default_export_dir
-    from mgfa_ray.mask_reader import resolve_mask_set
-    from mgfa_ray.mask_writer import write_current_set
+    from mgfa_ray.search.export import default_export_dir
+    from mgfa_ray.masks.reader import resolve_mask_set
+    from mgfa_ray.masks.writer import write_current_set
 
     job = tmp_path / "job"
     job.mkdir()

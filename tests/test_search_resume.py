@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from mgfa_ray.export import export_search
-from mgfa_ray.search import ray_trials, read_record
-from mgfa_ray.study import StudyRef, best_trial, search_trials
+from mgfa_ray.search.export import export_search
+from mgfa_ray.search.driver import ray_trials, read_record
+from mgfa_ray.search.study import StudyRef, best_trial, search_trials
 
 DRIVER = Path(__file__).with_name("search_driver.py")
 MAX_EPOCHS = 4
@@ -155,7 +155,7 @@ def _skew_searcher_state(run_path: Path, skew: int) -> None:
 def test_driver_killed_then_resumed_finishes_exactly_num_samples(tmp_path, shared_cluster, kill_point, skew):
     """Killed at three points; at two of them Ray's saved searcher state is also one trial ahead of
     (or behind) its saved trial list, as a kill between uploading the two leaves it: without
-    :func:`mgfa_ray.tune_state.reconcile_search_state` the resumed run ends a trial short (every
+    :func:`mgfa_ray.search.tune_state.reconcile_search_state` the resumed run ends a trial short (every
     later resume too) or runs one trial too many. The first search has TensorBoard event files (the
     product's default), the others not (``search.tensorboard: false``), across the resume too.
     At "two_trials_finished" the killed driver is one that joined a running cluster (the shared

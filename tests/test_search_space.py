@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mgfa_ray.config import ConfigError, TrainParams
-from mgfa_ray.search_space import define_by_run, load_search_space, simplex_from_cuts, trial_params
+from mgfa_ray.search.space import define_by_run, load_search_space, simplex_from_cuts, trial_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))

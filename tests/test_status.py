@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from mgfa_ray.cli import main
-from mgfa_ray.search import read_record
-from mgfa_ray.asha import rung_epochs
-from mgfa_ray.status import ReadOnlyJournal, format_status, open_study_readonly, search_status
-from mgfa_ray.study import StudyRef, best_trial, search_trials
+from mgfa_ray.search.driver import read_record
+from mgfa_ray.search.asha import rung_epochs
+from mgfa_ray.search.status import ReadOnlyJournal, format_status, open_study_readonly, search_status
+from mgfa_ray.search.study import StudyRef, best_trial, search_trials
 
 
 def _listing(root: str) -> dict[str, tuple[int, int]]:
@@ -97,7 +97,7 @@ def test_export_plots_every_trial_pruned_included(watched_search, tmp_path):
 
     matplotlib.use("Agg")
     from mgfa_ray import plots
-    from mgfa_ray.export import export_search
+    from mgfa_ray.search.export import export_search
 
     search_dir, _ = watched_search
     export_search(search_dir, tmp_path)

@@ -1,4 +1,4 @@
-"""ASHA on rungs the project owns (mgfa_ray.asha): the same decisions as Optuna's
+"""ASHA on rungs the project owns (mgfa_ray.search.asha): the same decisions as Optuna's
 SuccessiveHalvingPruner, and the same decisions again from a scheduler started after a crash."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mgfa_ray.asha import RUNG_ATTR_PREFIX, STOP_ATTR, Asha, rung_values
-from mgfa_ray.study import StudyRef, StudyScheduler
+from mgfa_ray.search.asha import RUNG_ATTR_PREFIX, STOP_ATTR, Asha, rung_values
+from mgfa_ray.search.study import StudyRef, StudyScheduler
 
 
 @pytest.mark.parametrize("grace, eta, seed", [(1, 2, 0), (1, 3, 1), (2, 2, 2), (1, 4, 3)])
@@ -113,8 +113,8 @@ def test_errored_trial_resumed_keeps_its_rungs_restarted_starts_without(tmp_path
 
 
 def test_warm_start_copies_rungs_also_from_a_study_written_before_asha_attrs(tmp_path):
-    """A source study from before mgfa_ray.asha holds its rungs in Optuna's pruner attributes."""
-    from mgfa_ray.study import copy_trials
+    """A source study from before mgfa_ray.search.asha holds its rungs in Optuna's pruner attributes."""
+    from mgfa_ray.search.study import copy_trials
 
     source = StudyRef(str(tmp_path / "old.journal"), "old")
     source.load(create=True).add_trial(optuna.trial.create_trial(

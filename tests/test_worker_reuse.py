@@ -1,7 +1,7 @@
 """Reused trial workers carry nothing over, and fractional resources pack trials as asked.
 
 A reused worker (``search.reuse_workers``, Ray Tune's ``reuse_actors``) keeps the decoded data and
-the weights file between trials (:mod:`mgfa_ray.worker`); the same config must still give the same
+the weights file between trials (:mod:`mgfa_ray.train.worker`); the same config must still give the same
 result, bit for bit on CPU, as in a fresh process.
 """
 
@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from mgfa_ray import trial as trial_mod
+from mgfa_ray.train import trial as trial_mod
 from mgfa_ray.config import SearchConfig
-from mgfa_ray.search import create_search, ray_trials, run_search
-from mgfa_ray.search_space import load_search_space
-from mgfa_ray.trial import load_checkpoint, run_trial
+from mgfa_ray.search.driver import create_search, ray_trials, run_search
+from mgfa_ray.search.space import load_search_space
+from mgfa_ray.train.trial import load_checkpoint, run_trial
 from test_search_resume import _create
 
 DRIVER = Path(__file__).with_name("search_driver.py")
@@ -131,7 +131,7 @@ def test_cuda_memory_returns_to_its_level_between_trials(tiny_train_config):
     """What a reused worker does between trials: after release_trial_memory the CUDA memory still
     allocated is the same after every trial (torch keeps e.g. cuBLAS workspaces; nothing of a
     trial's model, optimizer or data stays), and the blocks the trial had reserved are handed back."""
-    from mgfa_ray.worker import release_trial_memory
+    from mgfa_ray.train.worker import release_trial_memory
 
     cfg = tiny_train_config.model_copy(update={"device": "cuda", "epochs": 1})
     levels = []

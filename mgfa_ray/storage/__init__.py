@@ -17,7 +17,7 @@
 Nothing here knows the formats of the files it stores. pyarrow is imported on first use.
 """
 
-from .atomic import (
+from mgfa_ray.storage.atomic import (
     AcceptFile,
     atomic_filesystem,
     atomic_write_bytes,
@@ -30,9 +30,9 @@ from .atomic import (
     publish_dir,
     temporary_name,
 )
-from .files import fs_exists, fs_list, fs_read
-from .hashing import sha256_file, sha256_json
-from .locations import (
+from mgfa_ray.storage.files import fs_exists, fs_list, fs_read
+from mgfa_ray.storage.hashing import sha256_file, sha256_json
+from mgfa_ray.storage.locations import (
     REDACTED,
     SECRET_PARAMS,
     is_uri,
@@ -44,7 +44,7 @@ from .locations import (
     safe_stem,
     take_credentials,
 )
-from .retrying import (
+from mgfa_ray.storage.retrying import (
     DEFAULT_STORAGE_RETRY_S,
     STORAGE_RETRY_ENV,
     StorageUnavailableError,

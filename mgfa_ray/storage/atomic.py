@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from .files import fs_exists, fs_read
-from .retrying import with_accept
+from mgfa_ray.storage.files import fs_exists, fs_read
+from mgfa_ray.storage.retrying import with_accept
 
 #: ``accept(final_name, temporary_path) -> bool`` of :func:`atomic_filesystem`: whether a file
 #: completely written through the filesystem is published (True) or dropped, keeping the last one.
@@ -392,7 +392,7 @@ def atomic_filesystem(fs, *, accept: AcceptFile | None = None):
             completely written through the wrapper before it is published: False drops it and
             keeps the file already there. A module-level function, so that the wrapper pickles
             (Ray ships it to its workers). The search layer passes
-            :func:`mgfa_ray.tune_state.complete_state_file`, which knows Ray Tune's state files.
+            :func:`mgfa_ray.search.tune_state.complete_state_file`, which knows Ray Tune's state files.
 
     Returns:
         A ``pyarrow.fs.PyFileSystem`` (type name ``py::mgfa-atomic-local``) over the local

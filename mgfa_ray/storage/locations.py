@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import ConfigError, InputError
-from .retrying import retrying_filesystem
+from mgfa_ray.errors import ConfigError, InputError
+from mgfa_ray.storage.retrying import retrying_filesystem
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -64,7 +64,7 @@ def resolve_location(location: str | os.PathLike):
     """
     import pyarrow.fs as pafs
 
-    from ..runtime import hide_aws_secrets
+    from mgfa_ray.runtime import hide_aws_secrets
 
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())

@@ -18,8 +18,8 @@ import shutil
 import tempfile
 import time
 
-from ..compat import s3_options
-from ..errors import InputError, UserError
+from mgfa_ray.compat import s3_options
+from mgfa_ray.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
