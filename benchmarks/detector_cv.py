@@ -1,9 +1,9 @@
 """Detector recipes measured by grouped k-fold cross-validation on leafsnap20-regions.
 
-Every recipe is evaluated on the same folds (:func:`mgfa_ray.detector.training.grouped_folds` over the 40
+Every recipe is evaluated on the same folds (:func:`mgfa_ray.detector.dataset.grouped_folds` over the 40
 annotated photos' groups, seed 0): fold ``i`` trains on the other folds' photos and is scored on
 fold ``i`` (box mAP@0.5 and mAP@0.5:0.95 per region class, Ultralytics ``val``). A (recipe, fold)
-cell is one :func:`mgfa_ray.detector.training.fit_and_evaluate` run in ``--work/<recipe>/fold-<i>``; a
+cell is one :func:`mgfa_ray.detector.fit.fit_and_evaluate` run in ``--work/<recipe>/fold-<i>``; a
 finished cell (its ``metrics.json`` with the recipe's detector_key, the fold's ids and intact
 weights) is skipped, so a killed run resumes, and a pilot (``--folds 0``) is the first column of
 the full table. After the cells it rewrites ``results/detector/cv.json`` and ``table.md`` from every
@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, new_document  # noqa: E402
 
 from mgfa_ray.config import DatasetConfig, DetectorConfig  # noqa: E402
-from mgfa_ray.detector.training import (  # noqa: E402
-    _stored_metrics, cross_validate_detector, detector_key, grouped_folds, pool_folds, prepare_annotated,
-)
+from mgfa_ray.detector.fit import stored_metrics
+from mgfa_ray.detector.cross_validation import cross_validate_detector, pool_folds
+from mgfa_ray.detector.key import detector_key
+from mgfa_ray.detector.dataset import prepare_annotated
+from mgfa_ray.detector.dataset import grouped_folds
 from mgfa_ray.storage import atomic_write_json, atomic_write_text  # noqa: E402
 from mgfa_ray.data.manifest import build_manifest  # noqa: E402
 from mgfa_ray.data.regions import index_labels, select_annotated  # noqa: E402
@@ -78,7 +80,7 @@ def finished_cells(work: Path, name: str, ann, k: int) -> list[dict]:
     out = []
     for i, held in enumerate(grouped_folds(ann.ids, ann.groups, k, cfg.seed)):
         train_ids = sorted(set(ann.ids) - set(held))
-        m = _stored_metrics((work / name / f"fold-{i}").resolve(), key, train_ids, held)
+        m = stored_metrics((work / name / f"fold-{i}").resolve(), key, train_ids, held)
         if m is not None:
             out.append({"fold": i, "holdout_ids": held, "n_train": len(train_ids), "n_holdout": len(held),
                         **{f: m[f] for f in ("map50", "map50_95", "per_class", "train_seconds", "created")}})

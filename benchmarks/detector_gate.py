@@ -29,10 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, new_document  # noqa: E402
 
-from mgfa_ray.masks.sources import decode_rgb  # noqa: E402
+from mgfa_ray.data.images import decode_rgb
 from mgfa_ray.cli import load_job  # noqa: E402
 from mgfa_ray.config import resolve_data_root, under  # noqa: E402
-from mgfa_ray.detector.training import load_detector, predict_boxes, train_detector  # noqa: E402
+from mgfa_ray.detector.inference import load_detector, predict_boxes
+from mgfa_ray.detector.training import train_detector
 from mgfa_ray.data.manifest import build_manifest  # noqa: E402
 from mgfa_ray.detector.overlap import RESOLUTION, mask_overlap  # noqa: E402
 from mgfa_ray.data.regions import index_labels, parse_label_file, select_annotated  # noqa: E402

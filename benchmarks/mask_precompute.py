@@ -85,10 +85,14 @@ import yaml
 from common import new_document
 
 from mgfa_ray.config import DatasetConfig, MasksConfig, resolve_data_root
-from mgfa_ray.detector.training import METRICS, load_detector, predict_boxes  # (Ultralytics offline: mgfa_ray.runtime)
+from mgfa_ray.detector.fit import METRICS
+from mgfa_ray.detector.inference import load_detector, predict_boxes
 from mgfa_ray.storage import atomic_write_json, sha256_file
 from mgfa_ray.data.manifest import build_manifest, manifest_hash
-from mgfa_ray.masks import SHARD_SCHEMA, DetectorBoxes, build_mask_set, decode_rgb, rasterize, read_rows
+from mgfa_ray.masks import SHARD_SCHEMA, build_mask_set, read_rows
+from mgfa_ray.masks.sources import DetectorBoxes
+from mgfa_ray.data.images import decode_rgb
+from mgfa_ray.data.regions import rasterize
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "outputs" / "leafsnap20" / "detector" / "weights.pt"

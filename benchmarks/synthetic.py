@@ -26,7 +26,8 @@ def make_dataset(root: Path, *, classes: int = 80, train: int = 3, val: int = 3,
     """
     from mgfa_ray.config import MasksConfig
     from mgfa_ray.data.manifest import manifest_hash, write_manifest
-    from mgfa_ray.masks import LabelBoxes, build_mask_set
+    from mgfa_ray.masks.sources import LabelBoxes
+    from mgfa_ray.masks import build_mask_set
 
     rng = np.random.default_rng(seed)
     rows, labels = [], {}

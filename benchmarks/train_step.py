@@ -51,7 +51,8 @@ from torch import nn
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig, resolve_data_root
 from mgfa_ray.storage import atomic_write_json
 from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import LabelBoxes, build_mask_set
+from mgfa_ray.masks.sources import LabelBoxes
+from mgfa_ray.masks import build_mask_set
 from mgfa_ray.train.model import build_backbone
 from mgfa_ray.data.regions import index_labels
 from mgfa_ray.train.augment import cut_windows, normalise, random_windows

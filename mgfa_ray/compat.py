@@ -1,4 +1,4 @@
-"""Every use of Ray, Optuna or pyarrow beyond their public API, in one place.
+"""Every use of Ray, Optuna, pyarrow or Ultralytics beyond their public API, in one place.
 
 The rest of ``mgfa_ray`` talks to Ray through ``Searcher`` / ``TrialScheduler`` / ``Tuner``, to
 Optuna through ``Study.ask`` / ``tell`` / ``enqueue_trial`` / ``get_trials`` and the public methods
@@ -8,12 +8,18 @@ on and why. ``tests/test_adapter_contract.py`` checks every assumption against t
 versions and fails naming the library, its version and the function below: on an upgrade, that
 test says what to rewrite.
 
-Verified with Ray 2.60, Optuna 5.0, pyarrow 26.
+Verified with Ray 2.60, Optuna 5.0, pyarrow 26, Ultralytics 8.4.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from pathlib import Path
 from typing import Any
+
+from mgfa_ray.runtime import YOLO_ENV_DEFAULTS
 
 LEGACY_RUNG_PREFIX = "completed_rung_"
 """Optuna's ``SuccessiveHalvingPruner`` keeps trial ``t``'s value at rung ``k`` in its system
@@ -183,3 +189,95 @@ def scheduler_trial(trial_id: str):
     from types import SimpleNamespace
 
     return SimpleNamespace(trial_id=trial_id)
+
+
+# Ultralytics: its settings and its font lookup, patched in memory while it trains or predicts offline.
+# One process-wide state: the settings patch is reference-counted across nested blocks and threads.
+
+
+_OFF_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+
+
+def _env_true(value: str | None) -> bool:
+    """Ultralytics' own reading of a boolean environment variable (``utils.env_bool``)."""
+    return value is not None and value.strip().lower() in {"1", "true", "yes", "on", "y", "t"}
+
+
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_saved: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def ultralytics_private_settings():
+    """Within the block Ultralytics' settings have telemetry and the integrations off and its
+    default directories in the private config dir (see the module doc, "Offline operation").
+
+    Only the settings of the private ``YOLO_CONFIG_DIR`` that :func:`mgfa_ray.runtime.configure`
+    sets are changed (a user's own ``$YOLO_CONFIG_DIR`` is left as it is), and only in memory:
+    Ultralytics' ``SETTINGS.update`` would rewrite its settings file. Ultralytics reads them when
+    a trainer starts (integration callbacks) and when it resolves files (``weights_dir``). Blocks
+    may nest and overlap across threads: the first to enter changes the settings, the last to
+    leave restores them.
+    """
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+    config_dir = Path(USER_CONFIG_DIR).parent
+    if config_dir != Path(YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]):
+        yield
+        return
+    global _settings_users
+    with _settings_lock:
+        if _settings_users == 0:
+            # No telemetry, and no integration callbacks (the Ray Tune one warns outside a Tune
+            # trial; the others would log to external services). Default directories point into
+            # the private dir: Ultralytics derives them from the git root of its own install,
+            # which is this repository when the virtualenv lives in it.
+            wanted: dict[str, Any] = {k: False for k in _OFF_SETTINGS if k in SETTINGS}
+            wanted.update({k: str(config_dir / k.removesuffix("_dir"))
+                           for k in ("runs_dir", "weights_dir", "datasets_dir")})
+            _settings_saved.clear()
+            _settings_saved.update({k: SETTINGS[k] for k in wanted if k in SETTINGS})
+            dict.update(SETTINGS, wanted)  # dict's own update: in memory, the file untouched
+        _settings_users += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                dict.update(SETTINGS, _settings_saved)
+
+
+@contextlib.contextmanager
+def ultralytics_offline_fonts():
+    """Within the block, Ultralytics' dataset check looks up fonts locally only (offline mode).
+
+    ``ultralytics.data.utils.check_det_dataset`` (run by ``train`` and ``val``) calls
+    ``check_font("Arial.ttf")``, which, when the font is not in the config dir or matplotlib's font
+    list, sends an HTTP HEAD request to github.com (3 s timeout) and downloads the font. Offline
+    that request can only fail, or hang until the timeout where DNS resolves but traffic is
+    dropped. Ultralytics' ``YOLO_OFFLINE`` does not cover this call.
+    """
+    import ultralytics.data.utils as data_utils
+
+    if not _env_true(os.environ.get("YOLO_OFFLINE")):
+        yield
+        return
+    original = data_utils.check_font
+
+    def local_font_only(font: str = "Arial.ttf"):
+        from matplotlib import font_manager
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        file = Path(USER_CONFIG_DIR) / Path(font).name
+        if file.exists():
+            return file
+        matches = [f.fname for f in font_manager.fontManager.ttflist if font in f.fname]
+        return matches[0] if matches else None
+
+    data_utils.check_font = local_font_only
+    try:
+        yield
+    finally:
+        data_utils.check_font = original

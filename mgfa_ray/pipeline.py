@@ -48,7 +48,8 @@ from mgfa_ray.search.export import export_search
 from mgfa_ray.storage import atomic_write_json, atomic_write_yaml, is_uri, redact_location, redact_tree, take_credentials
 from mgfa_ray.storage.lock import DirectoryLock
 from mgfa_ray.data.manifest import build_manifest, check_images, manifest_hash, write_manifest
-from mgfa_ray.masks import DetectorBoxes, LabelBoxes, build_mask_set, read_metadata, write_current_set
+from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_metadata, write_current_set
 from mgfa_ray.train.model import WeightsError
 from mgfa_ray.data.regions import LabelError, index_labels, label_layout_hint, select_annotated
 from mgfa_ray.runtime import ensure_ray

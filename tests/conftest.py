@@ -19,7 +19,8 @@ import pytest
 from mgfa_ray.compat import suppress_cluster_address_file
 from mgfa_ray.config import DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import LabelBoxes, build_mask_set
+from mgfa_ray.masks.sources import LabelBoxes
+from mgfa_ray.masks import build_mask_set
 from mgfa_ray.data.regions import index_labels
 from mgfa_ray.runtime import configure
 

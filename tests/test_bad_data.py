@@ -17,16 +17,9 @@ from mgfa_ray.cli import main
 from mgfa_ray.config import ConfigError, DatasetConfig, MasksConfig, TrainConfig
 from mgfa_ray.errors import UserError
 from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import (
-    DetectorBoxes,
-    LabelBoxes,
-    build_mask_set,
-    decode_rgb,
-    read_masks,
-    read_metadata,
-    read_rows,
-    shard_name,
-)
+from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_masks, read_metadata, read_rows, shard_name
+from mgfa_ray.data.images import decode_rgb
 from mgfa_ray.data.regions import Box, LabelError, index_labels, parse_label_file, select_annotated
 from mgfa_ray.train.trial import load_trial_data
 
@@ -142,7 +135,7 @@ class _FakeDetector:
 
     @staticmethod
     def install(monkeypatch):
-        import mgfa_ray.detector.training as det  # imports Ultralytics: its patched Image.open is in force
+        import mgfa_ray.detector.inference as det
 
         monkeypatch.setattr(det, "load_detector", lambda weights, device: object())
         monkeypatch.setattr(det, "predict_boxes", lambda model, images, imgsz, conf: [
@@ -157,7 +150,7 @@ def test_any_decode_failure_is_a_corrupt_image(tmp_path, content, monkeypatch):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=rf"cannot decode image {bad}: "):
         decode_rgb(str(bad))
-    monkeypatch.setattr("mgfa_ray.masks.sources.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+    monkeypatch.setattr("mgfa_ray.data.images.Image.open", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
     good = next((REPO.parent / "shared" / "data" / "leafsnap20").glob("*/*.jpg"))
     with pytest.raises(ValueError, match="ModuleNotFoundError"):  # a plugin lookup failing on a good file
         decode_rgb(str(good))

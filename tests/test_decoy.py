@@ -12,7 +12,8 @@ from PIL import Image
 from mgfa_ray.config import ConfigError, DatasetConfig, DecoyConfig, JobConfig, MasksConfig, load_config, validate
 from mgfa_ray.data.decoy import _COLOURS, draw_image, generate_decoy
 from mgfa_ray.data.manifest import build_manifest, manifest_hash
-from mgfa_ray.masks import LabelBoxes, build_mask_set, read_masks
+from mgfa_ray.masks.sources import LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_masks
 from mgfa_ray.data.regions import index_labels
 
 SMALL = DecoyConfig(classes=3, train_per_class=6, val_per_class=2, test_per_class=30, size=64)  # a power of two: exact boxes

@@ -18,11 +18,13 @@ from PIL import Image
 
 from pydantic import ValidationError
 
-from mgfa_ray.detector import training as detector_module
+from mgfa_ray.detector import fit as detector_fit
 from mgfa_ray.config import ConfigError, DetectorConfig
-from mgfa_ray.detector.training import (
-    cross_validate_detector, detector_key, grouped_folds, load_detector, predict_boxes, train_detector,
-)
+from mgfa_ray.detector.cross_validation import cross_validate_detector
+from mgfa_ray.detector.key import detector_key
+from mgfa_ray.detector.training import train_detector
+from mgfa_ray.detector.dataset import grouped_folds
+from mgfa_ray.detector.inference import load_detector, predict_boxes
 from mgfa_ray.storage import sha256_file
 from mgfa_ray.data.regions import Box, LabelError
 
@@ -108,7 +110,7 @@ def test_rerun_skips_and_changed_cfg_retrains(trained, tmp_path, monkeypatch):
         def no_fit(*args, **kwargs):
             raise AssertionError("a finished detector was trained again")
 
-        mp.setattr(detector_module, "_fit", no_fit)  # a skip trains nothing
+        mp.setattr(detector_fit, "_fit", no_fit)  # a skip trains nothing
         again = train_detector(manifest=trained["manifest"], label_files=trained["labels"],
                                region_classes=REGION_CLASSES, cfg=CFG, out_dir=out_dir)
     assert again == metrics

@@ -12,7 +12,8 @@ import yaml
 
 from mgfa_ray.cli import main
 from mgfa_ray.config import DetectorConfig
-from mgfa_ray.detector.training import detector_key, train_detector
+from mgfa_ray.detector.key import detector_key
+from mgfa_ray.detector.training import train_detector
 from mgfa_ray.detector.backbone import MODELS_DIR, build_pretrained, model_source
 from mgfa_ray.train.model import WeightsError
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from mgfa_ray.config import DatasetConfig, MasksConfig
 from mgfa_ray.data.manifest import build_manifest, manifest_hash, write_manifest
-from mgfa_ray.masks import LabelBoxes, build_mask_set, decode_rgb, read_masks
+from mgfa_ray.masks.sources import LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_masks
+from mgfa_ray.data.images import decode_rgb
 from mgfa_ray.data.regions import index_labels
 
 W, H = 96, 64  # upright size: landscape

@@ -18,21 +18,13 @@ import pytest
 import torch
 
 from mgfa_ray.config import DetectorConfig, MasksConfig
-from mgfa_ray.detector.training import train_detector, weights_digest
+from mgfa_ray.detector.training import train_detector
+from mgfa_ray.detector.inference import weights_digest
 from mgfa_ray.storage import sha256_file
 from mgfa_ray.data.manifest import manifest_hash
-from mgfa_ray.masks import (
-    DetectorBoxes,
-    LabelBoxes,
-    MaskComputer,
-    build_mask_set,
-    mask_set_id,
-    rasterize,
-    read_masks,
-    read_metadata,
-    read_rows,
-    shard_name,
-)
+from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes, MaskComputer
+from mgfa_ray.masks import build_mask_set, mask_set_id, read_masks, read_metadata, read_rows, shard_name
+from mgfa_ray.data.regions import rasterize
 from mgfa_ray.train.model import gt_attention
 from mgfa_ray.data.regions import Box, index_labels
 

@@ -36,15 +36,8 @@ from mgfa_ray.config import DetectorConfig, MasksConfig
 from mgfa_ray.detector.training import train_detector
 from mgfa_ray.storage import fs_list, resolve_location
 from mgfa_ray.data.manifest import manifest_hash
-from mgfa_ray.masks import (
-    DetectorBoxes,
-    LabelBoxes,
-    build_mask_set,
-    read_masks,
-    read_metadata,
-    read_rows,
-    shard_name,
-)
+from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_masks, read_metadata, read_rows, shard_name
 from mgfa_ray.data.regions import index_labels
 
 REGIONS = ["vein", "contour"]

@@ -44,14 +44,15 @@ def test_importing_changes_nothing_and_configure_sets_up_the_process():
 
 
 def test_ultralytics_settings_are_private_only_within_the_block_and_never_written():
-    from mgfa_ray.detector.training import _private_settings, _ultralytics
+    from mgfa_ray.compat import ultralytics_private_settings
+    from mgfa_ray.detector.yolo import import_ultralytics
 
-    _ultralytics()
+    import_ultralytics()
     from ultralytics.utils import SETTINGS
 
     before, file_before = dict(SETTINGS), SETTINGS.file.read_bytes()
-    with _private_settings():
-        with _private_settings():  # nested (or another thread's): one patch
+    with ultralytics_private_settings():
+        with ultralytics_private_settings():  # nested (or another thread's): one patch
             assert SETTINGS["raytune"] is False and SETTINGS["sync"] is False
         assert SETTINGS["raytune"] is False  # still inside the outer block
         assert SETTINGS["weights_dir"] == str(Path(runtime.YOLO_ENV_DEFAULTS["YOLO_CONFIG_DIR"]) / "weights")

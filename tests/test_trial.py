@@ -9,7 +9,8 @@ import torch
 from mgfa_ray.config import MasksConfig, TrainConfig, to_dict
 from mgfa_ray.data.manifest import manifest_hash
 from mgfa_ray.train.mask_fit import FIT_TERMS
-from mgfa_ray.masks import LabelBoxes, build_mask_set, read_masks
+from mgfa_ray.masks.sources import LabelBoxes
+from mgfa_ray.masks import build_mask_set, read_masks
 from mgfa_ray.data.regions import index_labels
 from mgfa_ray.train.trial import augment, load_checkpoint, run_trial, save_checkpoint, train_to_dir
 
@@ -243,7 +244,7 @@ def test_region_boxes_and_crop_masks_cut_image_and_masks_alike():
     resampled over exactly that box, so a region that filled the box fills the new frame."""
     import numpy as np
 
-    from mgfa_ray.masks import rasterize
+    from mgfa_ray.data.regions import rasterize
     from mgfa_ray.data.regions import Box
     from mgfa_ray.train.trial import crop_masks, region_boxes
 

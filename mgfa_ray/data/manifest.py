@@ -39,10 +39,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from mgfa_ray.config import ConfigError, DatasetConfig
-from mgfa_ray.errors import InputError, UserError
+from mgfa_ray.data.images import ImageError, image_problem
+from mgfa_ray.errors import InputError
 from mgfa_ray.storage import atomic_write_bytes, sha256_json
 
 COLUMNS = ["image_id", "path", "label", "class_name", "group", "split"]
@@ -205,62 +205,6 @@ def build_manifest(images: Path, cfg: DatasetConfig, *, labelled: Iterable[str] 
     df = df.sort_values("image_id", ignore_index=True)
     df["label"] = df["label"].astype("int64")
     return df
-
-
-class ImageError(UserError, ValueError):
-    """Manifest images that cannot be read or decoded; the message names every file (up to a
-    few) and says what to do."""
-
-
-#: First bytes of the formats the manifest takes (JPEG, PNG, BMP).
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
-
-
-def sniff_bytes(head: bytes) -> str | None:
-    """Why a file starting with ``head`` (its first 8 bytes or more) is not a JPEG, PNG or BMP
-    image, judged without Pillow (so no plugin is looked for), or ``None`` when it may be one."""
-    if not head:
-        return "empty file (0 bytes)"
-    if not head.startswith(_MAGIC):
-        return f"not a JPEG, PNG or BMP image (it starts with {head[:8]!r})"
-    return None
-
-
-def sniff_image(path: str | Path) -> str | None:
-    """:func:`sniff_bytes` of the file at ``path`` (reads 8 bytes), or why it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
-    return sniff_bytes(head)
-
-
-#: EXIF orientations (tag 0x0112) whose upright view swaps the stored width and height.
-_SIDEWAYS = (5, 6, 7, 8)
-
-
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image as it is shown: the stored size, swapped when its EXIF
-    orientation turns it by 90° (:func:`mgfa_ray.masks.sources.decode_rgb` decodes that view).
-    Reads the header only."""
-    w, h = img.size
-    return (h, w) if img.getexif().get(0x0112) in _SIDEWAYS else (w, h)
-
-
-def image_problem(path: str | Path) -> str | None:
-    """Why the image at ``path`` cannot be used, from its first bytes and its header (Pillow reads
-    the header, not the pixels: a file cut short in its pixel data passes here and fails when
-    decoded), or ``None``."""
-    reason = sniff_image(path)
-    if reason is not None:
-        return reason
-    try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - the header is parsed on open
-    except Exception as err:  # noqa: BLE001 - any failure to parse this file is the file's
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 def check_images(df: pd.DataFrame, *, corrupt_images: str = "error") -> dict[str, str]:

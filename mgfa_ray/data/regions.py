@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 from xml.parsers import expat
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -424,7 +425,7 @@ def check_voc_sizes(label_files: Mapping[str, str | Path], image_paths: Mapping[
         LabelError: A ``<size>`` of another aspect ratio than the photo; names the label file
             (``file:line``), the photo and both sizes.
     """
-    from mgfa_ray.data.manifest import sniff_image, upright_size
+    from mgfa_ray.data.images import sniff_image, upright_size
 
     for image_id, label in label_files.items():
         label, photo = Path(label), image_paths.get(image_id)
@@ -501,3 +502,33 @@ def select_annotated(
     rng = random.Random(seed)
     chosen = sorted(rng.sample(pool, min(max_images, len(pool))))
     return {k: in_manifest[k] for k in chosen}
+
+
+def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndarray:
+    """Union of each region class's boxes as a binary mask.
+
+    A pixel is set when it overlaps the box at all, so a thin vein box keeps at least one pixel
+    of width. Box edges outside the image are clipped.
+
+    Args:
+        boxes: Boxes in normalised coordinates (see :class:`mgfa_ray.data.regions.Box`).
+        num_classes: K, the number of region classes (channels).
+        resolution: R, the mask side in pixels.
+
+    Returns:
+        uint8 array (K, R, R) with values {0, 1}; row index is y (top to bottom). No box of a
+        class: that channel is all zero.
+
+    Raises:
+        ValueError: A box's class is outside [0, K).
+    """
+    out = np.zeros((num_classes, resolution, resolution), dtype=np.uint8)
+    for b in boxes:
+        if not 0 <= b.cls < num_classes:
+            raise ValueError(f"box class {b.cls} outside [0, {num_classes})")
+        x0 = max(0, math.floor((b.cx - b.w / 2) * resolution))
+        x1 = min(resolution, max(x0 + 1, math.ceil((b.cx + b.w / 2) * resolution)))
+        y0 = max(0, math.floor((b.cy - b.h / 2) * resolution))
+        y1 = min(resolution, max(y0 + 1, math.ceil((b.cy + b.h / 2) * resolution)))
+        out[b.cls, y0:y1, x0:x1] = 1
+    return out

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgfa_ray.train.model import WeightsError, read_state_dict
 from mgfa_ray.runtime import configure
 from mgfa_ray.storage import atomic_write_bytes
+from mgfa_ray.train.model import WeightsError, read_state_dict
 
 #: Model YAMLs shipped with mgfa-ray; ``detector.model`` names them by file name.
 MODELS_DIR = Path(__file__).resolve().parent / "models"

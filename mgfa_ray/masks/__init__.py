@@ -1,12 +1,12 @@
 """Stage 4 — ground-truth region masks precomputed into a mask set of Parquet shards.
 
-The stage is three modules, and this one gathers their public names (what the pipeline, the
+The stage is four modules, and this package gathers their public names (what the pipeline, the
 trials, the tools and the tests import):
 
 * :mod:`mgfa_ray.masks.sources` — where region boxes come from (:class:`DetectorBoxes`, the trained
-  detector; :class:`LabelBoxes`, existing label files), image decoding (:func:`decode_rgb`) and
-  rasterising (:func:`rasterize`); :class:`MaskComputer`, the pure core (manifest rows → shard
-  rows, no Ray involved);
+  detector; :class:`LabelBoxes`, existing label files); :class:`MaskComputer`, the pure core
+  (manifest rows → shard rows, no Ray involved; photos decoded by :mod:`mgfa_ray.data.images`,
+  boxes rasterised by :func:`mgfa_ray.data.regions.rasterize`);
 * :mod:`mgfa_ray.masks.writer` — :func:`build_mask_set`: the write-once shard protocol (plan,
   finished and damaged shards, concurrent writers, publishing ``metadata.json``) and the Ray Data
   actor pool of :class:`ShardWriter`; :func:`write_current_set`;
@@ -19,7 +19,6 @@ schema, ``metadata.json``, set id). Files are published through :mod:`mgfa_ray.s
 object store.
 """
 
-from mgfa_ray.masks.sources import BoxSource, DetectorBoxes, LabelBoxes, MaskComputer, decode_rgb, mask_rows, rasterize
 from mgfa_ray.masks.format import (
     CURRENT,
     METADATA,
@@ -33,11 +32,12 @@ from mgfa_ray.masks.format import (
     shard_name,
 )
 from mgfa_ray.masks.reader import read_masks, read_metadata, read_rows, resolve_mask_set
+from mgfa_ray.masks.sources import BoxSource, DetectorBoxes, LabelBoxes, MaskComputer, mask_rows
 from mgfa_ray.masks.writer import ACTOR_RESTARTS, ShardWriter, build_mask_set, summarize, write_current_set
 
 __all__ = [
     "ACTOR_RESTARTS", "CURRENT", "METADATA", "PLAN", "RECIPE_VERSION", "SCHEMA_VERSION", "SHARD_SCHEMA", "STATS_KEY",
     "BoxSource", "DetectorBoxes", "LabelBoxes", "MaskComputer", "MaskSetError", "ShardWriter", "build_mask_set",
-    "decode_rgb", "mask_rows", "mask_set_id", "rasterize", "read_masks", "read_metadata", "read_rows",
+    "mask_rows", "mask_set_id", "read_masks", "read_metadata", "read_rows",
     "resolve_mask_set", "shard_name", "summarize", "write_current_set",
 ]

@@ -14,8 +14,6 @@ towards zero, which for the softmax variant is a uniform map — no region, no p
 
 from __future__ import annotations
 
-import io
-import math
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,79 +23,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
+from mgfa_ray.data.images import decode_rgb
+from mgfa_ray.data.images import image_problem
+from mgfa_ray.data.regions import Box, parse_label_file, rasterize
 from mgfa_ray.errors import InputError
-from mgfa_ray.data.manifest import ImageError, image_problem, sniff_bytes
-from mgfa_ray.data.regions import Box, parse_label_file
 from mgfa_ray.storage import sha256_file, sha256_json
-
-def rasterize(boxes: list[Box], *, num_classes: int, resolution: int) -> np.ndarray:
-    """Union of each region class's boxes as a binary mask.
-
-    A pixel is set when it overlaps the box at all, so a thin vein box keeps at least one pixel
-    of width. Box edges outside the image are clipped.
-
-    Args:
-        boxes: Boxes in normalised coordinates (see :class:`mgfa_ray.data.regions.Box`).
-        num_classes: K, the number of region classes (channels).
-        resolution: R, the mask side in pixels.
-
-    Returns:
-        uint8 array (K, R, R) with values {0, 1}; row index is y (top to bottom). No box of a
-        class: that channel is all zero.
-
-    Raises:
-        ValueError: A box's class is outside [0, K).
-    """
-    out = np.zeros((num_classes, resolution, resolution), dtype=np.uint8)
-    for b in boxes:
-        if not 0 <= b.cls < num_classes:
-            raise ValueError(f"box class {b.cls} outside [0, {num_classes})")
-        x0 = max(0, math.floor((b.cx - b.w / 2) * resolution))
-        x1 = min(resolution, max(x0 + 1, math.ceil((b.cx + b.w / 2) * resolution)))
-        y0 = max(0, math.floor((b.cy - b.h / 2) * resolution))
-        y1 = min(resolution, max(y0 + 1, math.ceil((b.cy + b.h / 2) * resolution)))
-        out[b.cls, y0:y1, x0:x1] = 1
-    return out
-
-
-def decode_rgb(path: str, *, max_side: int | None = None) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array (Pillow), turned upright by its EXIF
-    orientation tag (``PIL.ImageOps.exif_transpose``; a phone photo stores its pixels sideways
-    with tag 6 or 8, and every viewer, OpenCV's ``imread`` and so Ultralytics' loader show it
-    upright). This is the project's one decoder: region labels, detector inference, masks, trials,
-    class activation maps and figures all see the upright view, whose width and height normalised
-    boxes refer to.
-
-    Args:
-        path: Image file.
-        max_side: If given, let the JPEG decoder shrink by a power of two while both sides stay
-            >= ``max_side`` (``PIL.Image.draft``); normalised boxes are unaffected.
-
-    Raises:
-        ValueError: The file is missing or unreadable, empty, not a JPEG/PNG/BMP file by its first
-            bytes (:func:`mgfa_ray.data.manifest.sniff_bytes`, checked before Pillow so that no plugin
-            is looked for), or Pillow fails on it in any way — any exception while opening or
-            decoding this one file is the file's fault (Ultralytics' patched ``Image.open``, for
-            one, raises ``ModuleNotFoundError`` on a file it cannot identify). The message names it.
-    """
-    try:
-        with open(path, "rb") as f:  # read once: the path may be a pipe
-            data = f.read()
-    except OSError as err:
-        raise ImageError(f"cannot decode image {path}: cannot be read ({err.strerror or err})") from None
-    reason = sniff_bytes(data[:8])
-    if reason is not None:
-        raise ImageError(f"cannot decode image {path}: {reason}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if max_side is not None:
-                img.draft("RGB", (max_side, max_side))
-            upright = ImageOps.exif_transpose(img)  # a copy when turned, else img itself
-            return np.asarray(upright.convert("RGB"))
-    except Exception as err:  # noqa: BLE001 - the decode boundary: whatever fails here is this file
-        raise ImageError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +37,7 @@ class DetectorBoxes:
 
     Attributes:
         weights: Detector weights file (``weights.pt`` of :mod:`mgfa_ray.detector.training`).
-        detector_key: Id of that detector (:func:`mgfa_ray.detector.training.detector_key`).
+        detector_key: Id of that detector (:func:`mgfa_ray.detector.key.detector_key`).
         imgsz: Inference input size in pixels (the training size).
         conf: Confidence threshold in [0, 1] for boxes that enter the masks.
         batch_size: Images per detector call.
@@ -133,9 +64,9 @@ class DetectorBoxes:
 
     def identity(self) -> dict:
         """What the boxes depend on (enters the set id): the detector key, the digest of the network's
-        tensors (:func:`mgfa_ray.detector.training.weights_digest`; not the file's bytes, which change with
+        tensors (:func:`mgfa_ray.detector.inference.weights_digest`; not the file's bytes, which change with
         Ultralytics' save date), input size and confidence threshold."""
-        from mgfa_ray.detector.training import weights_digest
+        from mgfa_ray.detector.inference import weights_digest
 
         return {"detector": self.detector_key, "weights_digest": weights_digest(self.weights), "imgsz": self.imgsz,
                 "conf": self.conf}
@@ -249,7 +180,7 @@ class MaskComputer:
         self._model = None
 
     def _detect(self, paths: list[str]) -> tuple[list[list[Box]], list[str | None]]:
-        from mgfa_ray.detector.training import load_detector, predict_boxes
+        from mgfa_ray.detector.inference import load_detector, predict_boxes
 
         src = self.source
         assert isinstance(src, DetectorBoxes)

@@ -66,10 +66,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mgfa_ray.masks.sources import BoxSource, DetectorBoxes, LabelBoxes, MaskComputer
 from mgfa_ray.config import MasksConfig
+from mgfa_ray.data.images import ImageError
+from mgfa_ray.data.regions import LabelError, check_voc_sizes, label_layout_hint
 from mgfa_ray.errors import InputError, StageError
-from mgfa_ray.data.manifest import ImageError
 from mgfa_ray.masks.format import (
     CURRENT,
     METADATA,
@@ -81,7 +81,7 @@ from mgfa_ray.masks.format import (
     read_json,
     shard_name,
 )
-from mgfa_ray.data.regions import LabelError, check_voc_sizes, label_layout_hint
+from mgfa_ray.masks.sources import BoxSource, DetectorBoxes, LabelBoxes, MaskComputer
 from mgfa_ray.runtime import configure, ensure_ray
 from mgfa_ray.storage import create_once, fs_exists, fs_list, fs_read, fs_write_atomic, location_join, resolve_location
 

@@ -54,7 +54,8 @@ from mgfa_ray.config import TrainConfig, to_dict
 from mgfa_ray.errors import InputError, UserError
 from mgfa_ray.storage import atomic_write_bytes, is_uri, sha256_json
 from mgfa_ray.data.manifest import read_manifest
-from mgfa_ray.masks import decode_rgb, read_masks, read_metadata, read_rows
+from mgfa_ray.data.images import decode_rgb
+from mgfa_ray.masks import read_masks, read_metadata, read_rows
 from mgfa_ray.train.mask_fit import FIT_TERMS, mask_fit, masked_kinds, masks_learned, position_prior, region_present
 from mgfa_ray.train.model import MGFAClassifier, build_backbone, gt_attention, mgfa_loss
 from mgfa_ray.train.targets import best_boxes, jitter_offsets, line_masks, to_window
