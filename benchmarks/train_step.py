@@ -8,9 +8,9 @@ One run measures, per backbone and on the same machine:
    cuts a random ``crop`` window with a horizontal flip (p = 0.5) and normalises with the ImageNet
    statistics, exactly the image half of :func:`mgfa_ray.train.augment.augment`, built from its parts
    (``augment`` always transforms masks too: the baseline does no mask work at all).
-   Precision, memory format and gradient scaler come from :class:`mgfa_ray.train.trial.StepContext`,
-   the optimizer from :func:`mgfa_ray.train.trial.make_optimizer`.
-2. ``mgfa`` — :func:`mgfa_ray.train.trial.train_step` on :func:`mgfa_ray.train.trial.build_model`: random
+   Precision, memory format and gradient scaler come from :class:`mgfa_ray.train.step.StepContext`,
+   the optimizer from :func:`mgfa_ray.train.step.make_optimizer`.
+2. ``mgfa`` — :func:`mgfa_ray.train.step.train_step` on :func:`mgfa_ray.train.step.build_model`: random
    uint8 images and random binary uint8 masks (B, K, M, M) already on the device (the dtype the
    trial keeps its masks in).
 3. ``real_epoch`` — :func:`mgfa_ray.train.trial.run_trial` on a manifest of real leafsnap20 photos and a
@@ -56,7 +56,9 @@ from mgfa_ray.masks import build_mask_set
 from mgfa_ray.train.model import build_backbone
 from mgfa_ray.data.regions import index_labels
 from mgfa_ray.train.augment import cut_windows, normalise, random_windows
-from mgfa_ray.train.trial import StepContext, build_model, load_images, make_optimizer, run_trial, train_step
+from mgfa_ray.train.step import StepContext, build_model, make_optimizer, train_step
+from mgfa_ray.train.data import load_images
+from mgfa_ray.train.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 REGION_CLASSES = ["vein", "contour"]
@@ -91,7 +93,7 @@ MEASURED = {
         "over repeats."
     ),
     "mgfa": (
-        "mgfa_ray.train.trial.train_step on build_model(cfg): augment (masks resized to resize x resize, shared "
+        "mgfa_ray.train.step.train_step on build_model(cfg): augment (masks resized to resize x resize, shared "
         "crop+flip), forward, gt_attention, Eq. 7-8 loss, backward, SGD; input: random uint8 images and random "
         "binary uint8 masks (B,K,M,M) already on the device. Timed like backbone_only."
     ),
@@ -240,7 +242,7 @@ def backbone_only_step(cfg: TrainConfig, s: dict[str, Any], device: torch.device
 
 
 def mgfa_step(cfg: TrainConfig, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
-    """A synthetic :func:`~mgfa_ray.train.trial.train_step` of the MGFA classifier (module docstring, item 2)."""
+    """A synthetic :func:`~mgfa_ray.train.step.train_step` of the MGFA classifier (module docstring, item 2)."""
     torch.manual_seed(s["seed"])
     ctx = StepContext(cfg, device)
     model = build_model(cfg, s["classes"]).to(device).to(memory_format=ctx.memory_format)

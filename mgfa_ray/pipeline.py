@@ -50,7 +50,7 @@ from mgfa_ray.storage.lock import DirectoryLock
 from mgfa_ray.data.manifest import build_manifest, check_images, manifest_hash, write_manifest
 from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
 from mgfa_ray.masks import build_mask_set, read_metadata, write_current_set
-from mgfa_ray.train.model import WeightsError
+from mgfa_ray.weights import WeightsError
 from mgfa_ray.data.regions import LabelError, index_labels, label_layout_hint, select_annotated
 from mgfa_ray.runtime import ensure_ray
 from mgfa_ray.search.driver import create_search, run_search

@@ -23,7 +23,7 @@ from mgfa_ray.analysis.ablation import ablation_cells, ablation_table, ci95, pai
 from mgfa_ray.cli import main
 from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
 from mgfa_ray.search.export import export_search
-from mgfa_ray.train.trial import load_checkpoint
+from mgfa_ray.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

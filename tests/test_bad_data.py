@@ -21,7 +21,7 @@ from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
 from mgfa_ray.masks import build_mask_set, read_masks, read_metadata, read_rows, shard_name
 from mgfa_ray.data.images import decode_rgb
 from mgfa_ray.data.regions import Box, LabelError, index_labels, parse_label_file, select_annotated
-from mgfa_ray.train.trial import load_trial_data
+from mgfa_ray.train.data import load_trial_data
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ["vein", "contour"]

@@ -10,7 +10,9 @@ from mgfa_ray.cli import main
 from mgfa_ray.storage import safe_stem
 from mgfa_ray.data.manifest import read_manifest
 from mgfa_ray.train.model import MGFAClassifier
-from mgfa_ray.train.trial import eval_images, load_images, train_to_dir
+from mgfa_ray.train.augment import eval_images
+from mgfa_ray.train.trial import train_to_dir
+from mgfa_ray.train.data import load_images
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from mgfa_ray.config import DetectorConfig
 from mgfa_ray.detector.key import detector_key
 from mgfa_ray.detector.training import train_detector
 from mgfa_ray.detector.backbone import MODELS_DIR, build_pretrained, model_source
-from mgfa_ray.train.model import WeightsError
+from mgfa_ray.weights import WeightsError
 
 from test_detector import REGION_CLASSES, label_files, manifest_for
 

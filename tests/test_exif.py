@@ -69,7 +69,7 @@ def test_decoder_and_ultralytics_reader_show_the_upright_photo(tmp_path, orienta
 
 def test_masks_land_on_the_leaf_in_masks_show_and_in_the_trial_inputs(tmp_path, monkeypatch):
     import mgfa_ray.analysis.mask_view as mask_view
-    from mgfa_ray.train.trial import load_images
+    from mgfa_ray.train.data import load_images
 
     _write_photos(tmp_path)
     df = build_manifest(tmp_path / "images", DatasetConfig(layout="class_folders", images="images",

@@ -12,7 +12,8 @@ from mgfa_ray.search.export import export_search
 from mgfa_ray.search.driver import create_search, ray_trials, read_record, run_search
 from mgfa_ray.search.space import load_search_space
 from mgfa_ray.search.study import StudyRef, best_trial, search_trials
-from mgfa_ray.train.trial import load_checkpoint, run_trial
+from mgfa_ray.train.checkpoint import load_checkpoint
+from mgfa_ray.train.trial import run_trial
 
 
 def _space(tmp_path, doc):

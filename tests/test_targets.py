@@ -9,7 +9,7 @@ from mgfa_ray.config import DatasetConfig, TrainConfig
 from mgfa_ray.data.manifest import build_manifest
 from mgfa_ray.data.regions import index_labels
 from mgfa_ray.train.targets import jitter_offsets, line_direction, line_mask, line_masks
-from mgfa_ray.train.trial import region_boxes
+from mgfa_ray.train.data import region_boxes
 
 
 def test_jitter_offsets_are_a_fixed_uniform_draw_per_image():
@@ -75,7 +75,7 @@ def test_line_masks_pick_each_images_diagonal_and_leave_boxless_images_empty():
 def test_trial_data_with_jitter_and_line_targets(tiny_train_config):
     """Through load_trial_data: the jittered crop moves the contour within its frame from photo to
     photo, and the vein channel becomes a thin band that differs from the box mask."""
-    from mgfa_ray.train.trial import load_trial_data
+    from mgfa_ray.train.data import load_trial_data
 
     base = {"crop_to_region": "contour", "crop_margin": 0.5, "resize": 64, "train_crop": 64}
     box_cfg = tiny_train_config.model_copy(update=base)

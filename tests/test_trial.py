@@ -12,7 +12,9 @@ from mgfa_ray.train.mask_fit import FIT_TERMS
 from mgfa_ray.masks.sources import LabelBoxes
 from mgfa_ray.masks import build_mask_set, read_masks
 from mgfa_ray.data.regions import index_labels
-from mgfa_ray.train.trial import augment, load_checkpoint, run_trial, save_checkpoint, train_to_dir
+from mgfa_ray.train.augment import augment
+from mgfa_ray.train.trial import run_trial, train_to_dir
+from mgfa_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -92,7 +94,7 @@ def test_evaluate_counts_top1_top5_and_per_class_on_known_logits(tiny_train_conf
     image: top-1 hits the labels 0, top-5 the labels 0-4."""
     from types import SimpleNamespace
 
-    from mgfa_ray.train.trial import StepContext, evaluate
+    from mgfa_ray.train.step import StepContext, evaluate
 
     labels = torch.tensor([0, 0, 3, 4, 5, 6])
     logits = torch.arange(7, 0, -1).float().expand(6, 7)
@@ -118,7 +120,7 @@ def test_eval_attention_error_is_eq7_on_the_eval_split(tiny_train_config, tmp_pa
     from mgfa_ray.analysis.cam import load_trained_model
     from mgfa_ray.data.manifest import read_manifest
     from mgfa_ray.train.model import gt_attention
-    from mgfa_ray.train.trial import load_images
+    from mgfa_ray.train.data import load_images
 
     final = train_to_dir(tiny_train_config.model_copy(update={"epochs": 1}), tmp_path)
     model, cfg, _ = load_trained_model(tmp_path)
@@ -246,7 +248,7 @@ def test_region_boxes_and_crop_masks_cut_image_and_masks_alike():
 
     from mgfa_ray.data.regions import rasterize
     from mgfa_ray.data.regions import Box
-    from mgfa_ray.train.trial import crop_masks, region_boxes
+    from mgfa_ray.train.data import crop_masks, region_boxes
 
     contour = [1.0, 6 / 16, 8 / 16, 8 / 16, 8 / 16, 0.9]  # cols 2-9, rows 4-11 of a 16 x 16 mask
     chart = [1.0, 0.9, 0.9, 0.2, 0.2, 0.3]  # a weaker false detection elsewhere
@@ -269,7 +271,7 @@ def test_region_boxes_and_crop_masks_cut_image_and_masks_alike():
 def test_crop_to_region_trial_sees_only_the_leaf(tiny_train_config, tmp_path):
     """The cached images are the contour boxes of the photos: the mean of the cropped images differs
     from the full photos', and every contour mask fills most of its frame."""
-    from mgfa_ray.train.trial import load_trial_data
+    from mgfa_ray.train.data import load_trial_data
 
     cfg = tiny_train_config.model_copy(update={"crop_to_region": "contour", "crop_margin": 0.0})
     data, names = load_trial_data(cfg, device=torch.device("cpu"), cache_dir=tmp_path)
@@ -284,7 +286,8 @@ def test_crop_to_region_trial_sees_only_the_leaf(tiny_train_config, tmp_path):
 
 
 def test_lr_decay_and_center_eval_crop(tiny_train_config):
-    from mgfa_ray.train.trial import build_model, eval_images, make_optimizer
+    from mgfa_ray.train.step import build_model, make_optimizer
+    from mgfa_ray.train.augment import eval_images
 
     cfg = tiny_train_config.model_copy(update={"lr": 0.0008, "lr_step": 2, "lr_decay": 0.13})
     optimizer, scheduler = make_optimizer(cfg, build_model(cfg, 3))

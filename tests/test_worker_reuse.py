@@ -17,11 +17,12 @@ import pytest
 import torch
 import yaml
 
-from mgfa_ray.train import trial as trial_mod
+from mgfa_ray.cache import TRIAL_DATA
 from mgfa_ray.config import SearchConfig
 from mgfa_ray.search.driver import create_search, ray_trials, run_search
 from mgfa_ray.search.space import load_search_space
-from mgfa_ray.train.trial import load_checkpoint, run_trial
+from mgfa_ray.train.checkpoint import load_checkpoint
+from mgfa_ray.train.trial import run_trial
 from test_search_resume import _create
 
 DRIVER = Path(__file__).with_name("search_driver.py")
@@ -40,11 +41,11 @@ def test_same_config_after_another_in_the_same_process_is_bit_identical(tiny_tra
     cfg = tiny_train_config.model_copy(update={"weights": str(mobilenet_weights), "threads": 1})
     a = cfg.model_copy(update=POINT_A)
     b = cfg.model_copy(update=POINT_B)
-    trial_mod._TRIAL_DATA.clear()  # an earlier test may have left a's data
-    hits = trial_mod._TRIAL_DATA.hits
+    TRIAL_DATA.clear()  # an earlier test may have left a's data
+    hits = TRIAL_DATA.hits
     first = run_trial(a)
     run_trial(a)
-    assert trial_mod._TRIAL_DATA.hits == hits + 1  # the second run took the kept data
+    assert TRIAL_DATA.hits == hits + 1  # the second run took the kept data
     other = run_trial(b)
     again = run_trial(a)  # after b replaced the kept data and moved the global RNG on
     assert _results(again) == _results(first)

@@ -36,7 +36,9 @@ from mgfa_ray.storage import atomic_write_bytes, safe_stem
 from mgfa_ray.data.manifest import read_manifest, select_images
 from mgfa_ray.train.model import MGFAClassifier
 from mgfa_ray.plots import figure_png
-from mgfa_ray.train.trial import build_model, crop_boxes, load_checkpoint, load_images
+from mgfa_ray.train.step import build_model
+from mgfa_ray.train.data import crop_boxes, load_images
+from mgfa_ray.train.checkpoint import load_checkpoint
 
 CamClass = Literal["predicted", "true"]
 
@@ -225,7 +227,7 @@ def _checkpoint_path(path: str | Path) -> Path:
 
 
 def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[MGFAClassifier, TrainConfig, list[str]]:
-    """Rebuild the classifier of a trial checkpoint (:func:`~mgfa_ray.train.trial.save_checkpoint`).
+    """Rebuild the classifier of a trial checkpoint (:func:`~mgfa_ray.train.checkpoint.save_checkpoint`).
 
     No weights file is needed: the backbone is built empty and the checkpoint's state loaded.
 

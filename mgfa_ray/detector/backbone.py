@@ -29,7 +29,7 @@ from torch import nn
 
 from mgfa_ray.runtime import configure
 from mgfa_ray.storage import atomic_write_bytes
-from mgfa_ray.train.model import WeightsError, read_state_dict
+from mgfa_ray.weights import WeightsError, read_state_dict
 
 #: Model YAMLs shipped with mgfa-ray; ``detector.model`` names them by file name.
 MODELS_DIR = Path(__file__).resolve().parent / "models"

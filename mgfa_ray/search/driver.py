@@ -79,7 +79,8 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     import torch  # here, not at the top: the driver and the stand-in trials of the tests never need torch
     from ray import tune
 
-    from mgfa_ray.train.trial import load_checkpoint, run_trial
+    from mgfa_ray.train.checkpoint import load_checkpoint
+    from mgfa_ray.train.trial import run_trial
     from mgfa_ray.train.worker import release_trial_memory, start_trial
 
     configure()  # this worker process: Ultralytics offline, Optuna's log level (mgfa_ray.runtime)

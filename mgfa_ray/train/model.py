@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal, Mapping
 
@@ -35,74 +34,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mgfa_ray.config import ConfigError
-from mgfa_ray.train.worker import LastValue
+from mgfa_ray.weights import WeightsError, load_local_weights
 
 Activation = Literal["softmax", "softmax_scaled", "sigmoid"]
 ACTIVATIONS: tuple[str, ...] = ("softmax", "softmax_scaled", "sigmoid")
-
-
-_WEIGHTS = LastValue()  # the last weights file read in this process: a reused trial worker reads it once
-
-
-class WeightsError(ConfigError):
-    """A ``weights`` file that is missing, unreadable, not a ``state_dict`` or does not fit the
-    backbone; the message names the file, what is wrong and what to do. Exit status 2."""
-
-
-_WEIGHTS_HINT = ("give a state_dict saved with torch.save(model.state_dict(), PATH) from the torchvision "
-                 "model of this backbone, 'imagenet' (download), or null (random initialisation)")
-
-
-def read_state_dict(path: Path, *, hint: str = _WEIGHTS_HINT) -> dict:
-    """The state_dict in the weights file ``path``, loaded with ``weights_only=True`` (never
-    arbitrary pickled code): the one reader of weight files (the classifier's backbone here, the
-    detector's backbone in :mod:`mgfa_ray.detector.backbone`).
-
-    Raises:
-        WeightsError: The file does not load that way; the message names it and ends in ``hint``
-            (what to give instead).
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else f"{type(err).__name__}, the file is empty or cut short"
-        if "weights_only" in text:  # drop torch's advice to load unsafely: never right for a weights file
-            why = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text, re.S)
-            first = ("the file is not a torch.save file, or it holds Python objects other than tensors"
-                     + (f" ({' '.join(why.group(1).split())})" if why else ""))
-        raise WeightsError(f"weights file {path}: not a PyTorch state_dict that loads safely "
-                           f"(torch.load(weights_only=True) failed: {first}); {hint}") from None
-
-
-def _read_weights(path: Path) -> dict:
-    """The state_dict in ``path``, read once per worker while the file is unchanged (path, size and
-    modification time). ``load_state_dict`` copies from it, so the kept tensors are never changed."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    return _WEIGHTS.get(key, lambda: read_state_dict(path))
-
-
-def _load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (relative paths are relative to the working "
-                           f"directory {Path.cwd()}); {_WEIGHTS_HINT}")
-    state = _read_weights(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path}: expected a state_dict (names to tensors), got "
-                           f"{type(state).__name__}; {_WEIGHTS_HINT}")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        sizes = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
-        raise WeightsError(f"weights file {path} does not fit this backbone: {sizes}; {_WEIGHTS_HINT}") from None
-    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
-    if missing or result.unexpected_keys:
-        raise WeightsError(
-            f"weights file {path} does not fit this backbone: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]} (only '{head_prefix}*' may be absent); {_WEIGHTS_HINT}"
-        )
 
 
 def check_weights(backbone: str, weights: str | None, *, field: str = "weights") -> None:
@@ -194,7 +129,7 @@ def build_backbone(name: str, weights: str | None, *, output_stride: int = 32) -
     else:
         model = build(weights=None)
         if weights is not None:
-            _load_local_weights(model, Path(weights), head)
+            load_local_weights(model, Path(weights), head)
     if name == "mobilenet_v2":
         # Stages start at the strided blocks 7 (stride 16) and 14 (stride 32) of model.features.
         stages, body, channels = [model.features[7:14], model.features[14:]], model.features, model.last_channel

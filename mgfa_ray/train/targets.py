@@ -5,7 +5,7 @@ Two faults of a proxy whose attention cannot be told from a fixed map (issue 29)
 * **A region in the same place in every crop.** Cropping every photo to its leaf box plus a margin
   puts the leaf in the same central block of every crop, so the mean training target (the position
   prior of :mod:`mgfa_ray.train.mask_fit`) is almost every target. :func:`jitter_offsets` gives each
-  image a fixed draw that moves its crop window (``crop_jitter``, :func:`mgfa_ray.train.trial.region_boxes`),
+  image a fixed draw that moves its crop window (``crop_jitter``, :func:`mgfa_ray.train.data.region_boxes`),
   so the region lands in a different place per image and only a map that looks at the image can
   follow it.
 * **A box that is not the region.** An axis-aligned box around a diagonal midrib covers the blade
@@ -136,7 +136,7 @@ def line_masks(images: np.ndarray, boxes: np.ndarray, *, width: float, resolutio
     """Line targets of one region kind for a batch of (cropped, resized) images.
 
     Args:
-        images: uint8 (N, 3, S, S) RGB, the images the masks belong to (:func:`mgfa_ray.train.trial.load_images`).
+        images: uint8 (N, 3, S, S) RGB, the images the masks belong to (:func:`mgfa_ray.train.data.load_images`).
         boxes: float (N, 4) ``(x0, y0, x1, y1)`` of the kind's box in each image's frame,
             normalised to [0, 1] (:func:`to_window`); a NaN row: no box.
         width: Band width as a fraction of the mask side.

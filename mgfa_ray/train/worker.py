@@ -2,7 +2,7 @@
 
 With ``search.reuse_workers`` (Ray Tune's ``reuse_actors``) one worker process runs trial after
 trial. It keeps what is the same for every trial of a search and costs seconds to rebuild: the
-imported libraries, the CUDA context, the decoded images and masks (:func:`mgfa_ray.train.trial.load_trial_data`)
+imported libraries, the CUDA context, the decoded images and masks (:func:`mgfa_ray.train.data.load_trial_data`)
 and the backbone weights file (:func:`mgfa_ray.train.model.build_backbone`), each held by a
 :class:`LastValue`: one entry, replaced when its key changes, so a worker's memory stays bounded.
 Everything a trial changes — model, optimizer, scheduler, generator, global RNG — is created (or
@@ -18,43 +18,7 @@ import ctypes.util
 import functools
 import gc
 import os
-import threading
-from typing import Any, Callable, Hashable, TypeVar
-
-T = TypeVar("T")
-
-
-class LastValue:
-    """The last value computed for a key, per process: ``get(key, compute)`` returns it while the key
-    is unchanged and otherwise drops it, then computes and keeps the new one.
-
-    The value is shared by every caller with the same key: callers must not modify it. ``key=None``
-    means "cannot be pinned": the value is computed and not kept.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: Hashable | None = None
-        self._value: Any = None
-        self.hits = 0
-
-    def get(self, key: Hashable | None, compute: Callable[[], T]) -> T:
-        """The kept value of ``key``, or ``compute()`` (kept when ``key`` is not None)."""
-        with self._lock:
-            if key is not None and key == self._key:
-                self.hits += 1
-                return self._value
-            self._key, self._value = None, None  # free the old value before building the new one
-            value = compute()
-            if key is not None:
-                self._key, self._value = key, value
-            return value
-
-    def clear(self) -> None:
-        """Drop the kept value."""
-        with self._lock:
-            self._key, self._value = None, None
-
+from typing import Callable
 
 _trials_started = 0
 
