@@ -12,7 +12,7 @@ Subcommands:
     YAML and the result validated like the file, so an error names the key.
   * ``mgfa-ray train --config FILE [--seeds N]`` — one trial config, e.g. a search's
     ``best_config.yaml``; with ``--seeds N`` N seeds as trials on Ray, reporting mean ± 95% CI
-    (:func:`mgfa_ray.analysis.ablation.run_seeds`).
+    (:func:`mgfa_ray.analysis.seeds.run_seeds`).
   * ``mgfa-ray ablation JOB.yaml [--rows …] [--seeds N] [--formulations …] [--smoke]`` — Table III:
     rows × seeds × formulations with confidence intervals and paired tests
     (:func:`mgfa_ray.analysis.ablation.run_ablation`).
@@ -311,7 +311,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_weights(cfg.backbone, cfg.weights, field=f"{args.config}: weights")  # before any data is read
         out = args.output_dir or Path("outputs") / "train" / args.config.stem
         if args.seeds is not None:
-            from mgfa_ray.analysis.ablation import run_seeds
+            from mgfa_ray.analysis.seeds import run_seeds
 
             run_seeds(cfg, name=args.config.stem, seeds=args.seeds, out_dir=out,
                       cache_dir=str((Path("outputs") / "cache").resolve()))

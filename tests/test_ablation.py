@@ -19,7 +19,8 @@ import yaml
 from optuna.trial import TrialState
 from test_search_resume import _check_one_truth
 
-from mgfa_ray.analysis.ablation import ablation_cells, ablation_table, ci95, paired_difference, row_weights, table_markdown
+from mgfa_ray.analysis.ablation import ablation_cells, ablation_table, row_weights, table_markdown
+from mgfa_ray.analysis.stats import ci95, paired_difference
 from mgfa_ray.cli import main
 from mgfa_ray.config import AblationConfig, ConfigError, TrainConfig, TrainParams, load_config
 from mgfa_ray.search.export import export_search

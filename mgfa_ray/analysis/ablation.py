@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mgfa_ray.analysis.stats import ci95, paired_difference, test_set_interval
 from mgfa_ray.config import (
     AblationConfig,
     ConfigError,
@@ -53,17 +54,14 @@ from mgfa_ray.config import (
     TrainConfig,
     TrainParams,
     absolute,
-    relative_to_cwd,
     resolve_data_root,
     validate,
 )
-from mgfa_ray.errors import InputError
-from mgfa_ray.search.export import export_search
-from mgfa_ray.train.mask_fit import masks_learned
-from mgfa_ray.storage import atomic_write_bytes, atomic_write_json
 from mgfa_ray.search.driver import create_search, run_search
-from mgfa_ray.runtime import ensure_ray
+from mgfa_ray.search.export import export_search
 from mgfa_ray.search.space import SchedulerSpec, SearchSpace
+from mgfa_ray.storage import atomic_write_bytes, atomic_write_json
+from mgfa_ray.train.mask_fit import masks_learned
 
 BACKBONE = "backbone"
 ALL = "all"
@@ -231,52 +229,6 @@ def result_prefix(trials: pd.DataFrame, eval_split: str) -> tuple[str, str]:
     return "eval", eval_split
 
 
-def ci95(values) -> dict[str, float]:
-    """Mean, sample standard deviation (n - 1) and the 95% t confidence interval of ``values``.
-
-    Returns:
-        ``{"n", "mean", "sd", "ci_low", "ci_high"}``; sd and the interval are NaN for n < 2
-        (and the interval is the mean when sd is 0).
-    """
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    n = len(x)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    mean = float(x.mean())
-    if n < 2:
-        return {"n": 1, "mean": mean, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
-    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
-
-
-def paired_difference(a, b) -> dict[str, float]:
-    """Paired comparison of ``a`` against ``b`` (same seeds, same order): mean of a - b with its 95% t
-    interval, and the two-sided p-value of the paired t-test (``scipy.stats.ttest_rel``).
-
-    Returns:
-        ``{"n", "diff_mean", "diff_ci_low", "diff_ci_high", "p_value"}``; NaN where n < 2 (and p
-        when every difference is equal).
-
-    Raises:
-        ValueError: ``a`` and ``b`` differ in length.
-    """
-    from scipy import stats
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
-    d = ci95(a - b)
-    p = math.nan
-    if d["n"] >= 2 and d["sd"] > 0:
-        p = float(stats.ttest_rel(a, b).pvalue)
-    return {"n": d["n"], "diff_mean": d["mean"], "diff_ci_low": d["ci_low"], "diff_ci_high": d["ci_high"],
-            "p_value": p}
-
-
 def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: list[str], prefix: str) -> pd.DataFrame:
     """Each cell's outcome, matched to the trials (:func:`run_cells`) by their parameters: row,
     formulation, seed, state, ``top1`` (``final_<prefix>_top1``), ``eval_top1`` (the search metric's
@@ -321,18 +273,6 @@ def row_kinds(row: str, region_classes: list[str]) -> list[str]:
     """The region kinds whose mask fit a row reports: the kinds it uses; every kind for the
     backbone row (its untrained attention, for reference)."""
     return list(region_classes) if row in (BACKBONE, ALL) else [row]
-
-
-def test_set_interval(top1: float, n_test: int | None) -> tuple[float, float]:
-    """The 95% Wilson interval of an accuracy ``top1`` measured on ``n_test`` test images
-    (``scipy.stats.binomtest``): the uncertainty from the finite test set, beside the seeds' t
-    interval. NaN without a count."""
-    from scipy import stats
-
-    if not n_test or math.isnan(top1):
-        return math.nan, math.nan
-    ci = stats.binomtest(round(top1 * n_test), n_test).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def ablation_table(results: pd.DataFrame, *, region_classes: list[str], n_test: int | None = None) -> pd.DataFrame:
@@ -464,7 +404,8 @@ def split_size(manifest: str, split: str) -> int:
     return int((read_manifest(manifest)["split"] == split).sum())
 
 
-def _write_table(df: pd.DataFrame, stem: Path) -> None:
+def write_table(df: pd.DataFrame, stem: Path) -> None:
+    """Write ``df`` atomically as ``<stem>.parquet`` and ``<stem>.csv`` (the ablation's and ``train --seeds``' tables)."""
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
@@ -491,8 +432,8 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
         LockedError: Another driver runs this job or ablation.
         RuntimeError: No cell finished.
     """
-    from mgfa_ray.storage.lock import DirectoryLock
     from mgfa_ray.pipeline import check_job, job_data_root, prepare_data, smoke_config, take_job_credentials
+    from mgfa_ray.storage.lock import DirectoryLock
 
     ablation = ablation or job.ablation
     if smoke:
@@ -522,8 +463,8 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
     kinds = job.regions.classes
     results = cell_results(cells, trials, region_classes=kinds, prefix=prefix)
     table = ablation_table(results, region_classes=kinds, n_test=split_size(base.manifest, split))
-    _write_table(results, dest / "cells")
-    _write_table(table, dest / "table")
+    write_table(results, dest / "cells")
+    write_table(table, dest / "table")
     markdown = table_markdown(table, split=split, region_classes=kinds)
     atomic_write_bytes(dest / "table.md", markdown.encode())
     for r in table.to_dict("records"):
@@ -542,48 +483,3 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
     return summary
 
 
-def run_seeds(cfg: TrainConfig, *, name: str, seeds: int, out_dir: Path, cache_dir: str | None = None) -> dict[str, Any]:
-    """``mgfa-ray train --config C --seeds N``: train ``cfg`` with seeds ``cfg.seed`` … ``cfg.seed + N - 1``
-    as trials on Ray (the local cluster, or the one of ``$RAY_ADDRESS``), resumable like a search,
-    and report mean ± 95% CI of top-1 (test split when the config has one, else its eval split) and
-    in how many seeds the masks were learned (``masks_learned``: the attention beat the position
-    prior on the training images, :mod:`mgfa_ray.train.mask_fit`; ``None`` when the config uses no mask).
-
-    Writes ``seeds.{parquet,csv}`` (one line per seed) and ``seeds.json`` (the summary) to
-    ``out_dir``, the search under ``out_dir/search/`` and its export under ``out_dir/export/``.
-
-    Raises:
-        ValueError: ``seeds`` < 1.
-        RuntimeError: No seed finished.
-    """
-    import ray
-
-    if seeds < 1:
-        raise InputError(f"--seeds must be >= 1, got {seeds}")
-    ensure_ray()
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0
-    cpus = float(cfg.threads or 1)
-    search = SearchConfig(space="<seeds>", num_samples=seeds, max_concurrent=seeds, cpus_per_trial=cpus,
-                          gpus_per_trial=gpus)
-    base = cfg.with_paths(relative_to_cwd)
-    points = [{"seed": cfg.seed + i} for i in range(seeds)]
-    trials = run_cells(name=f"{name}-seeds", points=points, base=base, search=search,
-                       storage_path=str(Path(out_dir).resolve() / "search"), cache_dir=cache_dir,
-                       export_dir=Path(out_dir) / "export")
-    prefix, split = result_prefix(trials, cfg.eval_split)
-    per_seed = pd.DataFrame({"seed": trials["seed"], "state": trials["state"], "trial": trials["trial"],
-                             "top1": trials[f"final_{prefix}_top1"], "masks_learned": trials["masks_learned"]})
-    _write_table(per_seed, Path(out_dir) / "seeds")
-    done = per_seed[per_seed["state"] == "COMPLETE"]
-    stats = ci95(done["top1"])
-    verdicts = done["masks_learned"].dropna()
-    learned = None if verdicts.empty else int(verdicts.astype(bool).sum())
-    summary = {"config": name, "split": split, "seeds": seeds, **{f"top1_{k}": v for k, v in stats.items()},
-               "masks_learned": learned}
-    if learned is not None and learned < len(verdicts):
-        print(f"warning: masks not learned in {len(verdicts) - learned} of {len(verdicts)} seeds: the attention did not "
-              "beat the position prior on the training images (seeds.csv: masks_learned)", flush=True)
-    atomic_write_json(Path(out_dir) / "seeds.json", summary)
-    print(f"{split} top-1 over {stats['n']} seeds: {stats['mean']:.4f} ± {stats['sd']:.4f} (sd), 95% CI "
-          f"{stats['ci_low']:.4f}–{stats['ci_high']:.4f}", flush=True)
-    return summary

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgfa_ray.train.augment import eval_images, resize_images
 from mgfa_ray.config import TrainConfig, validate
-from mgfa_ray.errors import InputError
-from mgfa_ray.storage import atomic_write_bytes, safe_stem
 from mgfa_ray.data.manifest import read_manifest, select_images
-from mgfa_ray.train.model import MGFAClassifier
+from mgfa_ray.errors import InputError
 from mgfa_ray.plots import figure_png
-from mgfa_ray.train.step import build_model
-from mgfa_ray.train.data import crop_boxes, load_images
+from mgfa_ray.storage import atomic_write_bytes, safe_stem
+from mgfa_ray.train.augment import eval_images, resize_images
 from mgfa_ray.train.checkpoint import load_checkpoint
+from mgfa_ray.train.data import crop_boxes, load_images
+from mgfa_ray.train.model import MGFAClassifier
+from mgfa_ray.train.step import build_model
 
 CamClass = Literal["predicted", "true"]
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mgfa_ray.storage import atomic_write_bytes, atomic_write_json, safe_stem
-from mgfa_ray.errors import InputError
-from mgfa_ray.data.manifest import read_manifest, select_images
 from mgfa_ray.data.images import decode_rgb
+from mgfa_ray.data.manifest import read_manifest, select_images
+from mgfa_ray.errors import InputError
 from mgfa_ray.masks import read_metadata, read_rows
 from mgfa_ray.plots import figure_png
+from mgfa_ray.storage import atomic_write_bytes, atomic_write_json, safe_stem
 
 
 def render_mask_png(photo: np.ndarray, boxes: np.ndarray, masks: np.ndarray, *, region_names: Sequence[str],
