@@ -196,7 +196,7 @@ def test_mask_stage_names_undecodable_images_and_leaves_no_empty_set(tiny_manife
     manifest_path = tmp_path / "manifest.parquet"
     write_manifest(bad, manifest_path)
     cfg = TrainConfig(manifest=str(manifest_path), masks=recorded, backbone="mobilenet_v2", weights=None, resize=16,
-                      crop=16, epochs=1, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=1, device="cpu")
+                      train_crop=16, epochs=1, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=1, device="cpu")
     with pytest.warns(UserWarning, match="2 image\\(s\\) recorded as corrupt are left out"):
         data, _ = load_trial_data(cfg, device=torch.device("cpu"))
     assert sum(len(labels) for _, _, labels in data.values()) == 22

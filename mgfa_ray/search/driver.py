@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from mgfa_ray.search.asha import first_rung
-from mgfa_ray.config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, TrainParamsDict, to_dict, validate
+from mgfa_ray.config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, to_dict, validate
 from mgfa_ray.errors import InputError, StageError
 from mgfa_ray.storage import (
     atomic_filesystem,
@@ -148,8 +148,8 @@ class SearchRecord(FrozenModel):
     space: SearchSpace
     search: SearchConfig
     max_epochs: int
-    trial_base: TrainParamsDict
-    export_base: TrainParamsDict
+    trial_base: dict[str, Any]
+    export_base: dict[str, Any]
     cache_dir: str | None = None
     export_dir: str | None = None
     study: StudySource
