@@ -15,11 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-LEGACY_RUNG_PREFIX = "completed_rung_"
-"""Optuna's ``SuccessiveHalvingPruner`` keeps trial ``t``'s value at rung ``k`` in its system
-attribute ``completed_rung_<k>`` (``optuna/pruners/_successive_halving.py``)."""
-
-
 def running_trial(study, trial_id: int):
     """An ``optuna.trial.Trial`` for a RUNNING trial the study already holds (storage id ``trial_id``,
     from the public ``BaseStorage.get_trial_id_from_study_id_trial_number``).
@@ -33,21 +28,6 @@ def running_trial(study, trial_id: int):
     import optuna
 
     return optuna.trial.Trial(study, trial_id)
-
-
-def legacy_rung_values(trial) -> dict[int, float]:
-    """``{rung: value}`` from Optuna's own rung bookkeeping on ``trial`` (a ``FrozenTrial``).
-
-    Private use: the system attributes ``completed_rung_<k>`` are internal to Optuna's
-    ``SuccessiveHalvingPruner``. mgfa-ray before its own rung attributes (``mgfa_ray.search.asha``) stopped
-    trials with that pruner, so a study started then holds its rungs only there; reading them keeps
-    an older search's (or warm-start source's) rungs when it is resumed or copied.
-    """
-    out = {}
-    for key, value in trial.system_attrs.items():
-        if key.startswith(LEGACY_RUNG_PREFIX) and key[len(LEGACY_RUNG_PREFIX):].isdigit():
-            out[int(key[len(LEGACY_RUNG_PREFIX):])] = float(value)
-    return out
 
 
 def legacy_metric(state: dict[str, Any]) -> str | None:

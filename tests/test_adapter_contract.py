@@ -54,24 +54,6 @@ def test_running_trial_completes_a_running_trials_parameters():
         optuna, "running_trial", "a parameter suggested on a re-opened Trial is not stored in its trial")
 
 
-def test_legacy_rung_values_read_what_optunas_pruner_wrote():
-    """Studies written before mgfa_ray.search.asha hold their rungs where Optuna's pruner put them."""
-    study, _ = _memory_study()
-    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2,
-                                                          min_early_stopping_rate=0)
-    trial = study.ask()
-    trial.report(0.25, step=1)
-    trial.should_prune()
-    frozen = study.trials[trial.number]
-    assert "completed_rung_0" in frozen.system_attrs, _broken(
-        optuna, "legacy_rung_values", f"SuccessiveHalvingPruner records rungs as {sorted(frozen.system_attrs)}, "
-        f"not system attribute completed_rung_<k> (studies written by Optuna 5.0 still hold completed_rung_<k>)")
-    assert compat.legacy_rung_values(frozen) == {0: 0.25}
-    copied = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.5},
-                                       system_attrs={"completed_rung_0": 0.5, "completed_rung_1": 0.5})
-    assert compat.legacy_rung_values(copied) == {0: 0.5, 1: 0.5}
-
-
 def test_legacy_pickled_states_still_name_what_compat_reads():
     """The format-1 searcher / scheduler states (pickled ``__dict__`` of Ray and Optuna objects)."""
     from ray.tune.schedulers import FIFOScheduler

@@ -711,7 +711,8 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
 
 def copy_trials(source: StudyRef, target: optuna.Study) -> int:
     """Warm start: add ``source``'s COMPLETE and PRUNED trials to ``target`` (parameters,
-    values, intermediate values and ASHA rungs), marked with user attribute ``warm_start_from``.
+    values, intermediate values and the ASHA rungs :mod:`mgfa_ray.search.asha` recorded; a study
+    another tool wrote has none), marked with user attribute ``warm_start_from``.
     Trials whose parameters do not fit ``target``'s distributions are left out by TPE itself.
 
     Returns:
