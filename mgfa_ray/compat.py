@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 def running_trial(study, trial_id: int):
     """An ``optuna.trial.Trial`` for a RUNNING trial the study already holds (storage id ``trial_id``,
     from the public ``BaseStorage.get_trial_id_from_study_id_trial_number``).
@@ -28,26 +29,6 @@ def running_trial(study, trial_id: int):
     import optuna
 
     return optuna.trial.Trial(study, trial_id)
-
-
-def legacy_metric(state: dict[str, Any]) -> str | None:
-    """The metric of a pickled searcher state written by mgfa-ray before ``StudySearch`` was a plain
-    Ray ``Searcher`` (it subclassed ``OptunaSearch`` and pickled its ``__dict__``).
-
-    Private use: Ray's ``Searcher`` keeps its metric in the instance attribute ``_metric``.
-    """
-    return state.get("_metric")
-
-
-def legacy_asha_settings(pruner) -> tuple[int, int]:
-    """``(min_resource, reduction_factor)`` of an Optuna ``SuccessiveHalvingPruner`` unpickled from a
-    scheduler state written by mgfa-ray before ``StudyScheduler`` owned its ASHA settings.
-
-    Private use: the pruner keeps them in its instance attributes ``_min_resource`` and
-    ``_reduction_factor`` (read from the unpickled ``__dict__``).
-    """
-    attrs = vars(pruner)
-    return int(attrs["_min_resource"]), int(attrs["_reduction_factor"])
 
 
 def search_state_trials(state: Any) -> tuple[int, set[str] | None] | None:

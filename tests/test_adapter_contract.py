@@ -54,52 +54,6 @@ def test_running_trial_completes_a_running_trials_parameters():
         optuna, "running_trial", "a parameter suggested on a re-opened Trial is not stored in its trial")
 
 
-def test_legacy_pickled_states_still_name_what_compat_reads():
-    """The format-1 searcher / scheduler states (pickled ``__dict__`` of Ray and Optuna objects)."""
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import Searcher
-
-    assert vars(Searcher(metric="m", mode="max")).get("_metric") == "m", _broken(
-        ray, "legacy_metric", "ray.tune.search.Searcher keeps its metric elsewhere than _metric")
-    scheduler = FIFOScheduler()
-    assert scheduler.set_search_properties("m", "max") and vars(scheduler).get("_metric") == "m", _broken(
-        ray, "legacy_metric", "ray.tune.schedulers.TrialScheduler keeps its metric elsewhere than _metric")
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=3, reduction_factor=4, min_early_stopping_rate=0)
-    assert compat.legacy_asha_settings(pruner) == (3, 4)
-
-
-def test_legacy_searcher_and_scheduler_states_restore(tmp_path):
-    """A search started by mgfa-ray before format 2 resumes: its pickled states become the new
-    objects with the same study, space, run, metric and ASHA settings."""
-    import pickle
-
-    from mgfa_ray.search.asha import Asha
-    from mgfa_ray.search.space import SearchSpace
-    from mgfa_ray.search.study import StudyRef, StudyScheduler, StudySearch
-
-    ref = StudyRef(str(tmp_path / "s.journal"), "s")
-    space = SearchSpace.model_validate({"scheduler": {"max_epochs": 2}, "parameters": {"lr": 0.01}})
-    sampler = optuna.samplers.RandomSampler(seed=0)
-    old_search = {"study_ref": ref, "_study_sampler": sampler, "_study_obj": None, "_trial_numbers": {"a": 0},
-                  "space_spec": space, "run": "run-1", "_metric": "eval_top1", "_mode": "max", "_ot_study": None}
-    searcher = StudySearch.__new__(StudySearch)
-    searcher.__setstate__(old_search)
-    assert (searcher.metric, searcher.mode, searcher.run, searcher.study_ref) == ("eval_top1", "max", "run-1", ref)
-    assert searcher._number_of("a", None) == 0 and searcher.space_spec == space
-    path = tmp_path / "searcher-state.pkl"
-    path.write_bytes(pickle.dumps(old_search))
-    searcher.restore(str(path))  # Ray's restore_from_dir hands the old file to restore()
-    assert searcher.run == "run-1"
-    old_scheduler = {"_metric": "eval_top1", "_mode": "max", "study_ref": ref, "_study_sampler": None,
-                     "_study_obj": None, "_trial_numbers": {}, "max_epochs": 4, "early_stopping": True,
-                     "pruner": optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3,
-                                                                     min_early_stopping_rate=0)}
-    scheduler = StudyScheduler.__new__(StudyScheduler)
-    scheduler.__setstate__(old_scheduler)
-    assert (scheduler.metric, scheduler.max_epochs, scheduler.asha) == ("eval_top1", 4, Asha(2, 3))
-    assert pickle.loads(pickle.dumps(scheduler)).asha == Asha(2, 3)  # and the new format round-trips
-
-
 def test_trial_storage_can_be_read_and_moved(tmp_path):
     import pyarrow.fs as pafs
     from ray.tune.experiment import Trial

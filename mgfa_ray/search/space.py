@@ -25,7 +25,6 @@ which :func:`trial_params` removes.
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -292,8 +291,6 @@ def define_by_run(trial, *, space: SearchSpace) -> dict[str, Any]:
     """Optuna define-by-run function: suggest every searched parameter of ``space``.
 
     Called on each asked trial by :class:`mgfa_ray.search.study.StudySearch` (:func:`mgfa_ray.search.study.sample_config`).
-    Searcher states pickled before that held it through :func:`optuna_space`, so it stays in this
-    importable module.
 
     Returns:
         Constants to add to the config: the simplex weights and the fixed parameters.
@@ -331,8 +328,3 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     TrainParams fields remain."""
     return {k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)}
 
-
-def optuna_space(space: SearchSpace):
-    """The define-by-run callable of ``space`` (``functools.partial`` of :func:`define_by_run`), as
-    searcher states pickled by mgfa-ray before ``StudySearch`` became a plain Ray ``Searcher`` hold it."""
-    return functools.partial(define_by_run, space=space)
