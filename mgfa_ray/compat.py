@@ -118,19 +118,6 @@ def suppress_cluster_address_file() -> None:
     ray._common.utils.reset_ray_address = lambda *a, **k: None
 
 
-def actor_table(*, actor_id: str | None = None, job_id=None, state: str | None = None) -> dict:
-    """Ray's actor table as ``ray._private.state.actors`` gives it: one actor's record (``actor_id``)
-    or ``{actor_id: record}`` filtered by ``job_id`` and ``state`` (e.g. ``"ALIVE"``); records hold
-    ``ActorClassName``, ``Pid``, ``NumRestarts``. For failure tests only.
-
-    Private use: the public ``ray.util.state`` API needs the dashboard, which the tests' clusters do
-    not start; ``ray._private.state.actors`` reads the cluster's own GCS table.
-    """
-    from ray._private import state as ray_state
-
-    return ray_state.actors(actor_id=actor_id, job_id=job_id, actor_state_name=state)
-
-
 def scheduler_trial(trial_id: str):
     """A stand-in for Ray Tune's ``Trial`` that a ``TrialScheduler`` of the ASHA family
     (``AsyncHyperBandScheduler`` / ``ASHAScheduler``) accepts outside a Tune run: its

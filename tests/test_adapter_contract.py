@@ -104,14 +104,6 @@ def test_cluster_address_file_hooks_exist():
         ray, "suppress_cluster_address_file", "ray.cluster_utils.Cluster no longer writes the address file through them")
 
 
-def test_actor_table_signature():
-    from ray._private import state
-
-    params = set(inspect.signature(state.actors).parameters)
-    assert {"actor_id", "job_id", "actor_state_name"} <= params, _broken(
-        ray, "actor_table", f"ray._private.state.actors takes {sorted(params)}")
-
-
 def test_scheduler_trial_is_all_ashas_scheduler_reads():
     """Ray's ASHAScheduler, driven outside Tune with compat.scheduler_trial, makes ASHA's decisions:
     at the first rung (grace 1, factor 2) the second trial below the first is stopped, the third
