@@ -48,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from mgfa_ray.config import RENAMED_TRAIN_KEYS, ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
+from mgfa_ray.config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
 from mgfa_ray.errors import DiskFullError, InputError, RunInterrupted, UserError, debug_enabled
 from mgfa_ray.runtime import configure
 
@@ -198,10 +198,6 @@ def load_job(path: Path, overrides: Sequence[str] = (), *, output_dir: Path | No
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section with fields")
             node = child
-        if parts[:-1] == ["train"]:  # a renamed key, old or current name, replaces both (RENAMED_TRAIN_KEYS)
-            for old, new in RENAMED_TRAIN_KEYS.items():
-                if parts[-1] in (old, new):
-                    node.pop(new if parts[-1] == old else old, None)
         node[parts[-1]] = value
     if output_dir is not None:
         data["output_dir"] = str(output_dir)

@@ -21,10 +21,6 @@ from typing import Any
 
 from mgfa_ray.runtime import YOLO_ENV_DEFAULTS
 
-LEGACY_RUNG_PREFIX = "completed_rung_"
-"""Optuna's ``SuccessiveHalvingPruner`` keeps trial ``t``'s value at rung ``k`` in its system
-attribute ``completed_rung_<k>`` (``optuna/pruners/_successive_halving.py``)."""
-
 
 def running_trial(study, trial_id: int):
     """An ``optuna.trial.Trial`` for a RUNNING trial the study already holds (storage id ``trial_id``,
@@ -39,41 +35,6 @@ def running_trial(study, trial_id: int):
     import optuna
 
     return optuna.trial.Trial(study, trial_id)
-
-
-def legacy_rung_values(trial) -> dict[int, float]:
-    """``{rung: value}`` from Optuna's own rung bookkeeping on ``trial`` (a ``FrozenTrial``).
-
-    Private use: the system attributes ``completed_rung_<k>`` are internal to Optuna's
-    ``SuccessiveHalvingPruner``. mgfa-ray before its own rung attributes (``mgfa_ray.search.asha``) stopped
-    trials with that pruner, so a study started then holds its rungs only there; reading them keeps
-    an older search's (or warm-start source's) rungs when it is resumed or copied.
-    """
-    out = {}
-    for key, value in trial.system_attrs.items():
-        if key.startswith(LEGACY_RUNG_PREFIX) and key[len(LEGACY_RUNG_PREFIX):].isdigit():
-            out[int(key[len(LEGACY_RUNG_PREFIX):])] = float(value)
-    return out
-
-
-def legacy_metric(state: dict[str, Any]) -> str | None:
-    """The metric of a pickled searcher state written by mgfa-ray before ``StudySearch`` was a plain
-    Ray ``Searcher`` (it subclassed ``OptunaSearch`` and pickled its ``__dict__``).
-
-    Private use: Ray's ``Searcher`` keeps its metric in the instance attribute ``_metric``.
-    """
-    return state.get("_metric")
-
-
-def legacy_asha_settings(pruner) -> tuple[int, int]:
-    """``(min_resource, reduction_factor)`` of an Optuna ``SuccessiveHalvingPruner`` unpickled from a
-    scheduler state written by mgfa-ray before ``StudyScheduler`` owned its ASHA settings.
-
-    Private use: the pruner keeps them in its instance attributes ``_min_resource`` and
-    ``_reduction_factor`` (read from the unpickled ``__dict__``).
-    """
-    attrs = vars(pruner)
-    return int(attrs["_min_resource"]), int(attrs["_reduction_factor"])
 
 
 def search_state_trials(state: Any) -> tuple[int, set[str] | None] | None:
@@ -161,19 +122,6 @@ def suppress_cluster_address_file() -> None:
 
     ray._private.utils.write_ray_address = lambda *a, **k: None
     ray._common.utils.reset_ray_address = lambda *a, **k: None
-
-
-def actor_table(*, actor_id: str | None = None, job_id=None, state: str | None = None) -> dict:
-    """Ray's actor table as ``ray._private.state.actors`` gives it: one actor's record (``actor_id``)
-    or ``{actor_id: record}`` filtered by ``job_id`` and ``state`` (e.g. ``"ALIVE"``); records hold
-    ``ActorClassName``, ``Pid``, ``NumRestarts``. For failure tests only.
-
-    Private use: the public ``ray.util.state`` API needs the dashboard, which the tests' clusters do
-    not start; ``ray._private.state.actors`` reads the cluster's own GCS table.
-    """
-    from ray._private import state as ray_state
-
-    return ray_state.actors(actor_id=actor_id, job_id=job_id, actor_state_name=state)
 
 
 def scheduler_trial(trial_id: str):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mgfa_ray.errors import ConfigError
 from mgfa_ray.storage import is_uri
@@ -35,33 +35,6 @@ class FrozenModel(BaseModel):
     copies with ``model_copy(update=...)``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-RENAMED_TRAIN_KEYS: dict[str, str] = {"crop": "train_crop"}
-"""Keys of :class:`TrainParams` renamed since files were first written, old → current. The old
-key is still read wherever trial parameters are (a job's ``train``, a trial config, an exported
-``best_config.yaml``, a search record's ``trial_base``, a search space's parameter names), so a
-file or a search written before the rename keeps working; every file written uses the current
-name."""
-
-
-def current_train_keys(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` (trial parameters) with the keys of :data:`RENAMED_TRAIN_KEYS` under their
-    current names. Where both the old and the current key are given the current one wins, so
-    parameters that override a base dict written with current names must pass through here
-    first (:func:`mgfa_ray.search.space.trial_params` and the command line's ``--set`` do)."""
-    out = dict(params)
-    for old, new in RENAMED_TRAIN_KEYS.items():
-        if old in out:
-            value = out.pop(old)
-            out.setdefault(new, value)
-    return out
-
-
-TrainParamsDict = Annotated[dict[str, Any], AfterValidator(current_train_keys)]
-"""Trial parameters kept as a plain dict in a record (a search's ``trial_base``), read with current
-key names (:func:`current_train_keys`): a record written before a rename compares equal to the
-same settings written after it, so a rerun of its job resumes the search."""
 
 
 class DatasetConfig(FrozenModel):
@@ -255,7 +228,6 @@ class TrainParams(FrozenModel):
             path to a local ``state_dict`` file.
         resize: Side in pixels images are resized to before the random crop (paper: 512).
         train_crop: Side of the random training crop in pixels, <= ``resize`` (paper: 448).
-            Files written before it had this name give it as ``crop`` (:data:`RENAMED_TRAIN_KEYS`).
         eval_size: Side of the test-time input in pixels, <= ``resize``; ``None`` (default): the
             ``train_crop`` (paper: both 448). See :attr:`TrainParams.eval_input_size`.
         epochs: Training epochs.
@@ -359,11 +331,6 @@ class TrainParams(FrozenModel):
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data: Any) -> Any:
-        return current_train_keys(data) if isinstance(data, Mapping) else data
 
     @property
     def eval_input_size(self) -> int:

@@ -320,7 +320,7 @@ def prepare_detector(
         labels = select_annotated(labels, manifest, max_images=cfg.regions.max_images, seed=cfg.regions.seed)
         det = train_detector(manifest=manifest, label_files=labels, region_classes=cfg.regions.classes,
                              cfg=cfg.detector, out_dir=out / "detector", unknown_class=cfg.regions.unknown_class)
-        how = det.get("evaluation", "holdout")
+        how = det["evaluation"]
         print(f"detector {det['detector_key']}: mAP@0.5 = {det['map50']:.3f} ({how}; {det['n_train']} train"
               + (f" / {det['n_holdout']} held-out images)" if how == "holdout" else " images, refit on all)"), flush=True)
         timings["detector"] = time.perf_counter() - t

@@ -84,7 +84,7 @@ def tiny_train_config(tiny_manifest, label_mask_set) -> TrainConfig:
     _, manifest_path = tiny_manifest
     return TrainConfig(
         manifest=str(manifest_path), masks=str(label_mask_set), backbone="mobilenet_v2", weights=None,
-        resize=72, crop=64, epochs=2, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=2, device="cpu",
+        resize=72, train_crop=64, epochs=2, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=2, device="cpu",
     )
 
 

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                               reuse_workers=not args.no_reuse_workers, tensorboard=args.tensorboard)
         if args.real:  # tiny settings, as tests/conftest.py's tiny_train_config
             base = TrainConfig(manifest=args.real[0], masks=args.real[1], backbone="mobilenet_v2", weights=None,
-                               resize=72, crop=64, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, device="cpu")
+                               resize=72, train_crop=64, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, device="cpu")
         else:
             base = TrainConfig(manifest="stand-in", masks="stand-in", weights=None)
         print(create_search(name=args.name, space=load_search_space(space_file), space_file=str(space_file),

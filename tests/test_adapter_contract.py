@@ -54,70 +54,6 @@ def test_running_trial_completes_a_running_trials_parameters():
         optuna, "running_trial", "a parameter suggested on a re-opened Trial is not stored in its trial")
 
 
-def test_legacy_rung_values_read_what_optunas_pruner_wrote():
-    """Studies written before mgfa_ray.search.asha hold their rungs where Optuna's pruner put them."""
-    study, _ = _memory_study()
-    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2,
-                                                          min_early_stopping_rate=0)
-    trial = study.ask()
-    trial.report(0.25, step=1)
-    trial.should_prune()
-    frozen = study.trials[trial.number]
-    assert "completed_rung_0" in frozen.system_attrs, _broken(
-        optuna, "legacy_rung_values", f"SuccessiveHalvingPruner records rungs as {sorted(frozen.system_attrs)}, "
-        f"not system attribute completed_rung_<k> (studies written by Optuna 5.0 still hold completed_rung_<k>)")
-    assert compat.legacy_rung_values(frozen) == {0: 0.25}
-    copied = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.5},
-                                       system_attrs={"completed_rung_0": 0.5, "completed_rung_1": 0.5})
-    assert compat.legacy_rung_values(copied) == {0: 0.5, 1: 0.5}
-
-
-def test_legacy_pickled_states_still_name_what_compat_reads():
-    """The format-1 searcher / scheduler states (pickled ``__dict__`` of Ray and Optuna objects)."""
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import Searcher
-
-    assert vars(Searcher(metric="m", mode="max")).get("_metric") == "m", _broken(
-        ray, "legacy_metric", "ray.tune.search.Searcher keeps its metric elsewhere than _metric")
-    scheduler = FIFOScheduler()
-    assert scheduler.set_search_properties("m", "max") and vars(scheduler).get("_metric") == "m", _broken(
-        ray, "legacy_metric", "ray.tune.schedulers.TrialScheduler keeps its metric elsewhere than _metric")
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=3, reduction_factor=4, min_early_stopping_rate=0)
-    assert compat.legacy_asha_settings(pruner) == (3, 4)
-
-
-def test_legacy_searcher_and_scheduler_states_restore(tmp_path):
-    """A search started by mgfa-ray before format 2 resumes: its pickled states become the new
-    objects with the same study, space, run, metric and ASHA settings."""
-    import pickle
-
-    from mgfa_ray.search.asha import Asha
-    from mgfa_ray.search.space import SearchSpace
-    from mgfa_ray.search.study import StudyRef, StudyScheduler, StudySearch
-
-    ref = StudyRef(str(tmp_path / "s.journal"), "s")
-    space = SearchSpace.model_validate({"scheduler": {"max_epochs": 2}, "parameters": {"lr": 0.01}})
-    sampler = optuna.samplers.RandomSampler(seed=0)
-    old_search = {"study_ref": ref, "_study_sampler": sampler, "_study_obj": None, "_trial_numbers": {"a": 0},
-                  "space_spec": space, "run": "run-1", "_metric": "eval_top1", "_mode": "max", "_ot_study": None}
-    searcher = StudySearch.__new__(StudySearch)
-    searcher.__setstate__(old_search)
-    assert (searcher.metric, searcher.mode, searcher.run, searcher.study_ref) == ("eval_top1", "max", "run-1", ref)
-    assert searcher._number_of("a", None) == 0 and searcher.space_spec == space
-    path = tmp_path / "searcher-state.pkl"
-    path.write_bytes(pickle.dumps(old_search))
-    searcher.restore(str(path))  # Ray's restore_from_dir hands the old file to restore()
-    assert searcher.run == "run-1"
-    old_scheduler = {"_metric": "eval_top1", "_mode": "max", "study_ref": ref, "_study_sampler": None,
-                     "_study_obj": None, "_trial_numbers": {}, "max_epochs": 4, "early_stopping": True,
-                     "pruner": optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3,
-                                                                     min_early_stopping_rate=0)}
-    scheduler = StudyScheduler.__new__(StudyScheduler)
-    scheduler.__setstate__(old_scheduler)
-    assert (scheduler.metric, scheduler.max_epochs, scheduler.asha) == ("eval_top1", 4, Asha(2, 3))
-    assert pickle.loads(pickle.dumps(scheduler)).asha == Asha(2, 3)  # and the new format round-trips
-
-
 def test_trial_storage_can_be_read_and_moved(tmp_path):
     import pyarrow.fs as pafs
     from ray.tune.experiment import Trial
@@ -166,14 +102,6 @@ def test_cluster_address_file_hooks_exist():
     source = inspect.getsource(cluster_utils.Cluster)
     assert "_private.utils.write_ray_address" in source and "_common.utils.reset_ray_address" in source, _broken(
         ray, "suppress_cluster_address_file", "ray.cluster_utils.Cluster no longer writes the address file through them")
-
-
-def test_actor_table_signature():
-    from ray._private import state
-
-    params = set(inspect.signature(state.actors).parameters)
-    assert {"actor_id", "job_id", "actor_state_name"} <= params, _broken(
-        ray, "actor_table", f"ray._private.state.actors takes {sorted(params)}")
 
 
 def test_scheduler_trial_is_all_ashas_scheduler_reads():

@@ -82,19 +82,22 @@ def test_a_shard_with_other_content_fails_its_checksum_and_a_rerun_rebuilds_it(l
     assert masks_of(set_dir) == before and len(before) == 24
 
 
-def test_old_set_without_checksums_still_reads_and_still_catches_a_missing_shard(label_set):
+@pytest.mark.parametrize("field", ["shard_bytes", "shard_sha256"])
+def test_a_set_without_its_shard_records_is_damaged_and_a_rerun_rebuilds_it(label_set, field):
+    """Every set records each shard's size and SHA-256: a ``metadata.json`` without them is damaged
+    (one message naming the set and the field, not a KeyError), and the job's rerun republishes it."""
     set_dir, build, df = label_set
+    before = masks_of(set_dir)
     meta_path = set_dir / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    del meta["shard_sha256"], meta["shard_bytes"]
+    del meta[field]
     meta_path.write_text(json.dumps(meta))
-    assert len(read_rows(set_dir)) == 24
-    assert read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS)[0].shape == (24, 2, 8, 8)
-    (set_dir / shard_name(0)).unlink()
-    with pytest.raises(UserError, match=shard_name(0)):
+    with pytest.raises(UserError, match=rf"mask set {set_dir}: damaged \(metadata.json has no {field}\); rerun"):
         read_rows(set_dir)
-    build()
-    assert len(read_rows(set_dir)) == 24
+    with pytest.raises(UserError, match=rf"damaged \(metadata.json has no {field}\)"):
+        read_masks(set_dir, image_ids=df["image_id"].tolist(), region_classes=REGIONS)
+    assert Path(build()) == set_dir
+    assert masks_of(set_dir) == before and field in read_metadata(set_dir)
 
 
 # --- Unreadable images -------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def test_mask_stage_names_undecodable_images_and_leaves_no_empty_set(tiny_manife
     manifest_path = tmp_path / "manifest.parquet"
     write_manifest(bad, manifest_path)
     cfg = TrainConfig(manifest=str(manifest_path), masks=recorded, backbone="mobilenet_v2", weights=None, resize=16,
-                      crop=16, epochs=1, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=1, device="cpu")
+                      train_crop=16, epochs=1, batch_size=8, lr=0.01, momentum=0.9, lr_step=1, threads=1, device="cpu")
     with pytest.warns(UserWarning, match="2 image\\(s\\) recorded as corrupt are left out"):
         data, _ = load_trial_data(cfg, device=torch.device("cpu"))
     assert sum(len(labels) for _, _, labels in data.values()) == 22

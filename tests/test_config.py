@@ -14,7 +14,6 @@ from mgfa_ray.config import (
     RegionWeights,
     TrainConfig,
     TrainParams,
-    current_train_keys,
     load_config,
     resolve_data_root,
     to_dict,
@@ -88,37 +87,21 @@ def test_simplex_and_ranges_are_checked():
         TrainParams(resize=64, train_crop=48, eval_size=96)
 
 
-def test_training_crop_and_evaluation_size_and_the_old_crop_key():
-    """``crop`` was both the training crop and the test size: now ``train_crop`` and ``eval_size``
-    (default: the training crop, as before). A file written with ``crop`` still loads, as the
-    training crop, and what is written back uses the new names."""
+def test_training_crop_and_evaluation_size():
+    """The test-time input is ``eval_size``, by default the training crop ``train_crop``."""
     assert TrainParams(train_crop=96, resize=128).eval_input_size == 96  # eval_size None follows train_crop
     assert TrainParams(train_crop=96, eval_size=112, resize=128).eval_input_size == 112
-    old = validate(TrainParams, {"resize": 128, "crop": 96}, source="old.yaml")
-    assert old == TrainParams(resize=128, train_crop=96) and old.eval_input_size == 96
-    assert "crop" not in to_dict(old) and to_dict(old)["train_crop"] == 96 and to_dict(old)["eval_size"] is None
-    with pytest.raises(ConfigError, match=r"old.yaml: invalid configuration\n  train_crop: .*greater than or equal to 16"):
-        validate(TrainParams, {"crop": 8}, source="old.yaml")
-    # A base written with the new names, overridden by a search space or record of the old: the
-    # override passes through current_train_keys first, and the current name wins over a stale old one.
-    base = to_dict(TrainParams(resize=128, train_crop=96))
-    assert validate(TrainParams, {**base, **current_train_keys({"crop": 64})}).train_crop == 64
-    assert validate(TrainParams, {"resize": 128, "crop": 112, "train_crop": 64}).train_crop == 64
-    assert current_train_keys({"crop": 64, "lr": 0.1}) == {"lr": 0.1, "train_crop": 64}
 
 
-def test_job_with_the_old_crop_key_and_a_set_override_of_either_name(tmp_path):
+def test_crop_is_an_unknown_key(tmp_path):
+    """``crop`` is no trial parameter (the training crop is ``train_crop``): in a file or on the
+    command line it is the ordinary unknown-key error."""
     from mgfa_ray.cli import load_job
 
-    doc = yaml.safe_load((REPO / "jobs" / "leafsnap20.yaml").read_text())
-    doc["train"]["crop"] = doc["train"].pop("train_crop")  # a job file written before the rename
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    assert load_job(path).train.train_crop == 112
-    assert load_job(path, ["train.train_crop=96"]).train.train_crop == 96
-    doc["train"]["train_crop"] = doc["train"].pop("crop")
-    path.write_text(yaml.safe_dump(doc))
-    assert load_job(path, ["train.crop=96"]).train.train_crop == 96  # the old name on the command line
+    with pytest.raises(ConfigError, match=r"t.yaml: invalid configuration\n  crop: unknown key"):
+        validate(TrainParams, {"resize": 128, "crop": 96}, source="t.yaml")
+    with pytest.raises(ConfigError, match=r"train.crop: unknown key"):
+        load_job(REPO / "jobs" / "leafsnap20.yaml", ["train.crop=96"])
 
 
 def test_region_kinds_and_their_weights():

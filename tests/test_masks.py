@@ -241,23 +241,29 @@ def test_mismatched_mask_set_rejected_on_read(label_set):
     with pytest.raises(ValueError, match="belongs to another manifest"):
         read_masks(set_dir, image_ids=ids, region_classes=REGIONS, labels=[(v + 1) % 3 for v in df["label"]])
 
-    # Rewritten shards: a set written before shard sizes were recorded, so the content checks speak.
-    meta = json.loads((set_dir / "metadata.json").read_text())
-    (set_dir / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "shard_bytes"}))
+    # Rewritten shards, each with its true size written into metadata.json (so the size check
+    # passes and the content checks speak).
     shard = set_dir / shard_name(0)
+
+    def rewrite(table):
+        pq.write_table(table, shard)
+        meta = json.loads((set_dir / "metadata.json").read_text())
+        meta["shard_bytes"][shard_name(0)] = shard.stat().st_size
+        (set_dir / "metadata.json").write_text(json.dumps(meta))
+
     original = pq.read_table(shard)
     detector = original.column("detector").to_pylist()
-    pq.write_table(original.set_column(5, "detector", pa.array(["another-detector", *detector[1:]])), shard)
+    rewrite(original.set_column(5, "detector", pa.array(["another-detector", *detector[1:]])))
     with pytest.raises(ValueError, match="rows of box source 'another-detector'"):
         read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
     masks = original.column("masks").to_pylist()
-    pq.write_table(original.set_column(4, "masks", pa.array([b"\x00", *masks[1:]], pa.binary())), shard)
+    rewrite(original.set_column(4, "masks", pa.array([b"\x00", *masks[1:]], pa.binary())))
     with pytest.raises(ValueError, match=r"has 1 bytes, expected 2x16x16"):
         read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
-    pq.write_table(original.slice(0, 9), shard)  # a row lost
+    rewrite(original.slice(0, 9))  # a row lost
     with pytest.raises(ValueError, match=rf"shard {shard_name(0)} holds 9 rows, metadata.json records 10"):
         read_masks(set_dir, image_ids=ids, region_classes=REGIONS)
-    pq.write_table(original, shard)
+    rewrite(original)
     meta = json.loads((set_dir / "metadata.json").read_text())
     (set_dir / "metadata.json").write_text(json.dumps({**meta, "schema_version": 1}))
     with pytest.raises(ValueError, match="schema version 1"):

@@ -199,7 +199,7 @@ def pool_actor(exclude_pid: int | None = None) -> tuple[str, int] | None:
     table, so never another cluster's process), or None."""
     import ray
 
-    from mgfa_ray.compat import actor_table
+    from ray_state import actor_table  # tests/ray_state.py
 
     job = ray.get_runtime_context().job_id
     for actor_id, info in actor_table(job_id=job, state="ALIVE").items():
@@ -237,7 +237,7 @@ def test_killed_mask_actor_is_restarted_and_the_same_call_completes(ray_cluster,
         pipe.release()
     assert not build.is_alive() and build.error is None, build.error
     assert build.result == str(location / Path(reference[0]).name)
-    from mgfa_ray.compat import actor_table
+    from ray_state import actor_table  # tests/ray_state.py
 
     assert actor_table(actor_id=actor_id)["NumRestarts"] >= 1  # the same actor, restarted, not a new one
     assert new_pid != pid

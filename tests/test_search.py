@@ -131,25 +131,6 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny_train_config):
         _search(tmp_path, doc, tiny_train_config, num_samples=3)
 
 
-def test_rerun_of_a_search_recorded_before_crop_was_renamed_resumes_it(tmp_path, tiny_train_config):
-    """``train.crop`` became ``train_crop`` (and ``eval_size`` was added): a search whose
-    search.json holds ``crop`` is the same search for a rerun of its job, which resumes it."""
-    import json
-
-    doc = {"scheduler": {"max_epochs": 1}, "parameters": {"lr": 0.01}}
-    first = _search(tmp_path, doc, tiny_train_config, num_samples=2)
-    record_file = Path(first) / "search.json"
-    old = json.loads(record_file.read_text())
-    for base in ("trial_base", "export_base"):  # as written before the rename
-        old[base]["crop"] = old[base].pop("train_crop")
-        del old[base]["eval_size"]
-    record_file.write_text(json.dumps(old))
-    record = read_record(first)
-    assert record.trial_base["train_crop"] == tiny_train_config.train_crop and "crop" not in record.trial_base
-    StudyRef(record.study.storage, record.study.study_name).load().ask().report(0.5, step=1)  # a result to keep
-    assert _search(tmp_path, doc, tiny_train_config, num_samples=2) == first  # not "other settings"
-
-
 def test_object_store_search_needs_a_study_storage(tmp_path, tiny_train_config):
     space, space_file = _space(tmp_path, {"scheduler": {"max_epochs": 1}})
     with pytest.raises(ConfigError, match="search.study_storage: required when storage_path is an object store"):

@@ -115,18 +115,3 @@ def test_search_space_errors_are_one_line_without_union_noise(tmp_path, params, 
     text = str(err.value)
     assert "Input should be" not in text and "tagged-union" not in text and "Value error" not in text
     assert text.count("\n") == 1, text
-
-
-def test_space_written_with_the_old_crop_name_samples_the_training_crop(tmp_path):
-    """``crop`` was renamed ``train_crop``: a space (or a search record's space) naming ``crop``
-    still loads, its values are checked as the training crop, and the trial gets ``train_crop``."""
-    path = _write(tmp_path, {**BASE, "parameters": {"crop": {"type": "categorical", "choices": [32, 48]}}})
-    space = load_search_space(path, base=TrainParams(resize=64, train_crop=64))
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = study.ask()
-    fixed = define_by_run(trial, space=space)  # suggests the searched parameters into trial.params
-    params = trial_params({**trial.params, **fixed})
-    assert set(params) == {"train_crop"} and params["train_crop"] in (32, 48)
-    too_big = _write(tmp_path, {**BASE, "parameters": {"crop": 96}})
-    with pytest.raises(ConfigError, match=r"(?s)parameters.crop.*train_crop \(96\) must be <= resize \(64\)"):
-        load_search_space(too_big, base=TrainParams(resize=64, train_crop=64))

@@ -1,5 +1,7 @@
 """ASHA on rungs the project owns (mgfa_ray.search.asha): the same decisions as Optuna's
-SuccessiveHalvingPruner, and the same decisions again from a scheduler started after a crash."""
+SuccessiveHalvingPruner, and the same decisions again from a scheduler started after a crash; the
+searcher's and scheduler's pickled states (what Ray saves and restores) round-trip, and a state of
+another format is refused naming what to do."""
 
 from __future__ import annotations
 
@@ -11,7 +13,15 @@ import pytest
 from optuna.trial import TrialState
 
 from mgfa_ray.search.asha import RUNG_ATTR_PREFIX, STOP_ATTR, Asha, rung_values
-from mgfa_ray.search.study import StudyRef, StudyScheduler
+from mgfa_ray.search.study import STATE_FORMAT, StateFormatError, StudyRef, StudyScheduler, StudySearch
+
+
+def _optuna_rungs(trial) -> dict[int, float]:
+    """``{rung: value}`` Optuna's ``SuccessiveHalvingPruner`` recorded on ``trial``: its internal
+    system attributes ``completed_rung_<k>``."""
+    prefix = "completed_rung_"
+    return {int(k[len(prefix):]): float(v) for k, v in trial.system_attrs.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
 @pytest.mark.parametrize("grace, eta, seed", [(1, 2, 0), (1, 3, 1), (2, 2, 2), (1, 4, 3)])
@@ -39,7 +49,7 @@ def test_decisions_equal_optunas_successive_halving_pruner(grace, eta, seed):
         for rung, v in rungs.items():
             our.set_user_attr(f"{RUNG_ATTR_PREFIX}{rung}", v)
         assert stop == their.should_prune(), f"trial {number} epoch {epoch}"
-        assert rung_values(ours.trials[number]) == rung_values(theirs.trials[number])
+        assert rung_values(ours.trials[number]) == _optuna_rungs(theirs.trials[number])
         decisions += 1
         stops += stop
         if stop or epoch == max_epochs:
@@ -112,14 +122,59 @@ def test_errored_trial_resumed_keeps_its_rungs_restarted_starts_without(tmp_path
     assert (resumed.user_attrs["ray_trial_id"], restarted.user_attrs["ray_trial_id"]) == ("a", "b")
 
 
-def test_warm_start_copies_rungs_also_from_a_study_written_before_asha_attrs(tmp_path):
-    """A source study from before mgfa_ray.search.asha holds its rungs in Optuna's pruner attributes."""
-    from mgfa_ray.search.study import copy_trials
+def _search_and_scheduler(tmp_path):
+    from mgfa_ray.search.space import SearchSpace
 
-    source = StudyRef(str(tmp_path / "old.journal"), "old")
-    source.load(create=True).add_trial(optuna.trial.create_trial(
-        state=TrialState.PRUNED, value=0.3, intermediate_values={1: 0.3},
-        system_attrs={"completed_rung_0": 0.3}))
-    target = StudyRef(str(tmp_path / "new.journal"), "new").load(create=True)
-    assert copy_trials(source, target) == 1
-    assert rung_values(target.trials[0]) == {0: 0.3} and target.trials[0].user_attrs[f"{RUNG_ATTR_PREFIX}0"] == 0.3
+    ref = StudyRef(str(tmp_path / "s.journal"), "s")
+    ref.load(create=True)
+    space = SearchSpace.model_validate({"scheduler": {"max_epochs": 2}, "parameters": {"lr": 0.01}})
+    searcher = StudySearch(space=space, study=ref, metric="eval_top1", sampler="random", seed=0, run="run-1")
+    searcher.suggest("a")
+    scheduler = StudyScheduler(study=ref, metric="eval_top1", max_epochs=4, grace_period=2, reduction_factor=3,
+                               early_stopping=False)
+    scheduler.on_trial_add(None, _trial("a", 0))
+    return ref, space, searcher, scheduler
+
+
+def test_searcher_and_scheduler_states_round_trip(tmp_path):
+    """The states Ray pickles (the Tuner's, and the searcher's own save / restore file) give back
+    the same study, space, run, metric, ASHA settings and Ray-to-Optuna trial numbers."""
+    import pickle
+
+    ref, space, searcher, scheduler = _search_and_scheduler(tmp_path)
+    again = pickle.loads(pickle.dumps(searcher))
+    assert (again.metric, again.mode, again.run, again.study_ref) == ("eval_top1", "max", "run-1", ref)
+    assert again._number_of("a", None) == 0 and again.space_spec == space
+    path = tmp_path / "searcher-state.pkl"
+    searcher.save(str(path))  # what Ray's save_to_dir / restore_from_dir hand over
+    restored = StudySearch.__new__(StudySearch)
+    restored.restore(str(path))
+    assert (restored.run, restored.study_ref, restored._number_of("a", None)) == ("run-1", ref, 0)
+    again = pickle.loads(pickle.dumps(scheduler))
+    assert (again.metric, again.max_epochs, again.early_stopping, again.asha) == ("eval_top1", 4, False, Asha(2, 3))
+    assert again.study_ref == ref and again._number_of("a", None) == 0
+
+
+@pytest.mark.parametrize("change", ["older", "newer"])
+def test_a_state_of_another_format_is_refused_naming_what_to_do(tmp_path, change):
+    """A searcher or scheduler state pickled by another mgfa-ray version (format 1 had no ``format``
+    key) is an error that says so, not a KeyError from inside Ray's restore."""
+    import pickle
+
+    _, _, searcher, scheduler = _search_and_scheduler(tmp_path)
+    for obj, what in ((searcher, "searcher"), (scheduler, "scheduler")):
+        state = obj.__getstate__()
+        if change == "older":
+            del state["format"]
+        else:
+            state["format"] = STATE_FORMAT + 1
+        found = 1 if change == "older" else STATE_FORMAT + 1
+        message = (rf"Ray's saved {what} state was written by another mgfa-ray version \(format {found}, this "
+                   rf"version reads {STATE_FORMAT}\): start a new search directory")
+        with pytest.raises(StateFormatError, match=message):
+            type(obj).__new__(type(obj)).__setstate__(state)
+        if what == "searcher":  # also through the searcher's own state file (Ray's restore_from_dir)
+            path = tmp_path / "searcher-state.pkl"
+            path.write_bytes(pickle.dumps(state))
+            with pytest.raises(StateFormatError, match=message):
+                StudySearch.__new__(StudySearch).restore(str(path))

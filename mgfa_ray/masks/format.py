@@ -47,8 +47,8 @@ label files), detector_weights_digest (detector source), imgsz, conf, manifest_h
 (informational path), mask_resolution, region_classes, corrupt_images (policy), corrupt (image_ids
 recorded as corrupt), rows, rows_per_shard {file: rows}, shard_bytes {file: size in bytes},
 shard_sha256 {file: SHA-256 hex digest}, summary (:func:`mgfa_ray.masks.writer.summarize`),
-created. Sets written before ``shard_bytes``/``shard_sha256`` existed are read and checked without
-them.
+created. ``rows_per_shard``, ``shard_bytes`` and ``shard_sha256`` are required and list the same
+shard files (:func:`shard_records_problem`); a set whose metadata lacks them is damaged.
 """
 
 from __future__ import annotations
@@ -93,6 +93,24 @@ class MaskSetError(UserError, ValueError):
     message names the set (and the shard or image) and says what to do; a damaged set is rebuilt
     by rerunning the job (:func:`mgfa_ray.masks.writer.build_mask_set` checks every shard before
     trusting a set)."""
+
+
+#: The fields of ``metadata.json`` that record every shard file: ``{file: rows}``, ``{file: size in
+#: bytes}``, ``{file: SHA-256 hex digest}``.
+SHARD_RECORDS = ("rows_per_shard", "shard_bytes", "shard_sha256")
+
+
+def shard_records_problem(meta: dict) -> str | None:
+    """Why the shard records of ``meta`` (a set's ``metadata.json``) are unusable, or ``None``:
+    each field of :data:`SHARD_RECORDS` must be an object, and all must list the same shard files."""
+    for field in SHARD_RECORDS:
+        if not isinstance(meta.get(field), dict):
+            return f"{METADATA} has no {field}"
+    names = set(meta[SHARD_RECORDS[0]])
+    for field in SHARD_RECORDS[1:]:
+        if set(meta[field]) != names:
+            return f"{METADATA}'s {field} does not list the shards of {SHARD_RECORDS[0]}"
+    return None
 
 
 def shard_name(index: int) -> str:

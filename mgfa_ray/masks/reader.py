@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mgfa_ray.masks.format import CURRENT, METADATA, SCHEMA_VERSION, MaskSetError, read_json
+from mgfa_ray.masks.format import CURRENT, METADATA, SCHEMA_VERSION, MaskSetError, read_json, shard_records_problem
 from mgfa_ray.storage import fs_exists, fs_read, location_join, resolve_location
 
 
@@ -40,7 +40,8 @@ def read_metadata(location: str | Path) -> dict:
 
     Raises:
         MaskSetError: The location holds no complete mask set, its ``metadata.json`` is
-            unreadable, or the set is of another schema version.
+            unreadable or damaged (without the shard records of :data:`~mgfa_ray.masks.format.SHARD_RECORDS`),
+            or the set is of another schema version.
     """
     location = resolve_mask_set(location)
     fs, set_dir = resolve_location(location)
@@ -53,13 +54,16 @@ def read_metadata(location: str | Path) -> dict:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise MaskSetError(f"mask set {location}: schema version {meta.get('schema_version')}, this mgfa-ray reads "
                            f"{SCHEMA_VERSION}; recompute it (rerun the job's mask stage)")
+    problem = shard_records_problem(meta)
+    if problem:
+        raise MaskSetError(f"mask set {location}: damaged ({problem}); {_REBUILD}")
     return meta
 
 
 def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.DataFrame:
     """Every row of a complete mask set (plain pyarrow; shards in order), checked against its
-    ``metadata.json``: each listed shard must exist, have the recorded size (sets written since
-    sizes were recorded) and hold the recorded number of rows. Checksums are checked by the job's
+    ``metadata.json``: each listed shard must exist, have the recorded size and hold the recorded
+    number of rows. Checksums are checked by the job's
     rerun (:func:`mgfa_ray.masks.writer.build_mask_set`), which reads every byte anyway.
 
     Raises:
@@ -70,7 +74,7 @@ def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.D
     location = resolve_mask_set(location)
     meta = read_metadata(location)
     fs, set_dir = resolve_location(location)
-    sizes = meta.get("shard_bytes") or {}
+    sizes = meta["shard_bytes"]
     tables = []
     for name, rows in sorted(meta["rows_per_shard"].items()):
         path = f"{set_dir}/{name}"
@@ -78,7 +82,7 @@ def read_rows(location: str | Path, *, columns: list[str] | None = None) -> pd.D
             raise MaskSetError(f"mask set {location}: shard {name} is missing; {_REBUILD}")
         try:
             size = fs.get_file_info(path).size
-            if name in sizes and size != sizes[name]:
+            if size != sizes[name]:
                 raise MaskSetError(f"mask set {location}: shard {name} has {size} bytes, {METADATA} records "
                                    f"{sizes[name]} (truncated or replaced); {_REBUILD}")
             with fs.open_input_file(path) as f:

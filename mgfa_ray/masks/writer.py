@@ -80,6 +80,7 @@ from mgfa_ray.masks.format import (
     mask_set_id,
     read_json,
     shard_name,
+    shard_records_problem,
 )
 from mgfa_ray.masks.sources import BoxSource, DetectorBoxes, LabelBoxes, MaskComputer
 from mgfa_ray.runtime import configure, ensure_ray
@@ -239,30 +240,25 @@ def _finished(fs, path: str, expected: list[str]) -> dict | None:
 def _damaged_shards(fs, set_dir: str, meta: dict) -> dict[str, str]:
     """The shards of a published set that are not as ``metadata.json`` records them: ``{name: why}``.
 
-    Checks each listed shard's presence, size and SHA-256 (``shard_bytes``, ``shard_sha256``), or,
-    for a set written before those were recorded, that its footer reads and gives its row count.
-    Reads every shard once.
+    Checks each listed shard's presence, size and SHA-256 (``shard_bytes``, ``shard_sha256``); a
+    ``metadata.json`` without those records (:func:`~mgfa_ray.masks.format.shard_records_problem`)
+    is itself damaged (``{"metadata.json": why}``). Reads every shard once.
     """
-    sizes, sums = meta.get("shard_bytes") or {}, meta.get("shard_sha256") or {}
+    problem = shard_records_problem(meta)
+    if problem:
+        return {METADATA: problem}
+    sizes, sums = meta["shard_bytes"], meta["shard_sha256"]
     damaged = {}
-    for name, rows in sorted((meta.get("rows_per_shard") or {}).items()):
+    for name in sorted(meta["rows_per_shard"]):
         path = f"{set_dir}/{name}"
         if not fs_exists(fs, path):
             damaged[name] = "missing"
             continue
         data = fs_read(fs, path)
-        if name in sizes and len(data) != sizes[name]:
+        if len(data) != sizes[name]:
             damaged[name] = f"{len(data)} bytes, metadata.json records {sizes[name]}"
-        elif name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
+        elif hashlib.sha256(data).hexdigest() != sums[name]:
             damaged[name] = "its SHA-256 differs from the one metadata.json records"
-        elif name not in sums:
-            try:
-                n = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-            except (OSError, ValueError, pa.ArrowException) as err:
-                damaged[name] = f"unreadable ({err})"
-                continue
-            if n != rows:
-                damaged[name] = f"{n} rows, metadata.json records {rows}"
     return damaged
 
 

@@ -6,9 +6,8 @@ there (user attribute ``asha_rung_<k>``) and goes on only when that value is in 
 ``1/reduction_factor`` of the values recorded at rung ``k`` so far (among fewer than
 ``reduction_factor`` values, only when it is the best). The rule is Optuna's
 ``SuccessiveHalvingPruner`` with ``min_early_stopping_rate=0`` and ``bootstrap_count=0``, decision
-for decision; Optuna keeps the rungs in its own internal system attributes, which this module
-reads only for studies written before it existed (:func:`mgfa_ray.compat.legacy_rung_values`).
-Because the rungs live in the study, a driver restarted after a crash decides as the one before.
+for decision (Optuna keeps its rungs in its own internal system attributes, which this module
+never reads). Because the rungs live in the study, a driver restarted after a crash decides as the one before.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import math
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
-
-from mgfa_ray.compat import legacy_rung_values
 
 RUNG_ATTR_PREFIX = "asha_rung_"
 """User attribute ``asha_rung_<k>``: the trial's value when it reached rung ``k``."""
@@ -29,11 +26,9 @@ checkpoint after a driver crash is stopped there again, whatever the rungs hold 
 
 
 def rung_values(trial: FrozenTrial) -> dict[int, float]:
-    """``{rung: value}`` recorded for ``trial`` (its ``asha_rung_<k>`` user attributes, and the rungs
-    of a study written before them)."""
-    own = {int(k[len(RUNG_ATTR_PREFIX):]): float(v) for k, v in trial.user_attrs.items()
-           if k.startswith(RUNG_ATTR_PREFIX) and k[len(RUNG_ATTR_PREFIX):].isdigit()}
-    return {**legacy_rung_values(trial), **own}
+    """``{rung: value}`` recorded for ``trial`` (its ``asha_rung_<k>`` user attributes)."""
+    return {int(k[len(RUNG_ATTR_PREFIX):]): float(v) for k, v in trial.user_attrs.items()
+            if k.startswith(RUNG_ATTR_PREFIX) and k[len(RUNG_ATTR_PREFIX):].isdigit()}
 
 
 def rung_attrs(values: dict[int, float]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from mgfa_ray.search.asha import first_rung
-from mgfa_ray.config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, TrainParamsDict, to_dict, validate
+from mgfa_ray.config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, to_dict, validate
 from mgfa_ray.errors import InputError, StageError
 from mgfa_ray.storage import (
     atomic_filesystem,
@@ -149,8 +149,8 @@ class SearchRecord(FrozenModel):
     space: SearchSpace
     search: SearchConfig
     max_epochs: int
-    trial_base: TrainParamsDict
-    export_base: TrainParamsDict
+    trial_base: dict[str, Any]
+    export_base: dict[str, Any]
     cache_dir: str | None = None
     export_dir: str | None = None
     study: StudySource
@@ -230,18 +230,11 @@ class DamagedRecordError(ConfigError):
 
 
 def _resolve_paths(data: dict[str, Any], search_dir: Path) -> None:
-    """Resolve ``data``'s ``dir_relative`` fields against ``search_dir`` (in place). A record
-    written before ``dir_relative`` existed names its own journal absolutely: that journal is
-    taken from ``search_dir`` instead, so a search moved since still uses its own study."""
+    """Resolve ``data``'s ``dir_relative`` fields against ``search_dir`` (in place)."""
     for field in data.get("dir_relative") or []:
         value = _get(data, field)
         if isinstance(value, str):
             _set(data, field, os.path.normpath(search_dir / value))
-    storage = _get(data, "study.storage")
-    if ("dir_relative" not in data and isinstance(storage, str) and not is_uri(storage)
-            and Path(storage).name == "optuna.journal" and Path(storage).parent.name == data.get("name")
-            and (search_dir / "optuna.journal").is_file()):
-        _set(data, "study.storage", str(search_dir / "optuna.journal"))
 
 
 def _write_record(search_dir: str, record: SearchRecord) -> None:

@@ -25,7 +25,6 @@ which :func:`trial_params` removes.
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -33,7 +32,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from mgfa_ray.config import RENAMED_TRAIN_KEYS, ConfigError, FrozenModel, TrainParams, current_train_keys, load_yaml, validate
+from mgfa_ray.config import ConfigError, FrozenModel, TrainParams, load_yaml, validate
 
 SIMPLEX_KEY = "simplex"
 OPTUNA_TRIAL_KEY = "optuna_trial"
@@ -195,7 +194,7 @@ class SearchSpace(FrozenModel):
 
     @model_validator(mode="after")
     def _names(self):
-        known = set(TrainParams.model_fields) | set(RENAMED_TRAIN_KEYS)  # a space written before a rename
+        known = set(TrainParams.model_fields)
         for name in [*self.simplex, *self.parameters]:
             if name not in known:
                 raise ValueError(f"parameter {name!r} is not a trial parameter; known: {sorted(known)}")
@@ -280,7 +279,7 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
             probes.append((f"parameters.{name}", {name: dist}))
     probes += [(f"points_to_evaluate[{i}]", p) for i, p in enumerate(space.points_to_evaluate)]
     for where, values in probes:
-        trial = {**base_dict, **current_train_keys({**simplex_mid, **space.fixed(), **values})}
+        trial = {**base_dict, **simplex_mid, **space.fixed(), **values}
         try:
             validate(type(base), trial, source=f"{path}: {where}")
         except ConfigError as err:
@@ -292,8 +291,6 @@ def define_by_run(trial, *, space: SearchSpace) -> dict[str, Any]:
     """Optuna define-by-run function: suggest every searched parameter of ``space``.
 
     Called on each asked trial by :class:`mgfa_ray.search.study.StudySearch` (:func:`mgfa_ray.search.study.sample_config`).
-    Searcher states pickled before that held it through :func:`optuna_space`, so it stays in this
-    importable module.
 
     Returns:
         Constants to add to the config: the simplex weights and the fixed parameters.
@@ -328,12 +325,6 @@ def simplex_from_cuts(cuts: list[float]) -> list[float]:
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """A Ray trial config without the simplex cut variables and the Optuna trial number: only
-    TrainParams fields remain, under their current names (:func:`~mgfa_ray.config.current_train_keys`:
-    a space written before a rename samples the old name)."""
-    return current_train_keys({k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)})
+    TrainParams fields remain."""
+    return {k: v for k, v in config.items() if k not in (SIMPLEX_KEY, OPTUNA_TRIAL_KEY)}
 
-
-def optuna_space(space: SearchSpace):
-    """The define-by-run callable of ``space`` (``functools.partial`` of :func:`define_by_run`), as
-    searcher states pickled by mgfa-ray before ``StudySearch`` became a plain Ray ``Searcher`` hold it."""
-    return functools.partial(define_by_run, space=space)

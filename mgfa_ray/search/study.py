@@ -51,7 +51,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from mgfa_ray.search.asha import STOP_ATTR, Asha, is_rung_attr, rung_attrs, rung_values
-from mgfa_ray.compat import legacy_asha_settings, legacy_metric, move_trial_storage, running_trial, trial_experiment_path
+from mgfa_ray.compat import move_trial_storage, running_trial, trial_experiment_path
 from mgfa_ray.errors import UserError
 from mgfa_ray.runtime import configure
 from mgfa_ray.search.space import OPTUNA_TRIAL_KEY, SearchSpace, define_by_run
@@ -434,9 +434,22 @@ def sample_config(trial: optuna.trial.Trial, space: SearchSpace) -> dict[str, An
 
 
 STATE_FORMAT = 2
-"""Format of a pickled :class:`StudySearch` / :class:`StudyScheduler` state. Format 1 (no
-``format`` key) is the ``__dict__`` of the classes before them (an ``OptunaSearch`` subclass and a
-``FIFOScheduler`` holding an Optuna pruner); it is still read."""
+"""Format of a pickled :class:`StudySearch` / :class:`StudyScheduler` state (its ``format`` key);
+a state of another format is refused (:func:`_check_state_format`)."""
+
+
+class StateFormatError(UserError):
+    """A pickled searcher or scheduler state of another format than :data:`STATE_FORMAT`."""
+
+
+def _check_state_format(state: dict[str, Any], what: str) -> None:
+    """Raise :class:`StateFormatError` when ``state`` (of the ``what``: searcher or scheduler) is
+    not of :data:`STATE_FORMAT` (a state without ``format`` key is format 1)."""
+    found = state.get("format", 1) if isinstance(state, dict) else "unknown"
+    if found != STATE_FORMAT:
+        raise StateFormatError(f"Ray's saved {what} state was written by another mgfa-ray version (format {found}, "
+                               f"this version reads {STATE_FORMAT}): start a new search directory, or resume it "
+                               "with the mgfa-ray version that started it")
 
 
 class StudySearch(_StudyUser, Searcher):
@@ -518,10 +531,7 @@ class StudySearch(_StudyUser, Searcher):
                 "trial_numbers": dict(self._trial_numbers)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:  # format 1: OptunaSearch's __dict__ (see STATE_FORMAT)
-            state = {"study_ref": state["study_ref"], "sampler": state.get("_study_sampler"),
-                     "space": state["space_spec"], "run": state["run"], "metric": legacy_metric(state),
-                     "trial_numbers": state.get("_trial_numbers", {})}
+        _check_state_format(state, "searcher")
         Searcher.__init__(self, metric=state["metric"], mode="max")
         self._init_study(state["study_ref"], state["sampler"])
         self._trial_numbers.update(state["trial_numbers"])
@@ -590,12 +600,7 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
                 "trial_numbers": dict(self._trial_numbers)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:  # format 1: a FIFOScheduler with an Optuna pruner
-            min_resource, reduction_factor = legacy_asha_settings(state["pruner"])
-            state = {"study_ref": state["study_ref"], "metric": legacy_metric(state),
-                     "max_epochs": state["max_epochs"], "early_stopping": state["early_stopping"],
-                     "asha": Asha(min_resource=min_resource, reduction_factor=reduction_factor),
-                     "trial_numbers": state.get("_trial_numbers", {})}
+        _check_state_format(state, "scheduler")
         self._init_study(state["study_ref"], None)
         self._trial_numbers.update(state["trial_numbers"])
         self.metric_name, self.max_epochs = state["metric"], state["max_epochs"]
@@ -711,7 +716,8 @@ class StudyScheduler(_StudyUser, FIFOScheduler):
 
 def copy_trials(source: StudyRef, target: optuna.Study) -> int:
     """Warm start: add ``source``'s COMPLETE and PRUNED trials to ``target`` (parameters,
-    values, intermediate values and ASHA rungs), marked with user attribute ``warm_start_from``.
+    values, intermediate values and the ASHA rungs :mod:`mgfa_ray.search.asha` recorded; a study
+    another tool wrote has none), marked with user attribute ``warm_start_from``.
     Trials whose parameters do not fit ``target``'s distributions are left out by TPE itself.
 
     Returns:
