@@ -48,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from mgfa_ray.config import ConfigError, JobConfig, TrainConfig, load_config, load_yaml, validate
+from mgfa_ray.config import ConfigError, JobConfig, TrainConfig, load_yaml, validate
 from mgfa_ray.errors import DiskFullError, InputError, RunInterrupted, UserError, debug_enabled
 from mgfa_ray.runtime import configure
 

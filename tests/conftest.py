@@ -142,7 +142,7 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint)  # see RestartableS3.uri
 
     def uri(bucket: str, prefix: str) -> str:
         client.create_bucket(Bucket=bucket)
@@ -170,7 +170,10 @@ class RestartableS3:
     def uri(self, bucket: str, prefix: str) -> str:
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=bucket)
+        # A new boto3 session each time, not boto3's default one: that one keeps the profiles it read
+        # first, and a test that ran before may have moved the keys into a profile since
+        # (mgfa_ray.runtime.hide_aws_secrets), which it would then report as not found.
+        boto3.session.Session().client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=bucket)
         return f"s3://{bucket}/{prefix}?endpoint_override={self.endpoint}"
 
     def stop(self) -> None:
