@@ -41,7 +41,8 @@ import pandas as pd
 from common import REPO, new_document
 
 from mgfa_ray.search.asha import Asha
-from mgfa_ray.search.replay import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy, simulate
+from mgfa_ray.search.replay import simulate
+from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
 from mgfa_ray.search.space import load_search_space
 from mgfa_ray.storage import atomic_write_json
 
@@ -348,8 +349,8 @@ def table_trainable(config: dict, *, base: dict, cache_dir: str | None = None, t
     import pandas as _pd
     from ray import tune
 
-    from mgfa_ray.search.replay import CurveTable as _Table
-    from mgfa_ray.search.replay import flat_params
+    from replay_policies import CurveTable as _Table
+    from replay_policies import flat_params
     from mgfa_ray.search.space import load_search_space as _load
 
     tab = _Table.from_frame(_pd.read_parquet(table_file), space=_load(SPACE))

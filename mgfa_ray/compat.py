@@ -30,7 +30,7 @@ def running_trial(study, trial_id: int):
     of this constructor is not recommended" (``ask`` is the public way to get a ``Trial``, and only
     for a new trial). A driver killed between ``ask`` and Ray's snapshot leaves a RUNNING trial with
     part of its parameters sampled; suggesting on this object returns the values it holds and
-    samples the rest, so the trial is completed instead of lost (``mgfa_ray.search.study.StudySearch``).
+    samples the rest, so the trial is completed instead of lost (``mgfa_ray.search.searcher.StudySearch``).
     """
     import optuna
 

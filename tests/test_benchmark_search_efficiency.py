@@ -19,7 +19,7 @@ def synthetic_table(path: Path, n: int = 12, epochs: int = 20) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import search_efficiency
 
-    from mgfa_ray.search.replay import PARAM_PREFIX
+    from replay_policies import PARAM_PREFIX
     from mgfa_ray.search.space import define_by_run, load_search_space
 
     space = load_search_space(search_efficiency.SPACE)

@@ -3,13 +3,19 @@ ASHA decisions are worked out by hand in each test's docstring."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
 
 from mgfa_ray.search.asha import Asha
-from mgfa_ray.search.replay import Curve, CurveTable, RayStockPolicy, SequencePolicy, StudyPolicy, simulate
+from mgfa_ray.search.replay import Curve, SequencePolicy, simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmark's search policies
+from replay_policies import CurveTable, RayStockPolicy, StudyPolicy  # noqa: E402
 from mgfa_ray.search.space import SearchSpace
 
 # Four configurations, four epochs of one second each. With ASHA (grace 1, factor 2) the rungs are

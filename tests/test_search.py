@@ -162,7 +162,8 @@ def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
     """A driver killed between Optuna's ask (and part of the sampling) and Ray's snapshot leaves a
     RUNNING trial no Ray trial knows: the next suggestion takes it over, completing its parameters,
     so no trial is lost or added."""
-    from mgfa_ray.search.study import SESSION, StudySearch
+    from mgfa_ray.search.study import SESSION
+    from mgfa_ray.search.searcher import StudySearch
 
     space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2}, "simplex": ["alpha", "beta", "gamma"],
                                  "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}}})
@@ -186,7 +187,7 @@ def test_orphan_asked_before_a_crash_goes_to_the_next_ray_trial(tmp_path):
 def test_points_to_evaluate_are_enqueued_once_per_study(tmp_path):
     """A new searcher on the same study (an extension, or a run restarted before Ray's first
     snapshot) does not enqueue the paper's point again, asked or still waiting."""
-    from mgfa_ray.search.study import StudySearch
+    from mgfa_ray.search.searcher import StudySearch
 
     space, _ = _space(tmp_path, {"scheduler": {"max_epochs": 2},
                                  "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
@@ -206,7 +207,7 @@ def test_scheduler_tells_complete_pruned_or_fail_by_epochs_and_value(tmp_path):
     is COMPLETE, fewer epochs is PRUNED (value = last intermediate), a diverged run is FAIL."""
     from types import SimpleNamespace
 
-    from mgfa_ray.search.study import StudyScheduler
+    from mgfa_ray.search.scheduler import StudyScheduler
 
     ref = StudyRef(str(tmp_path / "study.journal"), "s")
     study = ref.load(create=True)

@@ -13,7 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from mgfa_ray.search.asha import RUNG_ATTR_PREFIX, STOP_ATTR, Asha, rung_values
-from mgfa_ray.search.study import STATE_FORMAT, StateFormatError, StudyRef, StudyScheduler, StudySearch
+from mgfa_ray.search.study import STATE_FORMAT, StateFormatError, StudyRef
+from mgfa_ray.search.scheduler import StudyScheduler
+from mgfa_ray.search.searcher import StudySearch
 
 
 def _optuna_rungs(trial) -> dict[int, float]:

@@ -13,7 +13,8 @@ from mgfa_ray import cli
 from mgfa_ray.config import SearchConfig, TrainConfig
 from mgfa_ray.search.driver import create_search
 from mgfa_ray.search.space import load_search_space
-from mgfa_ray.search.study import DamagedJournalError, StudyRef
+from mgfa_ray.search.journal import DamagedJournalError
+from mgfa_ray.search.study import StudyRef
 
 
 def _study_with_trials(path, n=3) -> StudyRef:
@@ -32,7 +33,7 @@ def test_torn_last_record_is_dropped_with_a_warning_and_writes_start_on_a_fresh_
     whole = journal.read_bytes()
     last = whole.splitlines(keepends=True)[-1]
     journal.write_bytes(whole + last[: len(last) // 2])  # a write cut mid-line
-    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.study"):
+    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.journal"):
         study = ref.load()
     assert str(journal) in caplog.text and "torn last record" in caplog.text
     assert journal.read_bytes() == whole  # back to the last complete record, nothing more lost
@@ -77,13 +78,13 @@ def test_lock_left_by_a_killed_writer_is_removed_and_a_live_one_is_not(tmp_path,
 
     from optuna.storages.journal import JournalFileSymlinkLock
 
-    from mgfa_ray.search.study import release_stale_journal_lock
+    from mgfa_ray.search.journal import release_stale_journal_lock
 
     journal = tmp_path / "optuna.journal"
     ref = _study_with_trials(journal)
     lock = JournalFileSymlinkLock(str(journal))
     assert lock.acquire()  # ... and its holder dies: nobody releases it
-    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.study"):
+    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.journal"):
         assert release_stale_journal_lock(journal, settle_s=0.2)
     assert f"{journal}.lock" in caplog.text and "left behind" in caplog.text
     assert not (tmp_path / "optuna.journal.lock").exists()
@@ -98,7 +99,7 @@ def test_lock_left_by_a_killed_writer_is_removed_and_a_live_one_is_not(tmp_path,
     releaser = threading.Timer(0.3, live.release)  # a live writer: holds it, then lets go
     releaser.start()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.study"):
+    with caplog.at_level(logging.WARNING, logger="mgfa_ray.search.journal"):
         assert not release_stale_journal_lock(journal, settle_s=2.0)
     releaser.join()
     assert "left behind" not in caplog.text and not (tmp_path / "optuna.journal.lock").exists()

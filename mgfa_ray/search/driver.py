@@ -36,9 +36,12 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from mgfa_ray.search.asha import first_rung
 from mgfa_ray.config import ConfigError, FrozenModel, SearchConfig, StudySource, TrainConfig, to_dict, validate
 from mgfa_ray.errors import InputError, StageError
+from mgfa_ray.runtime import configure, ensure_ray
+from mgfa_ray.search.asha import first_rung
+from mgfa_ray.search.space import SearchSpace, trial_params
+from mgfa_ray.search.tune_state import complete_state_file, reconcile_search_state
 from mgfa_ray.storage import (
     atomic_filesystem,
     fs_exists,
@@ -51,9 +54,6 @@ from mgfa_ray.storage import (
     resolve_location,
 )
 from mgfa_ray.storage.lock import DirectoryLock
-from mgfa_ray.runtime import configure, ensure_ray
-from mgfa_ray.search.space import SearchSpace, trial_params
-from mgfa_ray.search.tune_state import complete_state_file, reconcile_search_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "search.json"
@@ -473,7 +473,8 @@ def run_search(
     read_record(search_dir)  # a clear error before anything starts
     with DirectoryLock(search_dir, what="search"):
         record = read_record(search_dir)  # as of taking the lock: a driver before us may have extended it
-        from mgfa_ray.search.study import StudyRef, release_stale_journal_lock
+        from mgfa_ray.search.journal import release_stale_journal_lock
+        from mgfa_ray.search.study import StudyRef
 
         if not is_uri(record.study.storage):  # a journal: its lock may be a killed driver's
             release_stale_journal_lock(record.study.storage)
@@ -542,7 +543,9 @@ def _stop_signal_watch():
 def _fit(search_dir: str, record: SearchRecord, index: int, *, trainable: Callable | None, errored: str):
     from ray import tune
 
-    from mgfa_ray.search.study import StudyRef, StudyScheduler, StudySearch
+    from mgfa_ray.search.scheduler import StudyScheduler
+    from mgfa_ray.search.searcher import StudySearch
+    from mgfa_ray.search.study import StudyRef
 
     search, run = record.search, record.runs[index]
     fs, runs_path = resolve_location(location_join(search_dir, "runs"))

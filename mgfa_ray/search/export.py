@@ -25,10 +25,17 @@ import pandas as pd
 
 from mgfa_ray.config import TrainConfig, TrainParams, relative_to_cwd, to_dict, validate
 from mgfa_ray.errors import StageError, UserError
-from mgfa_ray.storage import (atomic_write_bytes, atomic_write_json, atomic_write_yaml, is_uri, location_join, publish_dir,
-                      redact_location)
 from mgfa_ray.search.driver import SearchRecord, ray_trials, read_record, write_target
 from mgfa_ray.search.space import define_by_run, trial_params
+from mgfa_ray.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_yaml,
+    is_uri,
+    location_join,
+    publish_dir,
+    redact_location,
+)
 
 #: The per-epoch columns of ``trial_epochs`` besides every ``train_*``, ``eval_*`` and ``test_*`` metric.
 EPOCH_COLUMNS = ("epoch", "lr", "epoch_seconds", "training_iteration", "time_total_s", "setup_seconds",
@@ -87,10 +94,8 @@ def export_search(search_dir: str, out_dir: str | Path, *, partial: bool = False
 
         StageError: No trial is COMPLETE (the message counts the trials' states).
     """
-    from mgfa_ray.search.study import StudyRef
-
     from mgfa_ray.search.status import trial_states
-    from mgfa_ray.search.study import search_trials
+    from mgfa_ray.search.study import StudyRef, search_trials
 
     record = read_record(search_dir)
     study = StudyRef(record.study.storage, record.study.study_name).load()

@@ -290,7 +290,7 @@ def load_search_space(path: str | Path, *, base: TrainParams | None = None) -> S
 def define_by_run(trial, *, space: SearchSpace) -> dict[str, Any]:
     """Optuna define-by-run function: suggest every searched parameter of ``space``.
 
-    Called on each asked trial by :class:`mgfa_ray.search.study.StudySearch` (:func:`mgfa_ray.search.study.sample_config`).
+    Called on each asked trial by :class:`mgfa_ray.search.searcher.StudySearch` (:func:`mgfa_ray.search.study.sample_config`).
 
     Returns:
         Constants to add to the config: the simplex weights and the fixed parameters.

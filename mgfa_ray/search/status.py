@@ -36,8 +36,8 @@ import optuna
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from mgfa_ray.search.asha import rung_epochs
 from mgfa_ray.errors import UserError
+from mgfa_ray.search.asha import rung_epochs
 from mgfa_ray.storage import fs_read, is_uri, location_join, resolve_location
 
 

@@ -33,11 +33,7 @@ COMPLETE → run to the end) and never rewrites a finished trial.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,15 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
 
-from mgfa_ray.search.asha import STOP_ATTR, Asha, is_rung_attr, rung_attrs, rung_values
-from mgfa_ray.compat import move_trial_storage, running_trial, trial_experiment_path
+from mgfa_ray.compat import running_trial
 from mgfa_ray.errors import UserError
 from mgfa_ray.runtime import configure
+from mgfa_ray.search.asha import rung_attrs, rung_values
+from mgfa_ray.search.journal import WholeRecordJournal, repair_journal
 from mgfa_ray.search.space import OPTUNA_TRIAL_KEY, SearchSpace, define_by_run
 from mgfa_ray.storage import is_uri
 
@@ -66,161 +60,6 @@ WARM_START_ATTR = "warm_start_from"
 
 SESSION = uuid.uuid4().hex
 """This driver process's token: trials it claimed carry it in ``driver_session``."""
-
-class DamagedJournalError(UserError):
-    """An Optuna journal file damaged other than by a torn last record (which is repaired): the
-    message names the file and line and what to do."""
-
-
-def _scan_journal(path: Path) -> tuple[int, int]:
-    """``(size, end)``: the file's size and the end of its last complete record (a line ending in a
-    newline, which Optuna writes last, and fsyncs). ``end < size``: the last record is torn.
-
-    Raises:
-        DamagedJournalError: A complete line that is not a JSON record (``path:line``).
-    """
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        try:
-            json.loads(line)
-        except ValueError as err:
-            raise DamagedJournalError(
-                f"{path}:{number}: not an Optuna journal record ({err}); the study cannot be read past "
-                f"this line. Restore the file from a backup, or keep the records before it by cutting "
-                f"the file after line {number - 1} (the trials recorded after it are then lost)") from None
-    return len(data), end
-
-
-class WholeRecordJournal(JournalFileBackend):
-    """Optuna's journal file (``JournalFileBackend``: the same file, format and symlink lock) whose
-    appends are whole or nothing: when a write fails — a full disk, a quota — the bytes written so
-    far are cut off again (``ftruncate`` under the lock) before the error propagates, so the
-    journal is never left with a torn record and the study stays readable and resumable. (A
-    process killed in mid-write can still leave one; :func:`repair_journal` drops it when the
-    journal is next opened.)
-
-    Args:
-        file_path: The journal file (created empty when absent, as Optuna does).
-    """
-
-    def __init__(self, file_path: str) -> None:
-        self._append_lock = JournalFileSymlinkLock(file_path)
-        super().__init__(file_path, lock_obj=self._append_lock)
-        self._journal_path = file_path
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        """Append ``logs`` (Optuna's operation records) as JSON lines, all or none of them.
-
-        Raises:
-            OSError: The write or its ``fsync`` failed (the file is as it was before the call).
-        """
-        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
-        self._append_lock.acquire()
-        try:
-            fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                start = os.fstat(fd).st_size
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                except OSError:
-                    os.ftruncate(fd, start)
-                    raise
-            finally:
-                os.close(fd)
-        finally:
-            self._append_lock.release()
-
-
-def repair_journal(path: str | os.PathLike) -> None:
-    """Make an Optuna journal file safe to read and append to.
-
-    A record torn by a crash or a full disk during a write (a last line without its newline) is
-    dropped: the file is truncated back to the end of its last complete record — one ``truncate``
-    under the journal's own lock (the lock Optuna's writers take), so a live writer finishing its
-    record is never cut and a crash during the repair loses nothing more — and a warning names the
-    file. Optuna itself skips such a line when reading but appends the next record onto it, which
-    makes the whole study unreadable. A missing file is left alone.
-
-    Raises:
-        DamagedJournalError: Any other damage: a complete line that is not a JSON record (the
-            message names ``file:line``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return
-    size, end = _scan_journal(path)
-    if end == size:
-        return
-    lock = JournalFileSymlinkLock(str(path))
-    lock.acquire()
-    try:
-        size, end = _scan_journal(path)  # again, under the lock: a writer may have finished it
-        if end == size:
-            return
-        try:
-            os.truncate(path, end)
-        except OSError as err:  # e.g. a read-only copy: Optuna reads past the torn record anyway
-            log.warning("%s: its last record is torn (%d bytes, a write cut short) and cannot be dropped "
-                        "(%s); reading without it", path, size - end, err)
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        lock.release()
-    log.warning("%s: dropped its torn last record (%d bytes: a write cut short by a crash or a full disk); "
-                "the study keeps every complete record", path, size - end)
-
-
-def release_stale_journal_lock(path: str | os.PathLike, *, settle_s: float = 2.0) -> bool:
-    """Remove the lock an Optuna journal's writer left behind when it was killed during an append.
-
-    Optuna's writers hold ``<journal>.lock`` (a symbolic link: ``JournalFileSymlinkLock``, the
-    ``JournalFileBackend`` default) for one append, milliseconds. A driver killed during one leaves
-    the link, and the next writer waits Optuna's grace period (30 s, then it releases it by force):
-    every resume after such a crash stalled for 30 s. For the caller that holds the search's
-    :class:`~mgfa_ray.storage.lock.DirectoryLock` — no other driver writes the study — the link is removed
-    once the same link (inode and mtime, ``lstat``) has stood for ``settle_s`` seconds of this
-    process's clock: any live writer (optuna-dashboard, a script of the user's) would have released
-    it long before. A warning names the file.
-
-    Args:
-        path: The journal file (its lock is ``path + ".lock"``).
-        settle_s: Seconds the same link must stand before it counts as left behind, > 0.
-
-    Returns:
-        Whether a left-behind link was removed (False: none, or released meanwhile).
-
-    Raises:
-        ValueError: ``settle_s`` <= 0.
-    """
-    if settle_s <= 0:
-        raise ValueError(f"settle_s must be > 0, got {settle_s}")
-    link = Path(f"{os.fspath(path)}.lock")
-    seen, since = None, time.monotonic()
-    while True:
-        try:
-            st = os.lstat(link)
-        except FileNotFoundError:
-            return False
-        if (st.st_ino, st.st_mtime_ns) != seen:  # a new holder: wait for this one
-            seen, since = (st.st_ino, st.st_mtime_ns), time.monotonic()
-        elif time.monotonic() - since >= settle_s:
-            break
-        time.sleep(0.05)
-    try:
-        link.unlink()
-    except FileNotFoundError:
-        return False
-    log.warning("%s: removed the lock its last writer left behind (a driver killed while writing the study); "
-                "the search holds its own lock, so no other driver writes this journal", link)
-    return True
 
 
 @dataclass(frozen=True)
@@ -275,12 +114,19 @@ class StudyRef:
 
 
 @dataclass(frozen=True)
-class _Binding:
+class Binding:
+    """Where a search's study and Ray experiment are now (:func:`bound_study`)."""
+
     study: StudyRef
     experiment_path: str | None
 
 
-_BOUND: dict[str, _Binding] = {}
+_BOUND: dict[str, Binding] = {}  # study name → its binding, while bound_study is active in this process
+
+
+def binding(study_name: str) -> Binding | None:
+    """The :class:`Binding` :func:`bound_study` holds for ``study_name`` in this process, or ``None``."""
+    return _BOUND.get(study_name)
 
 
 @contextmanager
@@ -296,7 +142,7 @@ def bound_study(ref: StudyRef, *, experiment_path: str | None = None):
     into the original's. The search driver binds the study around ``Tuner.fit``.
     """
     previous = _BOUND.get(ref.study_name)
-    _BOUND[ref.study_name] = _Binding(ref, experiment_path)
+    _BOUND[ref.study_name] = Binding(ref, experiment_path)
     try:
         yield ref
     finally:
@@ -373,7 +219,7 @@ class OpenStudy:
         return running_trial(self.study, self.trial_id(number))
 
 
-class _StudyUser:
+class StudyUser:
     """Shared by searcher and scheduler: the study, opened lazily in the driver and never pickled
     (Ray pickles both into the experiment; the storage is reconnected after a restore)."""
 
@@ -392,7 +238,7 @@ class _StudyUser:
     def opened(self) -> OpenStudy:
         """The open study: where the search's :func:`bound_study` says, else ``study_ref``."""
         if self._open is None:
-            bound = _BOUND.get(self.study_ref.study_name)
+            bound = binding(self.study_ref.study_name)
             # Never the pickled path of a moved search; a bound study exists (create_search made it).
             ref = bound.study if bound else self.study_ref
             self._open = OpenStudy(ref, sampler=self._study_sampler, create=bound is None)
@@ -435,14 +281,14 @@ def sample_config(trial: optuna.trial.Trial, space: SearchSpace) -> dict[str, An
 
 STATE_FORMAT = 2
 """Format of a pickled :class:`StudySearch` / :class:`StudyScheduler` state (its ``format`` key);
-a state of another format is refused (:func:`_check_state_format`)."""
+a state of another format is refused (:func:`check_state_format`)."""
 
 
 class StateFormatError(UserError):
     """A pickled searcher or scheduler state of another format than :data:`STATE_FORMAT`."""
 
 
-def _check_state_format(state: dict[str, Any], what: str) -> None:
+def check_state_format(state: dict[str, Any], what: str) -> None:
     """Raise :class:`StateFormatError` when ``state`` (of the ``what``: searcher or scheduler) is
     not of :data:`STATE_FORMAT` (a state without ``format`` key is format 1)."""
     found = state.get("format", 1) if isinstance(state, dict) else "unknown"
@@ -450,268 +296,6 @@ def _check_state_format(state: dict[str, Any], what: str) -> None:
         raise StateFormatError(f"Ray's saved {what} state was written by another mgfa-ray version (format {found}, "
                                f"this version reads {STATE_FORMAT}): start a new search directory, or resume it "
                                "with the mgfa-ray version that started it")
-
-
-class StudySearch(_StudyUser, Searcher):
-    """Ray Tune searcher over a persistent Optuna study (public ``Searcher`` API; the study through
-    ``ask``, ``enqueue_trial`` and :class:`OpenStudy`).
-
-    Args:
-        space: The validated search space; its ``points_to_evaluate`` are enqueued once per study
-            (a point already in the study — from an earlier run or a warm start — is not enqueued
-            again).
-        study: Where the study lives.
-        metric: Metric maximised.
-        sampler: ``tpe`` or ``random`` (:func:`make_sampler`).
-        seed: Sampler seed.
-        startup_trials: TPE's random start-up trials (:func:`make_sampler`).
-        run: Name of the Ray experiment using the searcher (stored on each trial as ``run``).
-
-    Returns configs holding the sampled parameters, the simplex cut variables (nested under
-    ``simplex``) and :data:`OPTUNA_TRIAL_KEY`.
-    """
-
-    def __init__(self, *, space: SearchSpace, study: StudyRef, metric: str, sampler: str, seed: int, run: str,
-                 startup_trials: int = 10):
-        Searcher.__init__(self, metric=metric, mode="max")
-        self._init_study(study, make_sampler(sampler, seed, startup_trials=startup_trials))
-        self.space_spec = space
-        self.run = run
-        self._enqueue_points()
-
-    def _enqueue_points(self) -> None:
-        """Enqueue the space's points not yet in the study (once per study, not per run). A point
-        enqueued before a crash and not yet asked is found by Optuna's own ``skip_if_exists``."""
-        study = self.study
-        tried = [t.params for t in study.get_trials(deepcopy=False)]
-        for point in self.space_spec.optuna_points():
-            if not any(_same_params(point, p) for p in tried):
-                study.enqueue_trial(point, skip_if_exists=True)
-                tried.append(point)
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
-        """The space, metric and mode are the searcher's own: a Tune config cannot replace them."""
-        return False
-
-    def _orphan(self) -> FrozenTrial | None:
-        """The oldest RUNNING trial of this run that no live driver claims: asked before a driver
-        crash, never recorded by Ray's snapshot."""
-        orphans = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.user_attrs.get(SESSION_ATTR) != SESSION and t.user_attrs.get(RUN_ATTR, self.run) == self.run]
-        return min(orphans, key=lambda t: t.number) if orphans else None
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        orphan = self._orphan()
-        if orphan is not None:
-            # Suggesting again returns the values the orphan already holds and samples any the
-            # crash left unsampled.
-            number = orphan.number
-            ot_trial = self.opened.running_trial(number)
-            log.warning("trial %s takes over Optuna trial %d (asked before a driver crash; Ray never recorded it)",
-                        trial_id, number)
-        else:
-            ot_trial = self.study.ask()
-            number = ot_trial.number
-        config = sample_config(ot_trial, self.space_spec)
-        self.opened.set_user_attrs(number, {RAY_TRIAL_ATTR: trial_id, SESSION_ATTR: SESSION, RUN_ATTR: self.run})
-        self._trial_numbers[trial_id] = number
-        return {**config, OPTUNA_TRIAL_KEY: number}
-
-    # The scheduler records results and final states (it sees the result that made it stop a
-    # trial, which Ray withholds from the searcher); the searcher only suggests.
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        return None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "study_ref": self.study_ref, "sampler": self._study_sampler,
-                "space": self.space_spec, "run": self.run, "metric": self.metric,
-                "trial_numbers": dict(self._trial_numbers)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        _check_state_format(state, "searcher")
-        Searcher.__init__(self, metric=state["metric"], mode="max")
-        self._init_study(state["study_ref"], state["sampler"])
-        self._trial_numbers.update(state["trial_numbers"])
-        self.space_spec, self.run = state["space"], state["run"]
-
-    def save(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "rb") as f:
-            self.__setstate__(pickle.load(f))
-
-
-def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if set(a) != set(b):
-        return False
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, float) or isinstance(w, float):
-            if not (isinstance(w, (int, float)) and math.isclose(float(v), float(w), rel_tol=1e-12, abs_tol=1e-15)):
-                return False
-        elif v != w:
-            return False
-    return True
-
-
-class StudyScheduler(_StudyUser, FIFOScheduler):
-    """Ray Tune scheduler that keeps the study in step with Ray and stops trials by ASHA
-    (:class:`mgfa_ray.search.asha.Asha`, its rungs recorded in the study).
-
-    Args:
-        study: Where the study lives.
-        metric: Metric maximised (reported every epoch).
-        max_epochs: Epochs of a trial never stopped; a trial that reports it is COMPLETE.
-        grace_period: Epochs before a trial can be stopped (ASHA's minimum resource).
-        reduction_factor: ASHA's reduction factor (integer >= 2): at each rung a trial continues
-            only when in the top 1/reduction_factor of the trials that reached the rung.
-        early_stopping: ``False`` runs every trial to ``max_epochs`` (random-search baseline).
-    """
-
-    def __init__(self, *, study: StudyRef, metric: str, max_epochs: int, grace_period: int, reduction_factor: int,
-                 early_stopping: bool = True):
-        FIFOScheduler.__init__(self)
-        self._init_study(study, None)
-        self.metric_name = metric
-        self.max_epochs = max_epochs
-        self.early_stopping = early_stopping
-        self.asha = Asha(min_resource=grace_period, reduction_factor=reduction_factor)
-
-    @property
-    def metric(self) -> str:
-        return self.metric_name
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        """The metric (maximised) is the scheduler's own; Tune's (the same) is accepted."""
-        return True
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "study_ref": self.study_ref, "metric": self.metric_name,
-                "max_epochs": self.max_epochs, "early_stopping": self.early_stopping, "asha": self.asha,
-                "trial_numbers": dict(self._trial_numbers)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        _check_state_format(state, "scheduler")
-        self._init_study(state["study_ref"], None)
-        self._trial_numbers.update(state["trial_numbers"])
-        self.metric_name, self.max_epochs = state["metric"], state["max_epochs"]
-        self.early_stopping, self.asha = state["early_stopping"], state["asha"]
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self._keep_in_experiment(trial)
-        number = self._number_of(trial.trial_id, trial.config)
-        if number is None:
-            log.warning("Ray trial %s has no Optuna trial", trial.trial_id)
-            return
-        frozen = self.opened.frozen(number)
-        if trial.status in ("TERMINATED", "ERROR"):  # restored as finished: Ray will not run it
-            if frozen.state == TrialState.RUNNING:  # its end reached Ray's snapshot but not the study
-                if trial.status == "ERROR":
-                    self.study.tell(number, state=TrialState.FAIL)
-                else:
-                    self.on_trial_complete(tune_controller, trial, trial.last_result)
-            return
-        if frozen.state == TrialState.RUNNING:
-            self.opened.set_user_attrs(number, {RAY_TRIAL_ATTR: trial.trial_id, SESSION_ATTR: SESSION})
-        elif frozen.state == TrialState.FAIL:
-            self._retry(frozen, trial.trial_id)
-
-    def _retry(self, frozen: FrozenTrial, ray_trial_id: str) -> None:
-        """Ray runs errored Optuna trial ``frozen`` again: with the same id from its checkpoint
-        (``resume_errored``: its intermediate values and rungs go on), or with a new id from scratch
-        (``restart_errored``). A fresh Optuna trial records the new attempt (Optuna's convention:
-        system attribute ``failed_trial``, read by ``RetryFailedTrialCallback.retried_trial_number``)."""
-        resumed = frozen.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id
-        kept = {k: v for k, v in frozen.user_attrs.items() if not is_rung_attr(k)}
-        rungs = rung_attrs(rung_values(frozen)) if resumed else {}
-        template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
-            intermediate_values=frozen.intermediate_values if resumed else None,
-            user_attrs={**kept, **rungs, RAY_TRIAL_ATTR: ray_trial_id, SESSION_ATTR: SESSION},
-            system_attrs={"failed_trial": frozen.number},
-        )
-        new_number = self.opened.add_running(template)
-        self._trial_numbers[ray_trial_id] = new_number
-        log.warning("Ray runs errored Optuna trial %d again as trial %d", frozen.number, new_number)
-
-    def _keep_in_experiment(self, trial) -> None:
-        """Give a new trial of a moved experiment the experiment's storage as it is now
-        (:func:`mgfa_ray.compat.move_trial_storage`: Ray creates the new trials of a restored, moved
-        experiment in its old directory), before the trial ever starts."""
-        bound = _BOUND.get(self.study_ref.study_name)
-        if bound is None or bound.experiment_path is None:
-            return
-        current = trial_experiment_path(trial)
-        if current is not None and current != bound.experiment_path:
-            move_trial_storage(trial, bound.experiment_path)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        number = self._number_of(trial.trial_id, trial.config)
-        value, step = result.get(self.metric_name), result.get("training_iteration")
-        if number is None or value is None or step is None:
-            return TrialScheduler.CONTINUE
-        frozen = self.opened.frozen(number)
-        if frozen.state == TrialState.PRUNED:  # decided before a driver crash: decide the same
-            return TrialScheduler.STOP
-        if frozen.state != TrialState.RUNNING:
-            return TrialScheduler.CONTINUE
-        self.opened.report(number, int(step), float(value))
-        if STOP_ATTR in frozen.user_attrs and step >= frozen.user_attrs[STOP_ATTR]:  # decided before a crash
-            return TrialScheduler.STOP
-        if not self.early_stopping or step >= self.max_epochs or not math.isfinite(value):
-            return TrialScheduler.CONTINUE
-        return self._decide(number, int(step))
-
-    def _decide(self, number: int, step: int) -> str:
-        """ASHA's decision for trial ``number`` after its value at ``step``, its new rungs (and a stop)
-        recorded in the study before Ray hears it."""
-        stop, rungs = self.asha.decide(self.opened.frozen(number), self.study.get_trials(deepcopy=False))
-        attrs = rung_attrs(rungs)
-        if stop:
-            attrs[STOP_ATTR] = step
-        self.opened.set_user_attrs(number, attrs)
-        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        number = self._number_of(trial.trial_id, trial.config)
-        if number is None:
-            return
-        frozen = self.opened.frozen(number)
-        if frozen.state != TrialState.RUNNING:
-            return
-        epochs = int((result or {}).get("training_iteration") or 0)
-        value = (result or {}).get(self.metric_name)
-        if epochs >= self.max_epochs and value is not None:
-            if math.isfinite(value):
-                self.study.tell(number, float(value))
-            else:  # trained to the end but diverged (NaN/inf): no value to compare
-                self.study.tell(number, state=TrialState.FAIL)
-        elif frozen.intermediate_values:
-            self.study.tell(number, state=TrialState.PRUNED)
-        else:  # stopped before its first result (e.g. the search ended)
-            self.study.tell(number, state=TrialState.FAIL)
-
-    def on_trial_error(self, tune_controller, trial) -> None:
-        # Ray also calls this when it is about to retry the trial from its checkpoint
-        # (FailureConfig.max_failures): the trial is then already stopped (ERROR) and may recover.
-        # The attempt goes on, so the Optuna trial stays RUNNING and ends as the retry ends.
-        if trial.status == "ERROR" and trial.should_recover():
-            return
-        number = self._number_of(trial.trial_id, trial.config)
-        if number is not None and self.opened.frozen(number).state == TrialState.RUNNING:
-            self.study.tell(number, state=TrialState.FAIL)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self.on_trial_error(tune_controller, trial)
 
 
 def copy_trials(source: StudyRef, target: optuna.Study) -> int:

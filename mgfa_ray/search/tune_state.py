@@ -73,7 +73,7 @@ def reconcile_search_state(run_path: str, fs: Any) -> str | None:
     short and every later resume too; Ray 2.60). In a consistent snapshot the counter is the
     number of trials in the list and the live trials are the listed trials not yet finished; this
     sets them so. A trial lost this way left its Optuna trial RUNNING: the next trial Ray creates
-    takes it over (:meth:`mgfa_ray.search.study.StudySearch.suggest`).
+    takes it over (:meth:`mgfa_ray.search.searcher.StudySearch.suggest`).
 
     Args:
         run_path: The experiment's folder (``runs/run-N``) on ``fs``.
