@@ -149,7 +149,7 @@ class StudyPolicy:
             ``(curve key, epoch, the trial's values so far) -> float`` (maximised); the study still
             records the reported values. None: the reported value.
         brackets: Round-robin brackets (trial ``i`` in bracket ``i % brackets``, first rung
-            ``min_resource * reduction_factor ** bracket``, rungs compared within a bracket: the
+            ``grace_period * reduction_factor ** bracket``, rungs compared within a bracket: the
             asynchronous Hyperband of Li et al., MLSys 2020); 1: plain ASHA.
         rung_model: BOHB-style proposals (Falkner et al., ICML 2018): ``trial index -> sampler``
             fit on the highest rung holding at least ``rung_model_min`` values (see

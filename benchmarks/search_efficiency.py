@@ -201,7 +201,7 @@ def methods(grace: int, factor: int, max_epochs: int, budget_trials: int,
     ``random+asha`` is the search's default (``search.sampler: random``); ``tpe+asha, startup 1/2``
     is ``search.sampler: tpe`` with its default start-up; ``signals`` (:func:`rung_signals`) add
     random + ASHA ranking the rungs on each other signal."""
-    asha = Asha(min_resource=grace, reduction_factor=factor)
+    asha = Asha(grace_period=grace, reduction_factor=factor)
     startup3, startup2 = max(10, budget_trials // 3), max(10, budget_trials // 2)
 
     def tpe(seed: int, **kw) -> optuna.samplers.BaseSampler:
@@ -396,7 +396,7 @@ def live_check(s: dict[str, Any]) -> dict[str, Any]:
     study = StudyRef(rec.study.storage, rec.study.study_name).load()
     live = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in study.trials]
     policy = StudyPolicy(table, sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
-                         asha=Asha(min_resource=grace, reduction_factor=factor))
+                         asha=Asha(grace_period=grace, reduction_factor=factor))
     _, runs = simulate(policy, workers=s["workers"], max_trials=s["live_trials"])
     sim = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in policy.study.trials]
     same = [a == b for a, b in zip(live, sim, strict=True)]

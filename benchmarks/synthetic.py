@@ -18,7 +18,7 @@ def make_dataset(root: Path, *, classes: int = 80, train: int = 3, val: int = 3,
     """Write ``classes`` x (``train`` + ``val``) JPEG photos, a manifest and a mask set under ``root``.
 
     Each photo is ``side`` x ``side`` RGB noise around a colour of its class; each has one YOLO box
-    per region kind (``vein`` inside ``contour``), so the masks are not empty. The mask set is built
+    per region class (``vein`` inside ``contour``), so the masks are not empty. The mask set is built
     by :func:`mgfa_ray.masks.build_mask_set` from those label files, without Ray.
 
     Returns:

@@ -13,8 +13,8 @@ Subcommands:
   * ``mgfa-ray train --config FILE [--seeds N]`` — one trial config, e.g. a search's
     ``best_config.yaml``; with ``--seeds N`` N seeds as trials on Ray, reporting mean ± 95% CI
     (:func:`mgfa_ray.analysis.seeds.run_seeds`).
-  * ``mgfa-ray ablation JOB.yaml [--rows …] [--seeds N] [--formulations …] [--smoke]`` — Table III:
-    rows × seeds × formulations with confidence intervals and paired tests
+  * ``mgfa-ray ablation JOB.yaml [--rows …] [--seeds N] [--activations …] [--smoke]`` — Table III:
+    rows × seeds × activations with confidence intervals and paired tests
     (:func:`mgfa_ray.analysis.ablation.run_ablation`).
   * ``mgfa-ray cam --checkpoint PATH [--images ID ...] [--split test] [--count 8]`` — class
     activation maps and attention maps of a trained run as PNG files (paper Fig. 4,
@@ -93,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seeds", type=int, default=None, metavar="N",
                        help="train N seeds (config seed, +1, …) as trials on Ray and report mean ± 95%% CI")
     abl = _job_args(sub.add_parser(
-        "ablation", help="Table III: ablation rows x seeds x formulations, with confidence intervals"))
-    abl.add_argument("--rows", nargs="+", default=None, help="rows: backbone, a region kind, all (default: the job's)")
+        "ablation", help="Table III: ablation rows x seeds x activations, with confidence intervals"))
+    abl.add_argument("--rows", nargs="+", default=None, help="rows: backbone, a region class, all (default: the job's)")
     abl.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per cell (default: the job's, 5)")
-    abl.add_argument("--formulations", nargs="+", default=None, metavar="ACTIVATION",
+    abl.add_argument("--activations", nargs="+", default=None, metavar="ACTIVATION",
                      help="softmax, softmax_scaled, sigmoid (default: the job's)")
     cam = sub.add_parser("cam", help="class activation maps of a trained run, one PNG per image (paper Fig. 4)")
     cam.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt (or its directory)")
@@ -275,7 +275,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         job = load_job(args.job, args.overrides, output_dir=args.output_dir)
         given = {k: v for k, v in (("rows", args.rows), ("seeds", args.seeds),
-                                   ("formulations", args.formulations)) if v is not None}
+                                   ("activations", args.activations)) if v is not None}
         if given:  # validated as the job's fields, so an error names ablation.<field>
             job = validate(JobConfig, {**to_dict(job), "ablation": {**to_dict(job.ablation), **given}},
                            source=f"{args.job} with the command line's ablation options")

@@ -206,7 +206,7 @@ class MasksConfig(FrozenModel):
 
 
 class RegionWeights(FrozenModel):
-    """Weights of one region kind beyond the paper's two (``TrainParams.extra_regions``).
+    """Weights of one region class beyond the paper's two (``TrainParams.extra_regions``).
 
     Attributes:
         feature: Its Eq. 5 feature weight (like beta), >= 0; counts towards the simplex sum.
@@ -241,11 +241,11 @@ class TrainParams(FrozenModel):
         lr_schedule: ``step`` (paper: ×``lr_decay`` every ``lr_step`` epochs) or ``cosine``
             (annealed to 0 over ``epochs``).
         alpha, beta, gamma: Eq. 5-6 feature weights, non-negative, alpha + beta + gamma (+ the
-            ``extra_regions`` feature weights) = 1. beta is region kind 0 (paper: vein), gamma
+            ``extra_regions`` feature weights) = 1. beta is region class 0 (paper: vein), gamma
             kind 1 (paper: contour).
         delta, lam, mu: Eq. 8 loss weights for L_vein (kind 0), L_con (kind 1) and L_ce,
             non-negative; 0 removes a term (it is still reported).
-        extra_regions: Weights of region kinds 2, 3, ... when a dataset has more than two.
+        extra_regions: Weights of region classes 2, 3, ... when a dataset has more than two.
         empty_masks: What an image without a region of some kind (no box found, or cropped out)
             does in that kind's Eq. 7 loss: ``exclude`` (default) leaves it out — its all-zero
             target is no place the attention can go, and a softmax map can never reach it;
@@ -255,17 +255,17 @@ class TrainParams(FrozenModel):
             check evaluates the attention every epoch at the evaluation geometry
             (``train_fit_prior_<kind>``, :mod:`mgfa_ray.train.mask_fit`), >= 1; the position prior is the
             mean target of every training image.
-        activation: Eq. 4 attention activation, the *formulation*: ``softmax`` over H*W (paper as
+        activation: Eq. 4 attention activation: ``softmax`` over H*W (paper as
             printed: each map sums to 1, so the attention branch is ~1/(H*W) of the feature),
             ``softmax_scaled`` (H*W times the softmax: mean 1, the feature's scale) or
             ``sigmoid`` (released code). The ground-truth normalisation follows it
             (:func:`mgfa_ray.train.model.gt_attention`).
-        shared_conv: One 1x1 conv for every region kind (released code) instead of one per kind.
+        shared_conv: One 1x1 conv for every region class (released code) instead of one per kind.
         attention_bias: The attention's 1x1 conv has a bias (released code: no).
         head_bias: The linear classifier has a bias (released code: no).
         output_stride: Backbone output stride 32, 16 or 8 (dilated last stages,
             :func:`mgfa_ray.train.model.build_backbone`): a finer feature grid for the attention maps.
-        crop_to_region: Crop every photo (and its masks) to the box of this region kind before
+        crop_to_region: Crop every photo (and its masks) to the box of this region class before
             resizing, with ``crop_margin``: e.g. ``contour`` makes the leaf fill the frame, so
             clutter around it (a colour chart, a ruler) cannot identify the class. ``None``: the
             whole photo. A photo without that region keeps its whole frame.
@@ -274,7 +274,7 @@ class TrainParams(FrozenModel):
             and y, in [0, 1], by a fixed per-image draw (:func:`mgfa_ray.train.targets.jitter_offsets`), so
             the region does not sit in the same place in every crop and a fixed map cannot match
             it; the masks get the same window. 0: the box is centred.
-        line_regions: Region kinds whose ground-truth mask is a line, not a box: the diagonal of
+        line_regions: Region classes whose ground-truth mask is a line, not a box: the diagonal of
             the kind's most confident box that follows the dark (leaf) pixels in it, as a band
             ``line_width`` wide (:func:`mgfa_ray.train.targets.line_masks`). For a midrib (vein) the
             detector's axis-aligned box around a diagonal vein covers the blade on both sides;
@@ -361,7 +361,7 @@ class TrainConfig(TrainParams):
     Attributes:
         manifest: Manifest Parquet file (see :mod:`mgfa_ray.data.manifest`).
         masks: Mask set location: a directory or an object-store URI (see :mod:`mgfa_ray.masks`).
-        region_classes: Region kinds the model attends to, in mask-channel order; must equal the
+        region_classes: Region classes the model attends to, in mask-channel order; must equal the
             mask set's. Kind 0 pairs with (beta, delta), kind 1 with (gamma, lam), kind i >= 2
             with ``extra_regions[i - 2]``. Weights of kinds the list does not have must be 0.
     """
@@ -379,7 +379,7 @@ class TrainConfig(TrainParams):
         return self.model_copy(update=update)
 
     def feature_weights(self) -> tuple[float, ...]:
-        """Eq. 5 weights of the region kinds, one per ``region_classes`` entry: (beta, gamma, ...)."""
+        """Eq. 5 weights of the region classes, one per ``region_classes`` entry: (beta, gamma, ...)."""
         all_w = (self.beta, self.gamma, *(r.feature for r in self.extra_regions))
         return all_w[: len(self.region_classes)]
 
@@ -392,22 +392,22 @@ class TrainConfig(TrainParams):
     def _regions(self) -> "TrainConfig":
         k = len(self.region_classes)
         if k < 1 or len(set(self.region_classes)) != k:
-            raise ValueError(f"region_classes must name at least one region kind, each once, got {self.region_classes}")
+            raise ValueError(f"region_classes must name at least one region class, each once, got {self.region_classes}")
         if k == 1 and (self.gamma != 0 or self.lam != 0):
             raise ValueError(
-                f"with one region kind gamma and lam must be 0, got gamma={self.gamma}, lam={self.lam}"
+                f"with one region class gamma and lam must be 0, got gamma={self.gamma}, lam={self.lam}"
             )
         if len(self.extra_regions) != max(0, k - 2):
             raise ValueError(
-                f"{k} region kinds {self.region_classes} need {max(0, k - 2)} extra_regions entries (kinds 2 and "
+                f"{k} region classes {self.region_classes} need {max(0, k - 2)} extra_regions entries (classes 2 and "
                 f"up), got {len(self.extra_regions)}"
             )
         if self.crop_to_region is not None and self.crop_to_region not in self.region_classes:
-            raise ValueError(f"crop_to_region {self.crop_to_region!r} is not one of the region kinds "
+            raise ValueError(f"crop_to_region {self.crop_to_region!r} is not one of the region classes "
                              f"{self.region_classes}")
         unknown = [k for k in self.line_regions if k not in self.region_classes]
         if unknown:
-            raise ValueError(f"line_regions {unknown} are not region kinds {self.region_classes}")
+            raise ValueError(f"line_regions {unknown} are not region classes {self.region_classes}")
         if self.mu + sum(self.mask_loss_weights()) <= 0:
             raise ValueError("mu and the mask loss weights are all 0: the loss (Eq. 8) would be empty")
         return self
@@ -550,19 +550,19 @@ class AblationConfig(FrozenModel):
     """Table III as a job (``mgfa-ray ablation JOB``, :mod:`mgfa_ray.analysis.ablation`).
 
     Attributes:
-        rows: Ablation rows: ``backbone`` (α = 1, no mask loss), a region kind of
+        rows: Ablation rows: ``backbone`` (α = 1, no mask loss), a region class of
             ``regions.classes`` (only that kind's feature and loss weights kept, the other kinds'
             feature share given to α), ``all`` (every kind: the job's ``train`` weights).
             ``None``: backbone, each kind alone, and all kinds together (with two or more kinds).
-        seeds: Seeds per row and formulation (``train.seed``, ``train.seed + 1``, …), >= 1.
-        formulations: Attention activations to compare (``softmax``, ``softmax_scaled``,
+        seeds: Seeds per row and activation (``train.seed``, ``train.seed + 1``, …), >= 1.
+        activations: Attention activations to compare (``softmax``, ``softmax_scaled``,
             ``sigmoid``); ``None``: the job's ``train.activation`` alone.
         max_concurrent: Trials at once; ``None``: ``search.max_concurrent``.
     """
 
     rows: list[str] | None = Field(None, min_length=1)
     seeds: int = Field(5, ge=1)
-    formulations: list[Literal["softmax", "softmax_scaled", "sigmoid"]] | None = Field(None, min_length=1)
+    activations: list[Literal["softmax", "softmax_scaled", "sigmoid"]] | None = Field(None, min_length=1)
     max_concurrent: int | None = Field(None, ge=1)
 
 
@@ -576,7 +576,7 @@ class JobConfig(FrozenModel):
         output_dir: Where every stage writes (relative to the working directory unless absolute).
         dataset, regions, detector, masks, search: Stage settings.
         train: Trial defaults; the search space overrides the parameters it samples.
-        ablation: Settings of ``mgfa-ray ablation`` (rows, seeds, formulations).
+        ablation: Settings of ``mgfa-ray ablation`` (rows, seeds, activations).
         generate: A data set the job draws itself before the manifest (:class:`DecoyConfig`, the
             positive control of :mod:`mgfa_ray.data.decoy`), into ``<output_dir>/data/``; its images and
             labels are then the data root of ``dataset.images`` and ``regions.labels``, and it

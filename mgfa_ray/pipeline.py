@@ -28,6 +28,8 @@ stopped (a finished search only exports again).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,19 +44,26 @@ from mgfa_ray.config import (
     under,
     validate,
 )
+from mgfa_ray.data.manifest import build_manifest, check_images, manifest_hash, write_manifest
+from mgfa_ray.data.regions import LabelError, index_labels, label_layout_hint, select_annotated
 from mgfa_ray.detector.training import check_backbone_weights, train_detector
 from mgfa_ray.errors import RunInterrupted, StageError
-from mgfa_ray.search.export import export_search
-from mgfa_ray.storage import atomic_write_json, atomic_write_yaml, is_uri, redact_location, redact_tree, take_credentials
-from mgfa_ray.storage.lock import DirectoryLock
-from mgfa_ray.data.manifest import build_manifest, check_images, manifest_hash, write_manifest
-from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
 from mgfa_ray.masks import build_mask_set, read_metadata, write_current_set
-from mgfa_ray.weights import WeightsError
-from mgfa_ray.data.regions import LabelError, index_labels, label_layout_hint, select_annotated
+from mgfa_ray.masks.sources import DetectorBoxes, LabelBoxes
 from mgfa_ray.runtime import ensure_ray
 from mgfa_ray.search.driver import create_search, run_search
+from mgfa_ray.search.export import export_search
 from mgfa_ray.search.space import SearchSpace, load_search_space
+from mgfa_ray.storage import (
+    atomic_write_json,
+    atomic_write_yaml,
+    is_uri,
+    redact_location,
+    redact_tree,
+    take_credentials,
+)
+from mgfa_ray.storage.lock import DirectoryLock
+from mgfa_ray.weights import WeightsError
 
 WeakPolicy = Literal["stop", "accept", "warn"]
 """What a stage gate does with a weak detector or mask set: ``stop`` the job, ``accept`` it (the
@@ -86,7 +95,7 @@ def check_job(cfg: JobConfig, *, source: str = "job") -> tuple[SearchSpace, Trai
         :func:`run_job`).
 
     Raises:
-        ConfigError: ``train`` does not fit ``regions.classes`` (e.g. a second region kind's weights
+        ConfigError: ``train`` does not fit ``regions.classes`` (e.g. a second region class's weights
             with one kind), the search-space file is invalid, or one of its values would give an
             invalid trial (the message names the file and key).
         WeightsError: ``train.weights`` (or a ``weights`` value of the search space) is a file that
@@ -392,6 +401,40 @@ STAGES = ("detector", "masks", "search")
 """Where :func:`run_job` can stop: after the detector, after the mask set, or after the search and export."""
 
 
+
+def prepared_job(cfg: JobConfig, *, smoke: bool = False) -> tuple[JobConfig, SearchSpace]:
+    """The job as it will run, checked before anything is written: keys in storage URIs moved to the
+    environment (:func:`take_job_credentials`), shrunk by :func:`smoke_config` when ``smoke``, and
+    trial defaults, region classes and search space checked together (:func:`check_job`).
+
+    Raises:
+        ConfigError: As :func:`check_job` (the message names the field).
+    """
+    cfg = take_job_credentials(cfg)  # keys in storage URIs go to the environment, never into a file
+    if smoke:
+        cfg = smoke_config(cfg)
+    space, _ = check_job(cfg)
+    return cfg, space
+
+
+@contextmanager
+def job_directory(cfg: JobConfig) -> Iterator[tuple[Path, Path]]:
+    """The job's output directory, created and locked for this driver while the block runs; yields
+    ``(output directory, data root)`` (:func:`job_data_root`). A missing data root fails first, before
+    anything is written.
+
+    Raises:
+        ConfigError: The data root does not exist.
+        LockedError: Another live driver holds the directory (:class:`mgfa_ray.storage.lock.DirectoryLock`).
+    """
+    if cfg.generate is None:
+        resolve_data_root(cfg.data_root)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(str(out), what="job"):
+        yield out, job_data_root(cfg, out)
+
+
 def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accept_weak: bool = False) -> dict[str, Any]:
     """Run the stages of ``cfg`` up to ``until`` on the local (or connected) Ray cluster.
 
@@ -423,16 +466,8 @@ def run_job(cfg: JobConfig, *, smoke: bool = False, until: str = "search", accep
     if until == "detector" and cfg.regions.source != "detector":
         raise ConfigError(f"regions.source is {cfg.regions.source!r}: job {cfg.name!r} trains no detector (its masks "
                           "come from the label files); run `mgfa-ray masks build JOB` instead")
-    cfg = take_job_credentials(cfg)
-    if smoke:
-        cfg = smoke_config(cfg)
-    space, _ = check_job(cfg)  # before any stage runs or anything is written
-    if cfg.generate is None:
-        resolve_data_root(cfg.data_root)  # a missing data root fails before anything is written
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(str(out), what="job"):
-        data_root = job_data_root(cfg, out)
+    cfg, space = prepared_job(cfg, smoke=smoke)
+    with job_directory(cfg) as (out, data_root):
         weak: WeakPolicy = "warn" if smoke else "accept" if accept_weak else "stop"
         return _run_stages(cfg, space, data_root=data_root, out=out, smoke=smoke, weak=weak, until=until)
 
@@ -480,7 +515,7 @@ def _run_stages(cfg: JobConfig, space: SearchSpace, *, data_root: Path, out: Pat
     atomic_write_json(out / "report.json", report)
     if summary.get("best_masks_learned") is False:
         print("warning: masks not learned by the best trial: its attention did not beat the position prior on the "
-              "training images (export/trials.csv: masks_learned; trial_epochs: train_fit_prior_<kind>)", flush=True)
+              "training images (export/trials.csv: masks_learned; trial_epochs: train_fit_prior_<region class>)", flush=True)
     print(f"\n=== mgfa-ray: done in {sum(timings.values()):.0f} s — best {cfg.search.metric} "
           f"{summary['best_' + cfg.search.metric]:.3f}; best config {out / 'export' / 'best_config.yaml'}",
           flush=True)

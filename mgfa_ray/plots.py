@@ -40,7 +40,7 @@ STATE_STYLE = {  # colour, stop marker
 
 
 def write_search_plots(trials: list[FrozenTrial], table: pd.DataFrame, epochs: pd.DataFrame | None, *,
-                       metric: str, milestones: list[int], out: Path) -> list[Path]:
+                       metric: str, rungs: list[int], out: Path) -> list[Path]:
     """Write the search's PNGs (module docstring) into ``out``, atomically; return their paths.
 
     Args:
@@ -50,7 +50,7 @@ def write_search_plots(trials: list[FrozenTrial], table: pd.DataFrame, epochs: p
         epochs: The export's ``trial_epochs`` table (``trial``, ``training_iteration``, ``metric``),
             or ``None`` when no epoch ran.
         metric: The search metric (e.g. ``eval_top1``, top-1 accuracy in [0, 1]).
-        milestones: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.search.asha.rung_epochs`).
+        rungs: The scheduler's rungs and ``max_epochs`` (:func:`mgfa_ray.search.asha.rung_epochs`).
         out: Export directory.
 
     A plot that cannot be drawn (e.g. importances from fewer than two trials) is skipped with a
@@ -60,10 +60,10 @@ def write_search_plots(trials: list[FrozenTrial], table: pd.DataFrame, epochs: p
 
     matplotlib.use("Agg")
     written = []
-    for name, draw in (("trial_curves", lambda: _curves(table, epochs, metric, milestones)),
+    for name, draw in (("trial_curves", lambda: _curves(table, epochs, metric, rungs)),
                        ("optimization_history", lambda: _history(table, trials, metric)),
-                       ("param_importances", lambda: _importances(trials, metric, milestones[0])),
-                       ("parallel_coordinate", lambda: _parallel(trials, metric, milestones[0]))):
+                       ("param_importances", lambda: _importances(trials, metric, rungs[0])),
+                       ("parallel_coordinate", lambda: _parallel(trials, metric, rungs[0]))):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             try:
@@ -85,13 +85,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _curves(table: pd.DataFrame, epochs: pd.DataFrame | None, metric: str, milestones: list[int]):
+def _curves(table: pd.DataFrame, epochs: pd.DataFrame | None, metric: str, rungs: list[int]):
     import matplotlib.pyplot as plt
 
     if epochs is None or not len(epochs):
         raise ValueError("no trial reported an epoch")
     fig, ax = plt.subplots(figsize=(10, 6))
-    for m in milestones[:-1]:
+    for m in rungs[:-1]:
         ax.axvline(m, color="0.8", lw=1, ls="--", zorder=0)
     state_of = dict(zip(table["trial"], table["state"]))
     number_of = dict(zip(table["trial"], table["optuna_trial"]))
@@ -107,7 +107,7 @@ def _curves(table: pd.DataFrame, epochs: pd.DataFrame | None, metric: str, miles
         if state == "PRUNED" or len(state_of) <= 20:
             ax.annotate(str(number_of.get(rid, "")), (x[-1], y[-1]), textcoords="offset points", xytext=(4, 2),
                         fontsize=7, color=colour)
-    ax.set_xticks(sorted({*milestones, *range(1, milestones[-1] + 1, max(1, milestones[-1] // 12))}))
+    ax.set_xticks(sorted({*rungs, *range(1, rungs[-1] + 1, max(1, rungs[-1] // 12))}))
     ax.set_xlabel("epoch (dashed: the scheduler's rungs)")
     ax.set_ylabel(metric)
     ax.set_title(f"every trial's {metric} per epoch ({len(state_of)} trials; end marker: where it stopped, "

@@ -41,22 +41,22 @@ def test_rows_keep_their_kinds_weights_and_give_the_rest_to_alpha():
     assert contour == {"alpha": pytest.approx(0.8), "beta": 0.0, "gamma": 0.2, "delta": 0.0, "lam": 0.1}
     assert row_weights(PAPER, region_classes=kinds, row="all") == \
         {"alpha": 0.3, "beta": 0.5, "gamma": 0.2, "delta": 0.1, "lam": 0.1}
-    one = TrainParams(alpha=0.3, beta=0.7, gamma=0.0, lam=0.0)  # the Cotton boxes: one region kind
+    one = TrainParams(alpha=0.3, beta=0.7, gamma=0.0, lam=0.0)  # the Cotton boxes: one region class
     assert row_weights(one, region_classes=["region"], row="region") == \
         {"alpha": pytest.approx(0.3), "beta": 0.7, "gamma": 0.0, "delta": 0.1, "lam": 0.0}
 
 
 def test_cells_run_the_backbone_once_per_seed_and_every_other_row_per_formulation():
-    ablation = AblationConfig(seeds=3, formulations=["softmax", "softmax_scaled", "sigmoid"])
+    ablation = AblationConfig(seeds=3, activations=["softmax", "softmax_scaled", "sigmoid"])
     cells = ablation_cells(PAPER.model_copy(update={"seed": 10}), region_classes=["vein", "contour"],
                            ablation=ablation)
-    assert len(cells) == 3 + 3 * 3 * 3  # backbone x 3 seeds, then 3 rows x 3 formulations x 3 seeds
-    assert [c.row for c in cells[:3]] == ["backbone"] * 3 and {c.formulation for c in cells[:3]} == {"any"}
+    assert len(cells) == 3 + 3 * 3 * 3  # backbone x 3 seeds, then 3 rows x 3 activations x 3 seeds
+    assert [c.row for c in cells[:3]] == ["backbone"] * 3 and {c.activation for c in cells[:3]} == {"any"}
     assert {c.seed for c in cells} == {10, 11, 12}
     keys = [tuple(sorted(c.params.items())) for c in cells]
     assert len(set(keys)) == len(keys)  # every cell trains a different config
     assert {c.params["activation"] for c in cells if c.row == "all"} == {"softmax", "softmax_scaled", "sigmoid"}
-    # One region kind: the default rows are backbone and that kind ("all" would be the same model).
+    # One region class: the default rows are backbone and that kind ("all" would be the same model).
     cells = ablation_cells(TrainParams(beta=0.7, gamma=0.0, lam=0.0), region_classes=["region"],
                            ablation=AblationConfig(seeds=1))
     assert [c.row for c in cells] == ["backbone", "region"]
@@ -75,7 +75,7 @@ def test_bad_rows_are_errors_naming_the_field():
 @pytest.mark.parametrize(("args", "field"), [
     (["--rows", "backbone", "vein"], "ablation.rows: unknown row 'vein'"),  # the Cotton job has one kind
     (["--seeds", "0"], "ablation.seeds"),
-    (["--formulations", "relu"], "ablation.formulations"),
+    (["--activations", "relu"], "ablation.activations"),
 ])
 def test_ablation_cli_rejects_bad_input_before_any_stage(args, field, capsys, tmp_path):
     rc = main(["ablation", "jobs/cotton80_paper.yaml", "--output-dir", str(tmp_path / "out"), *args])
@@ -106,7 +106,7 @@ def test_confidence_interval_and_paired_test_against_hand_computed_values():
 def test_table_pairs_each_row_with_the_backbone_of_the_same_seed():
     results = pd.DataFrame({
         "row": ["backbone"] * 3 + ["all"] * 3 + ["all"] * 2,
-        "formulation": ["any"] * 3 + ["sigmoid"] * 3 + ["softmax"] * 2,
+        "activation": ["any"] * 3 + ["sigmoid"] * 3 + ["softmax"] * 2,
         "seed": [0, 1, 2, 0, 1, 2, 0, 2],
         "state": ["COMPLETE"] * 8,
         "top1": [0.50, 0.60, 0.40, 0.55, 0.70, 0.42, 0.40, 0.40],
@@ -114,7 +114,7 @@ def test_table_pairs_each_row_with_the_backbone_of_the_same_seed():
         "test_fit_prior_vein": [1.0, 1.1, 0.9, 0.8, 0.9, 1.0, 0.9, 1.3],
         "masks_learned": [None, None, None, True, True, True, True, False],
     })
-    table = ablation_table(results, region_classes=["vein"], n_test=100).set_index(["formulation", "row"])
+    table = ablation_table(results, region_classes=["vein"], n_test=100).set_index(["activation", "row"])
     assert math.isnan(table.loc[("any", "backbone"), "vs_backbone_n"])  # the reference is not paired with itself
     assert table.loc[("any", "backbone"), "top1_mean"] == pytest.approx(0.5)
     sig = table.loc[("sigmoid", "all")]
@@ -146,7 +146,7 @@ def _tiny_job(tmp_path: Path) -> Path:
     job["train"].update(weights=None, resize=72, train_crop=64, batch_size=8, epochs=2, lr=0.01, momentum=0.9,
                         output_stride=16, crop_to_region="contour")
     job["search"].update(max_concurrent=2)
-    job["ablation"] = {"rows": ["backbone", "all"], "seeds": 2, "formulations": ["softmax_scaled"]}
+    job["ablation"] = {"rows": ["backbone", "all"], "seeds": 2, "activations": ["softmax_scaled"]}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -221,7 +221,7 @@ def test_ablation_driver_killed_then_resumed_reruns_no_finished_cell(tmp_path, s
     cells = pd.read_csv(out / "cells.csv")
     assert sorted(zip(cells["row"], cells["seed"])) == [("all", 0), ("all", 1), ("backbone", 0), ("backbone", 1)]
     assert (cells["state"] == "COMPLETE").all() and cells["top1"].between(0, 1).all()
-    assert set(cells.loc[cells["row"] == "all", "formulation"]) == {"softmax_scaled"}
+    assert set(cells.loc[cells["row"] == "all", "activation"]) == {"softmax_scaled"}
     table = pd.read_csv(out / "table.csv").set_index("row")
     paired = cells.pivot(index="seed", columns="row", values="top1")
     assert table.loc["all", "vs_backbone_n"] == 2

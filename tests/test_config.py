@@ -29,7 +29,7 @@ def test_every_shipped_job_loads(job, monkeypatch):
     monkeypatch.chdir(REPO)  # search.space paths are relative to the repository root
     cfg = load_config(JobConfig, job)
     assert load_config(JobConfig, job) == cfg  # deterministic, frozen
-    space, template = check_job(cfg, source=str(job))  # trial defaults, region kinds and space agree
+    space, template = check_job(cfg, source=str(job))  # trial defaults, region classes and space agree
     assert template.region_classes == cfg.regions.classes and space.scheduler.max_epochs >= 1
 
 

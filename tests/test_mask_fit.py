@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mgfa_ray.train.mask_fit import mask_fit, masked_kinds, masks_learned, position_prior, region_present
+from mgfa_ray.train.mask_fit import mask_fit, masked_classes, masks_learned, position_prior, region_present
 from mgfa_ray.train.model import gt_attention, mgfa_loss
 
 
@@ -80,8 +80,8 @@ def test_no_image_with_a_region_gives_nan_not_zero():
 
 
 def test_masks_learned_reads_every_used_kind_on_the_training_split():
-    assert masked_kinds(["vein", "contour"], (0.5, 0.0), (0.1, 0.0)) == ["vein"]
-    assert masked_kinds(["vein", "contour"], (0.0, 0.0), (0.0, 0.0)) == []
+    assert masked_classes(["vein", "contour"], (0.5, 0.0), (0.1, 0.0)) == ["vein"]
+    assert masked_classes(["vein", "contour"], (0.0, 0.0), (0.0, 0.0)) == []
     metrics = {"train_fit_prior_vein": 0.4, "train_fit_prior_contour": 1.2, "eval_fit_prior_contour": 0.9}
     assert masks_learned(metrics, ["vein"]) is True
     assert masks_learned(metrics, ["vein", "contour"]) is False

@@ -83,10 +83,10 @@ def test_gt_attention_normalisation_matches_activation():
 @pytest.mark.parametrize(
     ("name", "weights", "activation", "shared"),
     [
-        ("mobilenet_v2", (0.3, 0.5, 0.2), "softmax", False),  # the paper: two region kinds
+        ("mobilenet_v2", (0.3, 0.5, 0.2), "softmax", False),  # the paper: two region classes
         ("resnet18", (0.3, 0.5, 0.2), "sigmoid", True),  # the released code's variant
-        ("resnet18", (0.3, 0.7), "softmax", False),  # one region kind (the Cotton boxes)
-        ("mobilenet_v2", (0.1, 0.4, 0.3, 0.2), "softmax", False),  # three region kinds
+        ("resnet18", (0.3, 0.7), "softmax", False),  # one region class (the Cotton boxes)
+        ("mobilenet_v2", (0.1, 0.4, 0.3, 0.2), "softmax", False),  # three region classes
         ("resnet18", (0.3, 0.5, 0.2), "softmax_scaled", False),  # the scale-corrected softmax
         ("mobilenet_v2", (0.65, 0.35), "sigmoid", True),  # the released recipe, without biases
     ],
@@ -127,10 +127,10 @@ def test_backbone_only_weights_give_the_plain_classifier():
 
 def test_mismatched_masks_are_rejected():
     att = torch.rand(2, 2, 4, 4)
-    with pytest.raises(ValueError, match="region kinds or grid"):
+    with pytest.raises(ValueError, match="region classes or grid"):
         mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
                   target=torch.rand(2, 1, 4, 4), mask_loss_weights={"vein": 0.1, "contour": 0.1}, mu=1.0)
-    with pytest.raises(ValueError, match="region kinds or grid"):
+    with pytest.raises(ValueError, match="region classes or grid"):
         mgfa_loss(logits=torch.randn(2, 3), labels=torch.tensor([0, 1]), attention=att,
                   target=torch.rand(2, 2, 7, 7), mask_loss_weights={"vein": 0.1, "contour": 0.1}, mu=1.0)
     with pytest.raises(ValueError, match="coarser than the feature grid"):

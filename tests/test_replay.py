@@ -52,7 +52,7 @@ def epochs_by_key(runs) -> dict:
 def test_fixed_sequence_stops_where_asha_says(workers):
     """One worker: A ends at t=4, B at 5, C at 7, D at 8. Two workers: A and B start at 0, B stops
     at t=1 and C starts, C stops at t=3 and D starts, D stops at t=4 beside A's last epoch."""
-    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(min_resource=1, reduction_factor=2))
+    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(grace_period=1, reduction_factor=2))
     events, runs = simulate(policy, workers=workers, max_trials=4)
     assert epochs_by_key(runs) == EXPECTED_EPOCHS
     assert [r.stopped for r in runs] == [False, True, True, True]
@@ -88,7 +88,7 @@ def test_brackets_raise_the_first_rung():
     """Two brackets, round robin: A and C in bracket 0 (rungs 1, 2), B and D in bracket 1 (rung 2):
     B alone at epoch 2 goes on to 4; D's 0.9 at epoch 2 beats B's 0.4 and goes on; C stops at
     epoch 2 below A's 0.6."""
-    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(min_resource=1, reduction_factor=2), brackets=2)
+    policy = SequencePolicy(curves(), max_epochs=4, asha=Asha(grace_period=1, reduction_factor=2), brackets=2)
     _, runs = simulate(policy, workers=1, max_trials=4)
     assert epochs_by_key(runs) == {"A": 4, "B": 4, "C": 2, "D": 4}
 
@@ -104,7 +104,7 @@ def test_study_policy_decides_as_the_sequence_on_the_table_points():
     points: the same decisions as the fixed sequence, and the study holds them (A COMPLETE with
     its last value, the rest PRUNED)."""
     policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
-                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES])
+                         asha=Asha(grace_period=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES])
     _, runs = simulate(policy, workers=1, max_trials=4)
     assert epochs_by_key(runs) == EXPECTED_EPOCHS
     states = [t.state.name for t in policy.study.trials]
@@ -115,7 +115,7 @@ def test_study_policy_brackets_decide_as_the_sequence_brackets():
     """Our ASHA in two round-robin brackets (first rungs at epochs 1 and 2): the decisions of
     test_brackets_raise_the_first_rung, each bracket's rungs kept apart in the study."""
     policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
-                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
+                         asha=Asha(grace_period=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
                          brackets=2)
     _, runs = simulate(policy, workers=1, max_trials=4)
     assert epochs_by_key(runs) == {"A": 4, "B": 4, "C": 2, "D": 4}
@@ -129,7 +129,7 @@ def test_study_policy_ranks_the_rungs_on_another_signal():
     still records the reported top-1."""
     signal = {"A": 0.8, "B": 0.6, "C": 0.9, "D": 0.7}
     policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
-                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
+                         asha=Asha(grace_period=1, reduction_factor=2), enqueue=[{"lr": LR[k]} for k in VALUES],
                          rung_value=lambda key, epoch, values: signal[key])
     _, runs = simulate(policy, workers=1, max_trials=4)
     assert epochs_by_key(runs) == {"A": 4, "B": 1, "C": 4, "D": 1}
@@ -140,7 +140,7 @@ def test_study_policy_rung_model_proposes_once_a_rung_holds_enough_values():
     """BOHB-style: from the third trial on, rung 0 holds 2 values (A's, B's), so the proposal comes
     from the rung model — here a sampler whose only point is C's learning rate."""
     policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
-                         asha=Asha(min_resource=1, reduction_factor=2), enqueue=[{"lr": LR["A"]}, {"lr": LR["B"]}],
+                         asha=Asha(grace_period=1, reduction_factor=2), enqueue=[{"lr": LR["A"]}, {"lr": LR["B"]}],
                          rung_model_min=2,
                          rung_model=lambda trial: optuna.samplers.GridSampler({"lr": [LR["C"]]}, seed=0))
     _, runs = simulate(policy, workers=1, max_trials=4)

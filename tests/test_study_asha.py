@@ -35,7 +35,7 @@ def test_decisions_equal_optunas_successive_halving_pruner(grace, eta, seed):
                                                     min_early_stopping_rate=0)
     theirs = optuna.create_study(direction="maximize", pruner=pruner)
     ours = optuna.create_study(direction="maximize")
-    asha = Asha(min_resource=grace, reduction_factor=eta)
+    asha = Asha(grace_period=grace, reduction_factor=eta)
     max_epochs, decisions, started, stops = 9, 0, 0, 0
     active = {}  # number -> (their trial, our trial, next epoch); three at a time, 14 in all
     while active or started < 14:

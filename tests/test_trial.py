@@ -161,7 +161,7 @@ def test_cosine_schedule_anneals_to_zero(tiny_train_config):
 
 
 def test_one_region_kind_trains_end_to_end(tiny_manifest, data_root, tmp_path, tiny_train_config):
-    """The Cotton case: a single region kind, its own mask set, beta/delta only."""
+    """The Cotton case: a single region class, its own mask set, beta/delta only."""
     df, _ = tiny_manifest
     labels = index_labels(data_root / "leafsnap20-regions" / "labels")
     # Vein boxes only: the contour lines (class 1) are outside ["vein"] and skipped.
@@ -307,7 +307,7 @@ def test_lr_decay_and_center_eval_crop(tiny_train_config):
 
 def test_training_crop_and_evaluation_size_are_separate_inputs(tiny_train_config):
     """train_crop sizes the training windows, eval_size the test-time input (both the old
-    ``crop`` before); the metrics name the mask loss of each region kind like mgfa_loss does."""
+    ``crop`` before); the metrics name the mask loss of each region class like mgfa_loss does."""
     from mgfa_ray.train.trial import evaluate_split, prepare, train_one_epoch
 
     cfg = tiny_train_config.model_copy(update={"train_crop": 48, "eval_size": 64})

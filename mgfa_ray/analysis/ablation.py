@@ -1,16 +1,16 @@
 """Does the mask help? Table III of the paper as a seeded, resumable job, and seeds for a final number.
 
 :func:`run_ablation` (``mgfa-ray ablation JOB``) trains every *cell* — an ablation row × a seed ×
-a formulation (the attention activation) — and reports, per row, the mean, standard deviation and
+an attention activation — and reports, per row, the mean, standard deviation and
 95% confidence interval of top-1 on the test split, the paired difference to the backbone-only row
-of the same seed with a paired t-test, and per region kind whether the attention learned the masks
+of the same seed with a paired t-test, and per region class whether the attention learned the masks
 (the mask-fit check, below).
 
 Rows (paper Table III): ``backbone`` (α = 1, no attention in the features, no mask loss),
-one row per region kind (that kind's feature weight and loss weight from the job's ``train``,
+one row per region class (that kind's feature weight and loss weight from the job's ``train``,
 the other kinds' weights 0 and their feature share given to α), and ``all`` (the job's weights).
-The backbone row does not depend on the formulation (its attention is neither used nor trained:
-all its weights are 0), so it is trained once per seed and is every formulation's reference.
+The backbone row does not depend on the activation (its attention is neither used nor trained:
+all its weights are 0), so it is trained once per seed and is every activation's reference.
 
 The cells run as the trials of one search (:mod:`mgfa_ray.search.driver`) whose space has nothing to
 sample: each cell is a point to evaluate, so the ablation has the search's storage (local, NFS
@@ -25,7 +25,7 @@ paired difference d_s = top1(row, seed s) − top1(backbone, seed s), with its t
 two-sided p of ``ttest_rel``; beside the seeds' interval, the test set's own: a 95% Wilson
 interval of the mean accuracy on the test split's images (``scipy.stats.binomtest``).
 
-Controls before conclusions: every row reports, per region kind and never pooled, the mask-fit
+Controls before conclusions: every row reports, per region class and never pooled, the mask-fit
 check of :mod:`mgfa_ray.train.mask_fit` — the attention's Eq. 7 error over the position prior's (the
 mean training target) on the training images and on the test split. A row whose attention did not
 beat the prior on its training images is marked ``NOT LEARNED`` in ``table.md`` (and warned of):
@@ -54,7 +54,6 @@ from mgfa_ray.config import (
     TrainConfig,
     TrainParams,
     absolute,
-    resolve_data_root,
     validate,
 )
 from mgfa_ray.search.driver import create_search, run_search
@@ -71,12 +70,12 @@ CELL_KEYS = ("alpha", "beta", "gamma", "delta", "lam", "activation", "seed")
 
 @dataclass(frozen=True)
 class Cell:
-    """One ablation trial: ``row`` × ``formulation`` × ``seed``; ``params`` are its values of
-    :data:`CELL_KEYS`. The backbone row's formulation is ``"any"``: it trains the same model under
+    """One ablation trial: ``row`` × ``activation`` × ``seed``; ``params`` are its values of
+    :data:`CELL_KEYS`. The backbone row's activation is ``"any"``: it trains the same model under
     every activation."""
 
     row: str
-    formulation: str
+    activation: str
     seed: int
     params: dict[str, Any]
 
@@ -86,8 +85,8 @@ def row_weights(train: TrainParams, *, region_classes: list[str], row: str) -> d
 
     Args:
         train: The job's trial defaults (the paper's weights, or the user's).
-        region_classes: The job's region kinds (one or two).
-        row: ``backbone``, a region kind, or ``all``.
+        region_classes: The job's region classes (one or two).
+        row: ``backbone``, a region class, or ``all``.
 
     Returns:
         ``{"alpha", "beta", "gamma", "delta", "lam"}``: the kept kinds' feature (β, γ) and loss
@@ -105,7 +104,7 @@ def row_weights(train: TrainParams, *, region_classes: list[str], row: str) -> d
     elif row in kinds:
         kept = {kinds.index(row)}
     else:
-        raise ConfigError(f"ablation.rows: unknown row {row!r}; rows are {BACKBONE!r}, a region kind of "
+        raise ConfigError(f"ablation.rows: unknown row {row!r}; rows are {BACKBONE!r}, a region class of "
                           f"regions.classes {kinds}, or {ALL!r}")
     feature = [train.beta, train.gamma][: len(kinds)]
     loss = [train.delta, train.lam][: len(kinds)]
@@ -117,42 +116,42 @@ def row_weights(train: TrainParams, *, region_classes: list[str], row: str) -> d
 
 
 def ablation_cells(train: TrainParams, *, region_classes: list[str], ablation: AblationConfig) -> list[Cell]:
-    """The cells of an ablation: every row × formulation × seed, the backbone row once per seed.
+    """The cells of an ablation: every row × activation × seed, the backbone row once per seed.
 
-    Seeds are ``train.seed``, ``train.seed + 1``, …; formulations default to
-    ``train.activation``; rows default to backbone, each region kind, and ``all`` (two or more
+    Seeds are ``train.seed``, ``train.seed + 1``, …; activations default to
+    ``train.activation``; rows default to backbone, each region class, and ``all`` (two or more
     kinds).
 
     Raises:
-        ConfigError: More than two region kinds, an unknown row, a row named twice, or two rows
+        ConfigError: More than two region classes, an unknown row, a row named twice, or two rows
             that train the same model (e.g. a kind whose weights in ``train`` are 0); the message
             names the ``ablation`` field.
     """
     kinds = list(region_classes)
     if len(kinds) > 2:
-        raise ConfigError(f"ablation: supports one or two region kinds (the paper's vein and contour), "
+        raise ConfigError(f"ablation: supports one or two region classes (the paper's vein and contour), "
                           f"the job has {len(kinds)}: {kinds}")
     rows = ablation.rows or [BACKBONE, *kinds, *([ALL] if len(kinds) > 1 else [])]
     if len(set(rows)) != len(rows):
         raise ConfigError(f"ablation.rows: a row is named twice: {rows}")
-    formulations = ablation.formulations or [train.activation]
-    if len(set(formulations)) != len(formulations):
-        raise ConfigError(f"ablation.formulations: a formulation is named twice: {formulations}")
+    activations = ablation.activations or [train.activation]
+    if len(set(activations)) != len(activations):
+        raise ConfigError(f"ablation.activations: an activation is named twice: {activations}")
     weights = {row: row_weights(train, region_classes=kinds, row=row) for row in rows}
     seen: dict[tuple, str] = {}
     for row, w in weights.items():
         key = tuple(sorted(w.items()))
         if key in seen:
             raise ConfigError(f"ablation.rows: rows {seen[key]!r} and {row!r} train the same model ({w}); "
-                              f"give the kinds non-zero weights in train, or drop one row")
+                              f"give the region classes non-zero weights in train, or drop one row")
         seen[key] = row
     cells = []
     for row in rows:
-        for formulation in ([formulations[0]] if row == BACKBONE else formulations):
+        for activation in ([activations[0]] if row == BACKBONE else activations):
             for i in range(ablation.seeds):
                 seed = train.seed + i
-                params = {**weights[row], "activation": formulation, "seed": seed}
-                cells.append(Cell(row=row, formulation="any" if row == BACKBONE else formulation, seed=seed,
+                params = {**weights[row], "activation": activation, "seed": seed}
+                cells.append(Cell(row=row, activation="any" if row == BACKBONE else activation, seed=seed,
                                   params=params))
     return cells
 
@@ -231,9 +230,9 @@ def result_prefix(trials: pd.DataFrame, eval_split: str) -> tuple[str, str]:
 
 def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: list[str], prefix: str) -> pd.DataFrame:
     """Each cell's outcome, matched to the trials (:func:`run_cells`) by their parameters: row,
-    formulation, seed, state, ``top1`` (``final_<prefix>_top1``), ``eval_top1`` (the search metric's
+    activation, seed, state, ``top1`` (``final_<prefix>_top1``), ``eval_top1`` (the search metric's
     split) and ``train_loss_ce`` (did the classifier train?) of its last epoch, and the mask-fit check of its
-    last epoch (:mod:`mgfa_ray.train.mask_fit`) per region kind, never pooled: ``train_fit_prior_<kind>``
+    last epoch (:mod:`mgfa_ray.train.mask_fit`) per region class, never pooled: ``train_fit_prior_<kind>``
     and ``test_fit_prior_<kind>`` (the attention's Eq. 7 error over the position prior's on the
     training images and on the ``prefix`` split), ``train_fit_const_<kind>`` and
     ``test_fit_const_<kind>`` (over the best constant map's); and ``masks_learned``: whether every
@@ -260,7 +259,7 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
                     fits[f"{split}_{term}_{kind}"] = float(t[column]) if done and column in t else math.nan
         used = [] if cell.row == BACKBONE else [k for k in region_classes if cell.row in (ALL, k)]
         learned = masks_learned(fits, used) if done else None  # reads the train_fit_prior_<kind> ratios
-        rows.append({"row": cell.row, "formulation": cell.formulation, "seed": cell.seed, "state": t["state"],
+        rows.append({"row": cell.row, "activation": cell.activation, "seed": cell.seed, "state": t["state"],
                      "trial": t["trial"], "top1": float(t[f"final_{prefix}_top1"]) if done else math.nan,
                      "eval_top1": float(t["final_eval_top1"]) if done else math.nan,
                      "train_loss_ce": float(t["final_train_loss_ce"]) if done else math.nan,
@@ -269,40 +268,40 @@ def cell_results(cells: list[Cell], trials: pd.DataFrame, *, region_classes: lis
     return pd.DataFrame(rows)
 
 
-def row_kinds(row: str, region_classes: list[str]) -> list[str]:
-    """The region kinds whose mask fit a row reports: the kinds it uses; every kind for the
+def row_classes(row: str, region_classes: list[str]) -> list[str]:
+    """The region classes whose mask fit a row reports: the kinds it uses; every kind for the
     backbone row (its untrained attention, for reference)."""
     return list(region_classes) if row in (BACKBONE, ALL) else [row]
 
 
 def ablation_table(results: pd.DataFrame, *, region_classes: list[str], n_test: int | None = None) -> pd.DataFrame:
-    """Per (formulation, row): n, mean, sd and 95% CI of top-1 over the seeds, the test-set
+    """Per (activation, row): n, mean, sd and 95% CI of top-1 over the seeds, the test-set
     interval of the mean (:func:`test_set_interval`), the paired difference in top-1 to the
-    backbone row over the seeds both have (``paired_difference``), per region kind the mean and
+    backbone row over the seeds both have (``paired_difference``), per region class the mean and
     95% CI of the train and test mask fit against the position prior (``train_fit_prior_<kind>_*``,
-    ``test_fit_prior_<kind>_*``; the kinds of :func:`row_kinds`), and ``masks_learned`` (seeds whose
+    ``test_fit_prior_<kind>_*``; the kinds of :func:`row_classes`), and ``masks_learned`` (seeds whose
     attention beat the prior on the training images for every kind the row uses) of
     ``masks_used`` (seeds; 0 for the backbone row). Ordered: the backbone row, then each
-    formulation's rows, in the order of ``results``.
+    activation's rows, in the order of ``results``.
 
     Args:
-        results: From :func:`cell_results` (the backbone row's formulation is ``any``).
-        region_classes: The job's region kinds.
+        results: From :func:`cell_results` (the backbone row's activation is ``any``).
+        region_classes: The job's region classes.
         n_test: Images in the test split, for :func:`test_set_interval`.
     """
     backbone = results[results["row"] == BACKBONE].set_index("seed")["top1"]
-    formulations, rows = list(dict.fromkeys(results["formulation"])), list(dict.fromkeys(results["row"]))
-    groups = sorted(results.groupby(["formulation", "row"], sort=False),
-                    key=lambda kv: (kv[0][0] != "any", formulations.index(kv[0][0]), rows.index(kv[0][1])))
+    activations, rows = list(dict.fromkeys(results["activation"])), list(dict.fromkeys(results["row"]))
+    groups = sorted(results.groupby(["activation", "row"], sort=False),
+                    key=lambda kv: (kv[0][0] != "any", activations.index(kv[0][0]), rows.index(kv[0][1])))
     out = []
-    for (formulation, row), g in groups:
+    for (activation, row), g in groups:
         top1 = ci95(g["top1"])
         low, high = test_set_interval(top1["mean"], n_test)
-        entry = {"formulation": formulation, "row": row, "seeds": int(g["seed"].nunique()),
+        entry = {"activation": activation, "row": row, "seeds": int(g["seed"].nunique()),
                  "finished": int((g["state"] == "COMPLETE").sum()),
                  **{f"top1_{k}": v for k, v in top1.items() if k != "n"},
                  "top1_test_set_ci_low": low, "top1_test_set_ci_high": high}
-        for kind in row_kinds(row, region_classes):
+        for kind in row_classes(row, region_classes):
             for split in ("train", "test"):
                 fit = ci95(g[f"{split}_fit_prior_{kind}"])
                 entry.update({f"{split}_fit_prior_{kind}_{k}": fit[k] for k in ("mean", "ci_low", "ci_high")})
@@ -317,7 +316,7 @@ def ablation_table(results: pd.DataFrame, *, region_classes: list[str], n_test: 
 
 
 def _fit_cell(r: dict[str, Any], split: str, kinds: list[str]) -> str:
-    """``vein 0.82 (0.70–0.94); contour …``: a row's mask fit per kind, mean and 95% CI over seeds."""
+    """``vein 0.82 (0.70–0.94); contour …``: a row's mask fit per region class, mean and 95% CI over seeds."""
     def f(x):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
@@ -341,21 +340,21 @@ def masks_learned_cell(r: dict[str, Any]) -> str:
 
 
 def table_markdown(table: pd.DataFrame, *, split: str, region_classes: list[str]) -> str:
-    """The table as Markdown: one line per (formulation, row), with its mask-fit columns."""
+    """The table as Markdown: one line per (activation, row), with its mask-fit columns."""
 
     def f(x, digits=3):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
-    lines = [f"| formulation | row | seeds | {split} top-1 mean ± sd | 95% CI (seeds) | 95% CI ({split} set) "
+    lines = [f"| activation | row | seeds | {split} top-1 mean ± sd | 95% CI (seeds) | 95% CI ({split} set) "
              "| Δ vs backbone (95% CI) | paired p | mask fit vs prior, train | mask fit vs prior, "
              f"{split} | masks learned |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         diff = "—"
         if not math.isnan(r.get("vs_backbone_diff_mean", math.nan)):
             diff = f"{r['vs_backbone_diff_mean']:+.3f} ({f(r['vs_backbone_diff_ci_low'])}, {f(r['vs_backbone_diff_ci_high'])})"
-        kinds = row_kinds(r["row"], region_classes)
+        kinds = row_classes(r["row"], region_classes)
         lines.append(
-            f"| {r['formulation']} | {r['row']} | {r['finished']}/{r['seeds']} | {f(r['top1_mean'])} ± {f(r['top1_sd'])} "
+            f"| {r['activation']} | {r['row']} | {r['finished']}/{r['seeds']} | {f(r['top1_mean'])} ± {f(r['top1_sd'])} "
             f"| {f(r['top1_ci_low'])}–{f(r['top1_ci_high'])} "
             f"| {f(r['top1_test_set_ci_low'])}–{f(r['top1_test_set_ci_high'])} | {diff} "
             f"| {f(r.get('vs_backbone_p_value', math.nan))} | {_fit_cell(r, 'train', kinds)} "
@@ -364,21 +363,21 @@ def table_markdown(table: pd.DataFrame, *, split: str, region_classes: list[str]
 
 
 def plot_ablation(results: pd.DataFrame, table: pd.DataFrame, path: Path, *, split: str) -> None:
-    """One panel per formulation: each row's seeds (dots) and mean with its 95% CI (bar), the
+    """One panel per activation: each row's seeds (dots) and mean with its 95% CI (bar), the
     backbone row repeated in every panel as the reference (PNG, matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    formulations = [f for f in dict.fromkeys(results["formulation"]) if f != "any"] or ["any"]
-    fig, axes = plt.subplots(1, len(formulations), figsize=(4.5 * len(formulations), 4), sharey=True, squeeze=False)
+    activations = [f for f in dict.fromkeys(results["activation"]) if f != "any"] or ["any"]
+    fig, axes = plt.subplots(1, len(activations), figsize=(4.5 * len(activations), 4), sharey=True, squeeze=False)
     rows = list(dict.fromkeys(results["row"]))
-    for ax, formulation in zip(axes[0], formulations):
+    for ax, activation in zip(axes[0], activations):
         for x, row in enumerate(rows):
-            sel = "any" if row == BACKBONE else formulation
-            g = results[(results["row"] == row) & (results["formulation"] == sel)]
-            t = table[(table["row"] == row) & (table["formulation"] == sel)]
+            sel = "any" if row == BACKBONE else activation
+            g = results[(results["row"] == row) & (results["activation"] == sel)]
+            t = table[(table["row"] == row) & (table["activation"] == sel)]
             if g.empty:
                 continue
             ax.scatter(np.full(len(g), x) + np.linspace(-0.12, 0.12, len(g)), g["top1"], s=12, alpha=0.6)
@@ -387,7 +386,7 @@ def plot_ablation(results: pd.DataFrame, table: pd.DataFrame, path: Path, *, spl
             yerr = None if math.isnan(lo) else [[m - lo], [hi - m]]
             ax.errorbar([x + 0.25], [m], yerr=yerr, fmt="o", color="black", capsize=4)
         ax.set_xticks(range(len(rows)), rows)
-        ax.set_title(formulation)
+        ax.set_title(activation)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"{split} top-1 (seeds; mean and 95% CI)")
     fig.tight_layout()
@@ -421,32 +420,23 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
 
     Args:
         job: The job (its ``train`` weights are the ``all`` row's).
-        ablation: Rows, seeds, formulations (default ``job.ablation``).
+        ablation: Rows, seeds, activations (default ``job.ablation``).
         smoke: The job shrunk by :func:`mgfa_ray.pipeline.smoke_config`, 1 epoch per cell.
 
     Returns:
         The summary written to ``ablation.json``.
 
     Raises:
-        ConfigError: Bad rows, formulations or job (the message names the field).
+        ConfigError: Bad rows, activations or job (the message names the field).
         LockedError: Another driver runs this job or ablation.
         RuntimeError: No cell finished.
     """
-    from mgfa_ray.pipeline import check_job, job_data_root, prepare_data, smoke_config, take_job_credentials
-    from mgfa_ray.storage.lock import DirectoryLock
+    from mgfa_ray.pipeline import job_directory, prepare_data, prepared_job
 
     ablation = ablation or job.ablation
-    if smoke:
-        job = smoke_config(job)
-    job = take_job_credentials(job)  # keys in storage URIs go to the environment, never into a file
-    check_job(job)  # trial defaults, region kinds and search space fit together, before anything runs
+    job, _ = prepared_job(job, smoke=smoke)
     cells = ablation_cells(job.train, region_classes=job.regions.classes, ablation=ablation)
-    if job.generate is None:
-        resolve_data_root(job.data_root)  # a missing data root fails before anything is written
-    out = Path(job.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(str(out), what="job"):
-        data_root = job_data_root(job, out)
+    with job_directory(job) as (out, data_root):
         timings: dict[str, float] = {}
         base, _, set_dir, _ = prepare_data(job, data_root=data_root, out=out, timings=timings)
         if smoke:
@@ -469,7 +459,7 @@ def run_ablation(job: JobConfig, *, ablation: AblationConfig | None = None, smok
     atomic_write_bytes(dest / "table.md", markdown.encode())
     for r in table.to_dict("records"):
         if r["masks_used"] and r["masks_learned"] < r["masks_used"]:
-            print(f"warning: masks not learned in row {r['row']} ({r['formulation']}): the attention beat the position "
+            print(f"warning: masks not learned in row {r['row']} ({r['activation']}): the attention beat the position "
                   f"prior on the training images in {r['masks_learned']} of {r['masks_used']} seeds; its accuracy "
                   "difference to the backbone says nothing about the masks", flush=True)
     plot_ablation(results, table, dest / "ablation.png", split=split)

@@ -182,7 +182,7 @@ def render_cam_png(
         photo: uint8 (S, S, 3) RGB image.
         cam: float (S, S) in [0, 1].
         attention: float (K, S, S), non-negative.
-        region_names: K region kind names (e.g. ``["vein", "contour"]``), used in panel titles.
+        region_names: K region class names (e.g. ``["vein", "contour"]``), used in panel titles.
         title: Figure title (true / predicted class and confidence).
         cmap: A name in ``matplotlib.colormaps``.
         overlay_alpha: Opacity of the heat maps over the photo, in [0, 1].
@@ -276,7 +276,7 @@ def render_cams(
     """``mgfa-ray cam``: CAM figures (paper Fig. 4) of a trained run, one PNG per image.
 
     Each ``<out_dir>/<safe image id>.png`` (see :func:`~mgfa_ray.storage.safe_stem`) shows the photo at the model's
-    input size, its CAM and the attention maps of every region kind, titled with the true and
+    input size, its CAM and the attention maps of every region class, titled with the true and
     predicted class and the softmax confidence. Files are written atomically.
 
     Args:

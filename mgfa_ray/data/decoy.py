@@ -19,7 +19,7 @@ Each ``size`` x ``size`` image (:func:`draw_image`) holds
 
 The set is written as the ``split_folders`` layout (:mod:`mgfa_ray.data.manifest`):
 ``images/<split>/<class>/img-NNNN.png`` and YOLO labels ``labels/<split>/<class>/img-NNNN.txt``
-(one line ``0 cx cy w h``, region kind ``object``; with a power-of-two ``size`` every value is a
+(one line ``0 cx cy w h``, region class ``object``; with a power-of-two ``size`` every value is a
 binary fraction written exactly, so the rasterised mask's edges are the rectangle's), under a
 directory named by the settings' hash, written to a temporary directory and renamed when whole: a
 rerun with the same settings

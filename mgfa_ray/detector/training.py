@@ -1,7 +1,7 @@
 """Stage 3 — the region detector (Pan et al., DICTA 2021, Sec. III-A).
 
 A few images carry hand-drawn region boxes (YOLO txt or Pascal VOC xml, see :mod:`mgfa_ray.data.regions`).
-An Ultralytics YOLO detector learns the region kinds (vein, contour) from them and later finds the regions in
+An Ultralytics YOLO detector learns the region classes (vein, contour) from them and later finds the regions in
 every image (stage 4, :mod:`mgfa_ray.masks`). The paper trains YOLOv5 at 480 × 480 and reports
 mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
 

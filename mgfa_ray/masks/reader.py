@@ -103,7 +103,7 @@ def read_masks(location: str | Path, *, image_ids: list[str], region_classes: li
     Args:
         location: Mask set location (directory or URI).
         image_ids: Images needed, in the order wanted.
-        region_classes: Region kinds the model expects, in channel order.
+        region_classes: Region classes the model expects, in channel order.
         labels: Optionally the manifest labels of ``image_ids``; each must equal its row's.
 
     Returns:

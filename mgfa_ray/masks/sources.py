@@ -6,7 +6,7 @@ manifest rows → shard rows (:func:`mask_rows`, schema in :mod:`mgfa_ray.masks.
 involved; :mod:`mgfa_ray.masks.writer` runs it per shard, in this process or on a Ray Data actor
 pool.
 
-No detection. A region kind with no box above the confidence threshold (or an empty label file)
+No detection. A region class with no box above the confidence threshold (or an empty label file)
 yields an all-zero channel and no boxes of that class (:func:`rasterize`). The trial's ground-truth
 map for it is then all zero (:func:`mgfa_ray.train.model.gt_attention`): Eq. 7 pulls the attention map
 towards zero, which for the softmax variant is a uniform map — no region, no preferred location.

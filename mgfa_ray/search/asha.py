@@ -1,13 +1,18 @@
 """Asynchronous successive halving (ASHA; Li et al., MLSys 2020) over an Optuna study, with the rung
 bookkeeping in user attributes the project owns.
 
-A trial that reaches rung ``k`` — step ``min_resource · reduction_factorᵏ`` — records its value
+A trial that reaches rung ``k`` — step ``grace_period · reduction_factorᵏ`` — records its value
 there (user attribute ``asha_rung_<k>``) and goes on only when that value is in the top
 ``1/reduction_factor`` of the values recorded at rung ``k`` so far (among fewer than
 ``reduction_factor`` values, only when it is the best). The rule is Optuna's
 ``SuccessiveHalvingPruner`` with ``min_early_stopping_rate=0`` and ``bootstrap_count=0``, decision
 for decision (Optuna keeps its rungs in its own internal system attributes, which this module
-never reads). Because the rungs live in the study, a driver restarted after a crash decides as the one before.
+never reads; its ``min_resource`` is the grace period here). Because the rungs live in the study, a
+driver restarted after a crash decides as the one before.
+
+Ray Tune's ``ASHAScheduler`` is another variant: it stops a trial below the ``1 - 1/reduction_factor``
+quantile of the values recorded at the rung, so the first trial to reach a rung always goes on,
+where here a trial among fewer than ``reduction_factor`` values goes on only when it is the best.
 """
 
 from __future__ import annotations
@@ -53,21 +58,21 @@ class Asha:
     """The ASHA rule, maximising.
 
     Attributes:
-        min_resource: Steps (epochs) before the first rung (the grace period), >= 1.
+        grace_period: Steps (epochs) before the first rung (the grace period), >= 1.
         reduction_factor: Integer >= 2: the fraction ``1/reduction_factor`` goes on at each rung.
     """
 
-    min_resource: int
+    grace_period: int
     reduction_factor: int
 
     def __post_init__(self):
-        if self.min_resource < 1 or self.reduction_factor < 2:
-            raise ValueError(f"ASHA needs min_resource >= 1 and reduction_factor >= 2, got "
-                             f"{self.min_resource} and {self.reduction_factor}")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError(f"ASHA needs grace_period >= 1 and reduction_factor >= 2, got "
+                             f"{self.grace_period} and {self.reduction_factor}")
 
     def rung_epoch(self, rung: int) -> int:
-        """The step (epoch) of rung ``rung`` >= 0: ``min_resource · reduction_factor^rung``."""
-        return self.min_resource * self.reduction_factor ** rung
+        """The step (epoch) of rung ``rung`` >= 0: ``grace_period · reduction_factor^rung``."""
+        return self.grace_period * self.reduction_factor ** rung
 
     def decide(self, trial: FrozenTrial, trials: list[FrozenTrial],
                value: float | None = None) -> tuple[bool, dict[int, float]]:
@@ -113,12 +118,12 @@ def first_rung(grace_period: int, max_epochs: int) -> int:
 
 
 def rung_epochs(max_epochs: int, grace_period: int, reduction_factor: int, early_stopping: bool) -> list[int]:
-    """The scheduler's milestones in epochs: the rungs of :class:`Asha` from
+    """The scheduler's rungs in epochs: the rungs of :class:`Asha` from
     :func:`first_rung` below ``max_epochs`` (Optuna's ``SuccessiveHalvingPruner`` with
     ``min_early_stopping_rate=0``), then ``max_epochs``; only ``[max_epochs]`` without early stopping."""
     rungs: list[int] = []
     if early_stopping:
-        asha = Asha(min_resource=first_rung(grace_period, max_epochs), reduction_factor=reduction_factor)
+        asha = Asha(grace_period=first_rung(grace_period, max_epochs), reduction_factor=reduction_factor)
         while asha.rung_epoch(len(rungs)) < max_epochs:
             rungs.append(asha.rung_epoch(len(rungs)))
     return [*rungs, max_epochs]

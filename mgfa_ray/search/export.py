@@ -250,7 +250,7 @@ def _write_plots(study, table: pd.DataFrame, epochs: pd.DataFrame | None, *, rec
 
     sched = record.space.scheduler
     write_search_plots(search_trials(study), table, epochs, metric=record.search.metric, out=out,
-                       milestones=rung_epochs(record.max_epochs, sched.grace_period, sched.reduction_factor,
+                       rungs=rung_epochs(record.max_epochs, sched.grace_period, sched.reduction_factor,
                                               sched.early_stopping))
 
 

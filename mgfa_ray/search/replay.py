@@ -168,8 +168,8 @@ def simulate(policy: Policy, *, workers: int, max_trials: int | None = None,
 
 def bracket_rules(asha: Asha | None, brackets: int) -> list[Asha | None]:
     """The stopping rule of each of ``brackets`` round-robin brackets: bracket ``b`` starts at rung
-    ``min_resource · reduction_factor^b`` (asynchronous Hyperband); ``[None] * brackets`` without ASHA."""
-    return [None if asha is None else Asha(min_resource=asha.rung_epoch(b), reduction_factor=asha.reduction_factor)
+    ``grace_period · reduction_factor^b`` (asynchronous Hyperband); ``[None] * brackets`` without ASHA."""
+    return [None if asha is None else Asha(grace_period=asha.rung_epoch(b), reduction_factor=asha.reduction_factor)
             for b in range(brackets)]
 
 

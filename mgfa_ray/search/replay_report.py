@@ -87,7 +87,7 @@ def replay_setting(trials: list[RecordedTrial], *, max_epochs: int, workers: int
         ``wall_seconds`` (simulated), counts per outcome and ``best`` (the kept trial with the
         highest final value, exact).
     """
-    asha = None if grace_period is None else Asha(min_resource=grace_period, reduction_factor=reduction_factor)
+    asha = None if grace_period is None else Asha(grace_period=grace_period, reduction_factor=reduction_factor)
     policy = SequencePolicy([t.curve for t in trials], max_epochs=max_epochs, asha=asha, brackets=brackets)
     events, runs = simulate(policy, workers=workers, max_trials=len(trials))
     rows: list[dict[str, Any]] = []

@@ -52,7 +52,7 @@ class StudyScheduler(StudyUser, FIFOScheduler):
         self.metric_name = metric
         self.max_epochs = max_epochs
         self.early_stopping = early_stopping
-        self.asha = Asha(min_resource=grace_period, reduction_factor=reduction_factor)
+        self.asha = Asha(grace_period=grace_period, reduction_factor=reduction_factor)
 
     @property
     def metric(self) -> str:

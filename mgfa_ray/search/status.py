@@ -12,7 +12,7 @@ search whose driver is alive can be watched.
   NOT_STARTED for the samples not yet asked), counted over :func:`mgfa_ray.search.study.search_trials`;
 * ``best`` — the best COMPLETE trial so far with its parameters (the simplex as its weights), or
   ``None``; ``leading`` — while none is COMPLETE, the trial with the highest value reported so far;
-* ``rungs`` — the scheduler's milestones (ASHA rungs at ``grace_period * reduction_factor**k``
+* ``rungs`` — the scheduler's rungs (at ``grace_period * reduction_factor**k``
   epochs, and ``max_epochs``): how many trials reached each and how many were stopped there;
 * ``epochs`` — trial epochs run (one intermediate value per epoch) against the budget
   ``num_samples * max_epochs``;
@@ -178,10 +178,10 @@ def search_status(search_dir: str, *, now: float | None = None) -> dict[str, Any
     num_samples, states, finished = trial_states(record, trials)
 
     epochs_of = {t.number: max(t.intermediate_values, default=0) for t in trials}
-    milestones = rung_epochs(max_epochs, sched.grace_period, sched.reduction_factor, sched.early_stopping)
+    rung_steps = rung_epochs(max_epochs, sched.grace_period, sched.reduction_factor, sched.early_stopping)
     rungs = []
-    for i, epoch in enumerate(milestones):
-        nxt = milestones[i + 1] if i + 1 < len(milestones) else math.inf
+    for i, epoch in enumerate(rung_steps):
+        nxt = rung_steps[i + 1] if i + 1 < len(rung_steps) else math.inf
         reached = [t for t in trials if epochs_of[t.number] >= epoch]
         rungs.append({"epoch": epoch, "reached": len(reached),
                       "stopped_here": sum(t.state == TrialState.PRUNED and epochs_of[t.number] < nxt for t in reached),

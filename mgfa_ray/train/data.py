@@ -71,14 +71,14 @@ def load_images(
 
 def region_boxes(boxes: list, *, region: int, margin: float, jitter: float = 0.0,
                  offsets: np.ndarray | None = None) -> np.ndarray:
-    """The crop box of one region kind in each image: its most confident box (a detector may also
+    """The crop box of one region class in each image: its most confident box (a detector may also
     fire elsewhere, e.g. on a colour chart), widened by ``margin`` x its width / height on each side,
     optionally moved, and clipped to the image.
 
     Args:
         boxes: Per image, its boxes ``[region_class, cx, cy, w, h, conf]`` normalised to [0, 1]
             (the mask set's ``boxes`` column, :mod:`mgfa_ray.masks`).
-        region: The region kind k.
+        region: The region class k.
         margin: Fraction of the box's width / height added on each side, >= 0.
         jitter: Fraction of the margin by which the window moves, in [0, 1] (``crop_jitter``): the
             box stays inside its window.

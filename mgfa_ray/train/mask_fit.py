@@ -15,7 +15,7 @@ image, on the same images and targets:
 
 ``fit_prior = error / prior_error`` and ``fit_const = error / const_error``: 0 is a perfect map, 1
 is no better than the yardstick, above 1 worse. The masks are *learned* on a split where
-``fit_prior < 1`` for every region kind the model uses (:func:`masks_learned`). Kinds are always
+``fit_prior < 1`` for every region class the model uses (:func:`masks_learned`). Kinds are always
 reported separately, never pooled.
 
 Images whose target for a kind is empty (the detector found no such region, or a crop cut it out)
@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 FIT_TERMS = ("loss", "const_loss", "prior_loss", "fit_const", "fit_prior")
-"""What :func:`mask_fit` reports per region kind, in this order (names without the kind suffix)."""
+"""What :func:`mask_fit` reports per region class, in this order (names without the region-class suffix)."""
 
 
 def region_present(target: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def position_prior(targets: torch.Tensor) -> torch.Tensor:
 
 
 def mask_fit(*, attention: torch.Tensor, target: torch.Tensor, prior: torch.Tensor) -> list[dict[str, float]]:
-    """Eq. 7 errors of the attention, the best constant map and the position prior, per region kind.
+    """Eq. 7 errors of the attention, the best constant map and the position prior, per region class.
 
     Args:
         attention: Predicted maps (N, K, H, W), the model's activation.
@@ -101,9 +101,9 @@ def mask_fit(*, attention: torch.Tensor, target: torch.Tensor, prior: torch.Tens
     return out
 
 
-def masked_kinds(region_classes: Sequence[str], feature_weights: Sequence[float],
+def masked_classes(region_classes: Sequence[str], feature_weights: Sequence[float],
                  mask_loss_weights: Sequence[float]) -> list[str]:
-    """The region kinds a model uses: a non-zero Eq. 5 feature weight or Eq. 8 loss weight."""
+    """The region classes a model uses: a non-zero Eq. 5 feature weight or Eq. 8 loss weight."""
     return [kind for kind, f, m in zip(region_classes, feature_weights, mask_loss_weights) if f or m]
 
 
@@ -113,7 +113,7 @@ def masks_learned(metrics: Mapping[str, Any], kinds: Sequence[str], *, split: st
     Args:
         metrics: One epoch's metrics (:func:`mgfa_ray.train.trial.epoch_metrics`): reads
             ``<split>_fit_prior_<kind>``.
-        kinds: The kinds the model uses (:func:`masked_kinds`).
+        kinds: The kinds the model uses (:func:`masked_classes`).
         split: ``train`` (the check: an accuracy comparison says nothing about the method where
             the masks were not learned on the images they trained on), ``eval`` or ``test``.
 

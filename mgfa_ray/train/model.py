@@ -2,8 +2,8 @@
 
 * :func:`build_backbone` — torchvision backbone cut before global pooling: images
   (B, 3, H_in, W_in) → feature map F = M_img (B, C, H, W).
-* :class:`MaskAttention` — Eq. 2-4: channel max and mean, a 1x1 conv per region kind, and one of
-  three activations (the *formulation*) → attention maps (B, K, H, W):
+* :class:`MaskAttention` — Eq. 2-4: channel max and mean, a 1x1 conv per region class, and one of
+  three activations → attention maps (B, K, H, W):
 
   =================  ==========================  ===============  ============================
   activation         map                         map mean over    β·M⊙F pooled, uniform map
@@ -151,10 +151,10 @@ class MaskAttention(nn.Module):
     """Eq. 2-4: attention maps from channel statistics of the feature map.
 
     M_max = max_c F, M_mean = mean_c F (Eq. 2-3), each (B, 1, H, W);
-    M_k = act(conv1x1_k([M_max | M_mean])) (Eq. 4) for each region kind k.
+    M_k = act(conv1x1_k([M_max | M_mean])) (Eq. 4) for each region class k.
 
     Args:
-        num_regions: K, the number of region kinds (1 or more).
+        num_regions: K, the number of region classes (1 or more).
         activation: ``softmax`` over the H*W positions of each map (paper Eq. 4: each map sums
             to 1, mean 1/(H*W)), ``softmax_scaled`` (the same times H*W: mean 1 like the feature
             it weights, so a uniform map gives M⊙F = F) or ``sigmoid`` per position (released
@@ -195,7 +195,7 @@ class MaskAttention(nn.Module):
 def fuse_features(
     features: torch.Tensor, attention: torch.Tensor, *, alpha: float, feature_weights: tuple[float, ...]
 ) -> torch.Tensor:
-    """Eq. 5-6: F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, generalised to K region kinds as
+    """Eq. 5-6: F_final = α·F + β·M_vein⊙F + γ·M_con⊙F, generalised to K region classes as
     F_final = α·F + Σ_k w_k·(M_k ⊙ F) with (w_0, w_1, ...) = (β, γ, ...).
 
     A weight of 0 drops its term (no computation); α = 1 with all w_k = 0 returns F unchanged
@@ -205,7 +205,7 @@ def fuse_features(
         features: F, (B, C, H, W) float.
         attention: M, (B, K, H, W), same dtype; each map broadcasts over the C channels.
         alpha: Weight of the plain features, >= 0.
-        feature_weights: (β, γ, ...), one per region kind (length K), >= 0; with ``alpha`` they
+        feature_weights: (β, γ, ...), one per region class (length K), >= 0; with ``alpha`` they
             sum to 1 (checked by :class:`MGFAClassifier`).
 
     Returns:
@@ -226,8 +226,8 @@ class MGFAClassifier(nn.Module):
         backbone: Module mapping (B, 3, H_in, W_in) → (B, C, H, W).
         num_features: C.
         num_classes: Number of categories.
-        num_regions: K region kinds.
-        alpha, feature_weights: Eq. 5-6 weights α and (β, γ, ...), one per region kind;
+        num_regions: K region classes.
+        alpha, feature_weights: Eq. 5-6 weights α and (β, γ, ...), one per region class;
             non-negative, summing to 1.
         activation, shared_conv: See :class:`MaskAttention`.
         attention_bias: The attention's 1x1 conv has a bias (released code: no).
@@ -255,7 +255,7 @@ class MGFAClassifier(nn.Module):
         super().__init__()
         weights = (alpha, *feature_weights)
         if len(feature_weights) != num_regions:
-            raise ValueError(f"need {num_regions} feature weights (one per region kind), got {feature_weights}")
+            raise ValueError(f"need {num_regions} feature weights (one per region class), got {feature_weights}")
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"feature weights must be >= 0 and sum to 1 (Eq. 6), got {weights}")
         self.backbone = backbone
@@ -339,7 +339,7 @@ def mgfa_loss(
     present: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. 7-8: L = Σ_k w_k·L_k + μ·L_ce, with L_k = mean over H*W of (M_gt,k − M_k)² the mask
-    loss of region kind k, averaged over the batch's images (those holding the region, when
+    loss of region class k, averaged over the batch's images (those holding the region, when
     ``present`` is given).
 
     Args:
@@ -347,7 +347,7 @@ def mgfa_loss(
         labels: (B,) int64 class indices.
         attention: Predicted maps (B, K, H, W).
         target: Ground-truth maps (B, K, H, W) from :func:`gt_attention`.
-        mask_loss_weights: ``{region kind: weight}``, (δ, λ, ...) in the channel order of
+        mask_loss_weights: ``{region class: weight}``, (δ, λ, ...) in the channel order of
             ``attention`` (K entries, e.g. ``{"vein": 0.1, "contour": 0.1}``); a weight of 0
             removes that term from the total.
         mu: Weight of the cross-entropy term, >= 0; 0 removes it.
@@ -357,25 +357,25 @@ def mgfa_loss(
             go, and a softmax map can never reach it. ``None``: every image counts (paper).
 
     Returns:
-        ``{"loss_ce": L_ce, "loss_<kind>": L_k for each region kind, "loss": total}``, scalar
+        ``{"loss_ce": L_ce, "loss_<region class>": L_k for each region class, "loss": total}``, scalar
         float32 tensors; the per-term values are unweighted and always computed so they can be
         reported. These are the names the trial reports with a ``train_`` / ``eval_`` prefix
         (:func:`mgfa_ray.train.trial.epoch_metrics`).
 
     Raises:
-        ValueError: ``attention`` and ``target`` differ in shape (region kinds or grid), the
-            number of weights is not K, or a region kind is named ``ce`` (its term would be
+        ValueError: ``attention`` and ``target`` differ in shape (region classes or grid), the
+            number of weights is not K, or a region class is named ``ce`` (its term would be
             the cross-entropy's name).
     """
     if attention.shape != target.shape:
         raise ValueError(
             f"attention maps {tuple(attention.shape)} and ground-truth maps {tuple(target.shape)} differ (B, K, H, W): "
-            f"the masks' region kinds or grid do not match the model"
+            f"the masks' region classes or grid do not match the model"
         )
     if len(mask_loss_weights) != attention.shape[1]:
-        raise ValueError(f"need one loss weight per region kind ({attention.shape[1]}), got {dict(mask_loss_weights)}")
+        raise ValueError(f"need one loss weight per region class ({attention.shape[1]}), got {dict(mask_loss_weights)}")
     if "ce" in mask_loss_weights:
-        raise ValueError("a region kind cannot be named 'ce': its loss would be named like the cross-entropy (loss_ce)")
+        raise ValueError("a region class cannot be named 'ce': its loss would be named like the cross-entropy (loss_ce)")
     ce = F.cross_entropy(logits, labels)
     per_image = ((target.float() - attention.float()) ** 2).mean(dim=(2, 3))  # Eq. 7, (B, K)
     if present is None:

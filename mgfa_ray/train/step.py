@@ -17,7 +17,7 @@ from mgfa_ray.train.model import MGFAClassifier, build_backbone, gt_attention, m
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MGFAClassifier:
-    """The classifier of ``cfg``: backbone, mask attention per region kind, linear head.
+    """The classifier of ``cfg``: backbone, mask attention per region class, linear head.
 
     Raises:
         ValueError: Unknown backbone or a weights file that does not fit (see
@@ -151,7 +151,7 @@ def evaluate(
     Returns:
         ``top1`` and ``top5`` in [0, 1], ``loss_ce`` (mean cross-entropy), ``mean_class_top1``
         (top-1 averaged over the classes present), ``per_class``: ``{"correct": [...],
-        "total": [...]}``, one entry per class, and with ``masks`` for each region kind of
+        "total": [...]}``, one entry per class, and with ``masks`` for each region class of
         ``ctx.cfg.region_classes`` the terms of :func:`~mgfa_ray.train.mask_fit.mask_fit` as
         ``<term>_<kind>``: ``loss_<kind>`` (Eq. 7 error over the images holding the region),
         ``const_loss_<kind>``, ``prior_loss_<kind>``, ``fit_const_<kind>``, ``fit_prior_<kind>``.

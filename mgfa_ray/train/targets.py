@@ -43,12 +43,12 @@ def jitter_offsets(image_ids: list[str]) -> np.ndarray:
 
 
 def best_boxes(boxes: list, *, region: int) -> np.ndarray:
-    """The most confident box of one region kind in each image.
+    """The most confident box of one region class in each image.
 
     Args:
         boxes: Per image, its boxes ``[region_class, cx, cy, w, h, conf]`` normalised to [0, 1]
             (the mask set's ``boxes`` column, :mod:`mgfa_ray.masks`).
-        region: The region kind k.
+        region: The region class k.
 
     Returns:
         float64 (N, 4) ``(cx, cy, w, h)`` normalised to [0, 1]; NaN where the image has no box of
@@ -133,7 +133,7 @@ def line_mask(box: np.ndarray, *, direction: int, width: float, resolution: int,
 
 
 def line_masks(images: np.ndarray, boxes: np.ndarray, *, width: float, resolution: int) -> np.ndarray:
-    """Line targets of one region kind for a batch of (cropped, resized) images.
+    """Line targets of one region class for a batch of (cropped, resized) images.
 
     Args:
         images: uint8 (N, 3, S, S) RGB, the images the masks belong to (:func:`mgfa_ray.train.data.load_images`).

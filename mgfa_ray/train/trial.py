@@ -27,7 +27,7 @@ its terms (``train_loss``, ``train_loss_ce``, ``train_loss_<region>``: the terms
 :func:`~mgfa_ray.train.model.mgfa_loss`, unweighted, every term even when its weight is 0); top-1, top-5
 and cross-entropy on ``eval_split`` (and top-1, top-5 on test when that is another split); and the
 mask-fit check (:mod:`mgfa_ray.train.mask_fit`) on the training images, the eval and the test split:
-per region kind the attention's Eq. 7 error against the best constant map and the training
+per region class the attention's Eq. 7 error against the best constant map and the training
 split's position prior (``<split>_fit_prior_<region>`` below 1: the attention follows the masks
 better than a map that sees no image), and ``train_masks_learned``. Per-class accuracy of the eval
 split is in the checkpoint state.
@@ -49,7 +49,7 @@ from mgfa_ray.errors import InputError, UserError
 from mgfa_ray.storage import atomic_write_bytes
 from mgfa_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from mgfa_ray.train.data import load_trial_data
-from mgfa_ray.train.mask_fit import FIT_TERMS, masked_kinds, masks_learned
+from mgfa_ray.train.mask_fit import FIT_TERMS, masked_classes, masks_learned
 from mgfa_ray.train.model import MGFAClassifier
 from mgfa_ray.train.step import StepContext, build_model, evaluate, fit_rows, make_optimizer, train_prior, train_step
 
@@ -243,7 +243,7 @@ def epoch_metrics(
             for term in FIT_TERMS:  # the train part's "loss" is not the training pass's train_loss_<kind>
                 name = "fit_loss" if part == "train" and term == "loss" else term
                 metrics[f"{part}_{name}_{kind}"] = ev[f"{term}_{kind}"]
-    learned = masks_learned(metrics, masked_kinds(kinds, cfg.feature_weights(), cfg.mask_loss_weights()))
+    learned = masks_learned(metrics, masked_classes(kinds, cfg.feature_weights(), cfg.mask_loss_weights()))
     metrics["train_masks_learned"] = math.nan if learned is None else float(learned)
     metrics["train_images_per_second"] = images_per_second
     metrics["epoch_seconds"] = epoch_seconds
@@ -290,7 +290,7 @@ def run_trial(
         The metrics of every epoch, including those before ``resume``.
 
     Raises:
-        ValueError: The manifest or mask set is missing or does not fit the config (region kinds,
+        ValueError: The manifest or mask set is missing or does not fit the config (region classes,
             image ids), the train or evaluation split is empty, or CUDA is requested but absent.
     """
     trial = prepare(cfg, cache_dir=cache_dir)
@@ -362,7 +362,7 @@ def masks_not_learned_warning(cfg: TrainConfig, metrics: dict[str, Any]) -> str 
     """The warning of a trial whose attention did not beat the position prior on its training
     images (:func:`~mgfa_ray.train.mask_fit.masks_learned`), naming each used kind's ratio; ``None`` when
     the masks were learned or the model uses none."""
-    kinds = masked_kinds(cfg.region_classes, cfg.feature_weights(), cfg.mask_loss_weights())
+    kinds = masked_classes(cfg.region_classes, cfg.feature_weights(), cfg.mask_loss_weights())
     if masks_learned(metrics, kinds) is not False:
         return None
     ratios = ", ".join(f"{k} {metrics.get(f'train_fit_prior_{k}', math.nan):.3f}" for k in kinds)
