@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each installs what it needs into .venv first.
 #   make demo   - the main job: end-to-end search on the real leafsnap20 photos (local Ray cluster)
-#   make test   - the type checker (mypy on mgfa_ray/, [tool.mypy] in pyproject.toml), then the test suite
+#   make test   - the type checker (mypy on mgfa_ray/, [tool.mypy] in pyproject.toml), the docs (mkdocs --strict),
+#                 then the test suite
 #                 (what CI runs; installs Debian's chromium when absent, for the dashboard test)
 # For a GPU machine without a package registry (README, "GPU check"):
 #   make gpu-wheels - here: the wheels, photos and detector it needs, into the git-ignored .gpu/
@@ -41,6 +42,7 @@ test: $(VENV)/.installed
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: tests/test_dashboard.py will be skipped"
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # A developer's loop: every test but the end-to-end runs marked slow (drivers killed and resumed,

@@ -134,10 +134,10 @@ def _plain(value: Any) -> Any:
 
 class StudyPolicy:
     """This project's search on a curve table: the study's sampler proposes (through
-    :func:`mgfa_ray.search.study.sample_config`, as :class:`~mgfa_ray.search.study.StudySearch` does), the table
+    :func:`mgfa_ray.search.study.sample_config`, as :class:`~mgfa_ray.search.searcher.StudySearch` does), the table
     answers, :class:`~mgfa_ray.search.asha.Asha` decides after every epoch with its rungs recorded as user
     attributes, a stopped trial is told PRUNED and a finished one COMPLETE with its last value (as
-    :class:`~mgfa_ray.search.study.StudyScheduler` does). ``asha=None``: no early stopping.
+    :class:`~mgfa_ray.search.scheduler.StudyScheduler` does). ``asha=None``: no early stopping.
 
     Args:
         table: The recorded curves.

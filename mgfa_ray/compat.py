@@ -129,7 +129,7 @@ def scheduler_trial(trial_id: str):
     (``AsyncHyperBandScheduler`` / ``ASHAScheduler``) accepts outside a Tune run: its
     ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete`` read only ``trial.trial_id``
     (Ray 2.60, ``ray/tune/schedulers/async_hyperband.py``). Used by
-    :class:`mgfa_ray.search.replay.RayStockPolicy` to replay Ray's stock scheduler on recorded curves.
+    ``RayStockPolicy`` (``benchmarks/replay_policies.py``) to replay Ray's stock scheduler on recorded curves.
 
     Private assumption: a real ``Trial`` needs a registered trainable and storage; nothing public
     builds one detached from a run.

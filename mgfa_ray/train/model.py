@@ -104,7 +104,7 @@ def build_backbone(name: str, weights: str | None, *, output_stride: int = 32) -
         ValueError: Unknown backbone or output stride; an ImageNet download that fails (the
             message names the local-file option).
         WeightsError: A weights file that is missing, does not load with ``weights_only=True``,
-            is not a state_dict, or does not fit (a :class:`~mgfa_ray.config.ConfigError`).
+            is not a state_dict, or does not fit (a :class:`~mgfa_ray.errors.ConfigError`).
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
