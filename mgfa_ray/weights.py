@@ -56,6 +56,13 @@ def read_weights(path: Path) -> dict:
 
 
 def load_local_weights(model: nn.Module, path: Path, head_prefix: str) -> None:
+    """Load the state_dict file ``path`` into ``model`` in place; only keys starting with
+    ``head_prefix`` (the classifier head) may be absent.
+
+    Raises:
+        WeightsError: The file is missing, not a state_dict of tensors, or does not fit ``model``
+            (shapes, missing or unexpected keys); the message names the file and what to give instead.
+    """
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (relative paths are relative to the working "
                            f"directory {Path.cwd()}); {WEIGHTS_HINT}")

@@ -31,6 +31,9 @@ WEIGHTS = "weights.pt"
 
 
 def stored_metrics(out_dir: Path, key: str, train_ids: list[str], holdout_ids: list[str]) -> dict | None:
+    """The metrics a finished run left in ``out_dir`` when they describe this training: the same
+    :func:`~mgfa_ray.detector.key.detector_key`, the same train and held-out ids, and a ``weights.pt``
+    whose SHA-256 is the recorded one; ``None`` otherwise (missing, unreadable or stale: train again)."""
     metrics_path, weights_path = out_dir / METRICS, out_dir / WEIGHTS
     if not (metrics_path.is_file() and weights_path.is_file()):
         return None

@@ -30,6 +30,7 @@ def import_ultralytics():
 
 
 def default_device() -> str:
+    """``"cuda"`` when torch sees a CUDA device, else ``"cpu"``: where the detector trains and predicts."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -219,6 +219,14 @@ def trial_data_key(cfg: TrainConfig, cache_dir: Path | None) -> str | None:
 
 
 def decode_trial_data(cfg: TrainConfig, cache_dir: Path | None):
+    """Decode a trial's data from its manifest and mask set (no per-process cache: see
+    :func:`load_trial_data`): images (cropped and resized as ``cfg`` says, cached under ``cache_dir``),
+    ground-truth masks and labels per part (train, eval, test), and the class names.
+
+    Raises:
+        InputError: The train or eval split is empty (images the mask set records as corrupt are left
+            out with a warning).
+    """
     manifest = read_manifest(cfg.manifest)
     corrupt = set(read_metadata(cfg.masks).get("corrupt") or [])  # masks.corrupt_images: record
     if corrupt:
