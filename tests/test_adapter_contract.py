@@ -1,4 +1,4 @@
-"""The Ray / Optuna / pyarrow boundary: every assumption :mod:`mgfa_ray.compat` makes about a
+"""The Ray / Optuna / pyarrow / Ultralytics boundary: every assumption :mod:`mgfa_ray.compat` makes about a
 private API, checked against the installed versions, and a scan that keeps every other module of
 ``mgfa_ray`` on public API.
 
@@ -22,7 +22,7 @@ import ray
 from mgfa_ray import compat
 
 PACKAGE = Path(compat.__file__).parent
-THIRD_PARTY = ("ray", "optuna", "pyarrow")
+THIRD_PARTY = ("ray", "optuna", "pyarrow")  # Ultralytics: its in-memory patches are in compat, tested above
 
 
 def _broken(library, function: str, what: str) -> str:
@@ -52,6 +52,21 @@ def test_running_trial_completes_a_running_trials_parameters():
     y = again.suggest_float("y", 0.0, 1.0)
     assert study.trials[asked.number].params == {"x": x, "y": y}, _broken(
         optuna, "running_trial", "a parameter suggested on a re-opened Trial is not stored in its trial")
+
+
+def test_ultralytics_font_lookup_is_patched_within_the_block_and_restored(monkeypatch):
+    import ultralytics
+    import ultralytics.data.utils as data_utils
+
+    original = getattr(data_utils, "check_font", None)
+    assert callable(original), _broken(ultralytics, "ultralytics_offline_fonts", "ultralytics.data.utils.check_font is gone")
+    assert "check_font" in data_utils.check_det_dataset.__code__.co_names, _broken(
+        ultralytics, "ultralytics_offline_fonts", "check_det_dataset no longer looks check_font up in its module")
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    with compat.ultralytics_offline_fonts():
+        assert data_utils.check_font is not original
+        assert data_utils.check_font("no-such-font-anywhere.ttf") is None  # looked up locally, nothing fetched
+    assert data_utils.check_font is original
 
 
 def test_trial_storage_can_be_read_and_moved(tmp_path):

@@ -24,11 +24,12 @@ mAP@0.5 on the annotated images (Table I: 0.963 Cotton80, 0.995 SoyLocal).
    ``out_dir/weights.pt`` and then ``out_dir/metrics.json`` (both atomically; the metrics file is
    written last and marks the stage complete).
 
-These are named steps, each a function (its docstring says "Step n (name)"): 1 *prepare* —
-:func:`prepare_annotated` (1 above), ``holdout_split`` (2) and, per split, ``prepare_split`` (the
-dataset of 3); 2 *fit* — ``_fit`` (the training of 3); 3 *evaluate* — ``_evaluate_split`` (4);
-4 *publish* — ``publish_weights``, then ``publish_metrics`` (4). :func:`fit_and_evaluate` runs
-steps 1-4 for one split. A rerun whose :func:`detector_key` and held-out split equal those recorded in
+These are named steps, each a function (its docstring says "Step n (name)"), one module each: 1
+*prepare* — :mod:`mgfa_ray.detector.dataset` (``prepare_annotated``, 1 above; ``holdout_split``, 2)
+and, per split, ``prepare_split`` (the dataset of 3); 2 *fit* — ``_fit`` (the training of 3); 3
+*evaluate* — ``_evaluate_split`` (4); 4 *publish* — ``publish_weights``, then ``publish_metrics``
+(4); steps 2-4 and ``fit_and_evaluate``, which runs steps 1-4 for one split, are in
+:mod:`mgfa_ray.detector.fit`. A rerun whose :func:`detector_key` and held-out split equal those recorded in
 ``metrics.json`` and whose ``weights.pt`` still has the recorded SHA-256 skips training and returns
 the stored metrics.
 
@@ -78,7 +79,7 @@ Ultralytics first calls :func:`mgfa_ray.runtime.configure`, which sets, unless a
 ``~/.config``). Ultralytics reads these when it is first imported, so code that imports
 ``ultralytics`` itself calls ``configure()`` first (the ``mgfa-ray`` command line, the Ray trainable
 and the mask actors do; an earlier import is logged as a warning). While Ultralytics trains,
-evaluates, loads or predicts here (:func:`ultralytics_private_settings`), its settings in that private
+evaluates, loads or predicts (:func:`mgfa_ray.compat.ultralytics_private_settings`), its settings in that private
 directory have telemetry (``sync``) and the logging integrations (Ray Tune, MLflow, ...) switched
 off and ``runs_dir``/``weights_dir``/``datasets_dir`` pointing into it (Ultralytics' defaults
 derive from the git root of its own install — this repository when the virtualenv lives inside
