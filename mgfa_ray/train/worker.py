@@ -4,7 +4,8 @@ With ``search.reuse_workers`` (Ray Tune's ``reuse_actors``) one worker process r
 trial. It keeps what is the same for every trial of a search and costs seconds to rebuild: the
 imported libraries, the CUDA context, the decoded images and masks (:func:`mgfa_ray.train.data.load_trial_data`)
 and the backbone weights file (:func:`mgfa_ray.train.model.build_backbone`), each held by a
-:class:`LastValue`: one entry, replaced when its key changes, so a worker's memory stays bounded.
+:class:`mgfa_ray.cache.LastValue` (:mod:`mgfa_ray.cache` lists them): one entry, replaced when its key
+changes, so a worker's memory stays bounded.
 Everything a trial changes — model, optimizer, scheduler, generator, global RNG — is created (or
 seeded) anew by :func:`mgfa_ray.train.trial.run_trial`, and :func:`release_trial_memory` hands back the
 C heap and CUDA memory the trial freed before the next one starts; :func:`worker_stats` reports
