@@ -5,7 +5,10 @@ learning curves is recorded once — configurations sampled at random from the s
 each trained for the proxy's whole 20-epoch schedule through this project's trial function by a
 real search (``record``) — and every method is then replayed on it with ``mgfa_ray.search.replay.simulate``:
 asynchronous workers, each epoch costing its recorded time, results reaching the method in time
-order, a proposal answered by the nearest recorded configuration (see :mod:`mgfa_ray.search.replay`).
+order, a proposal answered by the nearest recorded configuration not yet run in that search (no
+curve is replayed twice; see :mod:`mgfa_ray.search.replay` and ``replay_policies``). Every method is
+measured on one yardstick fixed from the table (:func:`top_set`, :func:`reach_top`,
+:func:`ratio_of_totals`; ``MEASURED``).
 
 Steps::
 
@@ -15,8 +18,8 @@ Steps::
         --set search.sampler=random --set search.seed=17 --accept-weak
     # 2. the table as Parquet (results/benchmarks/curve_table_fewshot.parquet)
     python benchmarks/search_efficiency.py record outputs/curve_table/search/leafsnap20_fewshot
-    # 3. every method, seeds x budget (minutes)
-    python benchmarks/search_efficiency.py compare
+    # 3. every method, 100 seeds (minutes)
+    python benchmarks/search_efficiency.py compare --processes 2
     # 4. the simulator against one live Ray Tune search on the same table
     python benchmarks/search_efficiency.py live-check
 
