@@ -2,13 +2,16 @@
 ``benchmarks/search_efficiency.py`` and its tests only, so they are not shipped in the package: a
 table of recorded learning curves (:class:`CurveTable`), the project's Optuna + ASHA search
 (:class:`StudyPolicy`) and Ray's stock ``OptunaSearch`` + ``ASHAScheduler`` (:class:`RayStockPolicy`),
-each proposal mapped to a configuration of the table.
+each proposal mapped to the nearest configuration of the table *not yet run in this search*: no
+search ever replays a curve twice (a real search would train a second point there and get a curve of
+its own, not a copy of the first), so a search ends when it has run every configuration of the table
+(:attr:`Unrun.exhausted`; simulate with ``max_trials=len(table.curves)``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,14 +120,46 @@ class CurveTable:
             params.append({c[len(PARAM_PREFIX):]: _plain(first[c]) for c in pcols})
         return cls(space=space, curves=tuple(curves), params=tuple(params))
 
-    def nearest(self, params: dict[str, Any]) -> int:
-        """Index of the recorded configuration nearest to ``params`` (Optuna names; ties: lowest index)."""
+    def nearest(self, params: dict[str, Any], exclude: Collection[int] = ()) -> int:
+        """Index of the recorded configuration nearest to ``params`` (Optuna names; ties: lowest
+        index) among those not in ``exclude`` (indices).
+
+        Raises:
+            ValueError: ``exclude`` holds every configuration.
+        """
         d = np.linalg.norm(self._coords - _unit(self.space, params)[None, :], axis=1)
+        if exclude:
+            if len(set(exclude)) >= len(d):
+                raise ValueError(f"every one of the table's {len(d)} configurations has been run")
+            d[list(exclude)] = np.inf
         return int(np.argmin(d))
 
     def curve_for(self, params: dict[str, Any]) -> Curve:
         """The recorded curve answering a proposal (:meth:`nearest`)."""
         return self.curves[self.nearest(params)]
+
+
+class Unrun:
+    """The table's configurations a search has not run yet: :meth:`take` maps a proposal to the
+    nearest of them and marks it run, so that no curve is replayed twice in one search."""
+
+    def __init__(self, table: CurveTable):
+        self.table, self.run = table, []
+
+    @property
+    def exhausted(self) -> bool:
+        """Every configuration has been run (the search must end)."""
+        return len(self.run) >= len(self.table.curves)
+
+    def take(self, params: dict[str, Any]) -> Curve:
+        """The curve answering ``params``: the nearest configuration not run yet, now marked run.
+
+        Raises:
+            ValueError: The table is exhausted.
+        """
+        index = self.table.nearest(params, exclude=self.run)
+        self.run.append(index)
+        return self.table.curves[index]
 
 
 def _plain(value: Any) -> Any:
@@ -138,6 +173,8 @@ class StudyPolicy:
     answers, :class:`~mgfa_ray.search.asha.Asha` decides after every epoch with its rungs recorded as user
     attributes, a stopped trial is told PRUNED and a finished one COMPLETE with its last value (as
     :class:`~mgfa_ray.search.scheduler.StudyScheduler` does). ``asha=None``: no early stopping.
+    Each proposal is answered by the nearest configuration not yet run (:class:`Unrun`; its index in
+    the user attribute ``table_config``); the study keeps the proposed parameters.
 
     Args:
         table: The recorded curves.
@@ -178,6 +215,7 @@ class StudyPolicy:
         self._lengths: dict[int, int] = {}
         self._keys: dict[int, Any] = {}
         self._values: dict[int, list[float]] = {}
+        self.unrun = Unrun(table)
 
     def _rung_model_point(self, trial: int) -> dict[str, Any] | None:
         """BOHB-style proposal: a fresh sampler (``rung_model(trial)``; None: the study's own) fit on the values at the
@@ -212,7 +250,8 @@ class StudyPolicy:
         if self.brackets > 1:
             ask.set_user_attr(BRACKET_ATTR, trial % self.brackets)
         self._trials[trial] = ask
-        curve = self.table.curve_for(ask.params)
+        curve = self.unrun.take(ask.params)
+        ask.set_user_attr("table_config", self.unrun.run[-1])
         self._lengths[trial], self._keys[trial], self._values[trial] = len(curve.values), curve.key, []
         return curve
 
@@ -251,11 +290,14 @@ class RayStockPolicy:
     answers STOP is not passed to the searcher's ``on_trial_result``, and every trial end reaches
     both ``on_trial_complete`` methods.
     ``ASHAScheduler`` picks a trial's bracket with numpy's global generator: seed it for a
-    reproducible replay.
+    reproducible replay. Each proposal is answered by the nearest configuration not yet run
+    (:class:`Unrun`). ``sampler``: another Optuna sampler for ``OptunaSearch`` (None: its default,
+    TPE with Optuna's 10 start-up trials, seeded by ``seed``).
     """
 
     def __init__(self, table: CurveTable, *, seed: int, grace_period: int, reduction_factor: int, max_t: int,
-                 brackets: int = 1, metric: str = "eval_top1", points_to_evaluate: list[dict[str, Any]] | None = None):
+                 brackets: int = 1, metric: str = "eval_top1", points_to_evaluate: list[dict[str, Any]] | None = None,
+                 sampler: optuna.samplers.BaseSampler | None = None):
         import functools
 
         from ray.tune.schedulers import ASHAScheduler
@@ -267,13 +309,15 @@ class RayStockPolicy:
         self.table, self.metric, self.max_t, self._trial = table, metric, max_t, scheduler_trial
         storage = optuna.storages.InMemoryStorage()
         self.searcher = OptunaSearch(space=functools.partial(define_by_run, space=table.space), metric=metric,
-                                     mode="max", seed=seed, points_to_evaluate=points_to_evaluate,
+                                     mode="max", seed=None if sampler is not None else seed, sampler=sampler,
+                                     points_to_evaluate=points_to_evaluate,
                                      study_name="ray-stock", storage=storage)
         self.study = optuna.load_study(study_name="ray-stock", storage=storage)
         # Any: called with no TuneController, which the ASHA family never reads (compat.scheduler_trial)
         self.scheduler: Any = ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max", max_t=max_t,
                                             grace_period=grace_period, reduction_factor=reduction_factor,
                                             brackets=brackets)
+        self.unrun = Unrun(table)
 
     def _id(self, trial: int) -> str:
         return f"t{trial:05d}"
@@ -282,7 +326,7 @@ class RayStockPolicy:
         config = self.searcher.suggest(self._id(trial))
         assert config is not None, "OptunaSearch ended without a trial limit"
         self.scheduler.on_trial_add(None, self._trial(self._id(trial)))
-        return self.table.curve_for(flat_params(config))
+        return self.unrun.take(flat_params(config))
 
     def _result(self, epoch: int, value: float) -> dict[str, Any]:
         return {self.metric: value, "training_iteration": epoch}

@@ -5,7 +5,10 @@ learning curves is recorded once — configurations sampled at random from the s
 each trained for the proxy's whole 20-epoch schedule through this project's trial function by a
 real search (``record``) — and every method is then replayed on it with ``mgfa_ray.search.replay.simulate``:
 asynchronous workers, each epoch costing its recorded time, results reaching the method in time
-order, a proposal answered by the nearest recorded configuration (see :mod:`mgfa_ray.search.replay`).
+order, a proposal answered by the nearest recorded configuration not yet run in that search (no
+curve is replayed twice; see :mod:`mgfa_ray.search.replay` and ``replay_policies``). Every method is
+measured on one yardstick fixed from the table (:func:`top_set`, :func:`reach_top`,
+:func:`ratio_of_totals`; ``MEASURED``).
 
 Steps::
 
@@ -15,8 +18,8 @@ Steps::
         --set search.sampler=random --set search.seed=17 --accept-weak
     # 2. the table as Parquet (results/benchmarks/curve_table_fewshot.parquet)
     python benchmarks/search_efficiency.py record outputs/curve_table/search/leafsnap20_fewshot
-    # 3. every method, seeds x budget (minutes)
-    python benchmarks/search_efficiency.py compare
+    # 3. every method, 100 seeds (minutes)
+    python benchmarks/search_efficiency.py compare --processes 2
     # 4. the simulator against one live Ray Tune search on the same table
     python benchmarks/search_efficiency.py live-check
 
@@ -30,6 +33,7 @@ import functools
 import math
 import statistics
 import sys
+from collections.abc import Collection, Sequence
 import tempfile
 import time
 from pathlib import Path
@@ -52,30 +56,34 @@ SPACE = REPO / "benchmarks" / "spaces" / "curve_table_fewshot.yaml"
 OUT = REPO / "results" / "benchmarks" / "search_efficiency_sim.json"
 TARGET_RATIO = 1.0 / 3.0
 
+VAL_PHOTOS = 40  # the proxy's validation split: 2 photos x 20 species (jobs/leafsnap20_fewshot.yaml)
+
 MEASURED = {
     "replay": "mgfa_ray.search.replay.simulate: `workers` asynchronous workers; an epoch costs its recorded Ray time "
               "(difference of time_total_s: set-up in the first, evaluation + checkpoint + report in each); results "
-              "reach the method in time order; a proposal is answered by the nearest recorded configuration (1-NN "
-              "in the unit cube of the space: log scale for log ranges, sorted simplex cuts, categoricals one-hot). "
-              "A search ends when it has run `budget_epochs` epochs (no epoch past it).",
-    "target": "per seed: random search's final best = the highest final-epoch eval_top1 among the random search's "
-              "trials (each ran max_epochs).",
-    "epochs_to_target": "epochs run (in time order, all workers) until a trial *finished its whole schedule* with "
-                        "eval_top1 >= target (a fully trained configuration that good exists); `_any_epoch`: until any "
-                        "epoch of any trial reached it. A method that never does counts the whole budget, reached false.",
-    "gpu_hours_to_target": "the recorded seconds of every epoch run until then, summed over workers, / 3600 (the "
-                           "table was recorded on CPU: read them as the relative cost, not GPU-hours of a GPU run).",
-    "best_at_budget": "at each fraction of the budget: the best final eval_top1 among trials that finished their "
-                      "schedule by then, and the test_top1 of that trial's last epoch (chosen on val, reported on "
-                      "test).",
-    "ratio": "per seed: method epochs_to_target / random's epochs_to_target; mean over seeds with a 95% t interval.",
-    "near_target": "target - tolerance (default 0.05: about one standard error of a top-1 near 0.85 on the proxy's "
-                   "40 validation photos, sqrt(0.85 x 0.15 / 40) = 0.056): the same counts (`near`, `ratio_near`) "
-                   "for reaching random search's best within its measurement noise, not one particular lucky curve.",
-    "floor": "per seed: the epochs an omniscient search with the same workers needs to the target — trial 0 is the "
-             "table configuration that ends at or above the target in the fewest epochs, every other trial is "
-             "stopped after one epoch (averaged over every configuration as that other trial) — and its ratio to "
-             "random's epochs. No method that keeps its workers busy can do better on this measure.",
+              "reach the method in time order; a proposal is answered by the nearest recorded configuration NOT YET "
+              "RUN in this search (1-NN in the unit cube of the space: log scale for log ranges, sorted simplex cuts, "
+              "categoricals one-hot), so no curve is replayed twice; a search ends when it has run every "
+              "configuration of the table or `budget_epochs` epochs (no epoch past it).",
+    "top_set": "fixed before any search, the same for every method and seed: the table's configurations whose final "
+               "(epoch max_epochs) eval_top1 is within one standard error of a difference of two top-1 values from the "
+               "table's best: best - v <= sqrt(2 p (1 - p) / n), p = the best's top-1, n = val_photos.",
+    "reached": "the first trial of a top-set configuration to finish its whole schedule (its epoch max_epochs is "
+               "run: it was never stopped) within the search; false when the search ends (table exhausted or "
+               "budget spent) without one.",
+    "epochs_to_top": "epochs run (all workers, in time order) up to and including that last epoch; "
+                     "`sim_seconds_to_top`: its simulated time (recorded seconds, workers in parallel); "
+                     "`worker_seconds_to_top`: recorded seconds of every epoch run until then, summed over workers. "
+                     "None when not reached: a failure is never counted as the budget.",
+    "ratio": "per method: sum over seeds of epochs_to_top / sum of random search's epochs_to_top over the same seeds, "
+             "the seeds where both reached the top set; 95% interval: scipy.stats.bootstrap, paired resampling of "
+             "those seeds (BCa, 9999 resamples, rng seed 0). `success_rate`: seeds reached / seeds. `ratio_time`: "
+             "the same for sim_seconds_to_top.",
+    "ratio_epochs_vs_ray_stock": "the same ratio of totals and paired interval with Ray's stock OptunaSearch + "
+                                 "ASHAScheduler at the same rungs in place of random search (below 1: fewer epochs "
+                                 "than Ray's stock setup).",
+    "best_at_end": "the best final eval_top1 among trials that finished their schedule, and that trial's test_top1 "
+                   "(chosen on val, reported on test), mean over seeds.",
     "rung_signals": "Spearman rank correlation over the table's configurations of each candidate rung signal at "
                     "epoch e with the final val top-1 (what ASHA's cut at a rung needs to be high).",
 }
@@ -150,35 +158,6 @@ def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-class _Omniscient:
-    """The floor's policy: trial 0 runs table curve ``best`` to the end, every other trial runs
-    curve ``other`` for one epoch."""
-
-    def __init__(self, table: CurveTable, best: int, other: int):
-        self.table, self.best, self.other = table, best, other
-
-    def start(self, trial: int):
-        return self.table.curves[self.best if trial == 0 else self.other]
-
-    def result(self, trial: int, epoch: int, value: float) -> bool:
-        return trial != 0
-
-    def complete(self, *args: Any) -> None:
-        pass
-
-
-def omniscient_epochs(table: CurveTable, target: float, *, workers: int, budget: int) -> float:
-    """Epochs until an omniscient search finishes a configuration at ``target`` (see MEASURED floor)."""
-    last = len(table.curves[0].values)
-    best = math.inf
-    for g in (j for j, c in enumerate(table.curves) if c.values[-1] >= target):
-        runs = [simulate(_Omniscient(table, g, o), workers=workers, max_total_epochs=budget)[0]
-                for o in range(len(table.curves))]
-        best = min(best, statistics.mean(next(e.cumulative_epochs for e in ev if e.trial == 0 and e.epoch == last)
-                                         for ev in runs))
-    return best
-
-
 def signal_correlations(frame: pd.DataFrame, epochs: list[int]) -> dict[str, dict[str, float]]:
     """Spearman (scipy) of each candidate rung signal at each epoch with the final val top-1."""
     from scipy.stats import spearmanr
@@ -194,15 +173,56 @@ def signal_correlations(frame: pd.DataFrame, epochs: list[int]) -> dict[str, dic
     return {name: {str(e): float(spearmanr(x[e], final).statistic) for e in epochs} for name, x in candidates.items()}
 
 
-def methods(grace: int, factor: int, max_epochs: int, budget_trials: int,
-            signals: dict[str, Any] | None = None) -> dict[str, Any]:
-    """name → a factory ``(table, seed) -> Policy`` (see ``MEASURED`` and the README).
+def top_set(table: CurveTable, *, val_photos: int = VAL_PHOTOS) -> dict[str, Any]:
+    """The yardstick's top set (see ``MEASURED["top_set"]``): keys, best, threshold, rule."""
+    finals = {c.key: c.values[-1] for c in table.curves}
+    best = max(finals.values())
+    noise = math.sqrt(2 * best * (1 - best) / val_photos)
+    threshold = best - noise
+    keys = sorted(k for k, v in finals.items() if v >= threshold - 1e-12)
+    return {"keys": keys, "best": best, "noise": noise, "threshold": threshold, "val_photos": val_photos,
+            "finals": {str(k): finals[k] for k in keys}}
 
-    ``random+asha`` is the search's default (``search.sampler: random``); ``tpe+asha, startup 1/2``
-    is ``search.sampler: tpe`` with its default start-up; ``signals`` (:func:`rung_signals`) add
-    random + ASHA ranking the rungs on each other signal."""
+
+def reach_top(events, top: Collection[Any], max_epochs: int) -> dict[str, Any]:
+    """When the first trial of a ``top`` configuration finished its schedule (see ``MEASURED``)."""
+    hit = next((e for e in events if e.epoch == max_epochs and e.key in top), None)
+    return {"reached": hit is not None, "epochs_to_top": hit.cumulative_epochs if hit else None,
+            "sim_seconds_to_top": hit.t if hit else None, "worker_seconds_to_top": hit.compute_seconds if hit else None,
+            "config": hit.key if hit else None}
+
+
+def ratio_of_totals(method: Sequence[float | None], baseline: Sequence[float | None], *, n_resamples: int = 9999,
+                    seed: int = 0) -> dict[str, Any]:
+    """Sum of ``method`` over sum of ``baseline`` over the seeds where both are not None (reached),
+    with a paired bootstrap 95% interval over those seeds (scipy.stats.bootstrap, BCa)."""
+    from scipy.stats import bootstrap
+
+    both = [(m, b) for m, b in zip(method, baseline, strict=True) if m is not None and b is not None]
+    out: dict[str, Any] = {"seeds_both": len(both), "success_rate": sum(m is not None for m in method) / len(method),
+                           "ratio": None, "ci95": [None, None]}
+    if not both:
+        return out
+    m, b = (np.asarray(x, dtype=np.float64) for x in zip(*both, strict=True))
+    out["ratio"] = float(m.sum() / b.sum())
+    if len(both) < 2 or np.allclose(m, b * out["ratio"]):  # no spread: the interval is the point
+        out["ci95"] = [out["ratio"], out["ratio"]] if len(both) >= 2 else [None, None]
+        return out
+    res = bootstrap((m, b), lambda x, y, axis=-1: x.sum(axis=axis) / y.sum(axis=axis), paired=True, vectorized=True,
+                    n_resamples=n_resamples, confidence_level=0.95, method="BCa", rng=np.random.default_rng(seed))
+    out["ci95"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    return out
+
+
+def methods(grace: int, factor: int, max_epochs: int, num_samples: int,
+            signals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """name -> a factory ``(table, seed) -> Policy`` (see the README).
+
+    ``random+asha`` is the search's default (``search.sampler: random``); ``tpe+asha`` is
+    ``search.sampler: tpe`` with its default start-up (half of ``num_samples``, at least 10);
+    ``signals`` (:func:`rung_signals`) add random + ASHA ranking the rungs on each other signal."""
     asha = Asha(grace_period=grace, reduction_factor=factor)
-    startup3, startup2 = max(10, budget_trials // 3), max(10, budget_trials // 2)
+    half = max(10, num_samples // 2)
 
     def tpe(seed: int, **kw) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
@@ -210,131 +230,123 @@ def methods(grace: int, factor: int, max_epochs: int, budget_trials: int,
     def rnd(seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
 
-    def bohb(seed: int):  # TPE fit on the highest rung holding 10 values; every third trial random (Falkner et al.)
-        return lambda i: None if i % 3 == 2 else tpe(seed * 100_003 + i, n_startup_trials=0)
-
     return {
         "random": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=None),
-        "tpe": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=None),
         "random+asha": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha),
+        "tpe+asha": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=half), asha=asha),
         "tpe+asha, startup 10": lambda t, s: StudyPolicy(t, sampler=tpe(s), asha=asha),
-        "tpe+asha, startup 1/3": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=startup3), asha=asha),
-        "tpe+asha, startup 1/2": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=startup2), asha=asha),
         "ray stock (OptunaSearch+ASHAScheduler)": lambda t, s: RayStockPolicy(
             t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs),
-        "ray stock, 3 brackets": lambda t, s: RayStockPolicy(
-            t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs, brackets=3),
-        "random+asha, 3 brackets": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha, brackets=3),
-        "tpe+asha, startup 1/3, 3 brackets": lambda t, s: StudyPolicy(
-            t, sampler=tpe(s, n_startup_trials=startup3), asha=asha, brackets=3),
-        "bohb-style (tpe on rungs)+asha": lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha, rung_model=bohb(s)),
-        "tpe+asha, constant_liar": lambda t, s: StudyPolicy(t, sampler=tpe(s, constant_liar=True), asha=asha),
-        "independent tpe+asha": lambda t, s: StudyPolicy(t, sampler=optuna.samplers.TPESampler(seed=s), asha=asha),
+        "ray ASHAScheduler, random proposals": lambda t, s: RayStockPolicy(
+            t, seed=s, grace_period=grace, reduction_factor=factor, max_t=max_epochs, sampler=rnd(s)),
+        "tpe": lambda t, s: StudyPolicy(t, sampler=tpe(s, n_startup_trials=half), asha=None),
         **{f"random+asha, rung on {n}": (lambda f: lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha,
                                                                             rung_value=f))(f)
            for n, f in (signals or {}).items()},
     }
 
 
-def run_one(policy, *, workers: int, budget: int, max_epochs: int) -> dict[str, Any]:
-    """One simulated search: its events in time order (compact) and trial counts."""
-    events, runs = simulate(policy, workers=workers, max_total_epochs=budget)
-    return {"events": events, "trials": len(runs), "trials_full": sum(r.epochs == max_epochs for r in runs)}
+RAY_STOCK = "ray stock (OptunaSearch+ASHAScheduler)"
+DEFAULT_METHODS = ["random", "random+asha", "tpe+asha", "tpe+asha, startup 10", "ray stock (OptunaSearch+ASHAScheduler)",
+                   "ray ASHAScheduler, random proposals", "random+asha, rung on oracle final top-1"]
 
 
-def reach(events, target: float, max_epochs: int, budget: int) -> dict[str, Any]:
-    """Epochs and recorded hours until ``target`` (see MEASURED)."""
-    full = next((e for e in events if e.epoch == max_epochs and e.value >= target), None)
-    anye = next((e for e in events if e.value >= target), None)
-    return {"reached": full is not None, "epochs_to_target": full.cumulative_epochs if full else budget,
-            "gpu_hours_to_target": (full or events[-1]).compute_seconds / 3600,
-            "reached_any_epoch": anye is not None,
-            "epochs_to_target_any_epoch": anye.cumulative_epochs if anye else budget}
+def run_one(policy, table: CurveTable, *, workers: int, budget: int, max_epochs: int, top: Collection[Any]) -> dict[str, Any]:
+    """One simulated search (at most one trial per table configuration) and what the yardstick reads of it."""
+    events, runs = simulate(policy, workers=workers, max_trials=len(table.curves), max_total_epochs=budget)
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        raise AssertionError("a curve was replayed twice in one search")
+    done = [e for e in events if e.epoch == max_epochs]
+    best = max(done, key=lambda e: e.value, default=None)
+    return {"trials": len(runs), "trials_full": len(done), "epochs": len(events),
+            "best_val": best.value if best else None, "best_test": best.test if best else None,
+            **reach_top(events, top, max_epochs)}
 
 
-def best_at(events, fractions: list[float], budget: int, max_epochs: int) -> dict[str, Any]:
-    """Best finished trial (val) and its test top-1 at each budget fraction."""
-    out = {}
-    for f in fractions:
-        done = [e for e in events if e.cumulative_epochs <= f * budget and e.epoch == max_epochs]
-        best = max(done, key=lambda e: e.value, default=None)
-        out[f"{f:g}"] = {"val": best.value if best else None, "test": best.test if best else None}
-    return out
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
 
 
-def interval(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation and 95% t interval (scipy) of ``xs``."""
-    from scipy import stats
-
-    m = statistics.mean(xs)
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    half = stats.t.ppf(0.975, len(xs) - 1) * sd / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-    return {"mean": m, "sd": sd, "ci95": [m - half, m + half], "min": min(xs), "max": max(xs)}
-
-
-def compare(s: dict[str, Any]) -> dict[str, Any]:
-    """Every method x seed on the table; the JSON document."""
-    started = time.perf_counter()
-    space = load_search_space(SPACE)
-    frame = pd.read_parquet(s["table"])
-    table = CurveTable.from_frame(frame, space=space)
+def _seed_runs(job: tuple) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Every (setting, method) of one seed (a process pool's unit of work)."""
+    s, seed = job
+    table, frame = _load_table(s["table"])
     signals = rung_signals(frame) if "eval_loss_ce" in frame else {}
     max_epochs = len(table.curves[0].values)
     budget = s["budget_trials"] * max_epochs
+    top = set(top_set(table)["keys"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, dict[str, Any]] = {}
+    for grace, factor in s["settings"]:
+        factories = methods(grace, factor, max_epochs, len(table.curves), signals)
+        for name in s["methods"]:
+            if name not in factories:  # a rung signal the table has no column for
+                continue
+            if name in ("random", "tpe") and out.get(f"{name}@0x0") is not None:
+                continue  # no stopping: the same search at every setting
+            np.random.seed(seed)  # Ray's ASHAScheduler draws brackets from numpy's global generator
+            label = f"{name}@0x0" if name in ("random", "tpe") else f"{name}@{grace}x{factor}"
+            out[label] = run_one(factories[name](table, seed), table, workers=s["workers"], budget=budget,
+                                 max_epochs=max_epochs, top=top)
+    return seed, out
+
+
+@functools.lru_cache(maxsize=2)
+def _load_table(path: str) -> tuple[CurveTable, pd.DataFrame]:
+    frame = pd.read_parquet(path)
+    return CurveTable.from_frame(frame, space=load_search_space(SPACE)), frame
+
+
+def compare(s: dict[str, Any]) -> dict[str, Any]:
+    """Every method x setting x seed on the table; the JSON document."""
+    started = time.perf_counter()
+    s = {**s, "table": str(s["table"])}
+    table, frame = _load_table(s["table"])
+    max_epochs = len(table.curves[0].values)
+    top = top_set(table)
     doc = new_document("search_efficiency_sim", settings={k: str(v) if isinstance(v, Path) else v for k, v in s.items()},
                        measured=MEASURED)
-    doc["table"] = {"file": _shown(Path(s["table"])), "configurations": len(table.curves), "max_epochs": max_epochs}
+    doc["table"] = {"file": _shown(Path(s["table"])), "configurations": len(table.curves), "max_epochs": max_epochs,
+                    "budget_epochs": s["budget_trials"] * max_epochs}
+    doc["top_set"] = top
     if "eval_loss_ce" in frame:
         doc["rung_signals"] = signal_correlations(frame, [1, 2, 3, 4, 5, 6, 8, 10])
-    settings = [(g, f) for g in s["grace"] for f in s["factor"]]
-    per_setting = []
-    floors: dict[int, dict[str, float]] = {}  # seed -> the floor (the same random search at every setting)
-    for grace, factor in settings:
-        factories = methods(grace, factor, max_epochs, s["budget_trials"], signals)
-        names = [n for n in factories if not s["methods"] or n in s["methods"]]
-        seeds = []
-        for seed in s["seeds"]:
-            np.random.seed(seed)  # Ray's ASHAScheduler draws brackets from numpy's global generator
-            runs = {n: run_one(factories[n](table, seed), workers=s["workers"], budget=budget, max_epochs=max_epochs)
-                    for n in names}
-            target = max(e.value for e in runs["random"]["events"] if e.epoch == max_epochs)
-            near = target - s["tolerance"]
-            if seed not in floors:
-                epochs = omniscient_epochs(table, target, workers=s["workers"], budget=budget)
-                random_epochs = reach(runs["random"]["events"], target, max_epochs, budget)["epochs_to_target"]
-                floors[seed] = {"seed": seed, "epochs_to_target": epochs, "ratio": epochs / random_epochs}
-            seeds.append({"seed": seed, "target": target, "near_target": near, "methods": {
-                n: {"trials": r["trials"], "trials_full": r["trials_full"],
-                    **reach(r["events"], target, max_epochs, budget),
-                    "near": reach(r["events"], near, max_epochs, budget),
-                    "best_at_budget": best_at(r["events"], s["fractions"], budget, max_epochs)}
-                for n, r in runs.items()}})
-            log(f"grace {grace} factor {factor} seed {seed}: target {target:.3f}; " + ", ".join(
-                f"{n} {seeds[-1]['methods'][n]['epochs_to_target']}" for n in names))
-        summary = {}
-        for n in names:
-            ratios = [x["methods"][n]["epochs_to_target"] / x["methods"]["random"]["epochs_to_target"] for x in seeds]
-            summary[n] = {
-                "ratio": interval(ratios), "per_seed_ratio": ratios,
-                "epochs_to_target": interval([x["methods"][n]["epochs_to_target"] for x in seeds]),
-                "gpu_hours_to_target": interval([x["methods"][n]["gpu_hours_to_target"] for x in seeds]),
-                "reached_every_seed": all(x["methods"][n]["reached"] for x in seeds),
-                "reached_seeds": sum(x["methods"][n]["reached"] for x in seeds),
-                "ratio_near": interval([x["methods"][n]["near"]["epochs_to_target"]
-                                        / x["methods"]["random"]["near"]["epochs_to_target"] for x in seeds]),
-                "epochs_to_near_target": interval([x["methods"][n]["near"]["epochs_to_target"] for x in seeds]),
-                "reached_near_every_seed": all(x["methods"][n]["near"]["reached"] for x in seeds),
-                "ratio_any_epoch": interval([x["methods"][n]["epochs_to_target_any_epoch"]
-                                             / x["methods"]["random"]["epochs_to_target_any_epoch"] for x in seeds]),
-                "trials": interval([x["methods"][n]["trials"] for x in seeds]),
-                "best_val_at_budget": {f"{f:g}": interval([x["methods"][n]["best_at_budget"][f"{f:g}"]["val"] or 0.0
-                                                            for x in seeds]) for f in s["fractions"]},
-                "best_test_at_budget": {f"{f:g}": interval([x["methods"][n]["best_at_budget"][f"{f:g}"]["test"] or 0.0
-                                                             for x in seeds]) for f in s["fractions"]},
-            }
-        per_setting.append({"grace_period": grace, "reduction_factor": factor, "summary": summary, "per_seed": seeds})
-    doc["results"] = per_setting
-    doc["floor"] = {"ratio": interval([f["ratio"] for f in floors.values()]), "per_seed": list(floors.values())}
+    jobs = [(s, seed) for seed in s["seeds"]]
+    if s["processes"] > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(s["processes"]) as pool:
+            per_seed = dict(pool.imap_unordered(_seed_runs, jobs))
+    else:
+        per_seed = dict(map(_seed_runs, jobs))
+    seeds = sorted(per_seed)
+    labels = list(per_seed[seeds[0]])
+    baseline = [per_seed[x]["random@0x0"] for x in seeds]
+    summary = {}
+    for label in labels:
+        runs = [per_seed[x][label] for x in seeds]
+        name, setting = label.rsplit("@", 1)
+        stock = f"{RAY_STOCK}@{setting}"
+        ray = [per_seed[x][stock] for x in seeds] if stock in labels and stock != label else None
+        summary[label] = {
+            "method": name, "grace_period": None if setting == "0x0" else int(setting.split("x")[0]),
+            "reduction_factor": None if setting == "0x0" else int(setting.split("x")[1]),
+            "ratio_epochs": ratio_of_totals([r["epochs_to_top"] for r in runs], [b["epochs_to_top"] for b in baseline]),
+            "ratio_time": ratio_of_totals([r["sim_seconds_to_top"] for r in runs],
+                                          [b["sim_seconds_to_top"] for b in baseline]),
+            "ratio_epochs_vs_ray_stock": None if ray is None else ratio_of_totals(
+                [r["epochs_to_top"] for r in runs], [b["epochs_to_top"] for b in ray]),
+            "success": sum(r["reached"] for r in runs), "seeds": len(runs),
+            "mean_epochs_to_top": _mean([r["epochs_to_top"] for r in runs]),
+            "mean_trials": _mean([r["trials"] for r in runs]), "mean_epochs_run": _mean([r["epochs"] for r in runs]),
+            "best_val_at_end": _mean([r["best_val"] for r in runs]), "best_test_at_end": _mean([r["best_test"] for r in runs]),
+        }
+        log(f"{label}: ratio {summary[label]['ratio_epochs']['ratio']} {summary[label]['ratio_epochs']['ci95']} "
+            f"success {summary[label]['success']}/{len(runs)}")
+    doc["summary"] = summary
+    doc["per_seed"] = [{"seed": x, "runs": per_seed[x]} for x in seeds]
     doc["total_seconds"] = time.perf_counter() - started
     return doc
 
@@ -436,18 +448,19 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p.add_argument("--budget-trials", type=int, help="budget in whole trials: epochs = this x max_epochs (default 100)")
     p.add_argument("--grace", type=int, nargs="+", help="ASHA first rungs to compare (default 2: default.yaml's tenth)")
     p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 3)")
-    p.add_argument("--methods", nargs="+", help="only these methods (random is always run)")
-    p.add_argument("--tolerance", type=float, default=0.05, help="near target = target - this (default 0.05)")
+    p.add_argument("--methods", nargs="+", help="only these methods (random is always run; default: DEFAULT_METHODS)")
+    p.add_argument("--processes", type=int, default=1, help="seeds simulated in parallel processes (default 1)")
     p.add_argument("--live-trials", type=int, default=24)
     p.add_argument("--scale", type=float, default=0.1, help="live-check: sleep = recorded epoch time x scale")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     smoke = a.preset == "smoke"
-    s = {"table": a.table, "seeds": a.seeds or ([0] if smoke else [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    s = {"table": a.table, "seeds": a.seeds or ([0, 1] if smoke else list(range(100))),
          "workers": a.workers, "budget_trials": a.budget_trials or (10 if smoke else 100),
-         "grace": a.grace or [2], "factor": a.factor or [3], "fractions": [0.125, 0.25, 0.5, 1.0],
-         "methods": ["random", *a.methods] if a.methods else None, "tolerance": a.tolerance, "live_trials": a.live_trials, "scale": a.scale,
-         "search_dir": a.search_dir, "partial": a.partial}
+         "grace": a.grace or [2], "factor": a.factor or [3],
+         "methods": list(dict.fromkeys(["random", *(a.methods or DEFAULT_METHODS)])), "processes": a.processes,
+         "live_trials": a.live_trials, "scale": a.scale, "search_dir": a.search_dir, "partial": a.partial}
+    s["settings"] = [[g, f] for g in s["grace"] for f in s["factor"]]
     s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
                          OUT.with_name("search_efficiency_live_check.json") if a.action == "live-check" else
                          REPO / "outputs" / "bench" / f"search_efficiency_{a.action}_{a.preset}.json")

@@ -1,5 +1,7 @@
-"""The search-efficiency benchmark on a small synthetic curve table: every method runs to the same
-epoch budget, random search's target is its own best finished trial, and ratios are against it."""
+"""The search-efficiency benchmark's yardstick (issue 32): a top set fixed from the table, epochs until
+a trial of it finishes its schedule, a ratio of totals over the seeds where both methods got there
+with a paired bootstrap interval, failures counted apart; and no curve replayed twice in a search.
+Every expected number is worked out by hand in the test's docstring."""
 
 from __future__ import annotations
 
@@ -7,21 +9,37 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import search_efficiency  # noqa: E402
+from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy  # noqa: E402
+
+from mgfa_ray.search.asha import Asha  # noqa: E402
+from mgfa_ray.search.replay import simulate  # noqa: E402
+from mgfa_ray.search.space import SearchSpace, define_by_run, load_search_space  # noqa: E402
+
+# Four configurations, four epochs of one second each; final val top-1 A 0.90, B 0.85, C 0.80, D 0.50.
+VALUES = {"A": [0.1, 0.2, 0.5, 0.90], "B": [0.6, 0.7, 0.8, 0.85], "C": [0.7, 0.75, 0.8, 0.80], "D": [0.2, 0.3, 0.4, 0.5]}
+LR = {"A": 1e-3, "B": 1e-2, "C": 3e-2, "D": 1e-1}
+
+
+def small_table() -> CurveTable:
+    space = SearchSpace.model_validate({"scheduler": {"max_epochs": 4},
+                                        "parameters": {"lr": {"type": "log_uniform", "low": 1e-3, "high": 1e-1}}})
+    rows = [{"config": k, "epoch": e + 1, "eval_top1": v, "test_top1": v - 0.1, "time_total_s": e + 1.0,
+             "param/lr": LR[k]} for k, vs in VALUES.items() for e, v in enumerate(vs)]
+    return CurveTable.from_frame(pd.DataFrame(rows), space=space)
 
 
 def synthetic_table(path: Path, n: int = 12, epochs: int = 20) -> None:
     """``n`` configurations sampled from the benchmark's space, each with a saturating curve whose
     level depends on lr (best near 3e-3), one second per epoch."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import search_efficiency
-
-    from replay_policies import PARAM_PREFIX
-    from mgfa_ray.search.space import define_by_run, load_search_space
-
     space = load_search_space(search_efficiency.SPACE)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     rows = []
@@ -36,30 +54,88 @@ def synthetic_table(path: Path, n: int = 12, epochs: int = 20) -> None:
     pd.DataFrame(rows).to_parquet(path)
 
 
-def test_compare_runs_every_method_to_the_same_budget(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import search_efficiency
+def test_top_set_is_the_best_within_validation_noise():
+    """40 photos: one standard error of a difference of two top-1 values at 0.90 is
+    sqrt(2 x 0.9 x 0.1 / 40) = 0.067, so B (0.85) is in, C (0.80) out. 400 photos: 0.021, A alone."""
+    top = search_efficiency.top_set(small_table())
+    assert top["keys"] == ["A", "B"] and top["best"] == 0.9
+    assert top["noise"] == pytest.approx(math.sqrt(2 * 0.9 * 0.1 / 40))
+    assert search_efficiency.top_set(small_table(), val_photos=400)["keys"] == ["A"]
 
+
+def test_yardstick_a_method_that_proposes_a_top_configuration_first_against_random_order():
+    """One worker, no stopping. Proposing A first: A finishes its 4th epoch at epoch 4, t = 4 s.
+    In the order C, D, B, A: B (in the top set) finishes at epoch 12, t = 12 s. With ASHA (grace 1,
+    factor 2) and the order C, B, A, D: B stops at epoch 1 (0.6 < C's 0.7), A at epoch 1 (0.1, the
+    worst of 3), so no top-set trial ever finishes: not reached, and no epoch count at all."""
+    table, top = small_table(), {"A", "B"}
+
+    def run(order, asha=None):
+        policy = StudyPolicy(table, sampler=optuna.samplers.RandomSampler(seed=0), asha=asha,
+                             enqueue=[{"lr": LR[k]} for k in order])
+        events, runs = simulate(policy, workers=1, max_trials=len(table.curves), max_total_epochs=1000)
+        assert [r.key for r in runs] == list(order)
+        return search_efficiency.reach_top(events, top, max_epochs=4)
+
+    first, rand = run("ACDB"), run("CDBA")
+    assert (first["epochs_to_top"], first["sim_seconds_to_top"], first["config"]) == (4, 4.0, "A")
+    assert (rand["epochs_to_top"], rand["sim_seconds_to_top"], rand["config"]) == (12, 12.0, "B")
+    stopped = run("CBAD", asha=Asha(grace_period=1, reduction_factor=2))
+    assert not stopped["reached"] and stopped["epochs_to_top"] is None
+    assert search_efficiency.ratio_of_totals([4], [12])["ratio"] == pytest.approx(1 / 3)
+
+
+def test_ratio_of_totals_counts_failures_apart_never_as_the_budget():
+    """Seeds 0-2: the method reaches the top set in 4 and 4 epochs and fails on seed 2; random in 12,
+    8 and 16. Ratio over seeds 0-1 only: (4 + 4) / (12 + 8) = 0.4; success 2 of 3. (Charging the
+    failure as a 2000-epoch budget would give 2008 / 36 = 55.8.)"""
+    r = search_efficiency.ratio_of_totals([4, 4, None], [12, 8, 16])
+    assert r["ratio"] == pytest.approx(0.4) and r["seeds_both"] == 2 and r["success_rate"] == pytest.approx(2 / 3)
+    assert search_efficiency.ratio_of_totals([None, None], [12, 8])["ratio"] is None
+
+
+def test_bootstrap_interval_contains_the_ratio_of_totals_and_excludes_the_mean_of_ratios():
+    """100 seeds: 50 where random needs 100 epochs and the method 10, 50 where random needs 1000 and
+    the method 900. Ratio of totals (500 + 45000) / (5000 + 50000) = 0.827; the mean of per-seed
+    ratios would be 0.5. The paired interval holds 0.827 and neither 0.5 nor parity; the same
+    searches on both sides give exactly 1."""
+    method, random = [10, 900] * 50, [100, 1000] * 50
+    r = search_efficiency.ratio_of_totals(method, random)
+    assert r["ratio"] == pytest.approx(45500 / 55000)
+    low, high = r["ci95"]
+    assert low < 45500 / 55000 < high and 0.5 < low and high < 1.0
+    assert search_efficiency.ratio_of_totals(random, random)["ci95"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["random", "random+asha", "tpe+asha, startup 10", "ray stock (OptunaSearch+ASHAScheduler)",
+                                  "ray ASHAScheduler, random proposals"])
+def test_no_curve_is_replayed_twice_in_a_simulated_search(tmp_path, name):
+    """12 configurations, 4 workers, an epoch budget larger than the table: every search runs each
+    configuration at most once and ends when the table is exhausted (12 distinct trials)."""
     synthetic_table(tmp_path / "t.parquet")
-    action, s = search_efficiency.parse_args(["compare", "--preset", "smoke", "--table", str(tmp_path / "t.parquet"),
-                                              "--seeds", "0", "1", "--budget-trials", "12"])
+    table = CurveTable.from_frame(pd.read_parquet(tmp_path / "t.parquet"), space=load_search_space(search_efficiency.SPACE))
+    np.random.seed(0)
+    policy = search_efficiency.methods(1, 2, 20, 12)[name](table, 0)
+    _, runs = simulate(policy, workers=4, max_trials=len(table.curves), max_total_epochs=10_000)
+    keys = [r.key for r in runs]
+    assert sorted(keys) == sorted(c.key for c in table.curves)  # each exactly once
+
+
+def test_compare_on_a_synthetic_table(tmp_path):
+    """The whole compare step: random is its own baseline (ratio 1, interval [1, 1]); no method
+    runs more trials than the table has; a reached search's epochs fit in the table."""
+    synthetic_table(tmp_path / "t.parquet")
+    _, s = search_efficiency.parse_args(["compare", "--preset", "smoke", "--table", str(tmp_path / "t.parquet"),
+                                         "--seeds", "0", "1", "2", "--grace", "1", "--factor", "2",
+                                         "--methods", "random+asha", "ray stock (OptunaSearch+ASHAScheduler)"])
     doc = search_efficiency.compare(s)
-    (result,) = doc["results"]
-    summary = result["summary"]
-    assert set(summary) == set(search_efficiency.methods(5, 2, 20, 12))
-    assert summary["random"]["per_seed_ratio"] == [1.0, 1.0]
-    for seed in result["per_seed"]:
-        random = seed["methods"]["random"]
-        assert random["trials"] == 12 and random["reached"]
-        assert random["best_at_budget"]["1"]["val"] == seed["target"]
-        for name, m in seed["methods"].items():  # stopped trials leave room in the budget for more
-            assert m["trials"] >= 12 and m["epochs_to_target"] <= 12 * 20
-            assert m["epochs_to_target_any_epoch"] <= m["epochs_to_target"]
-    # The omniscient floor: no method that keeps its 4 workers busy finishes a target trial sooner
-    # (every epoch takes 1 s here, so up to 3 epochs of other workers may tie with its last).
-    floors = {f["seed"]: f for f in doc["floor"]["per_seed"]}
-    assert sorted(floors) == [0, 1]
-    for seed in result["per_seed"]:
-        floor = floors[seed["seed"]]
-        assert 20 <= floor["epochs_to_target"] <= 4 * 20 and 0 < floor["ratio"] <= 1
-        assert all(m["epochs_to_target"] >= floor["epochs_to_target"] - 3 for m in seed["methods"].values())
+    assert doc["top_set"]["keys"] and set(doc["summary"]) == {
+        "random@0x0", "random+asha@1x2", "ray stock (OptunaSearch+ASHAScheduler)@1x2"}
+    base = doc["summary"]["random@0x0"]
+    assert base["ratio_epochs"]["ratio"] == 1.0 and base["ratio_epochs"]["ci95"] == [1.0, 1.0] and base["success"] == 3
+    vs = doc["summary"]["random+asha@1x2"]["ratio_epochs_vs_ray_stock"]
+    assert vs["seeds_both"] <= 3 and doc["summary"]["ray stock (OptunaSearch+ASHAScheduler)@1x2"]["ratio_epochs_vs_ray_stock"] is None
+    for seed in doc["per_seed"]:
+        for run in seed["runs"].values():
+            assert run["trials"] <= 12 and (run["epochs_to_top"] is None or run["epochs_to_top"] <= 12 * 20)
+            assert run["reached"] == (run["config"] in doc["top_set"]["keys"])

@@ -138,13 +138,34 @@ def test_study_policy_ranks_the_rungs_on_another_signal():
 
 def test_study_policy_rung_model_proposes_once_a_rung_holds_enough_values():
     """BOHB-style: from the third trial on, rung 0 holds 2 values (A's, B's), so the proposal comes
-    from the rung model — here a sampler whose only point is C's learning rate."""
+    from the rung model — here a sampler whose only point is C's learning rate. The fourth proposal
+    is C's again; C has been run, so the nearest configuration not yet run (D) answers it."""
     policy = StudyPolicy(table(), sampler=optuna.samplers.RandomSampler(seed=0),
                          asha=Asha(grace_period=1, reduction_factor=2), enqueue=[{"lr": LR["A"]}, {"lr": LR["B"]}],
                          rung_model_min=2,
                          rung_model=lambda trial: optuna.samplers.GridSampler({"lr": [LR["C"]]}, seed=0))
     _, runs = simulate(policy, workers=1, max_trials=4)
-    assert [r.key for r in runs] == ["A", "B", "C", "C"]
+    assert [r.key for r in runs] == ["A", "B", "C", "D"]
+    assert [t.params["lr"] for t in policy.study.trials][2:] == [LR["C"], LR["C"]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: StudyPolicy(table(), sampler=optuna.samplers.PartialFixedSampler(
+        {"lr": LR["B"]}, optuna.samplers.RandomSampler(seed=0)), asha=None),
+    lambda: RayStockPolicy(table(), seed=0, grace_period=1, reduction_factor=2, max_t=4,
+                           points_to_evaluate=[{"lr": LR["B"]}] * 4),
+], ids=["study", "ray-stock"])
+def test_a_proposal_repeated_takes_the_nearest_configuration_not_yet_run(make):
+    """Every proposal is B's learning rate: B, then its nearest neighbours not yet run in log-lr
+    order (C at 3e-2 is nearer to 1e-2 than A at 1e-3 and D at 1e-1, which tie: the lower index,
+    A), each curve once; the table then has nothing left and says so."""
+    np.random.seed(0)
+    policy = make()
+    _, runs = simulate(policy, workers=1, max_trials=4)
+    assert [r.key for r in runs] == ["B", "C", "A", "D"]
+    assert policy.unrun.exhausted
+    with pytest.raises(ValueError, match="every one"):
+        policy.unrun.take({"lr": LR["B"]})
 
 
 def test_ray_stock_policy_stops_the_same_trials_but_tells_optuna_complete():
