@@ -438,18 +438,16 @@ class SearchConfig(FrozenModel):
         gpus_per_trial: GPUs per trial; fractions (e.g. 0.25) share a GPU.
         seed: Seed of the sampler.
         sampler: ``random`` (default) or ``tpe`` (multivariate TPE). Replayed on 64 recorded
-            learning curves with ASHA at this project's rungs (results/benchmarks/README.md,
-            ``search_efficiency_sim*.json``), random proposals reached random search's best in
-            0.58 of its epochs (10 of 10 seeds) and TPE with half its trials random at the start in
-            0.85 (8 of 10), Ray's stock ``OptunaSearch`` + ``ASHAScheduler`` in 2.00; with random
-            proposals ASHA's rung cuts were as good as cuts that knew each trial's final top-1.
+            learning curves with ASHA at this project's rungs, no curve run twice, 100 seeds
+            (results/benchmarks/README.md, ``search_efficiency_sim*.json``): random proposals reached
+            a top-set configuration in 0.57 of random search's epochs, TPE in 0.56-0.57, Ray's stock
+            ``OptunaSearch`` + ``ASHAScheduler`` in 0.58 — a table of 64 points cannot rank samplers.
             ``tpe`` is the choice where a neighbour of a good configuration is likely good too (a
-            smooth space, a long search), which a table of 64 points cannot show, and it is required
-            with ``warm_start``.
+            smooth space, a long search), and it is required with ``warm_start``.
         startup_trials: With ``tpe``: its random start-up trials before its model proposes
             (Optuna's ``n_startup_trials``). Default (None): half of ``num_samples``, at least 10
-            (Optuna's own default is 10 whatever the budget): on the same replay half reached random
-            search's best in 0.85 of its epochs, a third in 1.20, 10 in 1.60.
+            (Optuna's own default is 10 whatever the budget); on the replay above 10 and 32 start-up
+            trials did alike (0.56 and 0.57 of random search's epochs).
         metric: Metric the search maximises: top-1 accuracy on the trial's ``eval_split``,
             reported every epoch.
         storage_path: Where the search lives: a directory (local or NFS) or an object-store URI
