@@ -47,6 +47,7 @@ from common import REPO, new_document
 from mgfa_ray.search.asha import Asha
 from mgfa_ray.search.replay import simulate
 from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
+from syne_policies import syne_methods
 from mgfa_ray.search.space import load_search_space
 from mgfa_ray.storage import atomic_write_json
 
@@ -82,6 +83,11 @@ MEASURED = {
     "ratio_epochs_vs_ray_stock": "the same ratio of totals and paired interval with Ray's stock OptunaSearch + "
                                  "ASHAScheduler at the same rungs in place of random search (below 1: fewer epochs "
                                  "than Ray's stock setup).",
+    "syne_tune": "syne-tune 0.16.0's baselines (benchmarks/syne_policies.py) driven through their public API as syne-tune's "
+                 "Tuner does: suggest, on_trial_add, on_trial_result after each epoch (STOP -> on_trial_remove), "
+                 "on_trial_complete at a curve's end; grace_period and reduction_factor as the other methods, max_t = "
+                 "the table's epochs, random_seed = the simulation seed; maximised eval_top1 (do_minimize False). "
+                 "Stopping type only (syne-tune's ASHA answers CONTINUE or STOP; no pause/resume).",
     "best_at_end": "the best final eval_top1 among trials that finished their schedule, and that trial's test_top1 "
                    "(chosen on val, reported on test), mean over seeds.",
     "rung_signals": "Spearman rank correlation over the table's configurations of each candidate rung signal at "
@@ -243,12 +249,16 @@ def methods(grace: int, factor: int, max_epochs: int, num_samples: int,
         **{f"random+asha, rung on {n}": (lambda f: lambda t, s: StudyPolicy(t, sampler=rnd(s), asha=asha,
                                                                             rung_value=f))(f)
            for n, f in (signals or {}).items()},
+        # maintained multi-fidelity optimisers (issue 32, item 3): syne-tune's schedulers, same rungs, same Unrun mapping
+        **syne_methods(grace, factor, max_epochs),
     }
 
 
 RAY_STOCK = "ray stock (OptunaSearch+ASHAScheduler)"
 DEFAULT_METHODS = ["random", "random+asha", "tpe+asha", "tpe+asha, startup 10", "ray stock (OptunaSearch+ASHAScheduler)",
-                   "ray ASHAScheduler, random proposals", "random+asha, rung on oracle final top-1"]
+                   "ray ASHAScheduler, random proposals", "random+asha, rung on oracle final top-1",
+                   "syne-tune ASHA", "syne-tune BOHB", "syne-tune BOHB, min points d+1"]
+# "syne-tune ASHA-BORE" runs with --methods only: ~20 s a seed (an XGBoost fit per proposal) against < 2 s for the rest
 
 
 def run_one(policy, table: CurveTable, *, workers: int, budget: int, max_epochs: int, top: Collection[Any]) -> dict[str, Any]:
