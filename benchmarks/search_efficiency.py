@@ -257,8 +257,8 @@ def methods(grace: int, factor: int, max_epochs: int, num_samples: int,
 RAY_STOCK = "ray stock (OptunaSearch+ASHAScheduler)"
 DEFAULT_METHODS = ["random", "random+asha", "tpe+asha", "tpe+asha, startup 10", "ray stock (OptunaSearch+ASHAScheduler)",
                    "ray ASHAScheduler, random proposals", "random+asha, rung on oracle final top-1",
-                   "syne-tune ASHA", "syne-tune BOHB", "syne-tune BOHB, min points d+1"]
-# "syne-tune ASHA-BORE" runs with --methods only: ~20 s a seed (an XGBoost fit per proposal) against < 2 s for the rest
+                   "syne-tune ASHA", "syne-tune BOHB", "syne-tune BOHB, min points d+1",
+                   "syne-tune ASHA-BORE"]  # BORE: ~20 s a seed (an XGBoost fit per proposal), < 2 s for the rest
 
 
 def run_one(policy, table: CurveTable, *, workers: int, budget: int, max_epochs: int, top: Collection[Any]) -> dict[str, Any]:
