@@ -298,9 +298,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         print(f"{len(paths)} figures and summary.json in {paths[0].parent}")
     else:
-        from mgfa_ray.train.trial import train_to_dir
-
         from mgfa_ray.train.model import check_weights
+        from mgfa_ray.train.trial import train_to_dir
 
         cfg = load_train_config(args.config)
         cfg = cfg.model_copy(update={"masks": take_credentials(cfg.masks, field=f"{args.config}: masks")})
@@ -386,8 +385,8 @@ def _search_command(args: argparse.Namespace) -> int:
             raise InputError(str(err)) from None
         print(json.dumps(report, indent=2) if args.json else format_replay(report))
         return 0
-    from mgfa_ray.search.export import export_search
     from mgfa_ray.search.driver import run_search
+    from mgfa_ray.search.export import export_search
 
     if args.search_command == "resume":
         run_search(args.dir, more_trials=args.more_trials, errored=args.errored)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from mgfa_ray.analysis.ablation import write_table, result_prefix, run_cells
+from mgfa_ray.analysis.ablation import result_prefix, run_cells, write_table
 from mgfa_ray.analysis.stats import ci95
 from mgfa_ray.config import (
     SearchConfig,

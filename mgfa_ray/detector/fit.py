@@ -190,8 +190,8 @@ def _add_mask_overlap(evaluation: dict, ann: Annotated, cfg: DetectorConfig, wei
     detector's boxes at ``cfg.conf``, as the mask stage takes them). Nothing when nothing is held out."""
     if not holdout_ids:
         return
-    from mgfa_ray.detector.overlap import mask_overlap
     from mgfa_ray.data.images import decode_rgb
+    from mgfa_ray.detector.overlap import mask_overlap
 
     model = load_detector(weights, device=device)
     found = predict_boxes(model, [decode_rgb(str(ann.image_of[i])) for i in holdout_ids], imgsz=cfg.imgsz,

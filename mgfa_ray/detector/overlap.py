@@ -17,8 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mgfa_ray.data.regions import Box
-from mgfa_ray.data.regions import rasterize
+from mgfa_ray.data.regions import Box, rasterize
 
 #: Side of the masks compared, in pixels (the masks' own ``masks.resolution`` is a later stage's).
 RESOLUTION = 64

@@ -24,8 +24,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mgfa_ray.data.images import decode_rgb
-from mgfa_ray.data.images import image_problem
+from mgfa_ray.data.images import decode_rgb, image_problem
 from mgfa_ray.data.regions import Box, parse_label_file, rasterize
 from mgfa_ray.errors import InputError
 from mgfa_ray.storage import sha256_file, sha256_json

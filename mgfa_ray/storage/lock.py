@@ -40,8 +40,8 @@ import time
 import uuid
 from typing import Any
 
-from mgfa_ray.storage import create_local_once, fs_read, fs_write_atomic, location_join, resolve_location
 from mgfa_ray.errors import UserError
+from mgfa_ray.storage import create_local_once, fs_read, fs_write_atomic, location_join, resolve_location
 
 log = logging.getLogger(__name__)
 
