@@ -48,6 +48,7 @@ from mgfa_ray.search.asha import Asha
 from mgfa_ray.search.replay import simulate
 from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
 from syne_policies import syne_methods
+from curve_predictors import pow3_predictions, ridge_predictions
 from mgfa_ray.search.space import load_search_space
 from mgfa_ray.storage import atomic_write_json
 
@@ -151,6 +152,7 @@ def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
     loss = {k: rows.sort_values("epoch")["eval_loss_ce"].to_numpy() for k, rows in frame.groupby("config")}
     last = int(frame["epoch"].max())
     final = frame[frame["epoch"] == last].set_index("config")["eval_top1"]
+    pow3, ridge = curve_predictions(frame)
     return {
         "val loss": lambda k, e, v: -float(loss[k][e - 1]),
         "best-so-far": lambda k, e, v: max(v),
@@ -159,9 +161,17 @@ def rung_signals(frame: pd.DataFrame) -> dict[str, Any]:
         "top-1 - 0.1 loss": lambda k, e, v: v[-1] - 0.1 * float(loss[k][e - 1]),
         # every trial at a rung reached the same epoch, so a signal may change with the epoch
         "val loss to half, top-1 after": lambda k, e, v: -float(loss[k][e - 1]) if 2 * e <= last else v[-1],
+        # learning-curve predictors of the final val top-1 (curve_predictors.py; issue 32, item 4)
+        "pow3 extrapolation": lambda k, e, v: float(pow3[k][e - 1]),
+        "ridge on the other curves": lambda k, e, v: float(ridge[k][e - 1]),
         # not a method: the bound any rung signal could reach (ranks on the final val top-1, known in advance)
         "oracle final top-1": lambda k, e, v: float(final[k]),
     }
+
+
+def curve_predictions(frame: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(pow3, ridge) predictions of every configuration after every epoch (``curve_predictors``)."""
+    return pow3_predictions(frame), ridge_predictions(frame)
 
 
 def signal_correlations(frame: pd.DataFrame, epochs: list[int]) -> dict[str, dict[str, float]]:
@@ -175,6 +185,9 @@ def signal_correlations(frame: pd.DataFrame, epochs: list[int]) -> dict[str, dic
         "val top-1": top, "-val loss": -loss, "-train loss": -wide("train_loss"),
         "best-so-far val top-1": top.cummax(axis=1), "mean of last 2 val top-1": top.T.rolling(2, min_periods=1).mean().T,
         "val top-1 - 0.1 val loss": top - 0.1 * loss,
+        **{name: pd.DataFrame.from_dict(pred, orient="index", columns=top.columns).loc[top.index]
+           for name, pred in zip(("pow3 extrapolation", "ridge on the other curves"), curve_predictions(frame),
+                                 strict=True)},
     }
     return {name: {str(e): float(spearmanr(x[e], final).statistic) for e in epochs} for name, x in candidates.items()}
 
@@ -283,7 +296,7 @@ def _seed_runs(job: tuple) -> tuple[int, dict[str, dict[str, Any]]]:
     """Every (setting, method) of one seed (a process pool's unit of work)."""
     s, seed = job
     table, frame = _load_table(s["table"])
-    signals = rung_signals(frame) if "eval_loss_ce" in frame else {}
+    signals = _signals(s["table"])
     max_epochs = len(table.curves[0].values)
     budget = s["budget_trials"] * max_epochs
     top = set(top_set(table)["keys"])
@@ -301,6 +314,12 @@ def _seed_runs(job: tuple) -> tuple[int, dict[str, dict[str, Any]]]:
             out[label] = run_one(factories[name](table, seed), table, workers=s["workers"], budget=budget,
                                  max_epochs=max_epochs, top=top)
     return seed, out
+
+
+@functools.lru_cache(maxsize=2)
+def _signals(path: str) -> dict[str, Any]:
+    frame = _load_table(path)[1]
+    return rung_signals(frame) if "eval_loss_ce" in frame else {}
 
 
 @functools.lru_cache(maxsize=2)
