@@ -100,6 +100,41 @@ def test_reused_ray_worker_gives_bit_identical_trial(ray_cluster, tiny_train_con
     assert torch.equal(state_a["torch_rng"], state_fresh["torch_rng"])
 
 
+def test_reused_worker_waits_for_a_slow_unwinding_trial(ray_cluster, tmp_path):
+    """Without :func:`allow_slow_unwind` Ray 2.60 waits 2 s for the stopped trial's thread, then fails the
+    next trial ("Trainable runner reuse requires reset_config() ...", seen in a live search of 4 trials
+    on 2 cores) or, with this stand-in, never starts it: the search below then does not finish."""
+    import threading
+
+    from ray import tune
+
+    def slow_unwinding_trial(config: dict) -> None:  # local: Ray pickles it by value for its workers
+        """A stand-in trial whose thread needs 3 s to unwind after Ray stops it (Ray waits 2 s by default)."""
+        import time
+
+        from mgfa_ray.train.worker import allow_slow_unwind
+
+        allow_slow_unwind()
+        try:
+            tune.report({"pid": os.getpid()})  # the stop at iteration 1 ends the thread here
+        finally:
+            time.sleep(3)
+
+    tuner = tune.Tuner(slow_unwinding_trial, param_space={"n": tune.grid_search([0, 1])},
+                       tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), stop={"training_iteration": 1},
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    out: list = []
+    fit = threading.Thread(target=lambda: out.append(tuner.fit()), daemon=True)
+    fit.start()
+    fit.join(timeout=120)
+    assert out, "the second trial never ran in the reused worker"
+    grid = out[0]
+    assert [r.error for r in grid] == [None, None]
+    assert [r.metrics["training_iteration"] for r in grid] == [1, 1]
+    assert len({r.metrics["pid"] for r in grid}) == 1  # both trials ran in one reused worker
+
+
 @pytest.mark.slow
 def test_fractional_gpus_pack_four_trials_at_once(tmp_path):
     """8 stand-in trials, each 0.5 CPU and 0.25 GPU, on a cluster of 4 CPUs and 1 GPU: the GPU

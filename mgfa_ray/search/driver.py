@@ -81,9 +81,10 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
 
     from mgfa_ray.train.checkpoint import load_checkpoint
     from mgfa_ray.train.trial import run_trial
-    from mgfa_ray.train.worker import release_trial_memory, start_trial
+    from mgfa_ray.train.worker import allow_slow_unwind, release_trial_memory, start_trial
 
     configure()  # this worker process: Ultralytics offline, Optuna's log level (mgfa_ray.runtime)
+    allow_slow_unwind()  # a reused worker waits for this trial's thread to unwind instead of failing the next
     started, clock = time.time(), time.perf_counter()
     release_trial_memory()  # what a trial stopped by the scheduler held while its thread unwound
     worker = start_trial()

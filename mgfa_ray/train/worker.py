@@ -23,6 +23,29 @@ from typing import Callable
 
 _trials_started = 0
 
+UNWIND_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
+UNWIND_TIMEOUT_S = 120
+
+
+def allow_slow_unwind(seconds: int = UNWIND_TIMEOUT_S) -> None:
+    """Let Ray Tune wait up to ``seconds`` for a finished trial's thread to end before it reuses the worker.
+
+    A reused worker (Ray Tune's ``reuse_actors``) starts the next trial only after the last one's
+    training thread has unwound (its ``finally`` blocks: :func:`release_trial_memory`, temporary
+    checkpoint directories); Ray waits ``$TUNE_FUNCTION_THREAD_TIMEOUT_S`` seconds for it (default 2,
+    Ray Tune's documented environment variable, read at every reuse in the worker process) and
+    otherwise fails the *next* trial with "Trainable runner reuse requires reset_config() to be
+    implemented and return True" — not retried. On an oversubscribed machine (4 trials on 2 CPU cores)
+    2 of 21 trials of a search failed so. The wait ends as soon as the thread does, so a long limit
+    costs nothing when unwinding is quick. A value already in the environment is kept.
+
+    Raises:
+        ValueError: ``seconds`` < 1.
+    """
+    if seconds < 1:
+        raise ValueError(f"seconds must be >= 1, got {seconds}")
+    os.environ.setdefault(UNWIND_TIMEOUT_ENV, str(int(seconds)))
+
 
 def start_trial() -> dict[str, float]:
     """Count one more trial in this process and return :func:`worker_stats` as it starts.
