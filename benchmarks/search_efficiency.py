@@ -33,9 +33,9 @@ import functools
 import math
 import statistics
 import sys
-from collections.abc import Collection, Sequence
 import tempfile
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,12 @@ import numpy as np
 import optuna
 import pandas as pd
 from common import REPO, new_document
+from curve_predictors import pow3_predictions, ridge_predictions
+from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
+from syne_policies import syne_methods
 
 from mgfa_ray.search.asha import Asha
 from mgfa_ray.search.replay import simulate
-from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
-from syne_policies import syne_methods
-from curve_predictors import pow3_predictions, ridge_predictions
 from mgfa_ray.search.space import load_search_space
 from mgfa_ray.storage import atomic_write_json
 
@@ -274,9 +274,12 @@ DEFAULT_METHODS = ["random", "random+asha", "tpe+asha", "tpe+asha, startup 10", 
                    "syne-tune ASHA-BORE"]  # BORE: ~20 s a seed (an XGBoost fit per proposal), < 2 s for the rest
 
 
-def run_one(policy, table: CurveTable, *, workers: int, budget: int, max_epochs: int, top: Collection[Any]) -> dict[str, Any]:
-    """One simulated search (at most one trial per table configuration) and what the yardstick reads of it."""
-    events, runs = simulate(policy, workers=workers, max_trials=len(table.curves), max_total_epochs=budget)
+def run_one(policy, table: CurveTable, *, workers: int, budget: int, max_epochs: int, top: Collection[Any],
+            max_trials: int | None = None) -> dict[str, Any]:
+    """One simulated search (at most one trial per table configuration; ``max_trials``: fewer) and what
+    the yardstick reads of it."""
+    events, runs = simulate(policy, workers=workers, max_trials=min(max_trials or len(table.curves), len(table.curves)),
+                            max_total_epochs=budget)
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         raise AssertionError("a curve was replayed twice in one search")
@@ -389,9 +392,9 @@ def table_trainable(config: dict, *, base: dict, cache_dir: str | None = None, t
 
     import pandas as _pd
     from ray import tune
-
     from replay_policies import CurveTable as _Table
     from replay_policies import flat_params
+
     from mgfa_ray.search.space import load_search_space as _load
 
     tab = _Table.from_frame(_pd.read_parquet(table_file), space=_load(SPACE))
@@ -455,6 +458,117 @@ def live_check(s: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def live_search_reading(search_dir: str, *, threshold: float, max_epochs: int) -> dict[str, Any]:
+    """What the yardstick reads of one finished live search (real training): its epochs in report
+    order (``reported_at``, every worker), the first trial that finished ``max_epochs`` epochs at val
+    top-1 >= ``threshold`` (the table's top-set bound), and the trials that failed before any epoch."""
+    from mgfa_ray.search.driver import ray_trials
+
+    rows, failed = [], 0
+    for row in ray_trials(search_dir).to_dict("records"):
+        h = row["history"]
+        if h is None or not len(h):
+            failed += 1
+            continue
+        rows += [(float(e["reported_at"]), int(row["optuna_trial"]), int(e["training_iteration"]), float(e["eval_top1"]),
+                  float(e["test_top1"])) for e in h.to_dict("records")]
+    rows.sort()
+    hit = next((i for i, r in enumerate(rows, 1) if r[2] == max_epochs and r[3] >= threshold - 1e-12), None)
+    full = [r for r in rows if r[2] == max_epochs]
+    best = max(full, key=lambda r: r[3], default=None)
+    return {"search_dir": search_dir, "trials": len({r[1] for r in rows}) + failed, "trials_failed_before_an_epoch": failed,
+            "epochs": len(rows), "trials_full": len(full), "reached": hit is not None, "epochs_to_top": hit,
+            "best_val": best[3] if best else None, "best_test": best[4] if best else None,
+            "final_val_of_full_trials": sorted(r[3] for r in full)}
+
+
+def live_proxy(s: dict[str, Any]) -> dict[str, Any]:
+    """Live searches on the proxy (real training) against the simulator's prediction for the same method.
+
+    The simulator replays the shipped default (random proposals + ASHA at the live space's rungs) with
+    the live searches' trials and workers, over ``seeds``; its distribution of per-search figures is
+    the prediction, and each live search is placed in it."""
+    from mgfa_ray.search.driver import read_record
+    from mgfa_ray.search.space import load_search_space as _load
+
+    recs = [read_record(d) for d in s["search_dirs"]]
+    spaces = {r.search.space for r in recs}
+    trials = {r.search.num_samples for r in recs}
+    workers = {r.search.max_concurrent for r in recs}
+    if len(spaces) != 1 or len(trials) != 1 or len(workers) != 1 or {r.search.sampler for r in recs} != {"random"}:
+        raise SystemExit("error: the live searches must share one space, num_samples, max_concurrent and the random sampler")
+    space = _load(spaces.pop())
+    sched = space.scheduler
+    table, _ = _load_table(s["table"])
+    max_epochs = len(table.curves[0].values)
+    if sched.max_epochs != max_epochs or not sched.early_stopping:
+        raise SystemExit(f"error: the live space must stop early over the table's {max_epochs} epochs")
+    top = top_set(table)
+    n_trials, n_workers = trials.pop(), workers.pop()
+    live = [live_search_reading(d, threshold=top["threshold"], max_epochs=max_epochs) for d in s["search_dirs"]]
+    sim = []
+    for seed in s["seeds"]:
+        policy = StudyPolicy(table, sampler=optuna.samplers.RandomSampler(seed=seed),
+                             asha=Asha(grace_period=sched.grace_period, reduction_factor=sched.reduction_factor))
+        sim.append(run_one(policy, table, workers=n_workers, budget=n_trials * max_epochs, max_epochs=max_epochs,
+                           top=set(top["keys"]), max_trials=n_trials))
+    return _live_vs_sim(live, sim, s=s, top=top, n_trials=n_trials, n_workers=n_workers,
+                        grace=sched.grace_period, factor=sched.reduction_factor)
+
+
+def _live_vs_sim(live: list[dict[str, Any]], sim: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
+    """Where the live searches fall in the simulated distribution (see :func:`live_proxy`)."""
+    from scipy.stats import binom
+
+    p = sum(r["reached"] for r in sim) / len(sim)
+    k, n = sum(r["reached"] for r in live), len(live)
+
+    def band(values: list[float]) -> dict[str, Any]:
+        a = np.asarray(values, dtype=np.float64)
+        return {"mean": float(a.mean()), "p2.5": float(np.percentile(a, 2.5)), "p97.5": float(np.percentile(a, 97.5))}
+
+    def mean_band(values: list[float], size: int) -> list[float]:  # 95% range of the mean of `size` searches
+        rng = np.random.default_rng(0)
+        means = rng.choice(np.asarray(values, dtype=np.float64), size=(20000, size)).mean(axis=1)
+        return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+    sim_epochs = [r["epochs"] for r in sim]
+    sim_full = [r["trials_full"] for r in sim]
+    sim_top = [r["epochs_to_top"] for r in sim if r["reached"]]
+    live_epochs = [r["epochs"] for r in live]
+    s = info.pop("s")
+    doc = new_document("search_efficiency_live_proxy", settings={"seeds": s["seeds"], **info, "table": _shown(Path(s["table"]))},
+                       measured=MEASURED_LIVE)
+    doc.update(top_set_threshold=info["top"]["threshold"], live=live, simulated_seeds=len(sim), prediction={
+        "success_rate": p, "epochs": band(sim_epochs), "trials_full": band(sim_full),
+        "epochs_to_top_if_reached": band(sim_top) if sim_top else None,
+        f"mean_epochs_of_{n}_searches_95": mean_band(sim_epochs, n),
+        f"mean_trials_full_of_{n}_searches_95": mean_band(sim_full, n)},
+        agreement={"live_successes": k, "live_searches": n,
+                   "p_at_most_live_successes": float(binom.cdf(k, n, p)),
+                   "p_at_least_live_successes": float(binom.sf(k - 1, n, p)),
+                   "live_mean_epochs": float(np.mean(live_epochs)),
+                   "live_mean_epochs_inside": mean_band(sim_epochs, n)[0] <= np.mean(live_epochs) <= mean_band(sim_epochs, n)[1],
+                   "live_mean_trials_full": float(np.mean([r["trials_full"] for r in live])),
+                   "live_epochs_to_top": [r["epochs_to_top"] for r in live]})
+    doc.pop("top", None)
+    return doc
+
+
+MEASURED_LIVE = {
+    "live": "each live search: a real search (mgfa-ray run, Ray Tune, real training on the proxy) read from its trial "
+            "histories: epochs in the order they were reported (reported_at, all workers), epochs_to_top = epochs up to "
+            "and including the first epoch max_epochs of a trial at val top-1 >= the table's top-set bound; trials "
+            "that failed before an epoch are counted apart.",
+    "prediction": "mgfa_ray.search.replay.simulate of random proposals + ASHA at the live space's rungs on the curve "
+                  "table, the live searches' num_samples and max_concurrent, one search per simulation seed; success, "
+                  "epochs run and trials that ran every epoch per search; 2.5/97.5 percentiles over the seeds, and the "
+                  "95% range of the mean of as many searches as were run live (20 000 resamples).",
+    "agreement": "binomial probability (scipy.stats.binom) of at most / at least the live successes given the "
+                 "simulated success rate; whether the live mean of epochs run lies inside the simulated range.",
+}
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository when inside it (JSON that holds no machine's paths)."""
     path = Path(path).resolve()
@@ -467,8 +581,8 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("action", choices=["record", "compare", "live-check"], nargs="?", default="compare")
-    p.add_argument("search_dir", nargs="?", help="record: the finished table search")
+    p.add_argument("action", choices=["record", "compare", "live-check", "live-proxy"], nargs="?", default="compare")
+    p.add_argument("search_dir", nargs="*", help="record: the finished table search; live-proxy: the live searches")
     p.add_argument("--preset", choices=["smoke", "full"], default="full")
     p.add_argument("--partial", action="store_true", help="record: the trials finished so far only")
     p.add_argument("--table", type=Path, default=TABLE)
@@ -488,10 +602,12 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
          "workers": a.workers, "budget_trials": a.budget_trials or (10 if smoke else 100),
          "grace": a.grace or [2], "factor": a.factor or [3],
          "methods": list(dict.fromkeys(["random", *(a.methods or DEFAULT_METHODS)])), "processes": a.processes,
-         "live_trials": a.live_trials, "scale": a.scale, "search_dir": a.search_dir, "partial": a.partial}
+         "live_trials": a.live_trials, "scale": a.scale, "search_dir": a.search_dir[0] if a.search_dir else None,
+         "search_dirs": a.search_dir, "partial": a.partial}
     s["settings"] = [[g, f] for g in s["grace"] for f in s["factor"]]
     s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
                          OUT.with_name("search_efficiency_live_check.json") if a.action == "live-check" else
+                         OUT.with_name("search_efficiency_live_proxy.json") if a.action == "live-proxy" else
                          REPO / "outputs" / "bench" / f"search_efficiency_{a.action}_{a.preset}.json")
     return a.action, s
 
@@ -505,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         doc = record(s["search_dir"], s["table"], partial=s["partial"])
         log(f"wrote {s['table']} ({doc['configurations']} configurations x {doc['epochs']} epochs)")
         return
-    doc = compare(s) if action == "compare" else live_check(s)
+    doc = {"compare": compare, "live-check": live_check, "live-proxy": live_proxy}[action](s)
     atomic_write_json(s["out"], doc)
     log(f"wrote {s['out']}")
 

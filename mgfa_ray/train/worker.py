@@ -19,7 +19,7 @@ import ctypes.util
 import functools
 import gc
 import os
-from typing import Callable
+from collections.abc import Callable
 
 _trials_started = 0
 
