@@ -20,8 +20,12 @@ Steps::
     python benchmarks/search_efficiency.py record outputs/curve_table/search/leafsnap20_fewshot
     # 3. every method, 100 seeds (minutes)
     python benchmarks/search_efficiency.py compare --processes 2
-    # 4. the simulator against one live Ray Tune search on the same table
-    python benchmarks/search_efficiency.py live-check
+    # 4. live searches on the proxy (real training; CPU: ~10 min each on 2 cores) against the simulator
+    ray start --head --num-cpus 4      # 4 trials at once on a 2-core machine
+    for s in 0 1 2; do mgfa-ray run jobs/leafsnap20_fewshot.yaml --output-dir outputs/live_proxy/s$s \
+        --set search.space=benchmarks/spaces/live_check_fewshot.yaml --set search.num_samples=32 \
+        --set search.max_concurrent=4 --set search.sampler=random --set search.seed=$s --accept-weak; done
+    python benchmarks/search_efficiency.py live-proxy outputs/live_proxy/s{0,1,2}/search/leafsnap20_fewshot
 
 ``compare --preset smoke`` is the plumbing check (seconds).
 """
@@ -33,7 +37,6 @@ import functools
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -44,7 +47,7 @@ import optuna
 import pandas as pd
 from common import REPO, new_document
 from curve_predictors import pow3_predictions, ridge_predictions
-from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy
+from replay_policies import PARAM_PREFIX, CurveTable, RayStockPolicy, StudyPolicy, flat_params
 from syne_policies import syne_methods
 
 from mgfa_ray.search.asha import Asha
@@ -383,80 +386,7 @@ def compare(s: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-# --- live check -------------------------------------------------------------------------------
-
-def table_trainable(config: dict, *, base: dict, cache_dir: str | None = None, table_file: str, scale: float) -> None:
-    """Ray function trainable replaying the nearest table configuration's curve, each epoch sleeping
-    its recorded time x ``scale`` (cloudpickled by value from this script)."""
-    import time as _time
-
-    import pandas as _pd
-    from ray import tune
-    from replay_policies import CurveTable as _Table
-    from replay_policies import flat_params
-
-    from mgfa_ray.search.space import load_search_space as _load
-
-    tab = _Table.from_frame(_pd.read_parquet(table_file), space=_load(SPACE))
-    params = {k: v for k, v in flat_params(config).items() if k in tab.params[0]}
-    curve = tab.curve_for(params)
-    for epoch, (value, seconds) in enumerate(zip(curve.values, curve.epoch_seconds, strict=True), 1):
-        _time.sleep(seconds * scale)
-        tune.report({"eval_top1": value, "table_config": int(curve.key), "epoch": epoch})
-
-
-def live_check(s: dict[str, Any]) -> dict[str, Any]:
-    """One live search (Ray Tune, StudySearch + StudyScheduler) on the table against its simulation."""
-    import ray
-    import yaml
-
-    from mgfa_ray.config import SearchConfig, TrainConfig
-    from mgfa_ray.search.driver import create_search, run_search
-    from mgfa_ray.search.study import StudyRef
-
-    grace, factor = s["grace"][0], s["factor"][0]
-    space_doc = yaml.safe_load(SPACE.read_text())
-    space_doc["scheduler"].update(grace_period=grace, reduction_factor=factor, early_stopping=True)
-    work = Path(tempfile.mkdtemp(prefix="mgfa-live-check-"))
-    space_file = work / "space.yaml"
-    space_file.write_text(yaml.safe_dump(space_doc))
-    space = load_search_space(space_file)
-    table = CurveTable.from_frame(pd.read_parquet(s["table"]), space=space)
-    seed = s["seeds"][0]
-    search = SearchConfig(space=str(space_file), num_samples=s["live_trials"], max_concurrent=s["workers"],
-                          cpus_per_trial=1, seed=seed, sampler="tpe", max_failures=0)
-    base = TrainConfig(manifest="table", masks="table", weights=None)
-    search_dir = create_search(name="live", space=space, space_file=str(space_file), search=search, base=base,
-                               storage_path=str(work / "searches"))
-    ray.init(num_cpus=s["workers"], include_dashboard=False, configure_logging=False)
-    t0 = time.time()
-    run_search(search_dir, trainable=functools.partial(table_trainable, table_file=str(Path(s["table"]).resolve()),
-                                                       scale=s["scale"]))
-    wall = time.time() - t0
-    ray.shutdown()
-    from mgfa_ray.search.driver import read_record
-
-    rec = read_record(search_dir)
-    study = StudyRef(rec.study.storage, rec.study.study_name).load()
-    live = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in study.trials]
-    policy = StudyPolicy(table, sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
-                         asha=Asha(grace_period=grace, reduction_factor=factor))
-    _, runs = simulate(policy, workers=s["workers"], max_trials=s["live_trials"])
-    sim = [(table.nearest(t.params), len(t.intermediate_values), t.state.name) for t in policy.study.trials]
-    same = [a == b for a, b in zip(live, sim, strict=True)]
-    first_diff = same.index(False) if False in same else None
-    doc = new_document("search_efficiency_live_check", settings={"grace": grace, "factor": factor, "seed": seed,
-                                                                 "workers": s["workers"], "trials": s["live_trials"],
-                                                                 "scale": s["scale"]}, measured={
-        "what": "a live Ray Tune search (mgfa_ray.search.driver.run_search: StudySearch + StudyScheduler, TPE seed, ASHA) whose "
-                "trainable replays the nearest table configuration's curve, each epoch sleeping its recorded time x "
-                "scale, against mgfa_ray.search.replay.simulate of the same method and seed; per trial (table config, epochs "
-                "run, Optuna state) compared in trial order; proposals agree while the results reached the sampler in "
-                "the same order"})
-    doc.update(live=live, simulated=sim, agreeing_trials=sum(same), trials=len(same), first_difference=first_diff,
-               live_epochs=sum(x[1] for x in live), simulated_epochs=sum(x[1] for x in sim), live_wall_seconds=wall)
-    return doc
-
+# --- live searches on the proxy ---------------------------------------------------------------
 
 def live_search_reading(search_dir: str, *, threshold: float, max_epochs: int) -> dict[str, Any]:
     """What the yardstick reads of one finished live search (real training): its epochs in report
@@ -512,8 +442,30 @@ def live_proxy(s: dict[str, Any]) -> dict[str, Any]:
                              asha=Asha(grace_period=sched.grace_period, reduction_factor=sched.reduction_factor))
         sim.append(run_one(policy, table, workers=n_workers, budget=n_trials * max_epochs, max_epochs=max_epochs,
                            top=set(top["keys"]), max_trials=n_trials))
-    return _live_vs_sim(live, sim, s=s, top=top, n_trials=n_trials, n_workers=n_workers,
-                        grace=sched.grace_period, factor=sched.reduction_factor)
+    doc = _live_vs_sim(live, sim, s=s, top=top, n_trials=n_trials, n_workers=n_workers,
+                       grace=sched.grace_period, factor=sched.reduction_factor)
+    if s["retrained"]:
+        doc["top_set_retrained"] = retrained_top_set(s["retrained"], table, threshold=top["threshold"])
+    return doc
+
+
+def retrained_top_set(search_dir: str, table: CurveTable, *, threshold: float) -> list[dict[str, Any]]:
+    """The table's configurations retrained today (a never-stopped search of their exact values,
+    ``benchmarks/spaces/table_top_set.yaml``) against their recorded curves: final val and test
+    top-1 in both, and the mean absolute difference of the val curves."""
+    from mgfa_ray.search.replay_report import recorded_trials
+
+    trials, _ = recorded_trials(search_dir)
+    out = []
+    for t in trials:
+        rec = table.curves[table.nearest({k: v for k, v in flat_params(t.params).items() if k in table.params[0]})]
+        now = t.curve.values
+        out.append({"config": int(rec.key), "epochs": len(now), "table_final_val": rec.values[-1],
+                    "retrained_final_val": now[-1], "table_final_test": rec.test[-1] if rec.test else None,
+                    "retrained_final_test": t.curve.test[-1] if t.curve.test else None,
+                    "retrained_in_top_set": now[-1] >= threshold - 1e-12,
+                    "mean_abs_val_difference": float(np.mean(np.abs(np.subtract(now, rec.values[:len(now)]))))})
+    return out
 
 
 def _live_vs_sim(live: list[dict[str, Any]], sim: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
@@ -581,7 +533,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("action", choices=["record", "compare", "live-check", "live-proxy"], nargs="?", default="compare")
+    p.add_argument("action", choices=["record", "compare", "live-proxy"], nargs="?", default="compare")
     p.add_argument("search_dir", nargs="*", help="record: the finished table search; live-proxy: the live searches")
     p.add_argument("--preset", choices=["smoke", "full"], default="full")
     p.add_argument("--partial", action="store_true", help="record: the trials finished so far only")
@@ -593,8 +545,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 3)")
     p.add_argument("--methods", nargs="+", help="only these methods (random is always run; default: DEFAULT_METHODS)")
     p.add_argument("--processes", type=int, default=1, help="seeds simulated in parallel processes (default 1)")
-    p.add_argument("--live-trials", type=int, default=24)
-    p.add_argument("--scale", type=float, default=0.1, help="live-check: sleep = recorded epoch time x scale")
+    p.add_argument("--retrained", help="live-proxy: the search that retrained the table's top set")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     smoke = a.preset == "smoke"
@@ -602,11 +553,10 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
          "workers": a.workers, "budget_trials": a.budget_trials or (10 if smoke else 100),
          "grace": a.grace or [2], "factor": a.factor or [3],
          "methods": list(dict.fromkeys(["random", *(a.methods or DEFAULT_METHODS)])), "processes": a.processes,
-         "live_trials": a.live_trials, "scale": a.scale, "search_dir": a.search_dir[0] if a.search_dir else None,
-         "search_dirs": a.search_dir, "partial": a.partial}
+         "search_dir": a.search_dir[0] if a.search_dir else None,
+         "search_dirs": a.search_dir, "partial": a.partial, "retrained": a.retrained}
     s["settings"] = [[g, f] for g in s["grace"] for f in s["factor"]]
     s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
-                         OUT.with_name("search_efficiency_live_check.json") if a.action == "live-check" else
                          OUT.with_name("search_efficiency_live_proxy.json") if a.action == "live-proxy" else
                          REPO / "outputs" / "bench" / f"search_efficiency_{a.action}_{a.preset}.json")
     return a.action, s
@@ -621,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         doc = record(s["search_dir"], s["table"], partial=s["partial"])
         log(f"wrote {s['table']} ({doc['configurations']} configurations x {doc['epochs']} epochs)")
         return
-    doc = {"compare": compare, "live-check": live_check, "live-proxy": live_proxy}[action](s)
+    doc = {"compare": compare, "live-proxy": live_proxy}[action](s)
     atomic_write_json(s["out"], doc)
     log(f"wrote {s['out']}")
 
