@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -163,7 +164,6 @@ def run_syne_simulator(table: CurveTable, inner: Any, *, workers: int, poll_seco
     logging.getLogger("syne_tune").setLevel(logging.WARNING)
     work = Path(workdir or tempfile.mkdtemp(prefix="syne-sim-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["SYNETUNE_FOLDER"] = str(work / "experiments")  # syne-tune's results: not under ~/syne-tune
     curves = work / "curves.json"
     write_curves(table, curves)
     scheduler = scheduler_classes()[1](inner, table, curves)
@@ -179,12 +179,24 @@ def run_syne_simulator(table: CurveTable, inner: Any, *, workers: int, poll_seco
                            delay_start=0, delay_stop=0)
     backend = SimulatorBackend(entry_point=str(ENTRY), elapsed_time_attr="elapsed_time", simulator_config=zero,
                                tuner_sleep_time=poll_seconds)
+    # syne-tune 0.16.0's SimulatorBackend runs the entry script with the `python` on PATH (its LocalBackend
+    # uses sys.executable): put this interpreter first. SYNETUNE_FOLDER, read by Tuner(): not ~/syne-tune.
+    before = {k: os.environ.get(k) for k in ("PATH", "SYNETUNE_FOLDER")}
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    os.environ["SYNETUNE_FOLDER"] = str(work / "experiments")
     tuner = Tuner(trial_backend=backend, scheduler=scheduler, n_workers=workers, sleep_time=0,
                   stop_criterion=StoppingCriterion(max_num_trials_started=len(table.curves)),
                   wait_trial_completion_when_stopping=True, callbacks=[Log()], save_tuner=False,
                   tuner_name=f"table-{datetime.now():%H%M%S%f}", trial_backend_path=str(work / "trials"),
                   print_update_interval=1e9, results_update_interval=1e9)
-    tuner.run()
+    try:
+        tuner.run()
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     results.sort(key=lambda r: (r[0], r[1]))
     epochs: dict[int, int] = {}
     for _, trial, _, epoch, _ in results:
