@@ -406,7 +406,7 @@ def live_search_reading(search_dir: str, *, threshold: float, max_epochs: int) -
     hit = next((i for i, r in enumerate(rows, 1) if r[2] == max_epochs and r[3] >= threshold - 1e-12), None)
     full = [r for r in rows if r[2] == max_epochs]
     best = max(full, key=lambda r: r[3], default=None)
-    return {"search_dir": search_dir, "trials": len({r[1] for r in rows}) + failed, "trials_failed_before_an_epoch": failed,
+    return {"search_dir": _shown(Path(search_dir)), "trials": len({r[1] for r in rows}) + failed, "trials_failed_before_an_epoch": failed,
             "epochs": len(rows), "trials_full": len(full), "reached": hit is not None, "epochs_to_top": hit,
             "best_val": best[3] if best else None, "best_test": best[4] if best else None,
             "final_val_of_full_trials": sorted(r[3] for r in full)}
@@ -444,19 +444,20 @@ def live_proxy(s: dict[str, Any]) -> dict[str, Any]:
                            top=set(top["keys"]), max_trials=n_trials))
     doc = _live_vs_sim(live, sim, s=s, top=top, n_trials=n_trials, n_workers=n_workers,
                        grace=sched.grace_period, factor=sched.reduction_factor)
-    if s["retrained"]:
-        doc["top_set_retrained"] = retrained_top_set(s["retrained"], table, threshold=top["threshold"])
+    doc["top_set_retrained"] = [retrained_top_set(d, table, threshold=top["threshold"]) for d in s["retrained"] or []]
     return doc
 
 
-def retrained_top_set(search_dir: str, table: CurveTable, *, threshold: float) -> list[dict[str, Any]]:
+def retrained_top_set(search_dir: str, table: CurveTable, *, threshold: float) -> dict[str, Any]:
     """The table's configurations retrained today (a never-stopped search of their exact values,
     ``benchmarks/spaces/table_top_set.yaml``) against their recorded curves: final val and test
-    top-1 in both, and the mean absolute difference of the val curves."""
+    top-1 in both, and the mean absolute difference of the val curves; ``train_seed``: the
+    training seed of the retrained runs."""
+    from mgfa_ray.search.driver import read_record
     from mgfa_ray.search.replay_report import recorded_trials
 
     trials, _ = recorded_trials(search_dir)
-    out = []
+    out: list[dict[str, Any]] = []
     for t in trials:
         rec = table.curves[table.nearest({k: v for k, v in flat_params(t.params).items() if k in table.params[0]})]
         now = t.curve.values
@@ -465,7 +466,8 @@ def retrained_top_set(search_dir: str, table: CurveTable, *, threshold: float) -
                     "retrained_final_test": t.curve.test[-1] if t.curve.test else None,
                     "retrained_in_top_set": now[-1] >= threshold - 1e-12,
                     "mean_abs_val_difference": float(np.mean(np.abs(np.subtract(now, rec.values[:len(now)]))))})
-    return out
+    return {"search_dir": _shown(Path(search_dir)), "train_seed": read_record(search_dir).trial_base.get("seed"),
+            "configs": out}
 
 
 def _live_vs_sim(live: list[dict[str, Any]], sim: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
@@ -545,7 +547,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 3)")
     p.add_argument("--methods", nargs="+", help="only these methods (random is always run; default: DEFAULT_METHODS)")
     p.add_argument("--processes", type=int, default=1, help="seeds simulated in parallel processes (default 1)")
-    p.add_argument("--retrained", help="live-proxy: the search that retrained the table's top set")
+    p.add_argument("--retrained", nargs="*", help="live-proxy: searches that retrained the table's top set")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     smoke = a.preset == "smoke"

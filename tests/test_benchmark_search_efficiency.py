@@ -139,3 +139,22 @@ def test_compare_on_a_synthetic_table(tmp_path):
         for run in seed["runs"].values():
             assert run["trials"] <= 12 and (run["epochs_to_top"] is None or run["epochs_to_top"] <= 12 * 20)
             assert run["reached"] == (run["config"] in doc["top_set"]["keys"])
+
+
+def test_live_searches_are_placed_in_the_simulated_distribution(tmp_path):
+    """1 live success in 3 against a simulated 99 of 100 is P = 1 - 0.99^3 - 3 x 0.99^2 x 0.01 ≈ 3e-4;
+    epochs run 150, 160, 170 lie inside the range of a mean of 3 drawn from 100..300."""
+    def run(reached: bool, epochs: int, full: int) -> dict:
+        return {"reached": reached, "epochs": epochs, "trials_full": full, "epochs_to_top": 90 if reached else None}
+
+    live = [run(False, 150, 2), run(True, 160, 3), run(False, 170, 2)]
+    sim = [run(i > 0, 100 + 2 * i, 2 + i % 4) for i in range(100)]
+    doc = search_efficiency._live_vs_sim(live, sim, s={"seeds": list(range(100)), "table": tmp_path / "t.parquet"},
+                                         top={"threshold": 0.83}, n_trials=32, n_workers=4, grace=2, factor=3)
+    agreement = doc["agreement"]
+    assert doc["prediction"]["success_rate"] == 0.99
+    assert agreement["live_successes"] == 1
+    assert agreement["p_at_most_live_successes"] == pytest.approx(1 - 0.99 ** 3 - 3 * 0.99 ** 2 * 0.01)
+    assert agreement["live_mean_epochs"] == 160 and agreement["live_mean_epochs_inside"] is True
+    low, high = doc["prediction"]["mean_epochs_of_3_searches_95"]
+    assert 100 < low < 199 < high < 298
