@@ -36,7 +36,7 @@ def allow_slow_unwind(seconds: int = UNWIND_TIMEOUT_S) -> None:
     Ray Tune's documented environment variable, read at every reuse in the worker process) and
     otherwise fails the *next* trial with "Trainable runner reuse requires reset_config() to be
     implemented and return True" — not retried. On an oversubscribed machine (4 trials on 2 CPU cores)
-    2 of 21 trials of a search failed so. The wait ends as soon as the thread does, so a long limit
+    2 of the 32 trials of a search failed so. The wait ends as soon as the thread does, so a long limit
     costs nothing when unwinding is quick. A value already in the environment is kept.
 
     Raises:
