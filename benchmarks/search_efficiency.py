@@ -505,7 +505,6 @@ def _live_vs_sim(live: list[dict[str, Any]], sim: list[dict[str, Any]], **info: 
                    "live_mean_epochs_inside": bool(mean_band(sim_epochs, n)[0] <= np.mean(live_epochs) <= mean_band(sim_epochs, n)[1]),
                    "live_mean_trials_full": float(np.mean([r["trials_full"] for r in live])),
                    "live_epochs_to_top": [r["epochs_to_top"] for r in live]})
-    doc.pop("top", None)
     return doc
 
 
