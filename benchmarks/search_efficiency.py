@@ -26,6 +26,13 @@ Steps::
         --set search.space=benchmarks/spaces/live_check_fewshot.yaml --set search.num_samples=32 \
         --set search.max_concurrent=4 --set search.sampler=random --set search.seed=$s --accept-weak; done
     python benchmarks/search_efficiency.py live-proxy outputs/live_proxy/s{0,1,2}/search/leafsnap20_fewshot
+    # 5. the table's search again on today's proxy (same sampler seed: the same configurations), against the table
+    mgfa-ray run jobs/leafsnap20_fewshot.yaml --output-dir outputs/curve_table_v2 \
+        --set search.space=benchmarks/spaces/curve_table_fewshot.yaml --set search.num_samples=200 \
+        --set search.sampler=random --set search.seed=17 --accept-weak
+    python benchmarks/search_efficiency.py record outputs/curve_table_v2/search/leafsnap20_fewshot --partial \
+        --table results/benchmarks/curve_table_fewshot_rerun.parquet
+    python benchmarks/search_efficiency.py compare-tables --rerun results/benchmarks/curve_table_fewshot_rerun.parquet
 
 ``compare --preset smoke`` is the plumbing check (seconds).
 """
@@ -522,6 +529,38 @@ MEASURED_LIVE = {
 }
 
 
+def compare_tables(s: dict[str, Any]) -> dict[str, Any]:
+    """The same configurations recorded twice (the table, and a rerun of its search with the same
+    sampler seed on today's proxy): final val top-1 of each configuration in both, their rank
+    correlation and mean difference, and each table's top set over the configurations in both."""
+    from scipy.stats import spearmanr, ttest_rel
+
+    old, new = (pd.read_parquet(p) for p in (s["table"], s["rerun"]))
+    last = int(old["epoch"].max())
+    finals = {name: f[f["epoch"] == last].set_index("config")["eval_top1"] for name, f in (("old", old), ("new", new))}
+    common = sorted(set(finals["old"].index) & set(finals["new"].index))
+    if len(common) < 3:
+        raise SystemExit(f"error: {s['rerun']} shares {len(common)} whole curves with {s['table']}; need at least 3")
+    a, b = finals["old"].loc[common].to_numpy(), finals["new"].loc[common].to_numpy()
+    diff = ttest_rel(b, a)
+    ci = diff.confidence_interval(0.95)
+
+    def top(values: np.ndarray) -> list[int]:
+        best = float(values.max())
+        bound = best - math.sqrt(2 * best * (1 - best) / VAL_PHOTOS)
+        return [int(k) for k, v in zip(common, values, strict=True) if v >= bound - 1e-12]
+
+    doc = new_document("curve_table_rerun", settings={k: _shown(Path(s[k])) for k in ("table", "rerun")}, measured={
+        "what": "final (epoch max) val top-1 of every configuration with a whole curve in both tables; spearman: "
+                "scipy.stats.spearmanr; mean_difference: new - old with the paired t interval (scipy.stats.ttest_rel); "
+                "top sets: the yardstick's rule (best - sqrt(2 p (1 - p) / 40)) on each table's common configurations."})
+    doc.update(configurations=len(common), spearman_final_val=float(spearmanr(a, b).statistic),
+               mean_old=float(a.mean()), mean_new=float(b.mean()), mean_difference=float((b - a).mean()),
+               mean_difference_ci95=[float(ci.low), float(ci.high)], mean_abs_difference=float(np.abs(b - a).mean()),
+               top_set_old=top(a), top_set_new=top(b), finals={str(k): [float(x), float(y)] for k, x, y in zip(common, a, b)})
+    return doc
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository when inside it (JSON that holds no machine's paths)."""
     path = Path(path).resolve()
@@ -534,7 +573,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("action", choices=["record", "compare", "live-proxy"], nargs="?", default="compare")
+    p.add_argument("action", choices=["record", "compare", "live-proxy", "compare-tables"], nargs="?", default="compare")
     p.add_argument("search_dir", nargs="*", help="record: the finished table search; live-proxy: the live searches")
     p.add_argument("--preset", choices=["smoke", "full"], default="full")
     p.add_argument("--partial", action="store_true", help="record: the trials finished so far only")
@@ -546,6 +585,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
     p.add_argument("--factor", type=int, nargs="+", help="ASHA reduction factors (default 3)")
     p.add_argument("--methods", nargs="+", help="only these methods (random is always run; default: DEFAULT_METHODS)")
     p.add_argument("--processes", type=int, default=1, help="seeds simulated in parallel processes (default 1)")
+    p.add_argument("--rerun", type=Path, help="compare-tables: the table recorded again (record's Parquet)")
     p.add_argument("--retrained", nargs="*", help="live-proxy: searches that retrained the table's top set")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -555,10 +595,12 @@ def parse_args(argv: list[str] | None) -> tuple[str, dict[str, Any]]:
          "grace": a.grace or [2], "factor": a.factor or [3],
          "methods": list(dict.fromkeys(["random", *(a.methods or DEFAULT_METHODS)])), "processes": a.processes,
          "search_dir": a.search_dir[0] if a.search_dir else None,
-         "search_dirs": a.search_dir, "partial": a.partial, "retrained": a.retrained}
+         "search_dirs": a.search_dir, "partial": a.partial, "retrained": a.retrained,
+         "rerun": a.rerun}
     s["settings"] = [[g, f] for g in s["grace"] for f in s["factor"]]
     s["out"] = a.out or (OUT if a.action == "compare" and not smoke else
                          OUT.with_name("search_efficiency_live_proxy.json") if a.action == "live-proxy" else
+                         OUT.with_name("curve_table_rerun.json") if a.action == "compare-tables" else
                          REPO / "outputs" / "bench" / f"search_efficiency_{a.action}_{a.preset}.json")
     return a.action, s
 
@@ -572,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         doc = record(s["search_dir"], s["table"], partial=s["partial"])
         log(f"wrote {s['table']} ({doc['configurations']} configurations x {doc['epochs']} epochs)")
         return
-    doc = {"compare": compare, "live-proxy": live_proxy}[action](s)
+    doc = {"compare": compare, "live-proxy": live_proxy, "compare-tables": compare_tables}[action](s)
     atomic_write_json(s["out"], doc)
     log(f"wrote {s['out']}")
 

@@ -158,3 +158,24 @@ def test_live_searches_are_placed_in_the_simulated_distribution(tmp_path):
     assert agreement["live_mean_epochs"] == 160 and agreement["live_mean_epochs_inside"] is True
     low, high = doc["prediction"]["mean_epochs_of_3_searches_95"]
     assert 100 < low < 199 < high < 298
+
+
+def test_compare_tables_reads_the_same_configurations_twice(tmp_path):
+    """Configurations 0-3 at finals 0.5, 0.6, 0.7, 0.9 and again at 0.4, 0.5, 0.7, 0.8 (4 only in the
+    rerun): 4 in common, ranks equal (Spearman 1), mean difference -0.075; the top set is {3} in both
+    (40 photos: 0.9 - 0.067 and 0.8 - 0.089 leave only the best)."""
+    def table(path: Path, finals: dict[int, float]) -> Path:
+        rows = [{"config": k, "epoch": e, "eval_top1": v * e / 20} for k, v in finals.items() for e in range(1, 21)]
+        pd.DataFrame(rows).to_parquet(path)
+        return path
+
+    old = table(tmp_path / "old.parquet", {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9})
+    new = table(tmp_path / "new.parquet", {0: 0.4, 1: 0.5, 2: 0.7, 3: 0.8, 4: 0.95})
+    doc = search_efficiency.compare_tables({"table": old, "rerun": new})
+    assert doc["configurations"] == 4 and doc["spearman_final_val"] == pytest.approx(1.0)
+    assert doc["mean_difference"] == pytest.approx(-0.075)
+    low, high = doc["mean_difference_ci95"]
+    assert low < -0.075 < high < 0.01
+    assert doc["top_set_old"] == [3] and doc["top_set_new"] == [3]
+    with pytest.raises(SystemExit, match="need at least 3"):
+        search_efficiency.compare_tables({"table": old, "rerun": table(tmp_path / "few.parquet", {0: 0.5, 9: 0.1})})
