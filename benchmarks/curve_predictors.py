@@ -77,8 +77,9 @@ def ridge_predictions(frame: pd.DataFrame) -> dict[int, np.ndarray]:
     (features: val top-1 and val cross-entropy of epochs 1..e; see the module)."""
     from sklearn.linear_model import RidgeCV
 
-    top, loss = _wide(frame, "eval_top1").to_numpy(), _wide(frame, "eval_loss_ce").to_numpy()
-    keys = [int(k) for k in _wide(frame, "eval_top1").index]
+    wide_top = _wide(frame, "eval_top1")
+    top, loss = wide_top.to_numpy(), _wide(frame, "eval_loss_ce").to_numpy()
+    keys = [int(k) for k in wide_top.index]
     last = top.shape[1]
     out = {k: np.empty(last) for k in keys}
     for e in range(1, last + 1):

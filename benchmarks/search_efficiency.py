@@ -424,7 +424,11 @@ def live_proxy(s: dict[str, Any]) -> dict[str, Any]:
 
     The simulator replays the shipped default (random proposals + ASHA at the live space's rungs) with
     the live searches' trials and workers, over ``seeds``; its distribution of per-search figures is
-    the prediction, and each live search is placed in it."""
+    the prediction, and each live search is placed in it.
+
+    Raises:
+        SystemExit: the live searches differ in space, trials or workers, do not use random proposals,
+            or their space does not stop early over the table's epochs."""
     from mgfa_ray.search.driver import read_record
     from mgfa_ray.search.space import load_search_space as _load
 
@@ -532,7 +536,10 @@ MEASURED_LIVE = {
 def compare_tables(s: dict[str, Any]) -> dict[str, Any]:
     """The same configurations recorded twice (the table, and a rerun of its search with the same
     sampler seed on today's proxy): final val top-1 of each configuration in both, their rank
-    correlation and mean difference, and each table's top set over the configurations in both."""
+    correlation and mean difference, and each table's top set over the configurations in both.
+
+    Raises:
+        SystemExit: fewer than 3 configurations have a whole curve in both tables."""
     from scipy.stats import spearmanr, ttest_rel
 
     old, new = (pd.read_parquet(p) for p in (s["table"], s["rerun"]))
